@@ -1,0 +1,538 @@
+"""Tests for kernel generation (vggen.ir, vggen.printers, vggen.codegen).
+
+The generated C is compiled with ``cc -O2 -fopenmp -shared -fPIC``, loaded
+with ctypes and every kernel is compared with the NumPy evaluator (the
+reference semantics of the equations) on random float32 data of odd shapes;
+then structure (no atomics, one store per element, simd on the contiguous
+loop, source equations in comments), reproducibility and staleness checks of
+``build``, and the analysis pass's refusals.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vggen.autodiff import derive
+from vggen.codegen import VGG_SPECIALISE, build, generate, outputs
+from vggen.errors import VggenError
+from vggen.evaluate import Evaluator, run_forward
+from vggen.ir import KernelClass, lower, lower_layer
+from vggen.lang import Equation, Layer, Max, Role, Sum, Tensor, indices
+from vggen.layers import (EPS, B, C, H, HO, IC, K, OC, S, W, WO, batch_normalization, convolution2d,
+                          elementwise_activation, max_pooling2d, vgg_layers)
+
+REPO = Path(__file__).resolve().parent.parent
+CC = shutil.which("cc") or shutil.which("gcc")
+SIZE_SYMBOLS = {s.name: s for s in (B, C, IC, OC, H, W, HO, WO, K, S)}
+RTOL, ATOL = 1e-4, 1e-5
+
+needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def compile_c(text: str, where: Path, name: str = "kernels") -> ctypes.CDLL:
+    src = where / f"{name}.c"
+    src.write_text(text)
+    lib = where / f"{name}.so"
+    subprocess.run([CC, "-O2", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib), "-lm"],
+                   check=True, capture_output=True, text=True)
+    return ctypes.CDLL(str(lib))
+
+
+def concrete(exprs, sizes: dict) -> tuple:
+    subs = {SIZE_SYMBOLS[n]: v for n, v in sizes.items() if n in SIZE_SYMBOLS}
+    return tuple(int(sp.sympify(e).xreplace(subs)) for e in exprs)
+
+
+def call_c(lib, gk, env: dict, sizes: dict) -> dict:
+    """Run one generated C kernel: read tensors from ``env``, the written ones
+    returned (pre-filled with NaN / a sentinel, so an unwritten element shows)."""
+    args, keep, outs = [], [], {}
+    for a in gk.ir.args:
+        if a.kind == "size":
+            args.append(ctypes.c_int(sizes[a.name]))
+            continue
+        shape = concrete(a.tensor.shape, sizes)
+        dtype = np.int32 if a.dtype == "int32" else np.float32
+        if a.access == "read":
+            arr = np.ascontiguousarray(env[a.name], dtype=dtype)
+            assert arr.shape == shape, (gk.name, a.name, arr.shape, shape)
+        else:
+            arr = np.full(shape, -12345 if dtype is np.int32 else np.nan, dtype=dtype)
+            outs[a.name] = arr
+        keep.append(arr)
+        args.append(arr.ctypes.data_as(ctypes.c_void_p))
+    fn = getattr(lib, gk.name)
+    fn.restype = None
+    fn(*args)
+    return outs
+
+
+def consts_for(sizes: dict, specialise: dict) -> dict:
+    out = {SIZE_SYMBOLS[n]: v for n, v in sizes.items() if n in SIZE_SYMBOLS}
+    out.update({K: specialise.get("K", 1), S: specialise.get("S", 2), EPS: specialise.get("epsilon", 2e-5)})
+    return out
+
+
+def reference(gk, env: dict, sizes: dict, specialise: dict) -> dict:
+    """The kernel's equations evaluated by NumPy (float64) on the same inputs,
+    stage by stage, from the source (unspecialised) equations."""
+    consts = consts_for(sizes, specialise)
+    lower_ = {name: concrete(t.lower, sizes) for name, t in gk.ir.tensors.items()}
+    ref_env = {k: np.asarray(v, dtype=np.int64 if np.asarray(v).dtype.kind == "i" else np.float64)
+               for k, v in env.items()}
+    ev = Evaluator(ref_env, consts, lower_)
+    out = {}
+    for stage in gk.ir.stages:
+        t = stage.tensor
+        val = ev.equation(stage.equation, concrete(t.shape, sizes), lower_[t.name])
+        ref_env[t.name] = val.astype(np.int64 if t.dtype == "int" else np.float64)
+        out[t.name] = ref_env[t.name]
+    return out
+
+
+def layer_data(layer: Layer, sizes: dict, specialise: dict, rng) -> dict:
+    """Every tensor of the layer and of its backward: random inputs, parameters
+    and seeds (float32), the rest computed by the reference and rounded to
+    float32, so each kernel is checked on consistent data."""
+    consts = consts_for(sizes, specialise)
+    env = {}
+    for t in layer.tensors:
+        if t.role not in (Role.INPUT, Role.PARAMETER):
+            continue
+        shape = concrete(t.shape, consts_sizes(consts))
+        if t.dtype == "int":
+            env[t.name] = rng.integers(0, sizes.get("C", 2), size=shape).astype(np.int64)
+        elif not t.differentiable:            # a mask: 0 or 1/(1-p)
+            env[t.name] = rng.choice([0.0, 2.0], size=shape).astype(np.float32).astype(np.float64)
+        else:
+            env[t.name] = rng.standard_normal(shape).astype(np.float32).astype(np.float64)
+    env = _round32(run_forward(layer, env, consts))
+    bw = derive(layer)
+    for seed in bw.seeds:
+        shape = concrete(seed.shape, consts_sizes(consts))
+        env[seed.name] = rng.standard_normal(shape).astype(np.float32).astype(np.float64)
+    env = _round32(run_forward(bw.program, env, consts))
+    return env
+
+
+def consts_sizes(consts: dict) -> dict:
+    return {s.name: v for s, v in consts.items() if s.name in SIZE_SYMBOLS}
+
+
+def _round32(env: dict) -> dict:
+    return {k: (v.astype(np.float32).astype(np.float64) if np.asarray(v).dtype.kind == "f" else v)
+            for k, v in env.items()}
+
+
+def check_layer_kernels(lib, kernels, layer, sizes, specialise=VGG_SPECIALISE, seed=0) -> list[str]:
+    """Run every kernel of ``layer`` and compare with the reference; returns the names checked."""
+    rng = np.random.default_rng(seed)
+    env = layer_data(layer, sizes, specialise, rng)
+    checked = []
+    for gk in kernels:
+        if gk.ir.layer != layer.name:
+            continue
+        got = call_c(lib, gk, env, sizes)
+        want = reference(gk, env, sizes, specialise)
+        assert set(got) == set(want)
+        for name, arr in got.items():
+            if arr.dtype.kind == "i":
+                np.testing.assert_array_equal(arr, want[name], err_msg=f"{gk.name}: {name}")
+            else:
+                np.testing.assert_allclose(arr, want[name], rtol=RTOL, atol=ATOL, err_msg=f"{gk.name}: {name}")
+        checked.append(gk.name)
+    return checked
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def vgg_c():
+    text, kernels = generate(vgg_layers(), "c")
+    return text, kernels
+
+
+@pytest.fixture(scope="module")
+def vgg_cuda():
+    return generate(vgg_layers(), "cuda")
+
+
+@pytest.fixture(scope="module")
+def vgg_lib(vgg_c, tmp_path_factory):
+    if CC is None:
+        pytest.skip("no C compiler")
+    return compile_c(vgg_c[0], tmp_path_factory.mktemp("vgg_c"))
+
+
+def kernel(kernels, name):
+    (k,) = [k for k in kernels if k.name == name]
+    return k
+
+
+# --------------------------------------------------------------------------- numerics
+
+ODD_SHAPES = [
+    dict(B=1, C=3, IC=3, OC=5, H=5, W=7, HO=2, WO=3),
+    dict(B=3, C=5, IC=5, OC=3, H=7, W=5, HO=3, WO=1),
+]
+
+
+@needs_cc
+@pytest.mark.parametrize("sizes", ODD_SHAPES, ids=["B1", "B3"])
+def test_every_vgg_kernel_matches_the_reference(vgg_c, vgg_lib, sizes):
+    _, kernels = vgg_c
+    checked = []
+    for n, layer in enumerate(vgg_layers()):
+        checked += check_layer_kernels(vgg_lib, kernels, layer, sizes, seed=n)
+    assert sorted(checked) == sorted(k.name for k in kernels)
+
+
+@needs_cc
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(b=st.integers(1, 3), c=st.integers(1, 4), ic=st.integers(1, 4), oc=st.integers(1, 4),
+       h=st.integers(1, 6), w=st.integers(1, 6), ho=st.integers(1, 3), wo=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_vgg_kernels_match_on_any_shape(vgg_c, vgg_lib, b, c, ic, oc, h, w, ho, wo, seed):
+    _, kernels = vgg_c
+    sizes = dict(B=b, C=c, IC=ic, OC=oc, H=h, W=w, HO=ho, WO=wo)
+    for n, layer in enumerate(vgg_layers()):
+        check_layer_kernels(vgg_lib, kernels, layer, sizes, seed=seed + n)
+
+
+def leaky_relu():
+    return elementwise_activation("LeakyReLU", lambda v: sp.Piecewise((v, v >= 0), (0.1 * v, True)))
+
+
+def row_logsumexp():
+    """Many short rows: a max and a sum per (b, c) over w, so one thread per row."""
+    b, c, w = indices("b c w")
+    x = Tensor("x", (B, C, W), Role.INPUT)
+    mx = Tensor("mx", (B, C), Role.SAVED, differentiable=False)
+    y = Tensor("y", (B, C), Role.OUTPUT)
+    return Layer("RowLogSumExp", [x, mx, y], [
+        Equation(mx[b, c], Max(x[b, c, w], (w, 0, W))),
+        Equation(y[b, c], sp.log(Sum(sp.exp(x[b, c, w] - mx[b, c]), (w, 0, W))) + mx[b, c]),
+    ])
+
+
+@needs_cc
+def test_layers_outside_vgg_use_the_same_templates(tmp_path):
+    layers = [convolution2d(2), leaky_relu(), max_pooling2d(3), row_logsumexp()]
+    text, kernels = generate(layers, "c")
+    lib = compile_c(text, tmp_path)
+    names = {k.name for k in kernels}
+    assert {"convolution2d_k_2_forward_y", "convolution2d_k_2_backward_g_x", "convolution2d_k_2_backward_g_w",
+            "leakyrelu_forward_y", "leakyrelu_backward_g_x", "maxpooling2d_s_3_forward_sel_y"} <= names
+    conv = kernel(kernels, "convolution2d_k_2_forward_y")
+    assert "w[25*IC*oc + 25*ic + 24]" in conv.text            # the 5×5 window unrolled, constant strides
+    rows = kernel(kernels, "rowlogsumexp_forward_mx_y").ir
+    assert rows.cls is KernelClass.ROW_SOFTMAX and rows.schedule.cuda == "thread"
+    for sizes in (dict(B=2, C=3, IC=3, OC=2, H=6, W=5, HO=2, WO=3), dict(B=1, C=2, IC=2, OC=3, H=3, W=2, HO=1, WO=1)):
+        checked = []
+        for n, layer in enumerate(layers):
+            checked += check_layer_kernels(lib, kernels, layer, sizes, seed=n)
+        assert sorted(checked) == sorted(names)
+
+
+@needs_cc
+def test_window_size_left_symbolic_becomes_a_runtime_argument(tmp_path):
+    """Without K specialised, the window is a loop and K an int argument."""
+    layer = convolution2d()
+    text, kernels = generate([layer], "c", specialise={})
+    fwd = kernel(kernels, "convolution2d_forward_y")
+    assert [a.name for a in fwd.ir.args][-6:] == ["B", "H", "IC", "K", "OC", "W"]
+    lib = compile_c(text, tmp_path)
+    sizes = dict(B=2, IC=3, OC=2, H=5, W=4, K=2)
+    spec = {"K": 2}
+    check_layer_kernels(lib, kernels, layer, sizes, specialise=spec)
+
+
+# --------------------------------------------------------------------------- classes and structure
+
+
+def test_kernel_classes(vgg_c):
+    _, kernels = vgg_c
+    cls = {k.name: k.ir.cls for k in kernels}
+    assert cls == {
+        "convolution2d_forward_y": KernelClass.CONTRACTION,
+        "convolution2d_backward_g_x": KernelClass.CONTRACTION,
+        "convolution2d_backward_g_w": KernelClass.CONTRACTION,
+        "linear_forward_y": KernelClass.CONTRACTION,
+        "linear_backward_g_x": KernelClass.CONTRACTION,
+        "linear_backward_g_w": KernelClass.CONTRACTION,
+        "dropout_forward_y": KernelClass.ELEMENTWISE,
+        "dropout_backward_g_x": KernelClass.ELEMENTWISE,
+        "batchnormalization_forward_mu_var": KernelClass.REDUCTION,
+        "batchnormalization_forward_xhat_y": KernelClass.ELEMENTWISE,
+        "batchnormalization_backward_g_gamma_g_beta": KernelClass.REDUCTION,
+        "batchnormalization_backward_g_x": KernelClass.ELEMENTWISE,
+        "relu_forward_y": KernelClass.ELEMENTWISE,
+        "relu_backward_g_x": KernelClass.ELEMENTWISE,
+        "maxpooling2d_forward_sel_y": KernelClass.WINDOW_ARGMAX,
+        "maxpooling2d_backward_g_x": KernelClass.ELEMENTWISE,
+        "softmaxcrossentropy_forward_m_s_l": KernelClass.ROW_SOFTMAX,
+        "softmaxcrossentropy_backward_g_x": KernelClass.ELEMENTWISE,
+    }
+
+
+def test_single_equation_lowering_and_signature():
+    layer = convolution2d()
+    k = lower(layer.equations[0], layer, {"K": 1})
+    assert k.name == "convolution2d_forward_y" and k.cls is KernelClass.CONTRACTION
+    assert [a.name for a in k.args] == ["w", "x", "y", "B", "H", "IC", "OC", "W"]
+    assert [a.access for a in k.args] == ["read"] * 2 + ["write"] + ["size"] * 5
+    assert [str(s) for s in k.args[0].tensor.shape] == ["OC", "IC", "3", "3"]
+    (r,) = k.reductions
+    assert [lp.var.name for lp in r.loops] == ["ic"]          # di, dj unrolled
+    assert len(sp.Add.make_args(r.body)) == 9
+    assert {op[0].name for op in k.operands} == {"w", "x"}
+    assert k.guards                                             # zero padding became range guards
+
+
+def test_maxpool_selection_is_fused_into_the_argmax(vgg_c):
+    _, kernels = vgg_c
+    k = kernel(kernels, "maxpooling2d_forward_sel_y")
+    sel, y = k.ir.stages
+    (r,) = sel.reductions
+    assert r.op == "argmax" and y.value == r.best               # y is the maximum itself
+    assert [p for p, _ in r.positions] == [0, 1, 2, 3]
+
+
+def test_conv_input_gradient_is_a_gather_writing_each_element_once(vgg_c, vgg_cuda):
+    for text in (kernel(vgg_c[1], "convolution2d_backward_g_x").text,
+                 kernel(vgg_cuda[1], "convolution2d_backward_g_x").text):
+        assert "atomic" not in text
+        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("//"))
+        assert len(re.findall(r"\bg_x\[[^\]]*\] =", code)) == 1   # one store, per output element
+    k = kernel(vgg_cuda[1], "convolution2d_backward_g_x").ir
+    assert k.schedule.cuda == "thread"                          # one thread per output element
+    assert tuple(k.stages[0].store.indices) == tuple(lp.var for lp in k.parallel)
+    assert "atomic" not in vgg_cuda[0]
+
+
+def test_c_contraction_vectorises_an_unguarded_interior(vgg_c):
+    text = kernel(vgg_c[1], "convolution2d_forward_y").text
+    lines = text.splitlines()
+    (at,) = [n for n, line in enumerate(lines) if "for (int j = vg_lo; j < vg_hi; ++j)" in line]
+    assert lines[at - 1].strip() == "#pragma omp simd"
+    body = []
+    for line in lines[at + 1:]:
+        if line.strip().startswith("for ") or line.strip() == "}":
+            break
+        body.append(line)
+    assert len(body) == 9 and not any("?" in line for line in body)   # 9 taps, no per-element branch
+    assert "#pragma omp parallel for collapse(3)" in text
+    gw = kernel(vgg_c[1], "convolution2d_backward_g_w").text
+    assert re.search(r"#pragma omp simd reduction\(\+:acc_g_w\)\s*for \(int j = vg_lo; j < vg_hi; \+\+j\)", gw)
+
+
+def test_cuda_schedules(vgg_cuda):
+    text, kernels = vgg_cuda
+    block = {k.name for k in kernels if k.ir.schedule.cuda == "block"}
+    assert block == {"convolution2d_backward_g_w", "batchnormalization_forward_mu_var",
+                     "batchnormalization_backward_g_gamma_g_beta", "softmaxcrossentropy_forward_m_s_l"}
+    for k in kernels:
+        assert f'extern "C" __global__ void __launch_bounds__(VG_THREADS)\n{k.name}(' in k.text
+        if k.name in block:
+            assert "__shared__ float vg_shared[VG_THREADS];" in k.text
+            assert "vg_block_sum(" in k.text or "vg_block_max(" in k.text
+        else:                                                   # thread per element, last dim fastest
+            last = k.ir.parallel[-1]
+            assert f"const int {last.var} = (int)(vg_q % ({last.extent}))" in k.text
+    assert "__syncthreads();" in text and "\n#include" not in text
+
+
+def test_every_kernel_carries_its_source_equations(vgg_c, vgg_cuda):
+    for text, kernels in (vgg_c, vgg_cuda):
+        for k in kernels:
+            for stage in k.ir.stages:
+                line = f"//   {stage.equation}"
+                assert line in k.text and line in text, (k.name, line)
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _tree(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_build_is_reproducible_and_check_finds_stale_files(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    written = build(a)
+    assert sorted(p.relative_to(a).as_posix() for p in written) == sorted(_tree(a))
+    assert "c/vggen_kernels.c" in _tree(a) and "c/vggen_kernels.h" in _tree(a)
+    assert len([p for p in _tree(a) if p.startswith("cuda/")]) == 7
+    build(b)
+    assert _tree(a) == _tree(b)
+    mtime = (a / "manifest.json").stat().st_mtime_ns
+    build(a)                                                    # unchanged files are not rewritten
+    assert (a / "manifest.json").stat().st_mtime_ns == mtime
+    # another process, another hash seed: same bytes
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    code = f"from vggen.codegen import build; build({str(tmp_path / 'c')!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
+    assert _tree(tmp_path / "c") == _tree(a)
+
+    assert build(a, check=True) == []
+    conv = a / "cuda" / "convolution2d.cu"
+    conv.write_text(conv.read_text().replace("0.0f", "1.0f", 1))
+    (a / "c" / "vggen_kernels.h").unlink()
+    (a / "cuda" / "old_layer.cu").write_text("// left over\n")
+    before = _tree(a)
+    stale = build(a, check=True)
+    assert stale == sorted([conv, a / "c" / "vggen_kernels.h", a / "cuda" / "old_layer.cu"])
+    assert _tree(a) == before                                   # check writes nothing
+    build(a)
+    assert _tree(a) == _tree(b) and build(a, check=True) == []
+
+
+def test_cli_check_exit_status(tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "vggen.codegen", "--out", str(tmp_path), *args],  # noqa: E731
+                                       cwd=REPO, capture_output=True, text=True)
+    assert run("--check").returncode == 1
+    assert run().returncode == 0
+    assert run("--check").returncode == 0
+
+
+def test_manifest_describes_every_kernel(tmp_path):
+    files = outputs()
+    man = json.loads(files["manifest.json"])
+    names = {(e["target"], e["name"]) for e in man["kernels"]}
+    _, c_kernels = generate(vgg_layers(), "c")
+    assert names == {(t, k.name) for t in ("c", "cuda") for k in c_kernels}
+    for e in man["kernels"]:
+        text = files[e["file"]]
+        sig = e["signature"]
+        reads = [a["name"] for a in sig if a["access"] == "read"]
+        writes = [a["name"] for a in sig if a["access"] == "write"]
+        sizes = [a["name"] for a in sig if a["access"] == "size"]
+        assert [a["access"] for a in sig] == ["read"] * len(reads) + ["write"] * len(writes) + ["size"] * len(sizes)
+        assert reads == sorted(reads) and writes == sorted(writes) and sizes == sorted(sizes)
+        assert e["reads"] == reads and e["writes"] == writes and e["sizes"] == sizes
+        for a in sig[: len(reads) + len(writes)]:
+            assert a["dtype"] in ("float32", "int32") and a["shape"] and len(a["lower"]) == len(a["shape"])
+        for eq in e["equations"]:
+            assert f"//   {eq}" in text
+        if e["target"] == "cuda":
+            assert e["launch"]["block"] == [256, 1, 1]
+            grid = eval(e["launch"]["grid"][0], {}, {s: 3 for s in sizes})   # noqa: S307
+            assert grid >= 1
+    conv = [e for e in man["kernels"] if e["name"] == "convolution2d_forward_y" and e["target"] == "c"][0]
+    assert [a["name"] for a in conv["signature"]] == ["w", "x", "y", "B", "H", "IC", "OC", "W"]
+    assert conv["signature"][0]["shape"] == ["OC", "IC", "3", "3"] and conv["signature"][0]["lower"] == ["0", "0", "-1", "-1"]
+    assert man["files"]["c/vggen_kernels.c"] == __import__("hashlib").sha256(files["c/vggen_kernels.c"].encode()).hexdigest()
+
+
+def test_kernel_hashes_are_of_their_emitted_text(vgg_c):
+    import hashlib
+
+    text, kernels = vgg_c
+    for k in kernels:
+        assert k.text in text and k.sha256 == hashlib.sha256(k.text.encode()).hexdigest()
+
+
+def test_generated_directory_is_current():
+    """generated/ in the repository is what a build writes (run `python -m vggen.codegen`)."""
+    assert build(REPO / "generated", check=True) == []
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def _toy():
+    b, c, i = indices("b c i")
+    x = Tensor("x", (B, C), Role.INPUT)
+    y = Tensor("y", (B, C), Role.OUTPUT)
+    z = Tensor("z", (B,), Role.OUTPUT)
+    n = Tensor("n", (B,), Role.OUTPUT, dtype="int")
+    layer = Layer("Toy", [x, y, z, n], [Equation(y[b, c], 2 * x[b, c])])
+    return layer, (x, y, z, n), (b, c, i)
+
+
+def test_analysis_rejects_names_that_clash_in_c():
+    b, c = indices("b c")
+    x = Tensor("x", (B, C), Role.INPUT)
+    y = Tensor("acc_y", (B, C), Role.OUTPUT)
+    with pytest.raises(VggenError, match="cannot be a C identifier"):
+        lower(Equation(y[b, c], x[b, c]), Layer("Bad", [x, y], []), {})
+    s_ = Tensor("c", (B,), Role.OUTPUT)
+    with pytest.raises(VggenError, match="names both a tensor and a index"):
+        lower(Equation(s_[b], Sum(x[b, c], (c, 0, C))), Layer("Bad", [x, s_], []), {})
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unbound", "every value of it would write the same element"),
+    ("repeated", "distinct plain indices"),
+    ("self", "reads the tensor the equation writes"),
+    ("rank", "has 1 indices; x has rank 2"),
+    ("unsupported", "has no C/CUDA form"),
+    ("input", "x has role input"),
+    ("int", "not integer-valued"),
+    ("range", "can leave x's range"),
+    ("data", "depends on tensor data"),
+])
+def test_analysis_rejects_unsafe_equations(case, message):
+    layer, (x, y, z, n), (b, c, i) = _toy()
+    eq = {
+        "unbound": lambda: Equation(z[b], x[b, c]),                       # Σ over c not declared
+        "repeated": lambda: Equation(y.base[b, b], x[b, c]),
+        "self": lambda: Equation(y[b, c], y[b, c] + x[b, c]),
+        "rank": lambda: Equation(z[b], sp.IndexedBase("x")[b]),
+        "unsupported": lambda: Equation(y[b, c], sp.gamma(x[b, c])),
+        "input": lambda: Equation(x[b, c], 2 * y[b, c]),
+        "int": lambda: Equation(n[b], x[b, 0]),
+        "range": lambda: Equation(y[b, c], x[b, c + 1]),
+        "data": lambda: Equation(z[b], x[b, n[b]]),
+    }[case]()
+    with pytest.raises(VggenError, match=re.escape(message)):
+        lower(eq, layer, {})
+
+
+def test_analysis_rejects_argmax_over_a_runtime_window():
+    layer = max_pooling2d()
+    with pytest.raises(VggenError, match="ArgMax .* needs a constant window"):
+        lower_layer(layer, {})
+
+
+def test_analysis_runs_before_printing():
+    """A bad equation fails generate() with VggenError, not a printer error."""
+    layer, (x, y, z, n), (b, c, i) = _toy()
+    bad = Layer("Bad", [x, y], [Equation(y[b, c], sp.gamma(x[b, c]))])
+    with pytest.raises(VggenError, match="has no C/CUDA form"):
+        generate([bad], "c")
+
+
+def test_specialise_validates_sizes():
+    with pytest.raises(VggenError, match="positive integer"):
+        lower_layer(convolution2d(), {"K": 0})
+
+
+def test_reduction_of_a_whole_row_is_allowed():
+    layer, (x, y, z, n), (b, c, i) = _toy()
+    k = lower(Equation(z[b], Sum(x[b, c] * x[b, c], (c, 0, C))), layer, {})
+    assert k.cls is KernelClass.REDUCTION
+
+
+def test_batchnorm_statistics_are_one_kernel():
+    ks = lower_layer(batch_normalization(), VGG_SPECIALISE)
+    assert [k.name for k in ks] == ["batchnormalization_forward_mu_var", "batchnormalization_forward_xhat_y"]
+    mu_var = ks[0]
+    assert mu_var.stages[1].reductions[0].body.has(mu_var.stages[0].local)    # σ² reads μ's register

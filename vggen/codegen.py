@@ -1,0 +1,301 @@
+"""Emit C (OpenMP) and CUDA kernels from the kernel IR through Jinja2 templates.
+
+``build()`` writes the VGG kernels (the seven layers of ``vgg_layers()``,
+forward and backward, specialised at K=1, S=2, ε=2e-5):
+
+* ``generated/c/vggen_kernels.c`` and ``vggen_kernels.h`` (one library);
+* ``generated/cuda/<layer>.cu``, one self-contained file per layer;
+* ``generated/manifest.json``: per kernel and target its name, layer,
+  direction, class, file, source equations, signature (ordered arguments
+  with dtype, access, role, shape and lower bounds as strings; the
+  convention is in ``vggen/ir.py``), schedule, CUDA launch shape, and the
+  sha256 of its emitted text.
+
+Output is byte-for-byte reproducible (no timestamps, sorted keys, fixed
+order) and written atomically; ``build(check=True)`` writes nothing and
+returns the stale paths.  ``generate()`` renders any layers, e.g. one not in
+VGG, with the same templates.
+
+Templates (``templates/<target>/<class>.<ext>.j2``, one per kernel class)
+hold loops, schedule and launch only; every expression is printed from the
+IR by ``vggen.printers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import sympy as sp
+
+from .ir import CUDA_THREADS, Kernel, layer_slug, lower_network
+from .printers import PRINTERS
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+VGG_SPECIALISE = {"K": 1, "S": 2, "epsilon": 2e-5}
+TARGETS = ("c", "cuda")
+_EXT = {"c": "c", "cuda": "cu"}
+C_SOURCE = "c/vggen_kernels.c"
+C_HEADER = "c/vggen_kernels.h"
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+_HELPERS = ("vg_imin", "vg_imax", "vg_floordiv", "vg_mod", "vg_block_sum", "vg_block_max")
+
+
+@dataclass
+class GeneratedKernel:
+    """One kernel as emitted for one target."""
+
+    ir: Kernel
+    target: str
+    text: str                      # the kernel's own code (comment + function)
+
+    @property
+    def name(self) -> str:
+        return self.ir.name
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                              trim_blocks=True, lstrip_blocks=True, autoescape=False)
+
+
+def printer(kernel: Kernel, target: str):
+    """The kernel's printer: its tensors, its loop ranges (for the proofs), and
+    in C's row mode the accumulator as an array element."""
+    p = PRINTERS[target](kernel.tensors, kernel.ranges())
+    sched = kernel.schedule
+    if target == "c" and sched.row:
+        (r,) = kernel.reductions
+        v = kernel.parallel[-1]
+        p.aliases[r.acc] = f"{r.acc.name}[{p.code(v.var - v.first)}]"
+    return p
+
+
+def comment(kernel: Kernel) -> list[str]:
+    """The comment above a kernel: what it is, its source equations, how it runs."""
+    lines = [f"{kernel.name}: {kernel.cls.value} ({kernel.layer}, {kernel.direction})"]
+    lines += [f"  {eq}" for eq in kernel.equations]
+    used = {str(k): v for k, v in kernel.specialise.items()}
+    if used:
+        lines.append("  specialised: " + ", ".join(f"{k}={_number(v)}" for k, v in sorted(used.items())))
+    return lines
+
+
+def render_kernel(kernel: Kernel, target: str, env: jinja2.Environment | None = None) -> str:
+    env = env or environment()
+    template = env.get_template(f"{target}/{kernel.cls.value}.{_EXT[target]}.j2")
+    text = template.render(k=kernel, p=printer(kernel, target), comment=comment(kernel))
+    # macros leave empty lines where their blocks end; a kernel has no intended one
+    return "\n".join(line.rstrip() for line in text.splitlines() if line.strip()) + "\n"
+
+
+def generate(layers, target: str, specialise: dict | None = None) -> tuple[str, list[GeneratedKernel]]:
+    """Forward and backward kernels of ``layers`` for ``target`` ("c" or "cuda"):
+    the source file's text and each kernel with its own text."""
+    specialise = VGG_SPECIALISE if specialise is None else specialise
+    return render(lower_network(list(layers), specialise), target)
+
+
+def render(kernels: list[Kernel], target: str, env: jinja2.Environment | None = None
+           ) -> tuple[str, list[GeneratedKernel]]:
+    """One source file for ``target`` holding ``kernels`` (already lowered)."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
+    env = env or environment()
+    out = [GeneratedKernel(k, target, render_kernel(k, target, env)) for k in kernels]
+    what = ", ".join(dict.fromkeys(k.layer for k in kernels))
+    # only the helpers the kernels call (an unused static function is a warning)
+    used = {h for h in _HELPERS if any(f"{h}(" in g.text for g in out)}
+    text = env.get_template(f"{target}/file.{_EXT[target]}.j2").render(
+        kernels=[g.text for g in out], what=what, threads=CUDA_THREADS, used=used)
+    return text, out
+
+
+def header(kernels: list[GeneratedKernel], source: str = "vggen_kernels.c") -> str:
+    """The C header declaring ``kernels``."""
+    protos = []
+    for g in kernels:
+        p = printer(g.ir, "c")
+        protos.append((g.name, comment(g.ir)[0], p.params(g.ir.args, restrict=False)))
+    what = ", ".join(dict.fromkeys(g.ir.layer for g in kernels))
+    return environment().get_template("c/header.h.j2").render(prototypes=protos, source=source, what=what)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _number(v):
+    v = sp.sympify(v)
+    return int(v) if v.is_Integer else float(v)
+
+
+def _signature(kernel: Kernel) -> list[dict]:
+    out = []
+    for a in kernel.args:
+        entry = {"name": a.name, "kind": a.kind, "dtype": a.dtype, "access": a.access}
+        if a.tensor is not None:
+            entry.update(role=a.tensor.role.value, shape=[str(s) for s in a.tensor.shape],
+                         lower=[str(s) for s in a.tensor.lower], zero_outside=a.tensor.zero_outside)
+        out.append(entry)
+    return out
+
+
+def _launch(kernel: Kernel) -> dict:
+    """CUDA launch shape: blockDim.x = threads (1-D blocks); gridDim.x from the
+    sizes (a Python expression in the size names).  "thread" kernels take one
+    thread per output element, "block" kernels one block per element
+    (``parallel``: the output extents); all stride over the grid, so a capped
+    grid is also correct."""
+    total = sp.Mul(*[lp.extent for lp in kernel.parallel])
+    if kernel.schedule.cuda == "block":
+        grid = str(total)
+    else:
+        grid = f"({total} + {CUDA_THREADS - 1}) // {CUDA_THREADS}"
+    return {"mode": kernel.schedule.cuda, "threads": CUDA_THREADS, "block": [CUDA_THREADS, 1, 1],
+            "grid": [grid, "1", "1"], "parallel": [str(lp.extent) for lp in kernel.parallel],
+            "elements": str(total), "dynamic_shared_bytes": 0}
+
+
+def manifest_entry(g: GeneratedKernel, file: str) -> dict:
+    k = g.ir
+    entry = {
+        "name": k.name, "target": g.target, "layer": k.layer, "direction": k.direction,
+        "class": k.cls.value, "file": file, "equations": k.equations,
+        "signature": _signature(k),
+        "reads": [t.name for t in k.reads], "writes": [t.name for t in k.writes],
+        "sizes": [s.name for s in k.sizes],
+        "specialise": {str(s): _number(v) for s, v in sorted(k.specialise.items(), key=lambda kv: str(kv[0]))},
+        "sha256": g.sha256,
+    }
+    if g.target == "cuda":
+        entry["launch"] = _launch(k)
+    else:
+        entry["schedule"] = {"vector_loop": str(k.schedule.vector), "row_accumulator": k.schedule.row,
+                             "interior_split": k.schedule.c_region is not None}
+    return entry
+
+
+_CONVENTION = ("arguments: pointers to the tensors read (sorted by name), then to the tensors written "
+               "(sorted by name), then int sizes (sorted by name); float32 tensors are float*, int tensors "
+               "int32; dense row-major, shape as listed, first index per dimension = lower (subtracted by "
+               "the kernel); every element of a written tensor is written.  CUDA: extern \"C\" kernels, "
+               "launch with launch.block and launch.grid (Python expressions in the sizes).")
+
+
+# --------------------------------------------------------------------------- build
+
+
+def outputs(layers=None, specialise: dict | None = None) -> dict[str, str]:
+    """Every file ``build`` writes: path relative to the output dir → text."""
+    from .layers import vgg_layers
+
+    layers = vgg_layers() if layers is None else list(layers)
+    specialise = VGG_SPECIALISE if specialise is None else specialise
+    files: dict[str, str] = {}
+    entries = []
+    env = environment()
+    kernels = lower_network(layers, specialise)
+    c_text, c_kernels = render(kernels, "c", env)
+    files[C_SOURCE] = c_text
+    files[C_HEADER] = header(c_kernels)
+    entries += [manifest_entry(g, C_SOURCE) for g in c_kernels]
+    for layer in layers:
+        path = f"cuda/{layer_slug(layer.name)}.cu"
+        if path in files:
+            raise ValueError(f"two layers would write {path}")
+        cu_text, cu_kernels = render([k for k in kernels if k.layer == layer.name], "cuda", env)
+        files[path] = cu_text
+        entries += [manifest_entry(g, path) for g in cu_kernels]
+    manifest = {
+        "generator": "vggen.codegen", "version": MANIFEST_VERSION, "convention": _CONVENTION,
+        "specialise": {str(k): v for k, v in specialise.items()},
+        "cuda_threads": CUDA_THREADS,
+        "files": {path: hashlib.sha256(text.encode()).hexdigest() for path, text in files.items()},
+        "kernels": entries,
+    }
+    files[MANIFEST] = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return dict(sorted(files.items()))
+
+
+def _ours(out: Path) -> list[Path]:
+    """Files in ``out`` that a build owns (to spot leftovers of removed kernels)."""
+    found = [out / MANIFEST] if (out / MANIFEST).exists() else []
+    for sub, exts in (("c", (".c", ".h")), ("cuda", (".cu",))):
+        d = out / sub
+        if d.is_dir():
+            found += [f for f in sorted(d.iterdir()) if f.is_file() and f.suffix in exts]
+    return found
+
+
+def _atomic_write(path: Path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def build(out_dir="generated", check: bool = False) -> list[Path]:
+    """Write the VGG kernels and manifest under ``out_dir``; returns every path
+    of the build (files whose bytes are already right are left untouched;
+    leftover kernel files of ours are removed).
+
+    ``check=True`` writes nothing and returns the stale paths instead: files
+    missing, differing from what a build would write, or left over.  Empty
+    means up to date.
+    """
+    out = Path(out_dir)
+    files = {out / rel: text.encode() for rel, text in outputs().items()}
+    leftovers = [f for f in _ours(out) if f not in files]
+    if check:
+        stale = [p for p, data in files.items() if not p.is_file() or p.read_bytes() != data]
+        return sorted(stale + leftovers)
+    for path, data in files.items():
+        if not path.is_file() or path.read_bytes() != data:
+            _atomic_write(path, data)
+    for f in leftovers:
+        f.unlink()
+    return list(files)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vggen.codegen", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="generated", help="output directory (default: generated)")
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if any file is stale")
+    args = ap.parse_args(argv)
+    if args.check:
+        stale = build(args.out, check=True)
+        for p in stale:
+            print(f"stale: {p}")
+        return 1 if stale else 0
+    for p in build(args.out):
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
