@@ -68,6 +68,39 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .inspect import find_layer
+    from .layers import vgg_layers
+    from .report import report
+
+    out = args.output or ("derivations.html" if args.html else "derivations.md")
+    layers = [find_layer(name) for name in args.layer] if args.layer else vgg_layers()
+    layers = list({layer.name: layer for layer in layers}.values())
+    path, rows = report(out, layers, args.generated, as_html=args.html)
+    failed = [r for r in rows if r.verdict != "pass"]
+    print(f"wrote {path}: {len(layers)} layers, {len(rows)} checks, "
+          f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    for r in failed:
+        print(f"  failed: {r.layer} {r.gradient}"
+              + (f" (eq. {r.equation})" if r.equation else "") + f": {r.detail}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_inspect(args) -> int:
+    from .inspect import inspect_layer
+
+    sys.stdout.write(inspect_layer(args.layer, args.target, args.generated))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plot import plot
+
+    path = plot(args.metrics, args.output, args.title)
+    print(f"wrote {path}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vggen", description=__doc__.splitlines()[0] if __doc__ else None)
     p.description = ("vggen: VGG layers written once as SymPy equations; backward derived and "
@@ -104,6 +137,51 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no random crops or flips")
     t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser("report", help="write the derivation document (Math for VGG, regenerated)",
+                       description="Check every layer and write the derivation document: per layer the "
+                       "forward equations and their kernels; per gradient the document's equation, the "
+                       "derived one, the verdict and method of the proof, and the kernels that compute it "
+                       "(from generated/manifest.json).  Markdown with LaTeX math, written atomically.  "
+                       "Exit status 1 if a check fails (the document is written all the same).")
+    r.add_argument("-o", "--output", metavar="FILE",
+                   help="where to write (default: derivations.md, or derivations.html with --html)")
+    r.add_argument("--html", action="store_true",
+                   help="write a standalone HTML page instead (MathJax typesets the math when opened)")
+    r.add_argument("--layer", action="append", metavar="NAME",
+                   help="only this layer (named as for `vggen inspect`); repeat for more "
+                        "(default: all seven)")
+    r.add_argument("--generated", metavar="DIR",
+                   help="directory holding manifest.json (default: ./generated if it has one, "
+                        "else the repository's generated/)")
+    r.set_defaults(func=_cmd_report)
+
+    i = sub.add_parser("inspect", help="show a layer's equations and its generated kernels",
+                       description="Print a layer's forward equations, its derived backward equations "
+                       "and the source of its generated kernels for one target, read from generated/ "
+                       "(checked against the manifest's hashes).")
+    i.add_argument("layer", metavar="LAYER",
+                   help="the layer: case-insensitive; an unambiguous prefix or part of the name "
+                        "is enough (conv, linear, dropout, batchnorm, relu, pool, softmax)")
+    i.add_argument("--target", default="c", choices=["c", "cuda"],
+                   help="whose kernels to show: c (OpenMP, default) or cuda")
+    i.add_argument("--generated", metavar="DIR",
+                   help="directory holding manifest.json (default: ./generated if it has one, "
+                        "else the repository's generated/)")
+    i.set_defaults(func=_cmd_inspect)
+
+    pl = sub.add_parser("plot", help="plot loss and accuracy per epoch from a metrics file",
+                        description="Draw training curves (loss and accuracy per epoch, train and test) "
+                        "from the JSON-lines file `vggen train --metrics` writes, as a PNG, written "
+                        "atomically.  Needs matplotlib: pip install 'vggen[plot]'.")
+    pl.add_argument("metrics", metavar="METRICS.jsonl",
+                    help="metrics file: one JSON object per epoch (epoch, train_loss, train_acc, "
+                         "test_loss, test_acc, images_per_s, seconds)")
+    pl.add_argument("-o", "--output", metavar="FILE", default="curves.png",
+                    help="PNG to write (default: curves.png)")
+    pl.add_argument("--title", metavar="TEXT",
+                    help="title above the plots (default: the metrics file's name)")
+    pl.set_defaults(func=_cmd_plot)
 
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")

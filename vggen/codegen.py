@@ -12,9 +12,11 @@ forward and backward, specialised at K=1, S=2, ε=2e-5):
   sha256 of its emitted text.
 
 Output is byte-for-byte reproducible (no timestamps, sorted keys, fixed
-order) and written atomically; ``build(check=True)`` writes nothing and
-returns the stale paths.  ``generate()`` renders any layers, e.g. one not in
-VGG, with the same templates.
+order) and written atomically; concurrent builds into one directory take
+turns (an ``flock`` on ``<out>/.vggen.lock``, see ``build_lock``), so the
+directory is always one build's whole output.  ``build(check=True)`` writes
+nothing and returns the stale paths.  ``generate()`` renders any layers,
+e.g. one not in VGG, with the same templates.
 
 Templates (``templates/<target>/<class>.<ext>.j2``, one per kernel class)
 hold loops, schedule and launch only; every expression is printed from the
@@ -24,6 +26,8 @@ IR by ``vggen.printers``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -38,6 +42,11 @@ import sympy as sp
 from .ir import CUDA_THREADS, Kernel, layer_slug, lower_network
 from .printers import PRINTERS
 
+try:
+    import fcntl
+except ImportError:            # not POSIX: builds are not serialised
+    fcntl = None
+
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 VGG_SPECIALISE = {"K": 1, "S": 2, "epsilon": 2e-5}
 TARGETS = ("c", "cuda")
@@ -46,6 +55,7 @@ C_SOURCE = "c/vggen_kernels.c"
 C_HEADER = "c/vggen_kernels.h"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+LOCK = ".vggen.lock"           # in the output directory while a build writes (git-ignored)
 _HELPERS = ("vg_imin", "vg_imax", "vg_floordiv", "vg_mod", "vg_block_sum", "vg_block_max")
 
 
@@ -270,16 +280,69 @@ def build(out_dir="generated", check: bool = False) -> list[Path]:
     """
     out = Path(out_dir)
     files = {out / rel: text.encode() for rel, text in outputs().items()}
-    leftovers = [f for f in _ours(out) if f not in files]
     if check:
+        leftovers = [f for f in _ours(out) if f not in files]
         stale = [p for p, data in files.items() if not p.is_file() or p.read_bytes() != data]
         return sorted(stale + leftovers)
-    for path, data in files.items():
-        if not path.is_file() or path.read_bytes() != data:
-            _atomic_write(path, data)
-    for f in leftovers:
-        f.unlink()
+    with build_lock(out):
+        leftovers = [f for f in _ours(out) if f not in files]
+        for path, data in files.items():
+            if not path.is_file() or path.read_bytes() != data:
+                _atomic_write(path, data)
+        for f in leftovers:
+            f.unlink()
     return list(files)
+
+
+@contextlib.contextmanager
+def build_lock(out: Path):
+    """Hold the exclusive inter-process lock of output directory ``out``
+    (created if missing) while writing into it.
+
+    The lock is an ``flock`` on ``out/.vggen.lock``.  The holder removes the
+    file before releasing it, so a finished build leaves nothing behind; a
+    waiter that then gets the lock on the removed file sees that the path no
+    longer names it and tries again on the current one.  A file left by a
+    killed build is harmless (the kernel dropped its lock), is not one of the
+    build's outputs (``check`` and the manifest ignore it) and is git-ignored.
+    """
+    if fcntl is None:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            fd = None                  # a read-only directory: only a build with nothing to write succeeds
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            mine = os.fstat(fd)
+            now = os.stat(path)
+        except FileNotFoundError:      # removed by the holder we waited for
+            os.close(fd)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        os.close(fd)                   # replaced by a newer lock file: wait on that one
+    if fd is None:
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        finally:
+            os.close(fd)               # releases the lock
 
 
 def main(argv=None) -> int:
