@@ -124,16 +124,18 @@ def parser() -> argparse.ArgumentParser:
                    help="digits: scikit-learn's bundled digits at 32×32×3, no download (default)")
     t.add_argument("--data", metavar="DIR", help="CIFAR-10 directory (default: $VGGEN_DATA or the cache)")
     t.add_argument("--epochs", type=int, default=10, help="epochs (default: 10)")
-    t.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default: 64)")
+    t.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default: 32)")
     t.add_argument("--lr", type=float, default=0.05, help="initial learning rate (default: 0.05)")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     t.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default: 5e-4)")
     t.add_argument("--width", type=int, default=64, help="channels of the first stage, C1 (default: 64)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    t.add_argument("--metrics", metavar="FILE", help="append one JSON line per epoch")
+    t.add_argument("--metrics", metavar="FILE",
+                   help="write one JSON line per epoch (appended to when resuming)")
     t.add_argument("--checkpoint", metavar="DIR", help="write a checkpoint after every epoch")
     t.add_argument("--resume", metavar="FILE", help="continue from a checkpoint")
-    t.add_argument("--no-dropout", dest="dropout", action="store_false", help="switch dropout off")
+    t.add_argument("--dropout", dest="dropout", action=argparse.BooleanOptionalAction, default=None,
+                   help="dropout with the network's ratios (default: on for cifar10, off for digits)")
     t.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no random crops or flips")
     t.set_defaults(func=_cmd_train)

@@ -1,0 +1,422 @@
+"""The VGG of ``shared/vgg-network.md``, assembled from the generated layer kernels.
+
+Thirteen blocks (Convolution2D without bias → BatchNormalization → ReLU) in
+five stages of width C1, 2C1, 4C1, 8C1, 8C1, each stage ending in a 2×2
+max pooling; dropout between blocks with the ratios of the table; then
+Linear 8C1→8C1 (no bias) → BatchNormalization → ReLU → Dropout → Linear
+8C1→classes (no bias) → SoftmaxCrossEntropy.
+
+Every layer runs through one :class:`vggen.backends.Backend`: the forward
+``Layer`` objects of :mod:`vggen.layers` and the backward programs derived by
+:func:`vggen.autodiff.derive`.  BatchNormalization after the first Linear
+works on the (B, C) activations viewed as (B, C, 1, 1); Linear reads the
+(B, 8C1, 1, 1) output of the last pooling viewed as (B, 8C1).  All views are
+free (reshapes of contiguous buffers).
+
+Memory: per batch size, one :class:`Workspace` preallocates every activation
+and saved intermediate the backward reads, the dropout masks, and two flat
+gradient buffers that the backward pass ping-pongs through (∂L/∂y of one
+layer is ∂L/∂x of the next, so only two activation-sized gradients are ever
+alive).  Parameter gradients have their own arrays (``Network.grads``).
+
+Training mode: BatchNormalization normalises with the batch statistics (the
+kernels) and updates running averages, ``r ← 0.9·r + 0.1·batch`` (the
+variance made unbiased with n/(n−1), as Chainer and PyTorch do); dropout
+masks R are drawn on the host from the caller's ``numpy.random.Generator``
+(0 with probability p, else 1/(1−p)), so every backend sees the same masks.
+Evaluation mode: dropout is the identity, and BatchNormalization is the
+elementwise ``γ (x − running mean)/√(running var + ε) + β``, computed in the
+backend's array library (NumPy or CuPy), not with the kernels.
+
+The loss is the batch mean of the per-image losses L(b), so the seed
+gradient is ∂(mean)/∂L(b) = 1/B.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import layers
+from .autodiff import derive
+from .backends import Backend, get_backend
+from .errors import VggenError
+from .lang import Layer
+
+BN_EPS = 2e-5
+BN_MOMENTUM = 0.9
+
+# (kind, argument): "block" multiplies of C1, "dropout" ratios, "pool".
+ARCHITECTURE = (
+    ("block", 1), ("dropout", 0.3), ("block", 1), ("pool", None),
+    ("block", 2), ("dropout", 0.4), ("block", 2), ("pool", None),
+    ("block", 4), ("dropout", 0.4), ("block", 4), ("dropout", 0.4), ("block", 4), ("pool", None),
+    ("block", 8), ("dropout", 0.4), ("block", 8), ("dropout", 0.4), ("block", 8), ("pool", None),
+    ("block", 8), ("dropout", 0.4), ("block", 8), ("dropout", 0.4), ("block", 8), ("pool", None),
+    ("dropout", 0.5), ("linear", 8), ("bn", None), ("relu", None), ("dropout", 0.5),
+    ("linear", "classes"), ("loss", None),
+)
+
+
+class _Kinds:
+    """One Layer object (and its derived backward) per layer kind, built once."""
+
+    _cache: dict = {}
+
+    @classmethod
+    def get(cls, kind: str) -> tuple[Layer, Layer]:
+        if kind not in cls._cache:
+            layer = {"conv": lambda: layers.convolution2d(1),
+                     "bn": layers.batch_normalization,
+                     "relu": layers.relu,
+                     "dropout": layers.dropout,
+                     "pool": lambda: layers.max_pooling2d(2),
+                     "linear": layers.linear,
+                     "loss": layers.softmax_cross_entropy}[kind]()
+            cls._cache[kind] = (layer, derive(layer).program)
+        return cls._cache[kind]
+
+
+@dataclass
+class Node:
+    """One layer of the network."""
+
+    kind: str                   # conv, bn, relu, dropout, pool, linear, loss
+    name: str                   # conv1, bn1, relu1, drop1, pool1, fc1, loss
+    layer: Layer
+    backward: Layer
+    sizes: dict                 # every size but B
+    in_shape: tuple             # per image, as the layer sees x
+    out_shape: tuple            # per image, as the layer sees its output
+    params: dict = field(default_factory=dict)   # layer tensor name -> parameter key
+    ratio: float = 0.0          # dropout
+    output: str = "y"           # the layer's output tensor
+
+    def all_sizes(self, batch: int) -> dict:
+        return {"B": batch, **self.sizes}
+
+
+def build_nodes(width: int, classes: int = 10, dropout: bool = True,
+                image_shape: tuple = (3, 32, 32)) -> list[Node]:
+    """The network's layers in order, with their concrete per-image sizes."""
+    if width < 1:
+        raise VggenError(f"width must be a positive integer, got {width}")
+    c, h, w = image_shape
+    if h % 32 or w % 32:
+        raise VggenError(f"images must be a multiple of 32×32 for five 2×2 poolings, got {h}×{w}")
+    nodes: list[Node] = []
+    count: dict = {}
+
+    def name(prefix):
+        count[prefix] = count.get(prefix, 0) + 1
+        return f"{prefix}{count[prefix]}"
+
+    def add(kind, nm, sizes, in_shape, out_shape, **kw):
+        layer, backward = _Kinds.get(kind)
+        nodes.append(Node(kind, nm, layer, backward, sizes, in_shape, out_shape, **kw))
+
+    def bn_relu(ch, hh, ww):
+        bn = name("bn")
+        add("bn", bn, {"C": ch, "H": hh, "W": ww}, (ch, hh, ww), (ch, hh, ww),
+            params={"gamma": f"{bn}.gamma", "beta": f"{bn}.beta"})
+        add("relu", name("relu"), {"C": ch, "H": hh, "W": ww}, (ch, hh, ww), (ch, hh, ww))
+
+    for kind, arg in ARCHITECTURE:
+        if kind == "block":
+            oc = arg * width
+            conv = name("conv")
+            add("conv", conv, {"IC": c, "OC": oc, "H": h, "W": w}, (c, h, w), (oc, h, w),
+                params={"w": f"{conv}.w"})
+            c = oc
+            bn_relu(c, h, w)
+        elif kind == "dropout":
+            nm = name("drop")
+            if dropout:
+                add("dropout", nm, {"C": c, "H": h, "W": w}, (c, h, w), (c, h, w), ratio=arg)
+        elif kind == "pool":
+            add("pool", name("pool"), {"C": c, "HO": h // 2, "WO": w // 2}, (c, h, w),
+                (c, h // 2, w // 2))
+            h, w = h // 2, w // 2
+        elif kind == "linear":
+            oc = classes if arg == "classes" else arg * width
+            fc = name("fc")
+            ic = c * h * w
+            add("linear", fc, {"IC": ic, "C": oc}, (ic,), (oc,), params={"w": f"{fc}.w"})
+            c, h, w = oc, 1, 1
+        elif kind == "bn":
+            bn = name("bn")
+            add("bn", bn, {"C": c, "H": 1, "W": 1}, (c, 1, 1), (c, 1, 1),
+                params={"gamma": f"{bn}.gamma", "beta": f"{bn}.beta"})
+        elif kind == "relu":
+            add("relu", name("relu"), {"C": c, "H": 1, "W": 1}, (c, 1, 1), (c, 1, 1))
+        elif kind == "loss":
+            add("loss", "loss", {"C": c}, (c,), (), output="L")
+    return nodes
+
+
+def init_parameters(nodes: list[Node], seed: int) -> tuple[dict, dict]:
+    """(parameters, BN running statistics) as host float32 arrays, from ``seed``.
+
+    Convolution filters ~ N(0, σ = 1/√(9·IC)), Linear weights ~ N(0, σ = 1/√IC)
+    (the reference's initialisation); γ = 1, β = 0; running mean 0, var 1.
+    """
+    rng = np.random.default_rng(seed)
+    params, state = {}, {}
+    for node in nodes:
+        if node.kind == "conv":
+            ic, oc = node.sizes["IC"], node.sizes["OC"]
+            params[node.params["w"]] = (rng.standard_normal((oc, ic, 3, 3))
+                                        / math.sqrt(9 * ic)).astype(np.float32)
+        elif node.kind == "linear":
+            ic, oc = node.sizes["IC"], node.sizes["C"]
+            params[node.params["w"]] = (rng.standard_normal((ic, oc)) / math.sqrt(ic)).astype(np.float32)
+        elif node.kind == "bn":
+            ch = node.sizes["C"]
+            params[node.params["gamma"]] = np.ones(ch, np.float32)
+            params[node.params["beta"]] = np.zeros(ch, np.float32)
+            state[f"{node.name}.running_mean"] = np.zeros(ch, np.float32)
+            state[f"{node.name}.running_var"] = np.ones(ch, np.float32)
+    return params, state
+
+
+class Workspace:
+    """Every array one batch size needs, allocated once."""
+
+    def __init__(self, net: "Network", batch: int, train: bool):
+        be = net.backend
+        self.batch, self.train = batch, train
+        self.images = be.zeros((batch,) + net.image_shape)
+        self.labels = be.zeros((batch,), np.int32)
+        self.forward: list[dict] = []      # per node: the arrays of its forward program
+        self.backward: list[dict] = []     # per node: the arrays of its backward program
+        x = self.images
+        for node in net.nodes:
+            prog = be.program(node.layer, node.all_sizes(batch))
+            arrays = {"x": x.reshape(prog.shapes["x"])}
+            if node.kind == "loss":
+                arrays["t"] = self.labels
+            if node.kind == "dropout" and not train:
+                arrays["y"] = arrays["x"]          # the identity: no copy, no kernel
+                self.forward.append(arrays)
+                continue
+            if node.kind == "dropout":
+                arrays["R"] = be.zeros(prog.shapes["R"])
+            for tname, key in node.params.items():
+                arrays[tname] = net.params[key]
+            for out in prog.outputs:
+                if node.kind == "bn" and not train and out in ("mu", "var", "xhat"):
+                    continue
+                arrays[out] = be.zeros(prog.shapes[out], prog.dtypes[out])
+            self.forward.append(arrays)
+            x = arrays[node.output]
+        self.logits = self.forward[-1]["x"]
+        self.losses = self.forward[-1]["L"]
+        self.seed = be.zeros((batch,))
+        self.seed[...] = 1.0 / batch
+        if not train:
+            return
+        # Gradients: ∂L/∂y of node k is ∂L/∂x of node k+1; ping-pong two flat buffers.
+        biggest = max(math.prod(node.in_shape) for node in net.nodes) * batch
+        flat = [be.zeros((biggest,)), be.zeros((biggest,))]
+        g_y, turn = self.seed, 0
+        self.backward = [None] * len(net.nodes)
+        for k in range(len(net.nodes) - 1, -1, -1):
+            node = net.nodes[k]
+            prog = be.program(node.backward, node.all_sizes(batch))
+            arrays = {n: a for n, a in self.forward[k].items()}
+            seed_name = f"g_{node.output}"
+            arrays[seed_name] = g_y.reshape(prog.shapes[seed_name])
+            n = math.prod(prog.shapes["g_x"])
+            arrays["g_x"] = flat[turn][:n].reshape(prog.shapes["g_x"])
+            for tname, key in node.params.items():
+                arrays[f"g_{tname}"] = net.grads[key]
+            self.backward[k] = arrays
+            g_y, turn = arrays["g_x"], 1 - turn
+
+
+@dataclass
+class StepResult:
+    loss: float          # mean over the batch
+    correct: int         # images whose largest logit is their label
+    batch: int
+
+
+class Network:
+    """The VGG on one backend: parameters, gradients, BN statistics, workspaces."""
+
+    def __init__(self, backend: Backend | str = "auto", width: int = 64, classes: int = 10,
+                 dropout: bool = True, seed: int = 0, image_shape: tuple = (3, 32, 32)):
+        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        self.width, self.classes, self.dropout = width, classes, dropout
+        self.image_shape = tuple(image_shape)
+        self.nodes = build_nodes(width, classes, dropout, self.image_shape)
+        params, state = init_parameters(self.nodes, seed)
+        be = self.backend
+        self.params = {k: be.asarray(v) for k, v in params.items()}
+        self.grads = {k: be.zeros(v.shape) for k, v in params.items()}
+        self.state = {k: be.asarray(v) for k, v in state.items()}
+        self._workspaces: dict = {}
+
+    # ---- parameters
+    def parameter_count(self) -> int:
+        return sum(int(p.size) for p in self.params.values())
+
+    def host_params(self) -> dict[str, np.ndarray]:
+        return {k: np.array(self.backend.to_host(v)) for k, v in self.params.items()}
+
+    def host_state(self) -> dict[str, np.ndarray]:
+        return {k: np.array(self.backend.to_host(v)) for k, v in self.state.items()}
+
+    def host_grads(self) -> dict[str, np.ndarray]:
+        return {k: np.array(self.backend.to_host(v)) for k, v in self.grads.items()}
+
+    def load(self, params: dict, state: dict | None = None) -> None:
+        """Copy host arrays into the parameters (and BN statistics), in place."""
+        for group, values in ((self.params, params), (self.state, state or {})):
+            for k, v in values.items():
+                if k not in group:
+                    raise VggenError(f"unknown parameter {k!r} for this network (width {self.width})")
+                if tuple(v.shape) != tuple(group[k].shape):
+                    raise VggenError(f"parameter {k}: shape {tuple(v.shape)} does not fit this "
+                                     f"network's {tuple(group[k].shape)} (width {self.width}?)")
+                self.backend.copy_in(group[k], np.ascontiguousarray(v, np.float32))
+            missing = set(group) - set(values)
+            if values and missing:
+                raise VggenError(f"missing parameters: {', '.join(sorted(missing))}")
+
+    def workspace(self, batch: int, train: bool) -> Workspace:
+        key = (batch, train)
+        if key not in self._workspaces:
+            self._workspaces[key] = Workspace(self, batch, train)
+        return self._workspaces[key]
+
+    # ---- passes
+    def _feed(self, ws: Workspace, images: np.ndarray, labels: np.ndarray) -> None:
+        if images.shape != (ws.batch,) + self.image_shape:
+            raise VggenError(f"images of shape {images.shape} do not fit the network "
+                             f"({ws.batch}, {', '.join(map(str, self.image_shape))})")
+        if labels.shape != (ws.batch,):
+            raise VggenError(f"labels of shape {labels.shape} do not fit batch {ws.batch}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.classes):
+            raise VggenError(f"labels must be in 0..{self.classes - 1}")
+        self.backend.copy_in(ws.images, images)
+        self.backend.copy_in(ws.labels, labels)
+
+    def draw_masks(self, ws: Workspace, rng: np.random.Generator) -> None:
+        """Fresh dropout masks: 0 with probability p, else 1/(1−p)."""
+        for node, arrays in zip(self.nodes, ws.forward):
+            if node.kind != "dropout":
+                continue
+            r = arrays["R"]
+            host = r if isinstance(r, np.ndarray) else np.empty(r.shape, np.float32)
+            rng.random(out=host, dtype=np.float32)
+            np.greater_equal(host, np.float32(node.ratio), out=host)
+            host *= np.float32(1.0 / (1.0 - node.ratio))
+            if host is not r:
+                self.backend.copy_in(r, host)
+
+    def forward(self, images: np.ndarray, labels: np.ndarray, train: bool = True,
+                rng: np.random.Generator | None = None, masks: dict | None = None) -> Workspace:
+        """One forward pass; returns the workspace holding every activation.
+
+        ``train``: batch statistics and dropout (masks drawn from ``rng``, or
+        given as ``masks`` by node name); else running statistics, no dropout.
+        """
+        batch = len(labels)
+        ws = self.workspace(batch, train)
+        self._feed(ws, images, labels)
+        be = self.backend
+        if train and self.dropout:
+            if masks is not None:
+                for node, arrays in zip(self.nodes, ws.forward):
+                    if node.kind == "dropout":
+                        be.copy_in(arrays["R"], np.asarray(masks[node.name], np.float32))
+            elif rng is not None:
+                self.draw_masks(ws, rng)
+            else:
+                raise VggenError("training with dropout needs a random generator or masks")
+        for node, arrays in zip(self.nodes, ws.forward):
+            if node.kind == "dropout" and not train:
+                continue                             # y is x in an evaluation workspace
+            if node.kind == "bn" and not train:
+                self._bn_eval(node, arrays)
+                continue
+            be.run(node.layer, node.all_sizes(batch), arrays)
+            if node.kind == "bn":
+                self._bn_update(node, arrays, batch)
+        return ws
+
+    def _bn_eval(self, node: Node, arrays: dict) -> None:
+        xp = self.backend.xp
+        mean = self.state[f"{node.name}.running_mean"]
+        var = self.state[f"{node.name}.running_var"]
+        scale = arrays["gamma"] / xp.sqrt(var + np.float32(BN_EPS))
+        shift = arrays["beta"] - mean * scale
+        y = arrays["y"]
+        xp.multiply(arrays["x"], scale[None, :, None, None], out=y)
+        y += shift[None, :, None, None]
+
+    def _bn_update(self, node: Node, arrays: dict, batch: int) -> None:
+        n = batch * node.sizes["H"] * node.sizes["W"]
+        unbias = n / (n - 1) if n > 1 else 1.0
+        m, v = BN_MOMENTUM, 1.0 - BN_MOMENTUM
+        mean = self.state[f"{node.name}.running_mean"]
+        var = self.state[f"{node.name}.running_var"]
+        mean *= np.float32(m)
+        mean += np.float32(v) * arrays["mu"]
+        var *= np.float32(m)
+        var += np.float32(v * unbias) * arrays["var"]
+
+    def backward(self, ws: Workspace) -> None:
+        """Fill ``grads`` with ∂(mean loss)/∂(parameter) for the last forward on ``ws``."""
+        if not ws.train:
+            raise VggenError("backward needs a training-mode forward pass")
+        be = self.backend
+        for k in range(len(self.nodes) - 1, -1, -1):
+            node = self.nodes[k]
+            skip = ("g_x",) if k == 0 else ()
+            be.run(node.backward, node.all_sizes(ws.batch), ws.backward[k], skip=skip)
+
+    def loss_and_correct(self, ws: Workspace, labels: np.ndarray) -> tuple[float, int]:
+        losses = self.backend.to_host(ws.losses).astype(np.float64)
+        logits = self.backend.to_host(ws.logits)
+        correct = int((logits.argmax(axis=1) == labels).sum())
+        return float(losses.sum()), correct
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray,
+                   rng: np.random.Generator | None = None, masks: dict | None = None) -> StepResult:
+        """Forward and backward on one batch (no update): ``grads`` filled.
+
+        Raises VggenError when the loss is not finite, before the gradients are
+        used for anything.
+        """
+        ws = self.forward(images, labels, train=True, rng=rng, masks=masks)
+        total, correct = self.loss_and_correct(ws, labels)
+        loss = total / len(labels)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(loss)
+        self.backward(ws)
+        return StepResult(loss, correct, len(labels))
+
+    def evaluate(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        """(sum of per-image losses, correct count) in evaluation mode."""
+        ws = self.forward(images, labels, train=False)
+        return self.loss_and_correct(ws, labels)
+
+    def masks(self, batch: int) -> dict[str, np.ndarray]:
+        """The dropout masks of the last training forward of this batch size (host copies)."""
+        ws = self.workspace(batch, True)
+        return {node.name: self.backend.to_host(a["R"])
+                for node, a in zip(self.nodes, ws.forward) if node.kind == "dropout"}
+
+
+class NonFiniteLoss(VggenError):
+    def __init__(self, value: float):
+        super().__init__(f"the loss is {value}: training diverged")
+        self.value = value
+
+
+__all__ = ["Network", "Node", "Workspace", "StepResult", "NonFiniteLoss", "build_nodes",
+           "init_parameters", "ARCHITECTURE", "BN_EPS", "BN_MOMENTUM"]
