@@ -179,6 +179,7 @@ class Backend:
     name = "?"
     xp: Any = np
     array_type: type = np.ndarray
+    profiler: Any = None    # when set: profiler.begin(kernel) / .end(kernel) around each call
 
     def __init__(self):
         self._programs: dict = {}

@@ -60,6 +60,18 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import bench, format_table
+
+    result = bench(args.target, args.batch_size, args.width, args.steps, args.warmup, args.seed,
+                   torch=not args.no_torch)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(format_table(result))
+    return 0
+
+
 def _cmd_data(args) -> int:
     from .data import default_data_dir, fetch_cifar10
 
@@ -184,6 +196,19 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--title", metavar="TEXT",
                     help="title above the plots (default: the metrics file's name)")
     pl.set_defaults(func=_cmd_plot)
+
+    m = sub.add_parser("bench", help="images/s of a training step, beside PyTorch")
+    m.add_argument("--target", default="auto", choices=["auto", "c", "cuda"],
+                   help="kernel backend (default: auto = cuda if a GPU and CuPy are present, else c)")
+    m.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
+    m.add_argument("--width", type=int, default=64, help="channels of the first stage, C1 (default: 64)")
+    m.add_argument("--steps", type=int, default=20, help="timed steps; the median is reported (default: 20)")
+    m.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    m.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    m.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    m.add_argument("--json", action="store_true",
+                   help="print one JSON object (images_per_s, torch_images_per_s, ratio, kernels)")
+    m.set_defaults(func=_cmd_bench)
 
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -347,7 +347,12 @@ class CProgram(Program):
                 a = env[name]
                 check_argument(call.name, name, a, shape, dtype)
                 ptrs.append(a.ctypes.data)
+            prof = self.backend.profiler
+            if prof is not None:
+                prof.begin(call.name)
             call.fn(*ptrs, *call.sizes)
+            if prof is not None:
+                prof.end(call.name)
 
 
 class CBackend(Backend):

@@ -107,7 +107,12 @@ class CudaProgram(Program):
                 a = env[tname]
                 check_argument(name, tname, a, shape, dtype, array_type)
                 args.append(a)
+            prof = self.backend.profiler
+            if prof is not None:
+                prof.begin(name)
             fn(grid, block, (*args, *sizes))
+            if prof is not None:
+                prof.end(name)
 
 
 class CudaBackend(Backend):
