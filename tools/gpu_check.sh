@@ -11,7 +11,7 @@ py=python3
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 echo "== CUDA tests"
-$py -m pytest -q -p no:cacheprovider tests/test_cuda_compile.py tests/test_runtime.py tests/test_network.py \
+$py -m pytest -rs -p no:cacheprovider tests/test_cuda_compile.py tests/test_runtime.py tests/test_network.py \
     2>&1 | tee "$out/tests.log" | tail -n 25
 
 echo "== compute-sanitizer memcheck: one training step, width 4, batch 4"

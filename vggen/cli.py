@@ -113,8 +113,15 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (``--help`` still shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vggen", description=__doc__.splitlines()[0] if __doc__ else None)
+    p = _Parser(prog="vggen")
     p.description = ("vggen: VGG layers written once as SymPy equations; backward derived and "
                      "proved; C (OpenMP) and CUDA kernels generated; the network trained with them.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
