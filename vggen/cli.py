@@ -144,7 +144,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--data", metavar="DIR", help="CIFAR-10 directory (default: $VGGEN_DATA or the cache)")
     t.add_argument("--epochs", type=int, default=10, help="epochs (default: 10)")
     t.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default: 32)")
-    t.add_argument("--lr", type=float, default=0.05, help="initial learning rate (default: 0.05)")
+    t.add_argument("--lr", type=float, default=0.01,
+                   help="initial learning rate, cosine-annealed to 0 (default: 0.01)")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     t.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default: 5e-4)")
     t.add_argument("--width", type=int, default=64, help="channels of the first stage, C1 (default: 64)")

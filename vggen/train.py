@@ -61,7 +61,7 @@ class TrainConfig:
     data: str | None = None         # CIFAR-10 directory (None: $VGGEN_DATA or the cache)
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     width: int = 64                 # C1
