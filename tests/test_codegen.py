@@ -32,7 +32,7 @@ from vggen.evaluate import Evaluator, run_forward
 from vggen.ir import KernelClass, lower, lower_layer
 from vggen.lang import Equation, Layer, Max, Role, Sum, Tensor, indices
 from vggen.layers import (EPS, B, C, H, HO, IC, K, OC, S, W, WO, batch_normalization, convolution2d,
-                          elementwise_activation, max_pooling2d, vgg_layers)
+                          elementwise_activation, linear, max_pooling2d, vgg_layers)
 
 REPO = Path(__file__).resolve().parent.parent
 CC = shutil.which("cc") or shutil.which("gcc")
@@ -45,11 +45,11 @@ needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
 # --------------------------------------------------------------------------- helpers
 
 
-def compile_c(text: str, where: Path, name: str = "kernels") -> ctypes.CDLL:
+def compile_c(text: str, where: Path, name: str = "kernels", flags: tuple = ("-O2",)) -> ctypes.CDLL:
     src = where / f"{name}.c"
     src.write_text(text)
     lib = where / f"{name}.so"
-    subprocess.run([CC, "-O2", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib), "-lm"],
+    subprocess.run([CC, *flags, "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib), "-lm"],
                    check=True, capture_output=True, text=True)
     return ctypes.CDLL(str(lib))
 
@@ -216,6 +216,73 @@ def test_vgg_kernels_match_on_any_shape(vgg_c, vgg_lib, b, c, ic, oc, h, w, ho, 
         check_layer_kernels(vgg_lib, kernels, layer, sizes, seed=seed + n)
 
 
+# Shapes that take the contraction kernels' matrix-product schedule (contraction.c.j2,
+# _gemm.c.j2) through its blocks and edges: several n blocks and k blocks, register
+# tiles cut by m, n and k, runs along the packing loops at least VG_RUN long and
+# shorter ones gathered through the column tables, ∂L/∂w in both forms (inner, k in
+# several slices) and Linear's ∂L/∂x in both.
+GEMM_SHAPES = [
+    ("conv", dict(B=2, IC=30, OC=11, H=19, W=18)),     # 2 k blocks, 2+ n blocks; ∂L/∂w inner, 3 n blocks
+    ("conv", dict(B=3, IC=5, OC=7, H=3, W=4)),         # runs of 12 < VG_RUN: gathered
+    ("conv", dict(B=3, IC=2, OC=2, H=29, W=27)),       # ∂L/∂w inner, k in 3 slices
+    ("conv", dict(B=1, IC=4, OC=5, H=2, W=3)),         # ∂L/∂w outer (k ≤ VG_INNER·m)
+    ("linear", dict(B=3, IC=300, C=37)),               # y: 2 k blocks; ∂L/∂x inner
+    ("linear", dict(B=70, IC=20, C=20)),               # ∂L/∂x outer
+]
+
+
+def gemm_forms(text: str, what: str, sizes: dict) -> set:
+    """Which forms (inner / outer) the shape's inner-capable kernel takes at run time."""
+    inner = int(re.search(r"VG_INNER = (\d+)", text).group(1))
+    m, k = (sizes["OC"], sizes["B"] * sizes["H"] * sizes["W"]) if what == "conv" else (sizes["B"], sizes["C"])
+    return {"inner" if k > inner * m else "outer"}
+
+
+@needs_cc
+@pytest.mark.parametrize("flags", [("-O2",), ("-O3", "-march=native")], ids=["O2", "native"])
+def test_matrix_product_schedule_matches_the_reference(vgg_c, tmp_path, flags):
+    """Blocks, tile edges, both packing paths and both forms; with -march=native
+    the vectorised (and, on AVX-512, intrinsic) micro-kernels too."""
+    text, kernels = vgg_c
+    try:
+        lib = compile_c(text, tmp_path, flags=flags)
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"{' '.join(flags)} not supported here: {e.stderr[:200]}")
+    forms = set()
+    for n, (what, sizes) in enumerate(GEMM_SHAPES):
+        layer = convolution2d() if what == "conv" else linear()
+        checked = check_layer_kernels(lib, kernels, layer, sizes, seed=n)
+        assert len(checked) == 3
+        forms |= {(what, f) for f in gemm_forms(text, what, sizes)}
+    assert forms == {(w, f) for w in ("conv", "linear") for f in ("inner", "outer")}
+
+
+@needs_cc
+def test_matrix_products_do_not_depend_on_the_thread_count(vgg_c, vgg_lib):
+    """Blocks are cut by the sizes alone (k slices summed in order), so every
+    output is bit for bit the same however many threads share the work."""
+    _, kernels = vgg_c
+    set_threads = getattr(vgg_lib, "omp_set_num_threads", None)
+    get_threads = getattr(vgg_lib, "omp_get_max_threads", None)
+    if set_threads is None or get_threads is None:
+        pytest.skip("no OpenMP runtime to set the thread count of")
+    before = get_threads()
+    try:
+        for n, (what, sizes) in enumerate(GEMM_SHAPES[:4:2]):
+            layer = convolution2d()
+            env = layer_data(layer, sizes, VGG_SPECIALISE, np.random.default_rng(n))
+            runs = []
+            for threads in (1, 2, 3):
+                set_threads(threads)
+                runs.append({gk.name: call_c(vgg_lib, gk, env, sizes) for gk in kernels if gk.ir.layer == layer.name})
+            for other in runs[1:]:
+                for name, outs in runs[0].items():
+                    for t, arr in outs.items():
+                        assert np.array_equal(arr, other[name][t]), (name, t)
+    finally:
+        set_threads(before)
+
+
 def leaky_relu():
     return elementwise_activation("LeakyReLU", lambda v: sp.Piecewise((v, v >= 0), (0.1 * v, True)))
 
@@ -241,7 +308,9 @@ def test_layers_outside_vgg_use_the_same_templates(tmp_path):
     assert {"convolution2d_k_2_forward_y", "convolution2d_k_2_backward_g_x", "convolution2d_k_2_backward_g_w",
             "leakyrelu_forward_y", "leakyrelu_backward_g_x", "maxpooling2d_s_3_forward_sel_y"} <= names
     conv = kernel(kernels, "convolution2d_k_2_forward_y")
-    assert "w[25*IC*oc + 25*ic + 24]" in conv.text            # the 5×5 window unrolled, constant strides
+    # the 5×5 window is part of the matrix product's k, read with constant strides
+    assert "const int vg_K = 25*IC;    // k = (ic, di, dj)" in conv.text
+    assert "w[25*IC*oc + 5*di + dj + 25*ic + 12]" in conv.text
     rows = kernel(kernels, "rowlogsumexp_forward_mx_y").ir
     assert rows.cls is KernelClass.ROW_SOFTMAX and rows.schedule.cuda == "thread"
     for sizes in (dict(B=2, C=3, IC=3, OC=2, H=6, W=5, HO=2, WO=3), dict(B=1, C=2, IC=2, OC=3, H=3, W=2, HO=1, WO=1)):
@@ -249,6 +318,28 @@ def test_layers_outside_vgg_use_the_same_templates(tmp_path):
         for n, layer in enumerate(layers):
             checked += check_layer_kernels(lib, kernels, layer, sizes, seed=n)
         assert sorted(checked) == sorted(names)
+
+
+def batched_matmul():
+    """A contraction that is no single matrix product: both operands read b."""
+    b, c, k, n = indices("b c k n")
+    a = Tensor("a", (B, C, IC), Role.INPUT)
+    bb = Tensor("bb", (B, IC, W), Role.INPUT)
+    y = Tensor("y", (B, C, W), Role.OUTPUT)
+    return Layer("BatchedMatMul", [a, bb, y], [Equation(y[b, c, n], Sum(a[b, c, k] * bb[b, k, n], (k, 0, IC)))])
+
+
+@needs_cc
+def test_contraction_with_a_batch_index_keeps_the_row_schedule(tmp_path):
+    """A batch index (read by both operands) rules out the matrix-product form:
+    the row / reduce loops are the fallback, from the same template."""
+    layer = batched_matmul()
+    text, kernels = generate([layer], "c")
+    assert {k.ir.cls for k in kernels} == {KernelClass.CONTRACTION}
+    assert all(k.ir.schedule.gemm is None and "vg_tile" not in k.text for k in kernels)
+    lib = compile_c(text, tmp_path)
+    for sizes in (dict(B=2, C=3, IC=5, W=4), dict(B=1, C=1, IC=2, W=7)):
+        assert len(check_layer_kernels(lib, kernels, layer, sizes)) == 3
 
 
 @needs_cc
@@ -315,32 +406,51 @@ def test_maxpool_selection_is_fused_into_the_argmax(vgg_c):
     assert [p for p, _ in r.positions] == [0, 1, 2, 3]
 
 
+# the only atomic of the CUDA kernels: the int ticket of a tiled kernel's split-K (no float atomics)
+SPLIT_K_TICKET = "atomicAdd(&vg_splitk_count[vg_tile], 1u)"
+
+
 def test_conv_input_gradient_is_a_gather_writing_each_element_once(vgg_c, vgg_cuda):
-    for text in (kernel(vgg_c[1], "convolution2d_backward_g_x").text,
-                 kernel(vgg_cuda[1], "convolution2d_backward_g_x").text):
-        assert "atomic" not in text
+    cuda = kernel(vgg_cuda[1], "convolution2d_backward_g_x")
+    for text, schedules in ((kernel(vgg_c[1], "convolution2d_backward_g_x").text, 1), (cuda.text, 2)):
+        assert set(re.findall(r"atomic\w*\([^)]*\)", text)) <= {SPLIT_K_TICKET}
         code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("//"))
-        assert len(re.findall(r"\bg_x\[[^\]]*\] =", code)) == 1   # one store, per output element
-    k = kernel(vgg_cuda[1], "convolution2d_backward_g_x").ir
-    assert k.schedule.cuda == "thread"                          # one thread per output element
+        # one store, per output element, in each schedule (CUDA: the tiled kernel and its _simple fallback)
+        assert len(re.findall(r"\bg_x\[[^\]]*\] =", code)) == schedules
+    k = cuda.ir
+    assert k.schedule.cuda == "thread"                          # simple schedule: one thread per output element
     assert tuple(k.stages[0].store.indices) == tuple(lp.var for lp in k.parallel)
-    assert "atomic" not in vgg_cuda[0]
+    assert set(re.findall(r"atomic\w*\([^)]*\)", vgg_cuda[0])) == {SPLIT_K_TICKET}
 
 
-def test_c_contraction_vectorises_an_unguarded_interior(vgg_c):
-    text = kernel(vgg_c[1], "convolution2d_forward_y").text
-    lines = text.splitlines()
-    (at,) = [n for n, line in enumerate(lines) if "for (int j = vg_lo; j < vg_hi; ++j)" in line]
+def test_c_contraction_is_a_register_tiled_matrix_product(vgg_c):
+    text, kernels = vgg_c
+    # the arithmetic: a micro-kernel whose innermost loop is a simd loop over a tile of
+    # accumulators, with no per-element branch (the guards went into the packing)
+    tile = text[text.index("static inline void vg_tile_outer"):]
+    lines = tile[:tile.index("\n}\n")].splitlines()
+    (at,) = [n for n, line in enumerate(lines) if "acc[mr][nr] += vg_a * b[" in line]
+    assert lines[at - 1].strip() == "for (int nr = 0; nr < VG_NR; ++nr)"
+    assert lines[at - 2].strip() == "#pragma omp simd" and "?" not in lines[at]
+    tile = text[text.index("static inline void vg_tile_inner"):]
+    lines = tile[:tile.index("\n}\n")].splitlines()
+    (at,) = [n for n, line in enumerate(lines) if "acc[im][in][l] += a[" in line]
+    assert lines[at - 1].strip() == "for (int l = 0; l < VG_VL; ++l)" and lines[at - 2].strip() == "#pragma omp simd"
+    # conv forward: the window is part of k; B is packed along contiguous runs (a simd loop
+    # of contiguous loads, the zero padding's guards as masks); threads share n blocks
+    fwd = kernel(kernels, "convolution2d_forward_y").text
+    assert "const int vg_K = 9*IC;    // k = (ic, di, dj)" in fwd
+    assert "const int vg_N = B*H*W;    // n = (b, i, j)" in fwd
+    lines = fwd.splitlines()
+    (at,) = [n for n, line in enumerate(lines) if "for (int vg_t = 0; vg_t < vg_len; ++vg_t)" in line]
     assert lines[at - 1].strip() == "#pragma omp simd"
-    body = []
-    for line in lines[at + 1:]:
-        if line.strip().startswith("for ") or line.strip() == "}":
-            break
-        body.append(line)
-    assert len(body) == 9 and not any("?" in line for line in body)   # 9 taps, no per-element branch
-    assert "#pragma omp parallel for collapse(3)" in text
-    gw = kernel(vgg_c[1], "convolution2d_backward_g_w").text
-    assert re.search(r"#pragma omp simd reduction\(\+:acc_g_w\)\s*for \(int j = vg_lo; j < vg_hi; \+\+j\)", gw)
+    assert "? vg_src[vg_t] : 0" in lines[at + 1] and "vg_s_j[vg_t]" in lines[at + 1]
+    assert re.search(r"#pragma omp for schedule\(static\)\s*for \(int vg_nb = 0; vg_nb < vg_nblocks; \+\+vg_nb\)", fwd)
+    assert "vg_tile_outer(" in fwd and "vg_tile_inner(" not in fwd
+    # conv ∂L/∂w reduces along its contiguous j (k = (b, i, j)) where k is long against m
+    gw = kernel(kernels, "convolution2d_backward_g_w").text
+    assert "const int vg_K = B*H*W;    // k = (b, i, j)" in gw
+    assert "if (vg_K > VG_INNER * vg_M)" in gw and "vg_tile_inner(" in gw and "vg_tile_outer(" in gw
 
 
 def test_cuda_schedules(vgg_cuda):
@@ -349,7 +459,9 @@ def test_cuda_schedules(vgg_cuda):
     assert block == {"convolution2d_backward_g_w", "batchnormalization_forward_mu_var",
                      "batchnormalization_backward_g_gamma_g_beta", "softmaxcrossentropy_forward_m_s_l"}
     for k in kernels:
-        assert f'extern "C" __global__ void __launch_bounds__(VG_THREADS)\n{k.name}(' in k.text
+        # a tiled contraction keeps its simple schedule as <name>_simple (tests/test_cuda_tiled.py)
+        simple = k.fallback or k.name
+        assert f'extern "C" __global__ void __launch_bounds__(VG_THREADS)\n{simple}(' in k.text
         if k.name in block:
             assert "__shared__ float vg_shared[VG_THREADS];" in k.text
             assert "vg_block_sum(" in k.text or "vg_block_max(" in k.text

@@ -3,14 +3,19 @@ layers outside VGG, with ``nvcc -arch=sm_90 -cubin`` (warnings are errors);
 each kernel is in its cubin under its extern "C" name.  Skipped only where
 nvcc is absent.
 
-Where a CUDA driver and GPU are present too, every VGG kernel is launched
-through the driver API (ctypes, as CuPy's RawModule would: by name, with the
-manifest's launch shape) and compared with the NumPy reference.
+The tiled contractions (vggen/cuda_schedule.py) fit their register budget
+(``ptxas --resource-usage``: ≤ 128 registers, no stack, no spills).
+
+Where a CUDA driver and GPU are present too, every VGG kernel, and each tiled
+contraction's ``<name>_simple`` fallback, is launched through the driver API
+(ctypes, as CuPy's RawModule would: by name, with the manifest's launch
+shape) and compared with the NumPy reference.
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 import sys
@@ -20,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vggen.codegen import CUDA_THREADS, generate
+from vggen.codegen import CUDA_THREADS, _launch, generate
+from vggen.ir import layer_slug
 from vggen.layers import convolution2d, max_pooling2d, vgg_layers
+from vggen.runtime_c import eval_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_codegen import (ATOL, RTOL, concrete, layer_data, leaky_relu,  # noqa: E402
@@ -59,6 +66,8 @@ def test_every_generated_cu_file_compiles(tmp_path):
     blob = b"".join(cubins.values())
     for k in kernels:
         assert k.name.encode() + b"\0" in blob, f"{k.name} is not in the cubins (extern \"C\" name)"
+        if k.fallback:
+            assert k.fallback.encode() + b"\0" in blob, k.fallback
 
 
 @needs_nvcc
@@ -67,6 +76,35 @@ def test_layers_outside_vgg_compile(tmp_path):
     (cubin,) = _compile_all({"extra": text}, tmp_path).values()
     for k in kernels:
         assert k.name.encode() + b"\0" in cubin
+        if k.fallback:
+            assert k.fallback.encode() + b"\0" in cubin
+
+
+@needs_nvcc
+def test_tiled_contractions_fit_their_registers(tmp_path):
+    """Two blocks of 256 threads per SM (__launch_bounds__(VG_THREADS, 2)): at
+    most 128 registers, and nothing spilled, in every tiled kernel and in each
+    configuration's __noinline__ function."""
+    seen = set()
+    for stem in ("convolution2d", "linear"):
+        _, kernels = generate([layer for layer in vgg_layers() if layer_slug(layer.name) == stem], "cuda")
+        src = tmp_path / f"{stem}.cu"
+        src.write_text((REPO / "generated" / "cuda" / f"{stem}.cu").read_text())
+        res = subprocess.run([NVCC, "-arch=sm_90", "-cubin", "--resource-usage", "-o", str(src.with_suffix(".cubin")),
+                              str(src)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        props = re.findall(r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                           r"(\d+) bytes spill loads(?:\nptxas info\s*: Used (\d+) registers)?", res.stdout + res.stderr)
+        for k in kernels:
+            if k.tiled is None:
+                continue
+            mine = [p for p in props if p[0] == k.name or f"{k.name}__tile" in p[0]]
+            assert len(mine) == 1 + len(k.tiled.configs), (k.name, mine)
+            for name, stack, stores, loads, regs in mine:
+                assert (stack, stores, loads) == ("0", "0", "0"), (name, stack, stores, loads)
+                assert not regs or int(regs) <= 128, (name, regs)
+            seen.add(k.name)
+    assert len(seen) == 6
 
 
 # --------------------------------------------------------------------------- on a GPU
@@ -118,7 +156,9 @@ def _driver():
         return None
 
 
-def run_on_gpu(drv: Driver, fn, gk, env: dict, sizes: dict) -> dict:
+def run_on_gpu(drv: Driver, fn, gk, env: dict, sizes: dict, simple: bool = False) -> dict:
+    """One kernel with the manifest's launch shape (``simple``: a tiled kernel's
+    ``<name>_simple`` fallback, with the fallback's)."""
     args, outs = [], {}
     for a in gk.ir.args:
         if a.kind == "size":
@@ -132,10 +172,9 @@ def run_on_gpu(drv: Driver, fn, gk, env: dict, sizes: dict) -> dict:
             host = np.full(shape, -12345 if dtype is np.int32 else np.nan, dtype=dtype)
             outs[a.name] = host
         args.append(drv.to_device(host))
-    k = gk.ir
-    total = int(np.prod([int(concrete([lp.extent], sizes)[0]) for lp in k.parallel]))
-    grid = total if k.schedule.cuda == "block" else -(-total // CUDA_THREADS)
-    drv.launch(fn, max(1, grid), args)
+    launch = _launch(gk.ir, None if simple else gk.tiled)
+    assert launch["block"] == [CUDA_THREADS, 1, 1] and launch["grid"][1:] == ["1", "1"]
+    drv.launch(fn, max(1, eval_size(launch["grid"][0], sizes)), args)
     for a, ptr in zip(gk.ir.args, args):
         if a.kind == "tensor":
             drv.to_host(ptr, outs[a.name]) if a.access == "write" else drv.lib.cuMemFree_v2(ptr)
@@ -158,13 +197,14 @@ def test_cuda_kernels_match_the_reference_on_a_gpu(tmp_path, sizes):
         (cubin,) = _compile_all({"layer": text}, tmp_path).values()
         env = layer_data(layer, sizes, {"K": 1, "S": 2, "epsilon": 2e-5}, np.random.default_rng(n))
         for gk in kernels:
-            got = run_on_gpu(drv, drv.function(cubin, gk.name), gk, env, sizes)
             want = reference(gk, env, sizes, {"K": 1, "S": 2, "epsilon": 2e-5})
-            for name, arr in got.items():
-                if arr.dtype.kind == "i":
-                    np.testing.assert_array_equal(arr, want[name], err_msg=f"{gk.name}: {name}")
-                else:
-                    np.testing.assert_allclose(arr, want[name], rtol=RTOL, atol=ATOL * 10,
-                                               err_msg=f"{gk.name}: {name}")
-            checked.append(gk.name)
-    assert len(checked) == 18
+            for name, simple in [(gk.name, False)] + ([(gk.fallback, True)] if gk.fallback else []):
+                got = run_on_gpu(drv, drv.function(cubin, name), gk, env, sizes, simple)
+                for tensor, arr in got.items():
+                    if arr.dtype.kind == "i":
+                        np.testing.assert_array_equal(arr, want[tensor], err_msg=f"{name}: {tensor}")
+                    else:
+                        np.testing.assert_allclose(arr, want[tensor], rtol=RTOL, atol=ATOL * 10,
+                                                   err_msg=f"{name}: {tensor}")
+                checked.append(name)
+    assert len(checked) == 18 + 6                               # the six tiled contractions' fallbacks too

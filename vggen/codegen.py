@@ -5,6 +5,11 @@ forward and backward, specialised at K=1, S=2, ε=2e-5):
 
 * ``generated/c/vggen_kernels.c`` and ``vggen_kernels.h`` (one library);
 * ``generated/cuda/<layer>.cu``, one self-contained file per layer;
+  a contraction that is a matrix product runs as a tiled implicit GEMM
+  (``cuda_contraction="tiled"``, the default: ``vggen.cuda_schedule``),
+  its thread/block schedule kept beside it as ``<name>_simple``
+  (``CUDA_SIMPLE_SUFFIX``) for a fallback; ``"simple"`` emits only that
+  one, under the kernel's own name;
 * ``generated/manifest.json``: per kernel and target its name, layer,
   direction, class, file, source equations, signature (ordered arguments
   with dtype, access, role, shape and lower bounds as strings; the
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -39,7 +45,9 @@ from pathlib import Path
 import jinja2
 import sympy as sp
 
-from .ir import CUDA_THREADS, Kernel, layer_slug, lower_network
+from . import cuda_schedule
+from .cuda_schedule import TiledGemm, tiled_gemm
+from .ir import CUDA_THREADS, Kernel, KernelClass, layer_slug, lower_network
 from .printers import PRINTERS
 
 try:
@@ -56,7 +64,12 @@ C_HEADER = "c/vggen_kernels.h"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 LOCK = ".vggen.lock"           # in the output directory while a build writes (git-ignored)
-_HELPERS = ("vg_imin", "vg_imax", "vg_floordiv", "vg_mod", "vg_block_sum", "vg_block_max")
+_HELPERS = ("vg_imin", "vg_imax", "vg_floordiv", "vg_mod", "vg_block_sum", "vg_block_max", "vg_tile_choose")
+# CUDA contraction schedule: "tiled" (implicit GEMM, vggen.cuda_schedule; the
+# simple one kept as <name>_simple) or "simple" (thread/block per output only)
+CUDA_CONTRACTIONS = ("tiled", "simple")
+CUDA_CONTRACTION = "tiled"
+CUDA_SIMPLE_SUFFIX = "_simple"
 
 
 @dataclass
@@ -65,7 +78,13 @@ class GeneratedKernel:
 
     ir: Kernel
     target: str
-    text: str                      # the kernel's own code (comment + function)
+    text: str                      # the kernel's own code (comment + function; a tiled one's fallback too)
+    tiled: TiledGemm | None = None  # CUDA: run as a tiled GEMM (its simple schedule is ``fallback``)
+
+    @property
+    def fallback(self) -> str | None:
+        """The name of the simple-schedule copy of a tiled CUDA kernel."""
+        return self.ir.name + CUDA_SIMPLE_SUFFIX if self.tiled is not None else None
 
     @property
     def name(self) -> str:
@@ -107,33 +126,58 @@ def comment(kernel: Kernel) -> list[str]:
     return lines
 
 
-def render_kernel(kernel: Kernel, target: str, env: jinja2.Environment | None = None) -> str:
+def render_kernel(kernel: Kernel, target: str, env: jinja2.Environment | None = None,
+                  tiled: TiledGemm | None = None) -> str:
+    """One kernel's code; with ``tiled`` (CUDA) the tiled GEMM under the
+    kernel's name, then the simple schedule as ``<name>_simple``."""
     env = env or environment()
+    if tiled is not None:
+        simple = dataclasses.replace(kernel, name=kernel.name + CUDA_SIMPLE_SUFFIX)
+        p = PRINTERS[target](kernel.tensors, {**kernel.ranges(), **tiled.ranges()})
+        text = env.get_template("cuda/contraction_tiled.cu.j2").render(k=kernel, g=tiled, p=p, comment=comment(kernel))
+        return _tidy(text) + render_kernel(simple, target, env)      # no empty line inside a kernel's text
     template = env.get_template(f"{target}/{kernel.cls.value}.{_EXT[target]}.j2")
     text = template.render(k=kernel, p=printer(kernel, target), comment=comment(kernel))
+    return _tidy(text)
+
+
+def _tidy(text: str) -> str:
     # macros leave empty lines where their blocks end; a kernel has no intended one
     return "\n".join(line.rstrip() for line in text.splitlines() if line.strip()) + "\n"
 
 
-def generate(layers, target: str, specialise: dict | None = None) -> tuple[str, list[GeneratedKernel]]:
+def cuda_tiled(kernel: Kernel, cuda_contraction: str = CUDA_CONTRACTION) -> TiledGemm | None:
+    """The tiled schedule of a CUDA kernel, or None where it runs the simple one."""
+    if cuda_contraction not in CUDA_CONTRACTIONS:
+        raise ValueError(f"cuda_contraction must be one of {CUDA_CONTRACTIONS}, not {cuda_contraction!r}")
+    if cuda_contraction != "tiled" or kernel.cls is not KernelClass.CONTRACTION:
+        return None
+    return tiled_gemm(kernel)
+
+
+def generate(layers, target: str, specialise: dict | None = None, *,
+             cuda_contraction: str = CUDA_CONTRACTION) -> tuple[str, list[GeneratedKernel]]:
     """Forward and backward kernels of ``layers`` for ``target`` ("c" or "cuda"):
     the source file's text and each kernel with its own text."""
     specialise = VGG_SPECIALISE if specialise is None else specialise
-    return render(lower_network(list(layers), specialise), target)
+    return render(lower_network(list(layers), specialise), target, cuda_contraction=cuda_contraction)
 
 
-def render(kernels: list[Kernel], target: str, env: jinja2.Environment | None = None
-           ) -> tuple[str, list[GeneratedKernel]]:
+def render(kernels: list[Kernel], target: str, env: jinja2.Environment | None = None, *,
+           cuda_contraction: str = CUDA_CONTRACTION) -> tuple[str, list[GeneratedKernel]]:
     """One source file for ``target`` holding ``kernels`` (already lowered)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
     env = env or environment()
-    out = [GeneratedKernel(k, target, render_kernel(k, target, env)) for k in kernels]
+    out = []
+    for k in kernels:
+        tiled = cuda_tiled(k, cuda_contraction) if target == "cuda" else None
+        out.append(GeneratedKernel(k, target, render_kernel(k, target, env, tiled), tiled))
     what = ", ".join(dict.fromkeys(k.layer for k in kernels))
     # only the helpers the kernels call (an unused static function is a warning)
     used = {h for h in _HELPERS if any(f"{h}(" in g.text for g in out)}
     text = env.get_template(f"{target}/file.{_EXT[target]}.j2").render(
-        kernels=[g.text for g in out], what=what, threads=CUDA_THREADS, used=used)
+        kernels=[g.text for g in out], what=what, threads=CUDA_THREADS, used=used, tiled=cuda_schedule)
     return text, out
 
 
@@ -166,20 +210,26 @@ def _signature(kernel: Kernel) -> list[dict]:
     return out
 
 
-def _launch(kernel: Kernel) -> dict:
+def _launch(kernel: Kernel, tiled: TiledGemm | None = None) -> dict:
     """CUDA launch shape: blockDim.x = threads (1-D blocks); gridDim.x from the
     sizes (a Python expression in the size names).  "thread" kernels take one
     thread per output element, "block" kernels one block per element
     (``parallel``: the output extents); all stride over the grid, so a capped
-    grid is also correct."""
+    grid is also correct.  "tiled" kernels (``tiled``) take a fixed grid
+    (the blocks resident at once, ``grid_any``: any grid.x ≥ 1 is correct)
+    and pick their tile configuration and k-splits themselves
+    (vggen.cuda_schedule.launch adds what they need)."""
     total = sp.Mul(*[lp.extent for lp in kernel.parallel])
     if kernel.schedule.cuda == "block":
         grid = str(total)
     else:
         grid = f"({total} + {CUDA_THREADS - 1}) // {CUDA_THREADS}"
-    return {"mode": kernel.schedule.cuda, "threads": CUDA_THREADS, "block": [CUDA_THREADS, 1, 1],
-            "grid": [grid, "1", "1"], "parallel": [str(lp.extent) for lp in kernel.parallel],
-            "elements": str(total), "dynamic_shared_bytes": 0}
+    out = {"mode": kernel.schedule.cuda, "threads": CUDA_THREADS, "block": [CUDA_THREADS, 1, 1],
+           "grid": [grid, "1", "1"], "parallel": [str(lp.extent) for lp in kernel.parallel],
+           "elements": str(total), "dynamic_shared_bytes": 0}
+    if tiled is not None:
+        out.update(cuda_schedule.launch(tiled, kernel.name))
+    return out
 
 
 def manifest_entry(g: GeneratedKernel, file: str) -> dict:
@@ -194,7 +244,12 @@ def manifest_entry(g: GeneratedKernel, file: str) -> dict:
         "sha256": g.sha256,
     }
     if g.target == "cuda":
-        entry["launch"] = _launch(k)
+        entry["launch"] = _launch(k, g.tiled)
+        if k.cls is KernelClass.CONTRACTION:
+            entry["cuda_contraction"] = "tiled" if g.tiled is not None else "simple"
+        if g.tiled is not None:
+            # the same signature and arguments, the thread/block schedule (no workspace)
+            entry["fallback"] = {"name": g.fallback, "launch": _launch(k)}
     else:
         entry["schedule"] = {"vector_loop": str(k.schedule.vector), "row_accumulator": k.schedule.row,
                              "interior_split": k.schedule.c_region is not None}
@@ -211,7 +266,8 @@ _CONVENTION = ("arguments: pointers to the tensors read (sorted by name), then t
 # --------------------------------------------------------------------------- build
 
 
-def outputs(layers=None, specialise: dict | None = None) -> dict[str, str]:
+def outputs(layers=None, specialise: dict | None = None, *,
+            cuda_contraction: str = CUDA_CONTRACTION) -> dict[str, str]:
     """Every file ``build`` writes: path relative to the output dir → text."""
     from .layers import vgg_layers
 
@@ -229,13 +285,15 @@ def outputs(layers=None, specialise: dict | None = None) -> dict[str, str]:
         path = f"cuda/{layer_slug(layer.name)}.cu"
         if path in files:
             raise ValueError(f"two layers would write {path}")
-        cu_text, cu_kernels = render([k for k in kernels if k.layer == layer.name], "cuda", env)
+        cu_text, cu_kernels = render([k for k in kernels if k.layer == layer.name], "cuda", env,
+                                     cuda_contraction=cuda_contraction)
         files[path] = cu_text
         entries += [manifest_entry(g, path) for g in cu_kernels]
     manifest = {
         "generator": "vggen.codegen", "version": MANIFEST_VERSION, "convention": _CONVENTION,
         "specialise": {str(k): v for k, v in specialise.items()},
         "cuda_threads": CUDA_THREADS,
+        "cuda_contraction": cuda_contraction,
         "files": {path: hashlib.sha256(text.encode()).hexdigest() for path, text in files.items()},
         "kernels": entries,
     }
@@ -269,17 +327,18 @@ def _atomic_write(path: Path, data: bytes):
         raise
 
 
-def build(out_dir="generated", check: bool = False) -> list[Path]:
+def build(out_dir="generated", check: bool = False, *, cuda_contraction: str = CUDA_CONTRACTION) -> list[Path]:
     """Write the VGG kernels and manifest under ``out_dir``; returns every path
     of the build (files whose bytes are already right are left untouched;
     leftover kernel files of ours are removed).
 
     ``check=True`` writes nothing and returns the stale paths instead: files
     missing, differing from what a build would write, or left over.  Empty
-    means up to date.
+    means up to date.  ``cuda_contraction``: see ``CUDA_CONTRACTION``.
     """
     out = Path(out_dir)
-    files = {out / rel: text.encode() for rel, text in outputs().items()}
+    options = {} if cuda_contraction == CUDA_CONTRACTION else {"cuda_contraction": cuda_contraction}
+    files = {out / rel: text.encode() for rel, text in outputs(**options).items()}
     if check:
         leftovers = [f for f in _ours(out) if f not in files]
         stale = [p for p, data in files.items() if not p.is_file() or p.read_bytes() != data]
@@ -349,13 +408,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vggen.codegen", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="generated", help="output directory (default: generated)")
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if any file is stale")
+    ap.add_argument("--cuda-contraction", choices=CUDA_CONTRACTIONS, default=CUDA_CONTRACTION,
+                    help="CUDA contraction schedule (default: %(default)s; tiled keeps <name>_simple beside)")
     args = ap.parse_args(argv)
     if args.check:
-        stale = build(args.out, check=True)
+        stale = build(args.out, check=True, cuda_contraction=args.cuda_contraction)
         for p in stale:
             print(f"stale: {p}")
         return 1 if stale else 0
-    for p in build(args.out):
+    for p in build(args.out, cuda_contraction=args.cuda_contraction):
         print(p)
     return 0
 

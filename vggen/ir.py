@@ -22,7 +22,9 @@ Staged like pystencils 2.0 / Devito, each stage a function below:
    ``window_argmax`` kernel whose selection is the maximum itself.
 5. **classify / schedule**  ``KernelClass`` picks the template; ``Schedule``
    records the loop decisions the templates follow (C's vector loop and its
-   interior/boundary split, CUDA's thread- or block-per-element mapping).
+   interior/boundary split, CUDA's thread- or block-per-element mapping), and
+   for a contraction that is a matrix product its ``Gemm`` form (C runs it
+   as packed blocks and a register-tiled micro-kernel).
 
 Kernel signature convention (the runtimes rely on it)
 -----------------------------------------------------
@@ -128,6 +130,9 @@ class Reduction:
     positions: list[tuple[int, sp.Expr]] = field(default_factory=list)
     best: sp.Symbol | None = None
     contraction: bool = False          # Σ of a product of two operands (see _is_contraction)
+    # a contraction's Σ as written, before its constant window is unrolled (for its GEMM form):
+    limits: list[Loop] = field(default_factory=list)   # every loop of the Σ, window included, in order
+    term: sp.Expr | None = None                        # the summand, range guards explicit over ``limits``
 
 
 @dataclass
@@ -173,6 +178,177 @@ class Region:
     interior: sp.Expr
 
 
+# Flat indices of a GEMM's three matrix dims, and the start of a run of its
+# packing loops' innermost variable (C locals of the contraction template).
+GEMM_FLAT = {d: sp.Symbol(f"vg_{d}", integer=True) for d in "mnk"}
+GEMM_RUN = sp.Symbol("vg_run", integer=True)
+
+
+@dataclass
+class Gemm:
+    """A contraction as the matrix product ``C[m, n] = Σ_k A[m, k]·B[k, n]`` (C's schedule).
+
+    ``m`` / ``n``: the output loops only the first / only the second operand
+    reads, in the output's order (``n`` holds the output's last index);
+    ``k``: every loop of the Σ, its constant window included, in the Σ's
+    order (with ``inner``, the vector loop last).  Each list is flattened
+    row-major into one matrix dim (``size``, ``flat``, ``unflat``).
+
+    ``a`` / ``b``: the operands' elements, each its read with the range
+    guards that read only its own loops (``a`` also carries any constant
+    coefficient); ``a_region`` hoists A's guards out of the innermost loop
+    its packing runs along (k's last), ``b_region`` / ``b_region_k`` B's out
+    of n's last / k's last.  Packing runs along n (``outer``: A broadcast
+    against rows of B and C) or, where ``inner``, may run along k instead:
+    both operands are then packed k-contiguous and the micro-kernel reduces
+    along k (conv ∂L/∂w and Linear ∂L/∂x, which reduce along a contiguous
+    index; their k holds that index last).
+    """
+
+    m: list[Loop]
+    n: list[Loop]
+    k: list[Loop]
+    a: sp.Expr
+    b: sp.Expr
+    inner: bool
+    a_region: Region | None = None
+    b_region: Region | None = None
+    b_region_k: Region | None = None
+
+    def loops(self, dim: str) -> list[Loop]:
+        return {"m": self.m, "n": self.n, "k": self.k}[dim]
+
+    def size(self, dim: str) -> sp.Expr:
+        """The matrix dim's extent: the product of its loops' extents."""
+        return sp.Mul(*[lp.extent for lp in self.loops(dim)])
+
+    def _strides(self, dim: str) -> list[sp.Expr]:
+        loops = self.loops(dim)
+        return [sp.Mul(*[lp.extent for lp in loops[q + 1:]]) for q in range(len(loops))]
+
+    def flat(self, dim: str) -> sp.Expr:
+        """The flat index from the loop variables (row-major)."""
+        return sp.Add(*[(lp.var - lp.first) * st for lp, st in zip(self.loops(dim), self._strides(dim))])
+
+    def unflat(self, dim: str) -> list[tuple[sp.Symbol, sp.Expr]]:
+        """Each loop variable from the flat index ``GEMM_FLAT[dim]``."""
+        f = GEMM_FLAT[dim]
+        loops = self.loops(dim)
+        out = []
+        for q, (lp, st) in enumerate(zip(loops, self._strides(dim))):
+            e = sp.floor(f / st) if st != 1 else f
+            if q > 0:
+                e = sp.Mod(e, lp.extent)
+            out.append((lp.var, e + lp.first))
+        return out
+
+    def merge(self, dim: str, exprs, tensors: dict) -> int:
+        """How many innermost loops of ``dim`` one run of its last variable may
+        span, for code that evaluates ``exprs`` along it: the loops whose
+        variables occur in ``exprs`` only inside accesses whose flat offset
+        steps evenly across them (the outer loop's coefficient is the inner
+        one's times the inner extent), so that running the last variable on
+        past its extent reaches the same elements.  1: the last loop alone."""
+        loops = self.loops(dim)
+        exprs = [sp.sympify(e) for e in exprs]
+        accesses = set().union(*[e.atoms(sp.Indexed) for e in exprs])
+        outside = set().union(*[e.xreplace({a: sp.Dummy() for a in accesses}).free_symbols for e in exprs])
+        offsets = [_flat_offset(a, tensors[str(a.base.label)]) for a in accesses]
+        count = 1
+        for q in range(len(loops) - 1, 0, -1):
+            inner, outer = loops[q], loops[q - 1]
+            if {inner.var, outer.var} & outside:
+                break
+            ok = True
+            for off in offsets:
+                poly = off.as_poly(inner.var, outer.var) if off.is_polynomial(inner.var, outer.var) else None
+                if poly is None or poly.total_degree() > 1:
+                    ok = False
+                    break
+                ci, co = off.coeff(inner.var), off.coeff(outer.var)
+                if ci.has(inner.var, outer.var) or co.has(inner.var, outer.var) \
+                        or sp.expand(co - ci * inner.extent) != 0:
+                    ok = False
+                    break
+            if not ok:
+                break
+            count += 1
+        return count
+
+    def run_left(self, dim: str, count: int) -> sp.Expr:
+        """How many values a run starting at the current loop variables (the
+        last one as ``GEMM_RUN``) has left in its ``count`` merged loops."""
+        loops = self.loops(dim)[-count:]
+        left = sp.Mul(*[lp.extent for lp in loops])
+        for q, lp in enumerate(loops):
+            var = GEMM_RUN if q == len(loops) - 1 else lp.var
+            left -= (var - lp.first) * sp.Mul(*[l2.extent for l2 in loops[q + 1:]])
+        return sp.expand(left)
+
+    def extent(self, dim: str, count: int) -> sp.Expr:
+        """The extent of the last ``count`` loops of ``dim`` together."""
+        return sp.Mul(*[lp.extent for lp in self.loops(dim)[-count:]])
+
+    def table_aliases(self, dim: str) -> dict:
+        """Each loop variable of ``dim`` printed as its column table's entry at
+        ``vg_q`` (a block's columns, for runs too short to pack along)."""
+        return {lp.var: f"vg_t_{lp.var}[vg_q]" for lp in self.loops(dim)}
+
+    def segment(self, operand: str, dim: str, tensors: dict) -> tuple:
+        """An operand along a run of ``dim`` merged for its read (``merge``):
+        (its read at the run's start, the last variable at ``GEMM_RUN``; its
+        element at ``vg_t`` along the run, the read as ``vg_src[vg_t·stride]``
+        (``segment_aliases``) and the guards reading each column's indices
+        from ``vg_s_<variable>``, the tables from the run on; those variables;
+        the read's stride along the run).  Loads from ``vg_src`` at a
+        constant stride (contiguous, in a conv) let the compiler vectorise
+        the guards as masks."""
+        e = getattr(self, operand)
+        (read,) = e.atoms(sp.Indexed)
+        run = self.loops(dim)[-1].var
+        stride = _flat_offset(read, tensors[str(read.base.label)]).coeff(run)
+        start = read.xreplace({run: GEMM_RUN})
+        stand = {lp.var: sp.Symbol(f"vg_s_{lp.var.name}", integer=True) for lp in self.loops(dim)}
+        if isinstance(e, sp.Piecewise):
+            (val, cond), rest = e.args[0], e.args[1:]
+            e = sp.Piecewise((val, cond.xreplace(stand)), *[(v, c) for v, c in rest])
+        e = e.xreplace({read: _SRC})
+        used = [lp.var for lp in self.loops(dim) if stand[lp.var] in e.free_symbols]
+        return start, e, used, stride
+
+    def segment_aliases(self, dim: str, stride: str) -> dict:
+        """How ``segment``'s element prints its read (``stride`` printed) and
+        table entries."""
+        out = {_SRC: "vg_src[vg_t]" if stride == "1" else f"vg_src[(size_t)vg_t * ({stride})]"}
+        out.update({sp.Symbol(f"vg_s_{lp.var.name}", integer=True): f"vg_s_{lp.var.name}[vg_t]"
+                    for lp in self.loops(dim)})
+        return out
+
+    def read(self, operand: str) -> sp.Expr:
+        """The operand without its guards (what a run of it loads)."""
+        e = getattr(self, operand)
+        return e.args[0][0] if isinstance(e, sp.Piecewise) else e
+
+    def run(self, operand: str, inner: bool = False) -> Loop:
+        """The innermost loop an operand's packing runs along: k's last, but
+        n's last for B in the outer form."""
+        return self.k[-1] if operand == "a" or inner else self.n[-1]
+
+    def text(self, operand: str) -> str:
+        """An operand's element in words, for the kernel's comments."""
+        e = getattr(self, operand)
+        if isinstance(e, sp.Piecewise):
+            val, cond = e.args[0]
+            conds = ", ".join(f"{sp.expand(_nonneg(c))} >= 0" if _nonneg(c) is not None else str(c)
+                              for c in _conjuncts(cond))
+            return f"{val} where {conds}, else 0"
+        return str(e)
+
+    def ranges(self) -> dict:
+        """The flat indices' inclusive ranges (for the printers' proofs)."""
+        return {GEMM_FLAT[d]: (sp.Integer(0), sp.expand(self.size(d) - 1)) for d in "mnk"}
+
+
 @dataclass
 class Schedule:
     """Loop decisions the templates follow.
@@ -181,6 +357,9 @@ class Schedule:
     a contraction either accumulates a row of outputs along the last
     parallel dim (``row``) or reduces along its last reduction dim; its
     ``c_region`` hoists the range guards out of the vector loop's interior.
+    Where the contraction is a matrix product (``gemm``), C runs it as one
+    instead: packed operand blocks and a register-tiled micro-kernel
+    (contraction.c.j2); the row/reduce loops are the fallback.
     CUDA: ``cuda`` is "thread" (one thread per output element, threadIdx.x
     along the last dim) or "block" (one block per output element, a
     shared-memory tree reduction over the reduction domain); ``cuda_region``
@@ -192,6 +371,7 @@ class Schedule:
     cuda: str
     c_region: Region | None = None
     cuda_region: Region | None = None
+    gemm: Gemm | None = None
 
 
 @dataclass(frozen=True)
@@ -286,8 +466,14 @@ class Kernel:
         return out
 
     def ranges(self) -> dict:
-        """Inclusive range of every loop variable (for the printers' proofs)."""
-        return {lp.var: (lp.first, lp.last) for lp in self.loops()}
+        """Inclusive range of every loop variable (for the printers' proofs),
+        with a matrix product's window loops and flat indices."""
+        out = {lp.var: (lp.first, lp.last) for lp in self.loops()}
+        g = self.schedule.gemm
+        if g is not None:
+            out.update({lp.var: (lp.first, lp.last) for lp in g.k})
+            out.update(g.ranges())
+        return out
 
     def _size_symbols(self) -> set:
         out = set()
@@ -295,6 +481,17 @@ class Kernel:
             for e in t.shape + t.lower:
                 out |= e.free_symbols
         return out
+
+
+_SRC = sp.Symbol("vg_src", real=True)      # a packing run's read, at its position along the run
+
+
+def _flat_offset(acc: sp.Indexed, t) -> sp.Expr:
+    """The row-major element offset an access reads (as the printers flatten it)."""
+    flat = sp.Integer(0)
+    for k, (ix, lo, n) in enumerate(zip(acc.indices, t.lower, t.shape)):
+        flat = (ix - lo) if k == 0 else flat * n + (ix - lo)
+    return sp.expand(flat)
 
 
 # --------------------------------------------------------------------------- 1. specialise
@@ -713,8 +910,13 @@ def _lower_stage(eq: Equation, layer: Layer, subs: dict, tensors: dict) -> Stage
         ranges = dict(par_ranges)
         ranges.update({lp.var: (lp.first, lp.last) for lp in loops})
         acc = sp.Symbol(f"acc_{t.name}{suffix}", real=True)
-        reductions.append(Reduction(op, acc, loops, _explicit_guards(body, ranges, tensors),
-                                    contraction=_is_contraction(node, lhs, tensors)))
+        red = Reduction(op, acc, loops, _explicit_guards(body, ranges, tensors),
+                        contraction=_is_contraction(node, lhs, tensors))
+        if red.contraction:
+            red.limits = [Loop(v, lo, hi) for v, lo, hi in lims]
+            ranges.update({lp.var: (lp.first, lp.last) for lp in red.limits})
+            red.term = _explicit_guards(_inline_windows(node.function), ranges, tensors)
+        reductions.append(red)
         replace[node] = acc
     value = _explicit_guards(_inline_windows(rhs.xreplace(replace)), par_ranges, tensors)
     local = sp.Symbol(f"v_{t.name}", integer=True) if t.dtype == "int" else sp.Symbol(f"v_{t.name}", real=True)
@@ -872,6 +1074,69 @@ def _split_region(body, hoist: set, var, loop: Loop | None, sizes: set) -> Regio
     return Region(var, sp.And(*outer), first, last, hoisted, interior)
 
 
+def _guarded_factors(e, conds: list, factors: list) -> bool:
+    """Split a summand into range-guard conjuncts and product factors
+    (``Piecewise((X, c), (0, True))·Y`` is X·Y under c); False where it is not
+    such a guarded product."""
+    if isinstance(e, sp.Piecewise):
+        if len(e.args) != 2 or e.args[1].cond is not sp.true or e.args[1].expr != 0:
+            return False
+        conds += _conjuncts(e.args[0].cond)
+        return _guarded_factors(e.args[0].expr, conds, factors)
+    if isinstance(e, sp.Mul):
+        return all(_guarded_factors(f, conds, factors) for f in e.args)
+    factors.append(e)
+    return True
+
+
+def _gemm(parallel: list[Loop], stage: Stage, r: Reduction, inner: bool, vec: sp.Symbol, sizes: set) -> Gemm | None:
+    """The contraction as a matrix product, or None where it is not one: an
+    index both operands read (a batch index), an output index neither reads,
+    a guard that reads both operands' output loops or tensor data."""
+    if not r.contraction or r.term is None:
+        return None
+    conds, factors = [], []
+    if not _guarded_factors(r.term, conds, factors) or any(c.atoms(sp.Indexed) for c in conds):
+        return None
+    loops = {lp.var for lp in parallel} | {lp.var for lp in r.limits}
+    reads = [f for f in factors if isinstance(f, sp.Indexed)]
+    coeff = [f for f in factors if not isinstance(f, sp.Indexed)]
+    if len(reads) != 2 or any(f.free_symbols & loops for f in coeff):
+        return None
+    used = [set().union(*[sp.sympify(ix).free_symbols for ix in a.indices]) & loops for a in reads]
+    out = [lp.var for lp in parallel]
+    if used[0] & used[1] & set(out) or not set(out) <= used[0] | used[1]:
+        return None
+    second = 0 if out[-1] in used[0] else 1            # B holds the output's last (contiguous) index
+    a_read, b_read = reads[1 - second], reads[second]
+    m = [lp for lp in parallel if lp.var in used[1 - second]]
+    n = [lp for lp in parallel if lp.var in used[second]]
+    k = list(r.limits)
+    if inner:
+        k = [lp for lp in k if lp.var != vec] + [lp for lp in k if lp.var == vec]
+    if not m or not n or not k:
+        return None
+    mk, nk = {lp.var for lp in m + k}, {lp.var for lp in n + k}
+    a_conds, b_conds = [], []
+    for c in conds:
+        free = c.free_symbols & loops
+        if free <= mk:
+            a_conds.append(c)
+        elif free <= nk:
+            b_conds.append(c)
+        else:
+            return None
+    a = sp.Mul(*coeff) * a_read
+    a = sp.Piecewise((a, sp.And(*a_conds)), (0, True)) if a_conds else a
+    b = sp.Piecewise((b_read, sp.And(*b_conds)), (0, True)) if b_conds else b_read
+    g = Gemm(m, n, k, a, b, inner)
+    g.a_region = _split_region(a, mk - {k[-1].var}, k[-1].var, k[-1], sizes)
+    g.b_region = _split_region(b, nk - {n[-1].var}, n[-1].var, n[-1], sizes)
+    if inner:
+        g.b_region_k = _split_region(b, nk - {k[-1].var}, k[-1].var, k[-1], sizes)
+    return g
+
+
 def _schedule(cls: KernelClass, parallel: list[Loop], stages: list[Stage], sizes: set) -> Schedule:
     reductions = [r for s in stages for r in s.reductions]
     cuda = _cuda_mode(parallel, reductions) if cls in (KernelClass.REDUCTION, KernelClass.ROW_SOFTMAX,
@@ -899,7 +1164,8 @@ def _schedule(cls: KernelClass, parallel: list[Loop], stages: list[Stage], sizes
     cuda_region = None
     if cuda == "thread":
         cuda_region = _split_region(r.body, {lp.var for lp in parallel}, None, None, sizes)
-    return Schedule(vec.var, mode == "row", cuda, c_region, cuda_region)
+    gemm = _gemm(parallel, stages[0], r, mode == "reduce", vec.var, sizes)
+    return Schedule(vec.var, mode == "row", cuda, c_region, cuda_region, gemm)
 
 
 # --------------------------------------------------------------------------- entry points

@@ -67,6 +67,11 @@ class CPrinter(C99CodePrinter):
                 out += f"\n{indent}+ {self.parenthesize(t, PRECEDENCE['Add'])}"
         return out
 
+    def aliased(self, aliases: dict) -> "CPrinter":
+        """This printer with more symbols printed as given text (e.g. an
+        accumulator read from a packed block)."""
+        return type(self)(self.tensors, self.ranges, {**self.aliases, **aliases})
+
     def param(self, arg: Arg, restrict: bool = True) -> str:
         """The C parameter declaration of one signature entry."""
         if arg.kind == "size":

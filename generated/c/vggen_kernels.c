@@ -4,84 +4,352 @@
 // written (sorted by name), then int sizes (sorted by name); row-major arrays.
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 static inline int vg_imin(int a, int b) { return a < b ? a : b; }
 static inline int vg_imax(int a, int b) { return a > b ? a : b; }
+
+// Matrix-product schedule of the contraction kernels (templates/c/contraction.c.j2,
+// _gemm.c.j2): C[m, n] = Σ_k A[m, k]·B[k, n], m, n, k each a flattened loop nest.
+//  * Outer form (tiles along n): register tiles of VG_MR × VG_NR outputs (vg_tile_outer);
+//    A packed once in panels of VG_MR rows; per thread, blocks of at most VG_NC n
+//    (at least one block per thread) and VG_KC k: B row-major, C accumulated over k.
+//  * Inner form (tiles reduced along k, where both operands are k-contiguous): tiles of
+//    VG_IM × VG_IN outputs with VG_VL k-lanes each (vg_tile_inner); A packed once, B in
+//    blocks of VG_INC rows by at most VG_IKC k; k cut into at most VG_SLICES slices
+//    (partial sums, added in order) when the output has fewer than VG_SMALL elements.
+//    A kernel that may take either form takes this one where k > VG_INNER·m (packing
+//    is then contiguous and a tile's lane sums are few against its k).
+//  * Packing runs along the innermost indices, merged where the read is contiguous
+//    across them (a conv's i and j); runs shorter than VG_RUN are gathered through
+//    tables of each column's indices instead.
+// Blocks depend on the sizes only, so results do not depend on the thread count.
+enum { VG_MR = 8, VG_NR = 32, VG_KC = 256, VG_NC = 512,
+       VG_IM = 4, VG_IN = 6, VG_VL = 16, VG_IKC = 1024, VG_INC = 96, VG_SLICES = 4, VG_SMALL = 1 << 16,
+       VG_RUN = 16, VG_INNER = 2 };
+
+// 64-byte aligned memory (a cache line, one AVX-512 vector) for packed blocks
+static void *vg_alloc(size_t bytes)
+{
+    void *p = aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+    if (!p)
+    {
+        fprintf(stderr, "vggen: out of memory (%zu bytes)\n", bytes);
+        abort();
+    }
+    return p;
+}
+
+static inline int vg_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// the size of the most equal blocks of at most most that cover total, rounded up to a multiple of unit
+static inline int vg_block(int total, int most, int unit)
+{
+    const int n = (total + most - 1) / most;
+    const int b = (total + n - 1) / n;
+    return (b + unit - 1) / unit * unit;
+}
+
+// C[VG_MR][VG_NR] at c (row stride ldc) = (add ? C : 0) + Σ_k a[k][mr]·b[k][nr], a a packed
+// panel (VG_MR values per k), b rows of a block (row stride ldb).  The accumulators live
+// in registers (the nr loop vectorises, the mr loop unrolls); k runs in order.
+static inline void vg_tile_outer(int kc, const float *restrict a, const float *restrict b, int ldb,
+                                 float *restrict c, int ldc, int add)
+{
+    float acc[VG_MR][VG_NR];
+    for (int mr = 0; mr < VG_MR; ++mr)
+    {
+        #pragma omp simd
+        for (int nr = 0; nr < VG_NR; ++nr)
+            acc[mr][nr] = add ? c[mr * ldc + nr] : 0.0f;
+    }
+    for (int k = 0; k < kc; ++k)
+    {
+        for (int mr = 0; mr < VG_MR; ++mr)
+        {
+            const float vg_a = a[k * VG_MR + mr];
+            #pragma omp simd
+            for (int nr = 0; nr < VG_NR; ++nr)
+                acc[mr][nr] += vg_a * b[(size_t)k * ldb + nr];
+        }
+    }
+    for (int mr = 0; mr < VG_MR; ++mr)
+    {
+        #pragma omp simd
+        for (int nr = 0; nr < VG_NR; ++nr)
+            c[mr * ldc + nr] = acc[mr][nr];
+    }
+}
+
+// C[VG_IM][VG_IN] at c (row stride ldc) = (add ? C : 0) + Σ_k a[im][k]·b[in][k], the rows
+// of a and b k-contiguous (strides lda, ldb), kc a multiple of VG_VL: VG_VL partial sums
+// per output in registers, k in order within each lane, lanes added pairwise at the end.
+static inline void vg_tile_inner(int kc, const float *restrict a, int lda, const float *restrict b, int ldb,
+                                 float *restrict c, int ldc, int add)
+{
+#if defined(__AVX512F__) && defined(__GNUC__)
+    // The same with AVX-512 registers (VG_VL = 16 lanes), the VG_IN vectors of b held
+    // in registers across the VG_IM rows of a: the empty asm keeps the compiler from
+    // re-reading them as memory operands, which would leave the loads the bottleneck.
+    __m512 acc[VG_IM][VG_IN];
+    for (int im = 0; im < VG_IM; ++im)
+        for (int in = 0; in < VG_IN; ++in)
+            acc[im][in] = _mm512_setzero_ps();
+    for (int k = 0; k < kc; k += VG_VL)
+    {
+        __m512 bv[VG_IN];
+        for (int in = 0; in < VG_IN; ++in)
+        {
+            bv[in] = _mm512_loadu_ps(b + (size_t)in * ldb + k);
+            __asm__("" : "+v"(bv[in]));
+        }
+        for (int im = 0; im < VG_IM; ++im)
+        {
+            const __m512 av = _mm512_loadu_ps(a + (size_t)im * lda + k);
+            for (int in = 0; in < VG_IN; ++in)
+                acc[im][in] = _mm512_fmadd_ps(av, bv[in], acc[im][in]);
+        }
+    }
+    for (int im = 0; im < VG_IM; ++im)
+        for (int in = 0; in < VG_IN; ++in)
+        {
+            const float s = _mm512_reduce_add_ps(acc[im][in]);
+            c[im * ldc + in] = add ? c[im * ldc + in] + s : s;
+        }
+#else
+    float acc[VG_IM][VG_IN][VG_VL];
+    #pragma GCC unroll 8
+    for (int im = 0; im < VG_IM; ++im)
+    {
+        #pragma GCC unroll 8
+        for (int in = 0; in < VG_IN; ++in)
+        {
+            #pragma omp simd
+            for (int l = 0; l < VG_VL; ++l)
+                acc[im][in][l] = 0.0f;
+        }
+    }
+    for (int k = 0; k < kc; k += VG_VL)
+    {
+        #pragma GCC unroll 8
+        for (int im = 0; im < VG_IM; ++im)
+        {
+            #pragma GCC unroll 8
+            for (int in = 0; in < VG_IN; ++in)
+            {
+                #pragma omp simd
+                for (int l = 0; l < VG_VL; ++l)
+                    acc[im][in][l] += a[im * lda + k + l] * b[in * ldb + k + l];
+            }
+        }
+    }
+    for (int im = 0; im < VG_IM; ++im)
+    {
+        for (int in = 0; in < VG_IN; ++in)
+        {
+            for (int w = VG_VL / 2; w > 0; w /= 2)
+            {
+                #pragma omp simd
+                for (int l = 0; l < w; ++l)
+                    acc[im][in][l] += acc[im][in][l + w];
+            }
+            c[im * ldc + in] = add ? c[im * ldc + in] + acc[im][in][0] : acc[im][in][0];
+        }
+    }
+#endif
+}
 
 // convolution2d_forward_y: contraction (Convolution2D, forward)
 //   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j], (ic, 0, IC - 1), (di, -K, K), (dj, -K, K))  (eq. 1)
 //   specialised: K=1
 void convolution2d_forward_y(const float *restrict w, const float *restrict x, float *restrict y, int B, int H, int IC, int OC, int W)
 {
-    #pragma omp parallel for collapse(3) schedule(static)
-    for (int b = 0; b < B; ++b)
-    for (int oc = 0; oc < OC; ++oc)
-    for (int i = 0; i < H; ++i)
+    // as C[m, n] = Σ_k A[m, k]·B[k, n] with
+    //   A[m, k] = w[oc, ic, di, dj]
+    //   B[k, n] = x[b, ic, di + i, dj + j] where di + i >= 0, dj + j >= 0, H - di - i - 1 >= 0, W - dj - j - 1 >= 0, else 0
+    const int vg_M = OC;    // m = (oc)
+    const int vg_N = B*H*W;    // n = (b, i, j)
+    const int vg_K = 9*IC;    // k = (ic, di, dj)
+    // tiles of C along n
     {
-        float acc_y[W];
-        #pragma omp simd
-        for (int j = 0; j < W; ++j)
-            acc_y[j] = 0.0f;
-        for (int ic = 0; ic < IC; ++ic)
+        const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+        const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+        const int vg_T = vg_threads();
+        const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
+        const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
+        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+        #pragma omp parallel
         {
-            const int vg_inside = i >= 1 && H - i >= 2;
-            const int vg_lo = vg_imin(1, W);
-            const int vg_hi = vg_imax(W - 1, vg_lo);
-            if (vg_inside)
+            // pack A once: panel m / VG_MR holds its VG_MR rows for each k
+            #pragma omp for schedule(static)
+            for (int vg_m = 0; vg_m < vg_MP * VG_MR; ++vg_m)
             {
-                for (int j = 0; j < vg_lo; ++j)
-                    acc_y[j] += ((H - i >= 2 && W - j >= 2) ? x[W*(H*(IC*b + ic) + i + 1) + j + 1] : 0)*w[9*IC*oc + 9*ic + 8]
-                            + ((j >= 1 && H - i >= 2) ? x[W*(H*(IC*b + ic) + i + 1) + j - 1] : 0)*w[9*IC*oc + 9*ic + 6]
-                            + ((H - i >= 2) ? x[W*(H*(IC*b + ic) + i + 1) + j] : 0)*w[9*IC*oc + 9*ic + 7]
-                            + ((i >= 1 && W - j >= 2) ? x[W*(H*(IC*b + ic) + i - 1) + j + 1] : 0)*w[9*IC*oc + 9*ic + 2]
-                            + ((i >= 1 && j >= 1) ? x[W*(H*(IC*b + ic) + i - 1) + j - 1] : 0)*w[9*IC*oc + 9*ic]
-                            + ((i >= 1) ? x[W*(H*(IC*b + ic) + i - 1) + j] : 0)*w[9*IC*oc + 9*ic + 1]
-                            + ((W - j >= 2) ? x[W*(H*(IC*b + ic) + i) + j + 1] : 0)*w[9*IC*oc + 9*ic + 5]
-                            + ((j >= 1) ? x[W*(H*(IC*b + ic) + i) + j - 1] : 0)*w[9*IC*oc + 9*ic + 3]
-                            + w[9*IC*oc + 9*ic + 4]*x[W*(H*(IC*b + ic) + i) + j];
-                #pragma omp simd
-                for (int j = vg_lo; j < vg_hi; ++j)
-                    acc_y[j] += w[9*IC*oc + 9*ic]*x[W*(H*(IC*b + ic) + i - 1) + j - 1]
-                            + w[9*IC*oc + 9*ic + 1]*x[W*(H*(IC*b + ic) + i - 1) + j]
-                            + w[9*IC*oc + 9*ic + 2]*x[W*(H*(IC*b + ic) + i - 1) + j + 1]
-                            + w[9*IC*oc + 9*ic + 3]*x[W*(H*(IC*b + ic) + i) + j - 1]
-                            + w[9*IC*oc + 9*ic + 4]*x[W*(H*(IC*b + ic) + i) + j]
-                            + w[9*IC*oc + 9*ic + 5]*x[W*(H*(IC*b + ic) + i) + j + 1]
-                            + w[9*IC*oc + 9*ic + 6]*x[W*(H*(IC*b + ic) + i + 1) + j - 1]
-                            + w[9*IC*oc + 9*ic + 7]*x[W*(H*(IC*b + ic) + i + 1) + j]
-                            + w[9*IC*oc + 9*ic + 8]*x[W*(H*(IC*b + ic) + i + 1) + j + 1];
-                for (int j = vg_hi; j < W; ++j)
-                    acc_y[j] += ((H - i >= 2 && W - j >= 2) ? x[W*(H*(IC*b + ic) + i + 1) + j + 1] : 0)*w[9*IC*oc + 9*ic + 8]
-                            + ((j >= 1 && H - i >= 2) ? x[W*(H*(IC*b + ic) + i + 1) + j - 1] : 0)*w[9*IC*oc + 9*ic + 6]
-                            + ((H - i >= 2) ? x[W*(H*(IC*b + ic) + i + 1) + j] : 0)*w[9*IC*oc + 9*ic + 7]
-                            + ((i >= 1 && W - j >= 2) ? x[W*(H*(IC*b + ic) + i - 1) + j + 1] : 0)*w[9*IC*oc + 9*ic + 2]
-                            + ((i >= 1 && j >= 1) ? x[W*(H*(IC*b + ic) + i - 1) + j - 1] : 0)*w[9*IC*oc + 9*ic]
-                            + ((i >= 1) ? x[W*(H*(IC*b + ic) + i - 1) + j] : 0)*w[9*IC*oc + 9*ic + 1]
-                            + ((W - j >= 2) ? x[W*(H*(IC*b + ic) + i) + j + 1] : 0)*w[9*IC*oc + 9*ic + 5]
-                            + ((j >= 1) ? x[W*(H*(IC*b + ic) + i) + j - 1] : 0)*w[9*IC*oc + 9*ic + 3]
-                            + w[9*IC*oc + 9*ic + 4]*x[W*(H*(IC*b + ic) + i) + j];
+                float *vg_d = vg_a + (size_t)(vg_m / VG_MR) * VG_MR * vg_K + vg_m % VG_MR;
+                if (vg_m >= vg_M)
+                {
+                    for (int vg_k = 0; vg_k < vg_K; ++vg_k)
+                        vg_d[(size_t)VG_MR * vg_k] = 0.0f;
+                    continue;
+                }
+                const int oc = vg_m;
+                {
+                    int vg_k = 0;
+                    int ic = ((vg_k)/9);
+                    int di = ((((vg_k)/3)) % 3) - 1;
+                    int vg_run = ((vg_k) % 3) - 1;
+                    while (vg_k < vg_K)
+                    {
+                        const int vg_left = 9*IC - 3*di - 9*ic - vg_run - 4;
+                        const int vg_len = vg_imin(vg_left, vg_K - vg_k);
+                        #pragma omp simd
+                        for (int dj = vg_run; dj < vg_run + vg_len; ++dj)
+                            vg_d[(size_t)VG_MR * (vg_k + dj - vg_run)] = w[9*IC*oc + 3*di + dj + 9*ic + 4];
+                        vg_k += vg_len;
+                        if (vg_len < vg_left)
+                            vg_run += vg_len;
+                        else
+                        {
+                            vg_run = -1;
+                            ic = 0;
+                            di = -1;
+                        }
+                    }
+                }
             }
-            else
+            float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
+            float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
+            int *vg_t_b = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' b
+            int *vg_t_i = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' i
+            int *vg_t_j = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' j
+            #pragma omp for schedule(static)
+            for (int vg_nb = 0; vg_nb < vg_nblocks; ++vg_nb)
             {
-                #pragma omp simd
-                for (int j = 0; j < W; ++j)
-                    acc_y[j] += ((H - i >= 2 && W - j >= 2) ? x[W*(H*(IC*b + ic) + i + 1) + j + 1] : 0)*w[9*IC*oc + 9*ic + 8]
-                            + ((j >= 1 && H - i >= 2) ? x[W*(H*(IC*b + ic) + i + 1) + j - 1] : 0)*w[9*IC*oc + 9*ic + 6]
-                            + ((H - i >= 2) ? x[W*(H*(IC*b + ic) + i + 1) + j] : 0)*w[9*IC*oc + 9*ic + 7]
-                            + ((i >= 1 && W - j >= 2) ? x[W*(H*(IC*b + ic) + i - 1) + j + 1] : 0)*w[9*IC*oc + 9*ic + 2]
-                            + ((i >= 1 && j >= 1) ? x[W*(H*(IC*b + ic) + i - 1) + j - 1] : 0)*w[9*IC*oc + 9*ic]
-                            + ((i >= 1) ? x[W*(H*(IC*b + ic) + i - 1) + j] : 0)*w[9*IC*oc + 9*ic + 1]
-                            + ((W - j >= 2) ? x[W*(H*(IC*b + ic) + i) + j + 1] : 0)*w[9*IC*oc + 9*ic + 5]
-                            + ((j >= 1) ? x[W*(H*(IC*b + ic) + i) + j - 1] : 0)*w[9*IC*oc + 9*ic + 3]
-                            + w[9*IC*oc + 9*ic + 4]*x[W*(H*(IC*b + ic) + i) + j];
+                const int vg_n0 = vg_nb * vg_NC;
+                const int vg_n1 = vg_imin(vg_n0 + vg_NC, vg_N);
+                const int vg_NP = (vg_n1 - vg_n0 + VG_NR - 1) / VG_NR;
+                {
+                    const int vg_n = vg_n0;
+                    int b = ((vg_n)/(H*W));
+                    int i = ((((vg_n)/W)) % H);
+                    int j = ((vg_n) % W);
+                    for (int vg_q = 0; vg_q < vg_n1 - vg_n0; ++vg_q)
+                    {
+                        vg_t_b[vg_q] = b;
+                        vg_t_i[vg_q] = i;
+                        vg_t_j[vg_q] = j;
+                        ++j;
+                        if (j == W) { j = 0; ++i; }
+                        if (i == H) { i = 0; ++b; }
+                    }
+                }
+                for (int vg_k0 = 0; vg_k0 < vg_K; vg_k0 += vg_KC)
+                {
+                    const int vg_kc = vg_imin(vg_KC, vg_K - vg_k0);
+                    // pack B for k in [k0, k0 + kc), n in [n0, n1): row k - k0, zero past n1
+                    for (int vg_k = vg_k0; vg_k < vg_k0 + vg_kc; ++vg_k)
+                    {
+                        const int ic = ((vg_k)/9);
+                        const int di = ((((vg_k)/3)) % 3) - 1;
+                        const int dj = ((vg_k) % 3) - 1;
+                        float *vg_d = vg_b + (size_t)(vg_k - vg_k0) * vg_NC;
+                        if (H*W >= VG_RUN)
+                        {
+                            int vg_n = vg_n0;
+                            int b = ((vg_n)/(H*W));
+                            int i = ((((vg_n)/W)) % H);
+                            int vg_run = ((vg_n) % W);
+                            while (vg_n < vg_n1)
+                            {
+                                const int vg_left = H*W - W*i - vg_run;
+                                const int vg_len = vg_imin(vg_left, vg_n1 - vg_n);
+                                const float *vg_src = &x[W*(H*(IC*b + ic) + di + i) + dj + vg_run];
+                                float *vg_dst = vg_d + (vg_n - vg_n0);
+                                const int *vg_s_i = vg_t_i + (vg_n - vg_n0);
+                                const int *vg_s_j = vg_t_j + (vg_n - vg_n0);
+                                #pragma omp simd
+                                for (int vg_t = 0; vg_t < vg_len; ++vg_t)
+                                    vg_dst[vg_t] = ((di + vg_s_i[vg_t] >= 0 && dj + vg_s_j[vg_t] >= 0 && -H + di + vg_s_i[vg_t] <= -1 && -W + dj + vg_s_j[vg_t] <= -1) ? vg_src[vg_t] : 0);
+                                vg_n += vg_len;
+                                if (vg_len < vg_left)
+                                    vg_run += vg_len;
+                                else
+                                {
+                                    vg_run = 0;
+                                    i = 0;
+                                    ++b;
+                                }
+                            }
+                        }
+                        else
+                        {
+                            #pragma omp simd
+                            for (int vg_q = 0; vg_q < vg_n1 - vg_n0; ++vg_q)
+                                vg_d[vg_q] = ((di + vg_t_i[vg_q] >= 0 && dj + vg_t_j[vg_q] >= 0 && -H + di + vg_t_i[vg_q] <= -1 && -W + dj + vg_t_j[vg_q] <= -1) ? x[W*(H*(IC*vg_t_b[vg_q] + ic) + di + vg_t_i[vg_q]) + dj + vg_t_j[vg_q]] : 0);
+                        }
+                        for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
+                            vg_d[vg_q] = 0.0f;
+                    }
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time
+                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                            vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
+                                          vg_b + vg_np * VG_NR, vg_NC,
+                                          vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+                }
+                // the output from C, for n in [n0, n1)
+                for (int vg_m = 0; vg_m < vg_M; ++vg_m)
+                {
+                    const int oc = vg_m;
+                    const float *vg_s = vg_c + (size_t)vg_m * vg_NC;
+                    {
+                        int vg_n = vg_n0;
+                        int b = ((vg_n)/(H*W));
+                        int i = ((((vg_n)/W)) % H);
+                        int vg_run = ((vg_n) % W);
+                        while (vg_n < vg_n1)
+                        {
+                            const int vg_left = H*W - W*i - vg_run;
+                            const int vg_len = vg_imin(vg_left, vg_n1 - vg_n);
+                            #pragma omp simd
+                            for (int j = vg_run; j < vg_run + vg_len; ++j)
+                            {
+                                const float v_y = vg_s[vg_n - vg_n0 + j - vg_run];
+                                y[W*(H*(OC*b + oc) + i) + j] = v_y;
+                            }
+                            vg_n += vg_len;
+                            if (vg_len < vg_left)
+                                vg_run += vg_len;
+                            else
+                            {
+                                vg_run = 0;
+                                i = 0;
+                                ++b;
+                            }
+                        }
+                    }
+                }
             }
+            free(vg_t_b);
+            free(vg_t_i);
+            free(vg_t_j);
+            free(vg_b);
+            free(vg_c);
         }
-        #pragma omp simd
-        for (int j = 0; j < W; ++j)
-        {
-            const float v_y = acc_y[j];
-            y[W*(H*(OC*b + oc) + i) + j] = v_y;
-        }
+        free(vg_a);
     }
 }
 
@@ -90,75 +358,178 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
 //   specialised: K=1
 void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict w, float *restrict g_x, int B, int H, int IC, int OC, int W)
 {
-    #pragma omp parallel for collapse(3) schedule(static)
-    for (int b = 0; b < B; ++b)
-    for (int ic = 0; ic < IC; ++ic)
-    for (int i = 0; i < H; ++i)
+    // as C[m, n] = Σ_k A[m, k]·B[k, n] with
+    //   A[m, k] = w[oc, ic, di, dj]
+    //   B[k, n] = g_y[b, oc, -di + i, -dj + j] where -di + i >= 0, -dj + j >= 0, H + di - i - 1 >= 0, W + dj - j - 1 >= 0, else 0
+    const int vg_M = IC;    // m = (ic)
+    const int vg_N = B*H*W;    // n = (b, i, j)
+    const int vg_K = 9*OC;    // k = (oc, di, dj)
+    // tiles of C along n
     {
-        float acc_g_x[W];
-        #pragma omp simd
-        for (int j = 0; j < W; ++j)
-            acc_g_x[j] = 0.0f;
-        for (int oc = 0; oc < OC; ++oc)
+        const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+        const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+        const int vg_T = vg_threads();
+        const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
+        const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
+        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+        #pragma omp parallel
         {
-            const int vg_inside = H >= i + 2 && i >= 1;
-            const int vg_lo = vg_imin(1, W);
-            const int vg_hi = vg_imax(W - 1, vg_lo);
-            if (vg_inside)
+            // pack A once: panel m / VG_MR holds its VG_MR rows for each k
+            #pragma omp for schedule(static)
+            for (int vg_m = 0; vg_m < vg_MP * VG_MR; ++vg_m)
             {
-                for (int j = 0; j < vg_lo; ++j)
-                    acc_g_x[j] += ((H >= i + 2 && W >= j + 2) ? (g_y[W*(H*(OC*b + oc) + i + 1) + j + 1]*w[9*IC*oc + 9*ic]) : 0)
-                            + ((H >= i + 2 && j >= 1) ? (g_y[W*(H*(OC*b + oc) + i + 1) + j - 1]*w[9*IC*oc + 9*ic + 2]) : 0)
-                            + ((H >= i + 2) ? (g_y[W*(H*(OC*b + oc) + i + 1) + j]*w[9*IC*oc + 9*ic + 1]) : 0)
-                            + ((W >= j + 2 && i >= 1) ? (g_y[W*(H*(OC*b + oc) + i - 1) + j + 1]*w[9*IC*oc + 9*ic + 6]) : 0)
-                            + ((i >= 1 && j >= 1) ? (g_y[W*(H*(OC*b + oc) + i - 1) + j - 1]*w[9*IC*oc + 9*ic + 8]) : 0)
-                            + ((i >= 1) ? (g_y[W*(H*(OC*b + oc) + i - 1) + j]*w[9*IC*oc + 9*ic + 7]) : 0)
-                            + ((W >= j + 2) ? (g_y[W*(H*(OC*b + oc) + i) + j + 1]*w[9*IC*oc + 9*ic + 3]) : 0)
-                            + ((j >= 1) ? (g_y[W*(H*(OC*b + oc) + i) + j - 1]*w[9*IC*oc + 9*ic + 5]) : 0)
-                            + g_y[W*(H*(OC*b + oc) + i) + j]*w[9*IC*oc + 9*ic + 4];
-                #pragma omp simd
-                for (int j = vg_lo; j < vg_hi; ++j)
-                    acc_g_x[j] += g_y[W*(H*(OC*b + oc) + i + 1) + j + 1]*w[9*IC*oc + 9*ic]
-                            + g_y[W*(H*(OC*b + oc) + i + 1) + j - 1]*w[9*IC*oc + 9*ic + 2]
-                            + g_y[W*(H*(OC*b + oc) + i + 1) + j]*w[9*IC*oc + 9*ic + 1]
-                            + g_y[W*(H*(OC*b + oc) + i - 1) + j + 1]*w[9*IC*oc + 9*ic + 6]
-                            + g_y[W*(H*(OC*b + oc) + i - 1) + j - 1]*w[9*IC*oc + 9*ic + 8]
-                            + g_y[W*(H*(OC*b + oc) + i - 1) + j]*w[9*IC*oc + 9*ic + 7]
-                            + g_y[W*(H*(OC*b + oc) + i) + j + 1]*w[9*IC*oc + 9*ic + 3]
-                            + g_y[W*(H*(OC*b + oc) + i) + j - 1]*w[9*IC*oc + 9*ic + 5]
-                            + g_y[W*(H*(OC*b + oc) + i) + j]*w[9*IC*oc + 9*ic + 4];
-                for (int j = vg_hi; j < W; ++j)
-                    acc_g_x[j] += ((H >= i + 2 && W >= j + 2) ? (g_y[W*(H*(OC*b + oc) + i + 1) + j + 1]*w[9*IC*oc + 9*ic]) : 0)
-                            + ((H >= i + 2 && j >= 1) ? (g_y[W*(H*(OC*b + oc) + i + 1) + j - 1]*w[9*IC*oc + 9*ic + 2]) : 0)
-                            + ((H >= i + 2) ? (g_y[W*(H*(OC*b + oc) + i + 1) + j]*w[9*IC*oc + 9*ic + 1]) : 0)
-                            + ((W >= j + 2 && i >= 1) ? (g_y[W*(H*(OC*b + oc) + i - 1) + j + 1]*w[9*IC*oc + 9*ic + 6]) : 0)
-                            + ((i >= 1 && j >= 1) ? (g_y[W*(H*(OC*b + oc) + i - 1) + j - 1]*w[9*IC*oc + 9*ic + 8]) : 0)
-                            + ((i >= 1) ? (g_y[W*(H*(OC*b + oc) + i - 1) + j]*w[9*IC*oc + 9*ic + 7]) : 0)
-                            + ((W >= j + 2) ? (g_y[W*(H*(OC*b + oc) + i) + j + 1]*w[9*IC*oc + 9*ic + 3]) : 0)
-                            + ((j >= 1) ? (g_y[W*(H*(OC*b + oc) + i) + j - 1]*w[9*IC*oc + 9*ic + 5]) : 0)
-                            + g_y[W*(H*(OC*b + oc) + i) + j]*w[9*IC*oc + 9*ic + 4];
+                float *vg_d = vg_a + (size_t)(vg_m / VG_MR) * VG_MR * vg_K + vg_m % VG_MR;
+                if (vg_m >= vg_M)
+                {
+                    for (int vg_k = 0; vg_k < vg_K; ++vg_k)
+                        vg_d[(size_t)VG_MR * vg_k] = 0.0f;
+                    continue;
+                }
+                const int ic = vg_m;
+                {
+                    int vg_k = 0;
+                    int oc = ((vg_k)/9);
+                    int di = ((((vg_k)/3)) % 3) - 1;
+                    int vg_run = ((vg_k) % 3) - 1;
+                    while (vg_k < vg_K)
+                    {
+                        const int vg_left = -3*di - vg_run + 5;
+                        const int vg_len = vg_imin(vg_left, vg_K - vg_k);
+                        #pragma omp simd
+                        for (int dj = vg_run; dj < vg_run + vg_len; ++dj)
+                            vg_d[(size_t)VG_MR * (vg_k + dj - vg_run)] = w[9*IC*oc + 3*di + dj + 9*ic + 4];
+                        vg_k += vg_len;
+                        if (vg_len < vg_left)
+                            vg_run += vg_len;
+                        else
+                        {
+                            vg_run = -1;
+                            di = -1;
+                            ++oc;
+                        }
+                    }
+                }
             }
-            else
+            float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
+            float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
+            int *vg_t_b = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' b
+            int *vg_t_i = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' i
+            int *vg_t_j = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' j
+            #pragma omp for schedule(static)
+            for (int vg_nb = 0; vg_nb < vg_nblocks; ++vg_nb)
             {
-                #pragma omp simd
-                for (int j = 0; j < W; ++j)
-                    acc_g_x[j] += ((H >= i + 2 && W >= j + 2) ? (g_y[W*(H*(OC*b + oc) + i + 1) + j + 1]*w[9*IC*oc + 9*ic]) : 0)
-                            + ((H >= i + 2 && j >= 1) ? (g_y[W*(H*(OC*b + oc) + i + 1) + j - 1]*w[9*IC*oc + 9*ic + 2]) : 0)
-                            + ((H >= i + 2) ? (g_y[W*(H*(OC*b + oc) + i + 1) + j]*w[9*IC*oc + 9*ic + 1]) : 0)
-                            + ((W >= j + 2 && i >= 1) ? (g_y[W*(H*(OC*b + oc) + i - 1) + j + 1]*w[9*IC*oc + 9*ic + 6]) : 0)
-                            + ((i >= 1 && j >= 1) ? (g_y[W*(H*(OC*b + oc) + i - 1) + j - 1]*w[9*IC*oc + 9*ic + 8]) : 0)
-                            + ((i >= 1) ? (g_y[W*(H*(OC*b + oc) + i - 1) + j]*w[9*IC*oc + 9*ic + 7]) : 0)
-                            + ((W >= j + 2) ? (g_y[W*(H*(OC*b + oc) + i) + j + 1]*w[9*IC*oc + 9*ic + 3]) : 0)
-                            + ((j >= 1) ? (g_y[W*(H*(OC*b + oc) + i) + j - 1]*w[9*IC*oc + 9*ic + 5]) : 0)
-                            + g_y[W*(H*(OC*b + oc) + i) + j]*w[9*IC*oc + 9*ic + 4];
+                const int vg_n0 = vg_nb * vg_NC;
+                const int vg_n1 = vg_imin(vg_n0 + vg_NC, vg_N);
+                const int vg_NP = (vg_n1 - vg_n0 + VG_NR - 1) / VG_NR;
+                {
+                    const int vg_n = vg_n0;
+                    int b = ((vg_n)/(H*W));
+                    int i = ((((vg_n)/W)) % H);
+                    int j = ((vg_n) % W);
+                    for (int vg_q = 0; vg_q < vg_n1 - vg_n0; ++vg_q)
+                    {
+                        vg_t_b[vg_q] = b;
+                        vg_t_i[vg_q] = i;
+                        vg_t_j[vg_q] = j;
+                        ++j;
+                        if (j == W) { j = 0; ++i; }
+                        if (i == H) { i = 0; ++b; }
+                    }
+                }
+                for (int vg_k0 = 0; vg_k0 < vg_K; vg_k0 += vg_KC)
+                {
+                    const int vg_kc = vg_imin(vg_KC, vg_K - vg_k0);
+                    // pack B for k in [k0, k0 + kc), n in [n0, n1): row k - k0, zero past n1
+                    for (int vg_k = vg_k0; vg_k < vg_k0 + vg_kc; ++vg_k)
+                    {
+                        const int oc = ((vg_k)/9);
+                        const int di = ((((vg_k)/3)) % 3) - 1;
+                        const int dj = ((vg_k) % 3) - 1;
+                        float *vg_d = vg_b + (size_t)(vg_k - vg_k0) * vg_NC;
+                        if (H*W >= VG_RUN)
+                        {
+                            int vg_n = vg_n0;
+                            int b = ((vg_n)/(H*W));
+                            int i = ((((vg_n)/W)) % H);
+                            int vg_run = ((vg_n) % W);
+                            while (vg_n < vg_n1)
+                            {
+                                const int vg_left = H*W - W*i - vg_run;
+                                const int vg_len = vg_imin(vg_left, vg_n1 - vg_n);
+                                const float *vg_src = &g_y[W*(H*(OC*b + oc) - di + i) - dj + vg_run];
+                                float *vg_dst = vg_d + (vg_n - vg_n0);
+                                const int *vg_s_i = vg_t_i + (vg_n - vg_n0);
+                                const int *vg_s_j = vg_t_j + (vg_n - vg_n0);
+                                #pragma omp simd
+                                for (int vg_t = 0; vg_t < vg_len; ++vg_t)
+                                    vg_dst[vg_t] = ((H >= -di + vg_s_i[vg_t] + 1 && W >= -dj + vg_s_j[vg_t] + 1 && di - vg_s_i[vg_t] <= 0 && dj - vg_s_j[vg_t] <= 0) ? vg_src[vg_t] : 0);
+                                vg_n += vg_len;
+                                if (vg_len < vg_left)
+                                    vg_run += vg_len;
+                                else
+                                {
+                                    vg_run = 0;
+                                    i = 0;
+                                    ++b;
+                                }
+                            }
+                        }
+                        else
+                        {
+                            #pragma omp simd
+                            for (int vg_q = 0; vg_q < vg_n1 - vg_n0; ++vg_q)
+                                vg_d[vg_q] = ((H >= -di + vg_t_i[vg_q] + 1 && W >= -dj + vg_t_j[vg_q] + 1 && di - vg_t_i[vg_q] <= 0 && dj - vg_t_j[vg_q] <= 0) ? g_y[W*(H*(OC*vg_t_b[vg_q] + oc) - di + vg_t_i[vg_q]) - dj + vg_t_j[vg_q]] : 0);
+                        }
+                        for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
+                            vg_d[vg_q] = 0.0f;
+                    }
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time
+                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                            vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
+                                          vg_b + vg_np * VG_NR, vg_NC,
+                                          vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+                }
+                // the output from C, for n in [n0, n1)
+                for (int vg_m = 0; vg_m < vg_M; ++vg_m)
+                {
+                    const int ic = vg_m;
+                    const float *vg_s = vg_c + (size_t)vg_m * vg_NC;
+                    {
+                        int vg_n = vg_n0;
+                        int b = ((vg_n)/(H*W));
+                        int i = ((((vg_n)/W)) % H);
+                        int vg_run = ((vg_n) % W);
+                        while (vg_n < vg_n1)
+                        {
+                            const int vg_left = H*W - W*i - vg_run;
+                            const int vg_len = vg_imin(vg_left, vg_n1 - vg_n);
+                            #pragma omp simd
+                            for (int j = vg_run; j < vg_run + vg_len; ++j)
+                            {
+                                const float v_g_x = vg_s[vg_n - vg_n0 + j - vg_run];
+                                g_x[W*(H*(IC*b + ic) + i) + j] = v_g_x;
+                            }
+                            vg_n += vg_len;
+                            if (vg_len < vg_left)
+                                vg_run += vg_len;
+                            else
+                            {
+                                vg_run = 0;
+                                i = 0;
+                                ++b;
+                            }
+                        }
+                    }
+                }
             }
+            free(vg_t_b);
+            free(vg_t_i);
+            free(vg_t_j);
+            free(vg_b);
+            free(vg_c);
         }
-        #pragma omp simd
-        for (int j = 0; j < W; ++j)
-        {
-            const float v_g_x = acc_g_x[j];
-            g_x[W*(H*(IC*b + ic) + i) + j] = v_g_x;
-        }
+        free(vg_a);
     }
 }
 
@@ -167,38 +538,340 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
 //   specialised: K=1
 void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict x, float *restrict g_w, int B, int H, int IC, int OC, int W)
 {
-    #pragma omp parallel for collapse(4) schedule(static)
-    for (int oc = 0; oc < OC; ++oc)
-    for (int ic = 0; ic < IC; ++ic)
-    for (int di = -1; di < 2; ++di)
-    for (int dj = -1; dj < 2; ++dj)
+    // as C[m, n] = Σ_k A[m, k]·B[k, n] with
+    //   A[m, k] = g_y[b, oc, i, j]
+    //   B[k, n] = x[b, ic, di + i, dj + j] where di + i >= 0, dj + j >= 0, H - di - i - 1 >= 0, W - dj - j - 1 >= 0, else 0
+    const int vg_M = OC;    // m = (oc)
+    const int vg_N = 9*IC;    // n = (ic, di, dj)
+    const int vg_K = B*H*W;    // k = (b, i, j)
+    if (vg_K > VG_INNER * vg_M)     // k long against m: tiles of C reduced along k
     {
-        float acc_g_w = 0.0f;
-        for (int b = 0; b < B; ++b)
-        for (int i = 0; i < H; ++i)
+        const int vg_MP = (vg_M + VG_IM - 1) / VG_IM;              // A's panels of VG_IM rows
+        const int vg_KP = (vg_K + VG_VL - 1) / VG_VL * VG_VL;      // k padded to whole lanes
+        const int vg_NC = vg_block(vg_N, VG_INC, VG_IN);           // n blocks of whole panels
+        const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
+        const int vg_ldc = vg_nblocks * vg_NC;
+        // k slices (partial sums, added in order) where the output is small
+        const int vg_SL = vg_block(vg_KP, vg_M * vg_N < VG_SMALL ? vg_imax(VG_IKC, vg_KP / VG_SLICES) : vg_KP, VG_VL);
+        const int vg_S = (vg_KP + vg_SL - 1) / vg_SL;
+        const int vg_KC = vg_block(vg_SL, VG_IKC, VG_VL);           // k blocks within a slice
+        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_IM * vg_KP);
+        float *vg_c = vg_alloc(sizeof(float) * vg_S * vg_MP * VG_IM * vg_ldc);
+        #pragma omp parallel
         {
-            const int vg_inside = di + i >= 0 && -H + di + i <= -1;
-            const int vg_lo = vg_imin(vg_imax(0, -dj), W);
-            const int vg_hi = vg_imax(vg_imin(W - 1, W - dj - 1) + 1, vg_lo);
-            if (vg_inside)
+            // pack A once: rows m, k-contiguous, zero past M and K
+            #pragma omp for schedule(static)
+            for (int vg_m = 0; vg_m < vg_MP * VG_IM; ++vg_m)
             {
-                for (int j = 0; j < vg_lo; ++j)
-                    acc_g_w += ((di + i >= 0 && dj + j >= 0 && -H + di + i <= -1 && -W + dj + j <= -1) ? x[W*(H*(IC*b + ic) + di + i) + dj + j] : 0)*g_y[W*(H*(OC*b + oc) + i) + j];
-                #pragma omp simd reduction(+:acc_g_w)
-                for (int j = vg_lo; j < vg_hi; ++j)
-                    acc_g_w += g_y[W*(H*(OC*b + oc) + i) + j]*x[W*(H*(IC*b + ic) + di + i) + dj + j];
-                for (int j = vg_hi; j < W; ++j)
-                    acc_g_w += ((di + i >= 0 && dj + j >= 0 && -H + di + i <= -1 && -W + dj + j <= -1) ? x[W*(H*(IC*b + ic) + di + i) + dj + j] : 0)*g_y[W*(H*(OC*b + oc) + i) + j];
+                float *vg_d = vg_a + (size_t)vg_m * vg_KP;
+                if (vg_m < vg_M)
+                {
+                    const int oc = vg_m;
+                    {
+                        int vg_k = 0;
+                        int b = ((vg_k)/(H*W));
+                        int i = ((((vg_k)/W)) % H);
+                        int vg_run = ((vg_k) % W);
+                        while (vg_k < vg_K)
+                        {
+                            const int vg_left = H*W - W*i - vg_run;
+                            const int vg_len = vg_imin(vg_left, vg_K - vg_k);
+                            #pragma omp simd
+                            for (int j = vg_run; j < vg_run + vg_len; ++j)
+                                vg_d[vg_k + j - vg_run] = g_y[W*(H*(OC*b + oc) + i) + j];
+                            vg_k += vg_len;
+                            if (vg_len < vg_left)
+                                vg_run += vg_len;
+                            else
+                            {
+                                vg_run = 0;
+                                i = 0;
+                                ++b;
+                            }
+                        }
+                    }
+                }
+                for (int vg_k = vg_m < vg_M ? vg_K : 0; vg_k < vg_KP; ++vg_k)
+                    vg_d[vg_k] = 0.0f;
             }
-            else
+            float *vg_b = vg_alloc(sizeof(float) * vg_NC * vg_KC);             // B block: rows n, k-contiguous
+            int *vg_t_b = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' b
+            int *vg_t_i = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' i
+            int *vg_t_j = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' j
+            #pragma omp for schedule(static)
+            for (int vg_u = 0; vg_u < vg_S * vg_nblocks; ++vg_u)
             {
-                #pragma omp simd reduction(+:acc_g_w)
-                for (int j = 0; j < W; ++j)
-                    acc_g_w += ((di + i >= 0 && dj + j >= 0 && -H + di + i <= -1 && -W + dj + j <= -1) ? x[W*(H*(IC*b + ic) + di + i) + dj + j] : 0)*g_y[W*(H*(OC*b + oc) + i) + j];
+                const int vg_sl = vg_u / vg_nblocks;                   // this k slice
+                const int vg_n0 = vg_u % vg_nblocks * vg_NC;           // and n block
+                const int vg_n1 = vg_imin(vg_n0 + vg_NC, vg_N);
+                const int vg_k1 = vg_imin((vg_sl + 1) * vg_SL, vg_KP);
+                float *vg_cs = vg_c + (size_t)vg_sl * vg_MP * VG_IM * vg_ldc;
+                for (int vg_k0 = vg_sl * vg_SL; vg_k0 < vg_k1; vg_k0 += vg_KC)
+                {
+                    const int vg_kc = vg_imin(vg_KC, vg_k1 - vg_k0);  // whole lanes
+                    const int vg_ke = vg_imin(vg_k0 + vg_kc, vg_K);
+                    {
+                        const int vg_k = vg_k0;
+                        int b = ((vg_k)/(H*W));
+                        int i = ((((vg_k)/W)) % H);
+                        int j = ((vg_k) % W);
+                        for (int vg_q = 0; vg_q < vg_ke - vg_k0; ++vg_q)
+                        {
+                            vg_t_b[vg_q] = b;
+                            vg_t_i[vg_q] = i;
+                            vg_t_j[vg_q] = j;
+                            ++j;
+                            if (j == W) { j = 0; ++i; }
+                            if (i == H) { i = 0; ++b; }
+                        }
+                    }
+                    // pack B for n in [n0, n0 + NC), k in [k0, k0 + kc): zero past N and K
+                    for (int vg_n = vg_n0; vg_n < vg_n0 + vg_NC; ++vg_n)
+                    {
+                        float *vg_d = vg_b + (size_t)(vg_n - vg_n0) * vg_kc;
+                        int vg_z = 0;
+                        if (vg_n < vg_n1)
+                        {
+                            const int ic = ((vg_n)/9);
+                            const int di = ((((vg_n)/3)) % 3) - 1;
+                            const int dj = ((vg_n) % 3) - 1;
+                            if (H*W >= VG_RUN)
+                            {
+                                int vg_k = vg_k0;
+                                int b = ((vg_k)/(H*W));
+                                int i = ((((vg_k)/W)) % H);
+                                int vg_run = ((vg_k) % W);
+                                while (vg_k < vg_ke)
+                                {
+                                    const int vg_left = H*W - W*i - vg_run;
+                                    const int vg_len = vg_imin(vg_left, vg_ke - vg_k);
+                                    const float *vg_src = &x[W*(H*(IC*b + ic) + di + i) + dj + vg_run];
+                                    float *vg_dst = vg_d + (vg_k - vg_k0);
+                                    const int *vg_s_i = vg_t_i + (vg_k - vg_k0);
+                                    const int *vg_s_j = vg_t_j + (vg_k - vg_k0);
+                                    #pragma omp simd
+                                    for (int vg_t = 0; vg_t < vg_len; ++vg_t)
+                                        vg_dst[vg_t] = ((di + vg_s_i[vg_t] >= 0 && dj + vg_s_j[vg_t] >= 0 && -H + di + vg_s_i[vg_t] <= -1 && -W + dj + vg_s_j[vg_t] <= -1) ? vg_src[vg_t] : 0);
+                                    vg_k += vg_len;
+                                    if (vg_len < vg_left)
+                                        vg_run += vg_len;
+                                    else
+                                    {
+                                        vg_run = 0;
+                                        i = 0;
+                                        ++b;
+                                    }
+                                }
+                            }
+                            else
+                            {
+                                #pragma omp simd
+                                for (int vg_q = 0; vg_q < vg_ke - vg_k0; ++vg_q)
+                                    vg_d[vg_q] = ((di + vg_t_i[vg_q] >= 0 && dj + vg_t_j[vg_q] >= 0 && -H + di + vg_t_i[vg_q] <= -1 && -W + dj + vg_t_j[vg_q] <= -1) ? x[W*(H*(IC*vg_t_b[vg_q] + ic) + di + vg_t_i[vg_q]) + dj + vg_t_j[vg_q]] : 0);
+                            }
+                            vg_z = vg_ke - vg_k0;
+                        }
+                        for (int vg_q = vg_z; vg_q < vg_kc; ++vg_q)
+                            vg_d[vg_q] = 0.0f;
+                    }
+                    // C (+)= A·B, one VG_IM × VG_IN tile at a time
+                    for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            vg_tile_inner(vg_kc, vg_a + (size_t)vg_mp * VG_IM * vg_KP + vg_k0, vg_KP,
+                                          vg_b + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
+                                          vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
+                                          vg_k0 > vg_sl * vg_SL);
+                }
+            }
+            free(vg_t_b);
+            free(vg_t_i);
+            free(vg_t_j);
+            free(vg_b);
+            // the output: the slices' partial sums, in order
+            #pragma omp for collapse(4) schedule(static)
+            for (int oc = 0; oc < OC; ++oc)
+            for (int ic = 0; ic < IC; ++ic)
+            for (int di = -1; di < 2; ++di)
+            for (int dj = -1; dj < 2; ++dj)
+            {
+                const int vg_m = oc;
+                const int vg_n = 3*di + dj + 9*ic + 4;
+                float acc_g_w = 0.0f;
+                for (int vg_s = 0; vg_s < vg_S; ++vg_s)
+                    acc_g_w += vg_c[((size_t)vg_s * vg_MP * VG_IM + vg_m) * vg_ldc + vg_n];
+                const float v_g_w = acc_g_w;
+                g_w[9*IC*oc + 3*di + dj + 9*ic + 4] = v_g_w;
             }
         }
-        const float v_g_w = acc_g_w;
-        g_w[9*IC*oc + 3*di + dj + 9*ic + 4] = v_g_w;
+        free(vg_a);
+        free(vg_c);
+    }
+    else                            // tiles of C along n
+    {
+        const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+        const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+        const int vg_T = vg_threads();
+        const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
+        const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
+        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+        #pragma omp parallel
+        {
+            // pack A once: panel m / VG_MR holds its VG_MR rows for each k
+            #pragma omp for schedule(static)
+            for (int vg_m = 0; vg_m < vg_MP * VG_MR; ++vg_m)
+            {
+                float *vg_d = vg_a + (size_t)(vg_m / VG_MR) * VG_MR * vg_K + vg_m % VG_MR;
+                if (vg_m >= vg_M)
+                {
+                    for (int vg_k = 0; vg_k < vg_K; ++vg_k)
+                        vg_d[(size_t)VG_MR * vg_k] = 0.0f;
+                    continue;
+                }
+                const int oc = vg_m;
+                {
+                    int vg_k = 0;
+                    int b = ((vg_k)/(H*W));
+                    int i = ((((vg_k)/W)) % H);
+                    int vg_run = ((vg_k) % W);
+                    while (vg_k < vg_K)
+                    {
+                        const int vg_left = H*W - W*i - vg_run;
+                        const int vg_len = vg_imin(vg_left, vg_K - vg_k);
+                        #pragma omp simd
+                        for (int j = vg_run; j < vg_run + vg_len; ++j)
+                            vg_d[(size_t)VG_MR * (vg_k + j - vg_run)] = g_y[W*(H*(OC*b + oc) + i) + j];
+                        vg_k += vg_len;
+                        if (vg_len < vg_left)
+                            vg_run += vg_len;
+                        else
+                        {
+                            vg_run = 0;
+                            i = 0;
+                            ++b;
+                        }
+                    }
+                }
+            }
+            float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
+            float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
+            int *vg_t_ic = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' ic
+            int *vg_t_di = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' di
+            int *vg_t_dj = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' dj
+            #pragma omp for schedule(static)
+            for (int vg_nb = 0; vg_nb < vg_nblocks; ++vg_nb)
+            {
+                const int vg_n0 = vg_nb * vg_NC;
+                const int vg_n1 = vg_imin(vg_n0 + vg_NC, vg_N);
+                const int vg_NP = (vg_n1 - vg_n0 + VG_NR - 1) / VG_NR;
+                {
+                    const int vg_n = vg_n0;
+                    int ic = ((vg_n)/9);
+                    int di = ((((vg_n)/3)) % 3) - 1;
+                    int dj = ((vg_n) % 3) - 1;
+                    for (int vg_q = 0; vg_q < vg_n1 - vg_n0; ++vg_q)
+                    {
+                        vg_t_ic[vg_q] = ic;
+                        vg_t_di[vg_q] = di;
+                        vg_t_dj[vg_q] = dj;
+                        ++dj;
+                        if (dj == 2) { dj = -1; ++di; }
+                        if (di == 2) { di = -1; ++ic; }
+                    }
+                }
+                for (int vg_k0 = 0; vg_k0 < vg_K; vg_k0 += vg_KC)
+                {
+                    const int vg_kc = vg_imin(vg_KC, vg_K - vg_k0);
+                    // pack B for k in [k0, k0 + kc), n in [n0, n1): row k - k0, zero past n1
+                    for (int vg_k = vg_k0; vg_k < vg_k0 + vg_kc; ++vg_k)
+                    {
+                        const int b = ((vg_k)/(H*W));
+                        const int i = ((((vg_k)/W)) % H);
+                        const int j = ((vg_k) % W);
+                        float *vg_d = vg_b + (size_t)(vg_k - vg_k0) * vg_NC;
+                        if (3 >= VG_RUN)
+                        {
+                            int vg_n = vg_n0;
+                            int ic = ((vg_n)/9);
+                            int di = ((((vg_n)/3)) % 3) - 1;
+                            int vg_run = ((vg_n) % 3) - 1;
+                            while (vg_n < vg_n1)
+                            {
+                                const int vg_left = 2 - vg_run;
+                                const int vg_len = vg_imin(vg_left, vg_n1 - vg_n);
+                                const float *vg_src = &x[W*(H*(IC*b + ic) + di + i) + j + vg_run];
+                                float *vg_dst = vg_d + (vg_n - vg_n0);
+                                const int *vg_s_di = vg_t_di + (vg_n - vg_n0);
+                                const int *vg_s_dj = vg_t_dj + (vg_n - vg_n0);
+                                #pragma omp simd
+                                for (int vg_t = 0; vg_t < vg_len; ++vg_t)
+                                    vg_dst[vg_t] = ((i + vg_s_di[vg_t] >= 0 && j + vg_s_dj[vg_t] >= 0 && -H + i + vg_s_di[vg_t] <= -1 && -W + j + vg_s_dj[vg_t] <= -1) ? vg_src[vg_t] : 0);
+                                vg_n += vg_len;
+                                if (vg_len < vg_left)
+                                    vg_run += vg_len;
+                                else
+                                {
+                                    vg_run = -1;
+                                    ++di;
+                                }
+                                if (di == 2) { di = -1; ++ic; }
+                            }
+                        }
+                        else
+                        {
+                            #pragma omp simd
+                            for (int vg_q = 0; vg_q < vg_n1 - vg_n0; ++vg_q)
+                                vg_d[vg_q] = ((vg_t_di[vg_q] + i >= 0 && vg_t_dj[vg_q] + j >= 0 && -H + vg_t_di[vg_q] + i <= -1 && -W + vg_t_dj[vg_q] + j <= -1) ? x[W*(H*(IC*b + vg_t_ic[vg_q]) + vg_t_di[vg_q] + i) + vg_t_dj[vg_q] + j] : 0);
+                        }
+                        for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
+                            vg_d[vg_q] = 0.0f;
+                    }
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time
+                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                            vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
+                                          vg_b + vg_np * VG_NR, vg_NC,
+                                          vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+                }
+                // the output from C, for n in [n0, n1)
+                for (int vg_m = 0; vg_m < vg_M; ++vg_m)
+                {
+                    const int oc = vg_m;
+                    const float *vg_s = vg_c + (size_t)vg_m * vg_NC;
+                    {
+                        int vg_n = vg_n0;
+                        int ic = ((vg_n)/9);
+                        int di = ((((vg_n)/3)) % 3) - 1;
+                        int vg_run = ((vg_n) % 3) - 1;
+                        while (vg_n < vg_n1)
+                        {
+                            const int vg_left = 9*IC - 3*di - 9*ic - vg_run - 4;
+                            const int vg_len = vg_imin(vg_left, vg_n1 - vg_n);
+                            #pragma omp simd
+                            for (int dj = vg_run; dj < vg_run + vg_len; ++dj)
+                            {
+                                const float v_g_w = vg_s[vg_n - vg_n0 + dj - vg_run];
+                                g_w[9*IC*oc + 3*di + dj + 9*ic + 4] = v_g_w;
+                            }
+                            vg_n += vg_len;
+                            if (vg_len < vg_left)
+                                vg_run += vg_len;
+                            else
+                            {
+                                vg_run = -1;
+                                ic = 0;
+                                di = -1;
+                            }
+                        }
+                    }
+                }
+            }
+            free(vg_t_ic);
+            free(vg_t_di);
+            free(vg_t_dj);
+            free(vg_b);
+            free(vg_c);
+        }
+        free(vg_a);
     }
 }
 
@@ -206,25 +879,152 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
 //   y[b, c] = Sum(w[ic, c]*x[b, ic], (ic, 0, IC - 1))  (eq. 12)
 void linear_forward_y(const float *restrict w, const float *restrict x, float *restrict y, int B, int C, int IC)
 {
-    #pragma omp parallel for collapse(1) schedule(static)
-    for (int b = 0; b < B; ++b)
+    // as C[m, n] = Σ_k A[m, k]·B[k, n] with
+    //   A[m, k] = x[b, ic]
+    //   B[k, n] = w[ic, c]
+    const int vg_M = B;    // m = (b)
+    const int vg_N = C;    // n = (c)
+    const int vg_K = IC;    // k = (ic)
+    // tiles of C along n
     {
-        float acc_y[C];
-        #pragma omp simd
-        for (int c = 0; c < C; ++c)
-            acc_y[c] = 0.0f;
-        for (int ic = 0; ic < IC; ++ic)
+        const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+        const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+        const int vg_T = vg_threads();
+        const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
+        const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
+        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+        #pragma omp parallel
         {
-            #pragma omp simd
-            for (int c = 0; c < C; ++c)
-                acc_y[c] += w[C*ic + c]*x[IC*b + ic];
+            // pack A once: panel m / VG_MR holds its VG_MR rows for each k
+            #pragma omp for schedule(static)
+            for (int vg_m = 0; vg_m < vg_MP * VG_MR; ++vg_m)
+            {
+                float *vg_d = vg_a + (size_t)(vg_m / VG_MR) * VG_MR * vg_K + vg_m % VG_MR;
+                if (vg_m >= vg_M)
+                {
+                    for (int vg_k = 0; vg_k < vg_K; ++vg_k)
+                        vg_d[(size_t)VG_MR * vg_k] = 0.0f;
+                    continue;
+                }
+                const int b = vg_m;
+                {
+                    int vg_k = 0;
+                    int vg_run = vg_k;
+                    while (vg_k < vg_K)
+                    {
+                        const int vg_left = IC - vg_run;
+                        const int vg_len = vg_imin(vg_left, vg_K - vg_k);
+                        #pragma omp simd
+                        for (int ic = vg_run; ic < vg_run + vg_len; ++ic)
+                            vg_d[(size_t)VG_MR * (vg_k + ic - vg_run)] = x[IC*b + ic];
+                        vg_k += vg_len;
+                        if (vg_len < vg_left)
+                            vg_run += vg_len;
+                        else
+                        {
+                            vg_run = 0;
+                        }
+                    }
+                }
+            }
+            float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
+            float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
+            int *vg_t_c = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' c
+            #pragma omp for schedule(static)
+            for (int vg_nb = 0; vg_nb < vg_nblocks; ++vg_nb)
+            {
+                const int vg_n0 = vg_nb * vg_NC;
+                const int vg_n1 = vg_imin(vg_n0 + vg_NC, vg_N);
+                const int vg_NP = (vg_n1 - vg_n0 + VG_NR - 1) / VG_NR;
+                {
+                    const int vg_n = vg_n0;
+                    int c = vg_n;
+                    for (int vg_q = 0; vg_q < vg_n1 - vg_n0; ++vg_q)
+                    {
+                        vg_t_c[vg_q] = c;
+                        ++c;
+                    }
+                }
+                for (int vg_k0 = 0; vg_k0 < vg_K; vg_k0 += vg_KC)
+                {
+                    const int vg_kc = vg_imin(vg_KC, vg_K - vg_k0);
+                    // pack B for k in [k0, k0 + kc), n in [n0, n1): row k - k0, zero past n1
+                    for (int vg_k = vg_k0; vg_k < vg_k0 + vg_kc; ++vg_k)
+                    {
+                        const int ic = vg_k;
+                        float *vg_d = vg_b + (size_t)(vg_k - vg_k0) * vg_NC;
+                        if (C >= VG_RUN)
+                        {
+                            int vg_n = vg_n0;
+                            int vg_run = vg_n;
+                            while (vg_n < vg_n1)
+                            {
+                                const int vg_left = C - vg_run;
+                                const int vg_len = vg_imin(vg_left, vg_n1 - vg_n);
+                                const float *vg_src = &w[C*ic + vg_run];
+                                float *vg_dst = vg_d + (vg_n - vg_n0);
+                                #pragma omp simd
+                                for (int vg_t = 0; vg_t < vg_len; ++vg_t)
+                                    vg_dst[vg_t] = vg_src[vg_t];
+                                vg_n += vg_len;
+                                if (vg_len < vg_left)
+                                    vg_run += vg_len;
+                                else
+                                {
+                                    vg_run = 0;
+                                }
+                            }
+                        }
+                        else
+                        {
+                            #pragma omp simd
+                            for (int vg_q = 0; vg_q < vg_n1 - vg_n0; ++vg_q)
+                                vg_d[vg_q] = w[C*ic + vg_t_c[vg_q]];
+                        }
+                        for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
+                            vg_d[vg_q] = 0.0f;
+                    }
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time
+                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                            vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
+                                          vg_b + vg_np * VG_NR, vg_NC,
+                                          vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+                }
+                // the output from C, for n in [n0, n1)
+                for (int vg_m = 0; vg_m < vg_M; ++vg_m)
+                {
+                    const int b = vg_m;
+                    const float *vg_s = vg_c + (size_t)vg_m * vg_NC;
+                    {
+                        int vg_n = vg_n0;
+                        int vg_run = vg_n;
+                        while (vg_n < vg_n1)
+                        {
+                            const int vg_left = C - vg_run;
+                            const int vg_len = vg_imin(vg_left, vg_n1 - vg_n);
+                            #pragma omp simd
+                            for (int c = vg_run; c < vg_run + vg_len; ++c)
+                            {
+                                const float v_y = vg_s[vg_n - vg_n0 + c - vg_run];
+                                y[C*b + c] = v_y;
+                            }
+                            vg_n += vg_len;
+                            if (vg_len < vg_left)
+                                vg_run += vg_len;
+                            else
+                            {
+                                vg_run = 0;
+                            }
+                        }
+                    }
+                }
+            }
+            free(vg_t_c);
+            free(vg_b);
+            free(vg_c);
         }
-        #pragma omp simd
-        for (int c = 0; c < C; ++c)
-        {
-            const float v_y = acc_y[c];
-            y[C*b + c] = v_y;
-        }
+        free(vg_a);
     }
 }
 
@@ -232,18 +1032,290 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
 //   g_x[b, ic] = Sum(g_y[b, c]*w[ic, c], (c, 0, C - 1))  (∂L/∂x)
 void linear_backward_g_x(const float *restrict g_y, const float *restrict w, float *restrict g_x, int B, int C, int IC)
 {
-    #pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; ++b)
-    for (int ic = 0; ic < IC; ++ic)
+    // as C[m, n] = Σ_k A[m, k]·B[k, n] with
+    //   A[m, k] = g_y[b, c]
+    //   B[k, n] = w[ic, c]
+    const int vg_M = B;    // m = (b)
+    const int vg_N = IC;    // n = (ic)
+    const int vg_K = C;    // k = (c)
+    if (vg_K > VG_INNER * vg_M)     // k long against m: tiles of C reduced along k
     {
-        float acc_g_x = 0.0f;
+        const int vg_MP = (vg_M + VG_IM - 1) / VG_IM;              // A's panels of VG_IM rows
+        const int vg_KP = (vg_K + VG_VL - 1) / VG_VL * VG_VL;      // k padded to whole lanes
+        const int vg_NC = vg_block(vg_N, VG_INC, VG_IN);           // n blocks of whole panels
+        const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
+        const int vg_ldc = vg_nblocks * vg_NC;
+        // k slices (partial sums, added in order) where the output is small
+        const int vg_SL = vg_block(vg_KP, vg_M * vg_N < VG_SMALL ? vg_imax(VG_IKC, vg_KP / VG_SLICES) : vg_KP, VG_VL);
+        const int vg_S = (vg_KP + vg_SL - 1) / vg_SL;
+        const int vg_KC = vg_block(vg_SL, VG_IKC, VG_VL);           // k blocks within a slice
+        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_IM * vg_KP);
+        float *vg_c = vg_alloc(sizeof(float) * vg_S * vg_MP * VG_IM * vg_ldc);
+        #pragma omp parallel
         {
-            #pragma omp simd reduction(+:acc_g_x)
-            for (int c = 0; c < C; ++c)
-                acc_g_x += g_y[C*b + c]*w[C*ic + c];
+            // pack A once: rows m, k-contiguous, zero past M and K
+            #pragma omp for schedule(static)
+            for (int vg_m = 0; vg_m < vg_MP * VG_IM; ++vg_m)
+            {
+                float *vg_d = vg_a + (size_t)vg_m * vg_KP;
+                if (vg_m < vg_M)
+                {
+                    const int b = vg_m;
+                    {
+                        int vg_k = 0;
+                        int vg_run = vg_k;
+                        while (vg_k < vg_K)
+                        {
+                            const int vg_left = C - vg_run;
+                            const int vg_len = vg_imin(vg_left, vg_K - vg_k);
+                            #pragma omp simd
+                            for (int c = vg_run; c < vg_run + vg_len; ++c)
+                                vg_d[vg_k + c - vg_run] = g_y[C*b + c];
+                            vg_k += vg_len;
+                            if (vg_len < vg_left)
+                                vg_run += vg_len;
+                            else
+                            {
+                                vg_run = 0;
+                            }
+                        }
+                    }
+                }
+                for (int vg_k = vg_m < vg_M ? vg_K : 0; vg_k < vg_KP; ++vg_k)
+                    vg_d[vg_k] = 0.0f;
+            }
+            float *vg_b = vg_alloc(sizeof(float) * vg_NC * vg_KC);             // B block: rows n, k-contiguous
+            int *vg_t_c = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' c
+            #pragma omp for schedule(static)
+            for (int vg_u = 0; vg_u < vg_S * vg_nblocks; ++vg_u)
+            {
+                const int vg_sl = vg_u / vg_nblocks;                   // this k slice
+                const int vg_n0 = vg_u % vg_nblocks * vg_NC;           // and n block
+                const int vg_n1 = vg_imin(vg_n0 + vg_NC, vg_N);
+                const int vg_k1 = vg_imin((vg_sl + 1) * vg_SL, vg_KP);
+                float *vg_cs = vg_c + (size_t)vg_sl * vg_MP * VG_IM * vg_ldc;
+                for (int vg_k0 = vg_sl * vg_SL; vg_k0 < vg_k1; vg_k0 += vg_KC)
+                {
+                    const int vg_kc = vg_imin(vg_KC, vg_k1 - vg_k0);  // whole lanes
+                    const int vg_ke = vg_imin(vg_k0 + vg_kc, vg_K);
+                    {
+                        const int vg_k = vg_k0;
+                        int c = vg_k;
+                        for (int vg_q = 0; vg_q < vg_ke - vg_k0; ++vg_q)
+                        {
+                            vg_t_c[vg_q] = c;
+                            ++c;
+                        }
+                    }
+                    // pack B for n in [n0, n0 + NC), k in [k0, k0 + kc): zero past N and K
+                    for (int vg_n = vg_n0; vg_n < vg_n0 + vg_NC; ++vg_n)
+                    {
+                        float *vg_d = vg_b + (size_t)(vg_n - vg_n0) * vg_kc;
+                        int vg_z = 0;
+                        if (vg_n < vg_n1)
+                        {
+                            const int ic = vg_n;
+                            if (C >= VG_RUN)
+                            {
+                                int vg_k = vg_k0;
+                                int vg_run = vg_k;
+                                while (vg_k < vg_ke)
+                                {
+                                    const int vg_left = C - vg_run;
+                                    const int vg_len = vg_imin(vg_left, vg_ke - vg_k);
+                                    const float *vg_src = &w[C*ic + vg_run];
+                                    float *vg_dst = vg_d + (vg_k - vg_k0);
+                                    #pragma omp simd
+                                    for (int vg_t = 0; vg_t < vg_len; ++vg_t)
+                                        vg_dst[vg_t] = vg_src[vg_t];
+                                    vg_k += vg_len;
+                                    if (vg_len < vg_left)
+                                        vg_run += vg_len;
+                                    else
+                                    {
+                                        vg_run = 0;
+                                    }
+                                }
+                            }
+                            else
+                            {
+                                #pragma omp simd
+                                for (int vg_q = 0; vg_q < vg_ke - vg_k0; ++vg_q)
+                                    vg_d[vg_q] = w[C*ic + vg_t_c[vg_q]];
+                            }
+                            vg_z = vg_ke - vg_k0;
+                        }
+                        for (int vg_q = vg_z; vg_q < vg_kc; ++vg_q)
+                            vg_d[vg_q] = 0.0f;
+                    }
+                    // C (+)= A·B, one VG_IM × VG_IN tile at a time
+                    for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            vg_tile_inner(vg_kc, vg_a + (size_t)vg_mp * VG_IM * vg_KP + vg_k0, vg_KP,
+                                          vg_b + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
+                                          vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
+                                          vg_k0 > vg_sl * vg_SL);
+                }
+            }
+            free(vg_t_c);
+            free(vg_b);
+            // the output: the slices' partial sums, in order
+            #pragma omp for collapse(2) schedule(static)
+            for (int b = 0; b < B; ++b)
+            for (int ic = 0; ic < IC; ++ic)
+            {
+                const int vg_m = b;
+                const int vg_n = ic;
+                float acc_g_x = 0.0f;
+                for (int vg_s = 0; vg_s < vg_S; ++vg_s)
+                    acc_g_x += vg_c[((size_t)vg_s * vg_MP * VG_IM + vg_m) * vg_ldc + vg_n];
+                const float v_g_x = acc_g_x;
+                g_x[IC*b + ic] = v_g_x;
+            }
         }
-        const float v_g_x = acc_g_x;
-        g_x[IC*b + ic] = v_g_x;
+        free(vg_a);
+        free(vg_c);
+    }
+    else                            // tiles of C along n
+    {
+        const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+        const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+        const int vg_T = vg_threads();
+        const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
+        const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
+        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+        #pragma omp parallel
+        {
+            // pack A once: panel m / VG_MR holds its VG_MR rows for each k
+            #pragma omp for schedule(static)
+            for (int vg_m = 0; vg_m < vg_MP * VG_MR; ++vg_m)
+            {
+                float *vg_d = vg_a + (size_t)(vg_m / VG_MR) * VG_MR * vg_K + vg_m % VG_MR;
+                if (vg_m >= vg_M)
+                {
+                    for (int vg_k = 0; vg_k < vg_K; ++vg_k)
+                        vg_d[(size_t)VG_MR * vg_k] = 0.0f;
+                    continue;
+                }
+                const int b = vg_m;
+                {
+                    int vg_k = 0;
+                    int vg_run = vg_k;
+                    while (vg_k < vg_K)
+                    {
+                        const int vg_left = C - vg_run;
+                        const int vg_len = vg_imin(vg_left, vg_K - vg_k);
+                        #pragma omp simd
+                        for (int c = vg_run; c < vg_run + vg_len; ++c)
+                            vg_d[(size_t)VG_MR * (vg_k + c - vg_run)] = g_y[C*b + c];
+                        vg_k += vg_len;
+                        if (vg_len < vg_left)
+                            vg_run += vg_len;
+                        else
+                        {
+                            vg_run = 0;
+                        }
+                    }
+                }
+            }
+            float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
+            float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
+            int *vg_t_ic = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' ic
+            #pragma omp for schedule(static)
+            for (int vg_nb = 0; vg_nb < vg_nblocks; ++vg_nb)
+            {
+                const int vg_n0 = vg_nb * vg_NC;
+                const int vg_n1 = vg_imin(vg_n0 + vg_NC, vg_N);
+                const int vg_NP = (vg_n1 - vg_n0 + VG_NR - 1) / VG_NR;
+                {
+                    const int vg_n = vg_n0;
+                    int ic = vg_n;
+                    for (int vg_q = 0; vg_q < vg_n1 - vg_n0; ++vg_q)
+                    {
+                        vg_t_ic[vg_q] = ic;
+                        ++ic;
+                    }
+                }
+                for (int vg_k0 = 0; vg_k0 < vg_K; vg_k0 += vg_KC)
+                {
+                    const int vg_kc = vg_imin(vg_KC, vg_K - vg_k0);
+                    // pack B for k in [k0, k0 + kc), n in [n0, n1): row k - k0, zero past n1
+                    for (int vg_k = vg_k0; vg_k < vg_k0 + vg_kc; ++vg_k)
+                    {
+                        const int c = vg_k;
+                        float *vg_d = vg_b + (size_t)(vg_k - vg_k0) * vg_NC;
+                        if (IC >= VG_RUN)
+                        {
+                            int vg_n = vg_n0;
+                            int vg_run = vg_n;
+                            while (vg_n < vg_n1)
+                            {
+                                const int vg_left = IC - vg_run;
+                                const int vg_len = vg_imin(vg_left, vg_n1 - vg_n);
+                                const float *vg_src = &w[C*vg_run + c];
+                                float *vg_dst = vg_d + (vg_n - vg_n0);
+                                #pragma omp simd
+                                for (int vg_t = 0; vg_t < vg_len; ++vg_t)
+                                    vg_dst[vg_t] = vg_src[(size_t)vg_t * (C)];
+                                vg_n += vg_len;
+                                if (vg_len < vg_left)
+                                    vg_run += vg_len;
+                                else
+                                {
+                                    vg_run = 0;
+                                }
+                            }
+                        }
+                        else
+                        {
+                            #pragma omp simd
+                            for (int vg_q = 0; vg_q < vg_n1 - vg_n0; ++vg_q)
+                                vg_d[vg_q] = w[C*vg_t_ic[vg_q] + c];
+                        }
+                        for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
+                            vg_d[vg_q] = 0.0f;
+                    }
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time
+                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                            vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
+                                          vg_b + vg_np * VG_NR, vg_NC,
+                                          vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+                }
+                // the output from C, for n in [n0, n1)
+                for (int vg_m = 0; vg_m < vg_M; ++vg_m)
+                {
+                    const int b = vg_m;
+                    const float *vg_s = vg_c + (size_t)vg_m * vg_NC;
+                    {
+                        int vg_n = vg_n0;
+                        int vg_run = vg_n;
+                        while (vg_n < vg_n1)
+                        {
+                            const int vg_left = IC - vg_run;
+                            const int vg_len = vg_imin(vg_left, vg_n1 - vg_n);
+                            #pragma omp simd
+                            for (int ic = vg_run; ic < vg_run + vg_len; ++ic)
+                            {
+                                const float v_g_x = vg_s[vg_n - vg_n0 + ic - vg_run];
+                                g_x[IC*b + ic] = v_g_x;
+                            }
+                            vg_n += vg_len;
+                            if (vg_len < vg_left)
+                                vg_run += vg_len;
+                            else
+                            {
+                                vg_run = 0;
+                            }
+                        }
+                    }
+                }
+            }
+            free(vg_t_ic);
+            free(vg_b);
+            free(vg_c);
+        }
+        free(vg_a);
     }
 }
 
@@ -251,25 +1323,152 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
 //   g_w[ic, c] = Sum(g_y[b, c]*x[b, ic], (b, 0, B - 1))  (∂L/∂w)
 void linear_backward_g_w(const float *restrict g_y, const float *restrict x, float *restrict g_w, int B, int C, int IC)
 {
-    #pragma omp parallel for collapse(1) schedule(static)
-    for (int ic = 0; ic < IC; ++ic)
+    // as C[m, n] = Σ_k A[m, k]·B[k, n] with
+    //   A[m, k] = x[b, ic]
+    //   B[k, n] = g_y[b, c]
+    const int vg_M = IC;    // m = (ic)
+    const int vg_N = C;    // n = (c)
+    const int vg_K = B;    // k = (b)
+    // tiles of C along n
     {
-        float acc_g_w[C];
-        #pragma omp simd
-        for (int c = 0; c < C; ++c)
-            acc_g_w[c] = 0.0f;
-        for (int b = 0; b < B; ++b)
+        const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+        const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+        const int vg_T = vg_threads();
+        const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
+        const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
+        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+        #pragma omp parallel
         {
-            #pragma omp simd
-            for (int c = 0; c < C; ++c)
-                acc_g_w[c] += g_y[C*b + c]*x[IC*b + ic];
+            // pack A once: panel m / VG_MR holds its VG_MR rows for each k
+            #pragma omp for schedule(static)
+            for (int vg_m = 0; vg_m < vg_MP * VG_MR; ++vg_m)
+            {
+                float *vg_d = vg_a + (size_t)(vg_m / VG_MR) * VG_MR * vg_K + vg_m % VG_MR;
+                if (vg_m >= vg_M)
+                {
+                    for (int vg_k = 0; vg_k < vg_K; ++vg_k)
+                        vg_d[(size_t)VG_MR * vg_k] = 0.0f;
+                    continue;
+                }
+                const int ic = vg_m;
+                {
+                    int vg_k = 0;
+                    int vg_run = vg_k;
+                    while (vg_k < vg_K)
+                    {
+                        const int vg_left = B - vg_run;
+                        const int vg_len = vg_imin(vg_left, vg_K - vg_k);
+                        #pragma omp simd
+                        for (int b = vg_run; b < vg_run + vg_len; ++b)
+                            vg_d[(size_t)VG_MR * (vg_k + b - vg_run)] = x[IC*b + ic];
+                        vg_k += vg_len;
+                        if (vg_len < vg_left)
+                            vg_run += vg_len;
+                        else
+                        {
+                            vg_run = 0;
+                        }
+                    }
+                }
+            }
+            float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
+            float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
+            int *vg_t_c = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' c
+            #pragma omp for schedule(static)
+            for (int vg_nb = 0; vg_nb < vg_nblocks; ++vg_nb)
+            {
+                const int vg_n0 = vg_nb * vg_NC;
+                const int vg_n1 = vg_imin(vg_n0 + vg_NC, vg_N);
+                const int vg_NP = (vg_n1 - vg_n0 + VG_NR - 1) / VG_NR;
+                {
+                    const int vg_n = vg_n0;
+                    int c = vg_n;
+                    for (int vg_q = 0; vg_q < vg_n1 - vg_n0; ++vg_q)
+                    {
+                        vg_t_c[vg_q] = c;
+                        ++c;
+                    }
+                }
+                for (int vg_k0 = 0; vg_k0 < vg_K; vg_k0 += vg_KC)
+                {
+                    const int vg_kc = vg_imin(vg_KC, vg_K - vg_k0);
+                    // pack B for k in [k0, k0 + kc), n in [n0, n1): row k - k0, zero past n1
+                    for (int vg_k = vg_k0; vg_k < vg_k0 + vg_kc; ++vg_k)
+                    {
+                        const int b = vg_k;
+                        float *vg_d = vg_b + (size_t)(vg_k - vg_k0) * vg_NC;
+                        if (C >= VG_RUN)
+                        {
+                            int vg_n = vg_n0;
+                            int vg_run = vg_n;
+                            while (vg_n < vg_n1)
+                            {
+                                const int vg_left = C - vg_run;
+                                const int vg_len = vg_imin(vg_left, vg_n1 - vg_n);
+                                const float *vg_src = &g_y[C*b + vg_run];
+                                float *vg_dst = vg_d + (vg_n - vg_n0);
+                                #pragma omp simd
+                                for (int vg_t = 0; vg_t < vg_len; ++vg_t)
+                                    vg_dst[vg_t] = vg_src[vg_t];
+                                vg_n += vg_len;
+                                if (vg_len < vg_left)
+                                    vg_run += vg_len;
+                                else
+                                {
+                                    vg_run = 0;
+                                }
+                            }
+                        }
+                        else
+                        {
+                            #pragma omp simd
+                            for (int vg_q = 0; vg_q < vg_n1 - vg_n0; ++vg_q)
+                                vg_d[vg_q] = g_y[C*b + vg_t_c[vg_q]];
+                        }
+                        for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
+                            vg_d[vg_q] = 0.0f;
+                    }
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time
+                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                            vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
+                                          vg_b + vg_np * VG_NR, vg_NC,
+                                          vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+                }
+                // the output from C, for n in [n0, n1)
+                for (int vg_m = 0; vg_m < vg_M; ++vg_m)
+                {
+                    const int ic = vg_m;
+                    const float *vg_s = vg_c + (size_t)vg_m * vg_NC;
+                    {
+                        int vg_n = vg_n0;
+                        int vg_run = vg_n;
+                        while (vg_n < vg_n1)
+                        {
+                            const int vg_left = C - vg_run;
+                            const int vg_len = vg_imin(vg_left, vg_n1 - vg_n);
+                            #pragma omp simd
+                            for (int c = vg_run; c < vg_run + vg_len; ++c)
+                            {
+                                const float v_g_w = vg_s[vg_n - vg_n0 + c - vg_run];
+                                g_w[C*ic + c] = v_g_w;
+                            }
+                            vg_n += vg_len;
+                            if (vg_len < vg_left)
+                                vg_run += vg_len;
+                            else
+                            {
+                                vg_run = 0;
+                            }
+                        }
+                    }
+                }
+            }
+            free(vg_t_c);
+            free(vg_b);
+            free(vg_c);
         }
-        #pragma omp simd
-        for (int c = 0; c < C; ++c)
-        {
-            const float v_g_w = acc_g_w[c];
-            g_w[C*ic + c] = v_g_w;
-        }
+        free(vg_a);
     }
 }
 

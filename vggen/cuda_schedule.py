@@ -1,0 +1,425 @@
+"""CUDA schedule of a contraction as a tiled implicit GEMM (``cuda/contraction_tiled.cu.j2``).
+
+A contraction ``Y[out] = value(Σ_red coeff·A[f(out, red)]·B[g(out, red)])``
+whose two operands each miss some output index is a matrix product
+
+    C[m, n] = Σ_k A[m, k]·B[k, n]
+
+with ``m`` the output loops only A reads, ``n`` those only B reads (B holds
+the output's last, contiguous index), ``k`` every loop of the Σ, the
+constant window included (conv: k = (ic, di, dj), K = 9·IC).  Each of m, n,
+k is flattened row-major (first index slowest).  Nothing is materialised:
+each block gathers BM×BK of A and BK×BN of B straight from the tensors
+through the IR's printed index maps and range guards (0 where a guard
+fails: the zero padding), so the im2col matrix never exists.
+
+Schedule (one block of ``THREADS`` threads per work item; the grid strides
+over the items, so any grid size is correct):
+
+* **Tiles.**  A ``TileConfig`` is BM×BN outputs per block, BK k per step,
+  TM×TN outputs per thread (register blocking).  Thread (tx, ty) owns rows
+  ``g·4·TY + 4·ty + q`` and columns ``h·4·TX + 4·tx + q`` (q < 4): float4
+  reads of shared memory, conflict-free.  Shared tiles are k-major,
+  ``As[BK][BM + 4]``, ``Bs[BK][BN + 4]`` (the pad keeps float4 alignment
+  and spreads a k-contiguous gather's stores over the banks).
+* **Pipeline.**  Two shared buffers; the global loads of step t+1 go into
+  registers before the FMAs of step t and are stored to the other buffer
+  after them (with 8×8 per thread before them: no room beside the 64
+  accumulators; the other warps' FMAs cover the latency): one
+  ``__syncthreads`` per k step.  Each configuration is a ``__noinline__``
+  instantiation, so each gets its own register allocation (≤ 128, none
+  spilled: ``tests/test_cuda_compile.py``).
+* **Gather.**  Per operand and k step a thread loads KE consecutive k of
+  one row (or, vectorised along the rows, of V consecutive rows): its
+  row's loop variables are unflattened once per item, its first k's are
+  counters advanced by BK with carries (no division), the others follow
+  by +1 carries.  Consecutive threads run along the dim the tensor is
+  contiguous in (``along``: "k" or "rows"), so a warp's loads coalesce.
+  Where the operand's flat offset is linear in that dim (``linear``:
+  offset = base + flat index, no guard; Linear's x and w, conv's w in the
+  forward), V = 4 (or 2) consecutive elements come with one float4
+  (float2) load, scalar loads at run time where the address is not
+  aligned or the run crosses the end.
+* **Split-K.**  An item is (tile, z); split z sums k-steps
+  ``[z·S, (z+1)·S)``.  With several splits each writes its partial tile to
+  a workspace (``vg_splitk_ws``, module scope) and bumps the tile's
+  counter (``vg_splitk_count``, an int atomic: no float atomics); the last
+  to arrive sums the partials **in z order** (deterministic, whatever the
+  arrival order), applies the stage's value (the epilogue) and stores,
+  then resets the counter for the next launch.  Kernels of one module
+  share the workspace: they must not run concurrently (one stream).
+  ``SPLIT_K = False`` removes all of it (no atomic at all).
+* **Choice.**  The kernel picks (config, splits) itself from M, N, K and
+  ``gridDim.x`` (the blocks assumed resident: ``PERSISTENT_BLOCKS``) with
+  the cost model of ``choose`` (the device copy is generated from it,
+  ``vg_tile_choose``); ``vg_tune_<kernel>`` (a ``__device__ int``, 0 by
+  default) forces a choice instead: the autotuning hook (see ``tune_value``);
+  measured choices belong in ``CONFIGS`` and the cost constants (then
+  ``vggen build``), which the device code is generated from.
+
+The template holds loop structure, staging and launch only: every element of
+A and B, and the stored value, is printed from the IR by the CUDA printer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from .ir import CUDA_THREADS, Kernel, KernelClass, Loop, _conjuncts
+
+THREADS = CUDA_THREADS
+# Blocks in flight on an H100/H200: 132 SMs × 2 blocks of 256 threads (≤ 128
+# registers each).  The manifest's grid; any other grid is correct too.
+PERSISTENT_BLOCKS = 264
+MIN_BLOCKS_PER_SM = 2            # __launch_bounds__(VG_THREADS, 2): at most 128 registers
+# Split-K (see the module docstring).  Its only atomic is the int ticket of the
+# last split; False: no split-K, no workspace, no atomic at all (small M×N
+# products then run on few blocks).
+SPLIT_K = True
+SPLITK_FLOATS = 1 << 22          # workspace of partial tiles (16 MiB per module)
+SPLITK_TILES = 4096              # tile counters: split-K only with at most this many tiles
+MAX_SPLITS = 128
+KT_MIN = 4                       # k-steps a split should have at least
+# cost model (units of 1/256 instruction per thread): see choose()
+COST_FIXED = 400                 # per item: prologue latency, index set-up
+COST_GATHER = 12                 # per gathered element per thread
+COST_REDUCE = 2                  # per partial element the last split reads
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    bm: int
+    bn: int
+    bk: int
+    tm: int
+    tn: int
+    split: bool = True             # may split K (else its registers are all the FMAs')
+
+    @property
+    def ty(self) -> int:
+        return self.bm // self.tm
+
+    @property
+    def tx(self) -> int:
+        return self.bn // self.tn
+
+    @property
+    def smem_floats(self) -> int:
+        """Both operands' double-buffered tiles, rows padded by 4."""
+        return 2 * self.bk * (self.bm + 4 + self.bn + 4)
+
+    def rows(self, dim: str) -> int:
+        return self.bm if dim == "m" else self.bn
+
+    def check(self):
+        assert self.ty * self.tx == THREADS and self.tm % 4 == 0 and self.tn % 4 == 0, self
+        # every thread gathers ≥ 1 element of each operand per k step, within one row group
+        assert all(r * self.bk % THREADS == 0 and r * self.bk // THREADS <= self.bk for r in (self.bm, self.bn)), self
+        assert self.smem_floats * 4 <= 48 * 1024, self
+
+    def text(self) -> str:
+        return f"{self.bm}x{self.bn}x{self.bk}, {self.tm}x{self.tn} per thread{'' if self.split else ', no split-K'}"
+
+
+# Order matters only for ties (the first wins).  Edit here; `vggen build`.
+CONFIGS = (
+    TileConfig(128, 128, 8, 8, 8, split=False),     # 8×8 per thread fills 128 registers
+    TileConfig(128, 64, 16, 8, 4),
+    TileConfig(64, 128, 16, 4, 8),
+    TileConfig(64, 64, 16, 4, 4),
+    TileConfig(128, 32, 16, 4, 4),
+    TileConfig(32, 128, 16, 4, 4),
+)
+for _c in CONFIGS:
+    _c.check()
+
+
+# --------------------------------------------------------------------------- the choice (mirrored in C++)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _splits(c: TileConfig, M: int, N: int, K: int, want: int) -> int:
+    """``want`` splits clamped to what the workspace, the counters and K allow,
+    then normalised so that none is empty."""
+    tiles = _cdiv(M, c.bm) * _cdiv(N, c.bn)
+    kt = _cdiv(K, c.bk)
+    s = max(1, min(want, MAX_SPLITS, kt))
+    if s > 1 and (tiles > SPLITK_TILES or not c.split or not SPLIT_K):
+        s = 1
+    if s > 1:
+        s = max(1, min(s, SPLITK_FLOATS // (tiles * c.bm * c.bn)))
+    return _cdiv(kt, _cdiv(kt, s))
+
+
+def cost(c: TileConfig, M: int, N: int, K: int, G: int, s: int) -> int:
+    """Estimated time (arbitrary units) of the product with config ``c`` and
+    ``s`` splits on ``G`` resident blocks: waves of items, each its k-steps
+    (FMAs, shared loads, gathers per thread) plus a fixed cost, plus the
+    last split's summation of the partials."""
+    tiles = _cdiv(M, c.bm) * _cdiv(N, c.bn)
+    kt = _cdiv(K, c.bk)
+    per_k = 256 * c.tm * c.tn + 128 * (c.tm + c.tn) + COST_GATHER * (c.bm + c.bn)
+    item = _cdiv(kt, s) * c.bk * per_k + 256 * (COST_FIXED + 2 * c.tm * c.tn * (2 if s > 1 else 1))
+    total = _cdiv(tiles * s, G) * item
+    if s > 1:
+        total += 256 * COST_REDUCE * s * c.tm * c.tn
+    return total
+
+
+def choose(M: int, N: int, K: int, G: int = PERSISTENT_BLOCKS, tune: int = 0) -> tuple[int, int]:
+    """(config index, splits) for an M×N×K product on G blocks (the kernel
+    runs the same code, ``vg_tile_choose``).  ``tune`` > 0 forces config
+    ``(tune−1) % len(CONFIGS)`` with ``(tune−1) // len(CONFIGS) + 1`` splits
+    (clamped like any choice)."""
+    if tune > 0:
+        c = (tune - 1) % len(CONFIGS)
+        return c, _splits(CONFIGS[c], M, N, K, (tune - 1) // len(CONFIGS) + 1)
+    best = None
+    for n, c in enumerate(CONFIGS):
+        tiles = _cdiv(M, c.bm) * _cdiv(N, c.bn)
+        want = max(1, min(G // tiles, _cdiv(K, c.bk) // KT_MIN))
+        for w in (1, want) if want > 1 else (1,):
+            s = _splits(c, M, N, K, w)
+            t = cost(c, M, N, K, G, s)
+            if best is None or t < best[0]:
+                best = (t, n, s)
+    return best[1], best[2]
+
+
+def tune_value(config: int, splits: int = 1) -> int:
+    """The ``vg_tune_<kernel>`` value that forces ``config`` with ``splits``."""
+    return 1 + config + len(CONFIGS) * (splits - 1)
+
+
+# --------------------------------------------------------------------------- the GEMM view of a kernel
+
+
+def _guarded_factors(e, conds: list, factors: list) -> bool:
+    """``Piecewise((X, c), (0, True))·Y`` → conds [c], factors [X, Y]; False
+    where the summand is not such a guarded product."""
+    if isinstance(e, sp.Piecewise):
+        if len(e.args) != 2 or e.args[1].cond is not sp.true or e.args[1].expr != 0:
+            return False
+        conds += _conjuncts(e.args[0].cond)
+        return _guarded_factors(e.args[0].expr, conds, factors)
+    if isinstance(e, sp.Mul):
+        return all(_guarded_factors(f, conds, factors) for f in e.args)
+    factors.append(e)
+    return True
+
+
+def _flat(loops: list[Loop]) -> sp.Expr:
+    """The row-major flat index of ``loops`` (first index slowest)."""
+    out = sp.Integer(0)
+    for lp in loops:
+        out = out * lp.extent + (lp.var - lp.first)
+    return sp.expand(out)
+
+
+def flat_offset(access: sp.Indexed, tensor) -> sp.Expr:
+    """An access's element offset, as the printer computes it (row-major, each
+    dimension's first index subtracted)."""
+    flat = sp.Integer(0)
+    for k, (ix, lo, n) in enumerate(zip(access.indices, tensor.lower, tensor.shape)):
+        flat = (ix - lo) if k == 0 else flat * n + (ix - lo)
+    return sp.expand(flat)
+
+
+LOAD = sp.Symbol("vg_ld", real=True)    # an operand element just loaded (linear gathers)
+
+
+@dataclass
+class Operand:
+    """One operand of the product: its element ``expr`` (guards included) as a
+    function of its ``rows`` loops (m for A, n for B) and the k loops."""
+
+    name: str                      # "a" or "b"
+    dim: str                       # "m" or "n"
+    rows: list[Loop]
+    k: list[Loop]
+    expr: sp.Expr
+    access: sp.Indexed
+    tensor: str
+    along: str                     # "k" or "rows": the dim consecutive threads load along
+    linear: bool                   # offset = base + flat index along ``along``, no guard
+    flat0: sp.Expr | None = None   # that base (the offset with ``along``'s loops at their first)
+    load: sp.Expr | None = None    # the element from the loaded value LOAD (a coefficient)
+
+    def vec(self, c: TileConfig) -> int:
+        """Elements per vector load (4, 2 or 1) with config ``c``: >1 only for a
+        linear operand, dividing its elements per thread and step
+        (``c.rows(dim)·BK / THREADS``, see the template's mapping)."""
+        per_thread = c.rows(self.dim) * c.bk // THREADS
+        for v in (4, 2):
+            if self.linear and per_thread % v == 0 and c.rows(self.dim) % v == 0:
+                return v
+        return 1
+
+    def row_vars(self) -> list[sp.Symbol]:
+        """Row loop variables the element reads (the rest need no register)."""
+        free = self.expr.free_symbols
+        return [lp.var for lp in self.rows if lp.var in free]
+
+    def k_vars(self) -> list[sp.Symbol]:
+        free = self.expr.free_symbols
+        return [lp.var for lp in self.k if lp.var in free]
+
+    def flat0_vars(self, loops: list[Loop]) -> list[sp.Symbol]:
+        free = self.flat0.free_symbols
+        return [lp.var for lp in loops if lp.var in free]
+
+    def text(self) -> str:
+        e = self.expr
+        if isinstance(e, sp.Piecewise):
+            val, cond = e.args[0]
+            return f"{val} where {' and '.join(str(c) for c in _conjuncts(cond))}, else 0"
+        return str(e)
+
+
+@dataclass
+class TiledGemm:
+    """A contraction kernel's tiled-GEMM schedule (see the module docstring)."""
+
+    m: list[Loop]
+    n: list[Loop]
+    k: list[Loop]
+    a: Operand
+    b: Operand
+    configs: tuple = CONFIGS
+    vec: list = field(default_factory=list)     # per config: (V of A, V of B)
+
+    def loops(self, dim: str) -> list[Loop]:
+        return {"m": self.m, "n": self.n, "k": self.k}[dim]
+
+    def size(self, dim: str) -> sp.Expr:
+        return sp.Mul(*[lp.extent for lp in self.loops(dim)])
+
+    @property
+    def smem_floats(self) -> int:
+        return max(c.smem_floats for c in self.configs)
+
+    @property
+    def split_k(self) -> bool:
+        """Whether any configuration may split K (the template emits split-K then)."""
+        return SPLIT_K and any(c.split for c in self.configs)
+
+    def ranges(self) -> dict:
+        return {lp.var: (lp.first, lp.last) for lp in self.m + self.n + self.k}
+
+    def names(self, dim: str) -> list[str]:
+        return [lp.var.name for lp in self.loops(dim)]
+
+
+def _unit(index, var) -> bool:
+    index = sp.expand(sp.sympify(index))
+    if index.atoms(sp.floor, sp.Mod) or not index.is_polynomial(var):
+        return False
+    return sp.diff(index, var) in (1, -1)
+
+
+def _operand(name: str, dim: str, rows: list[Loop], k: list[Loop], expr, access, tensor, guarded: bool,
+             coeff) -> Operand:
+    last = access.indices[-1]
+    by_rows, by_k = _unit(last, rows[-1].var), _unit(last, k[-1].var)
+    if by_rows and by_k:          # both contiguous: the one whose run is not a constant window
+        along = "k" if rows[-1].constant and not k[-1].constant else "rows"
+    else:
+        along = "k" if by_k else "rows"
+    op = Operand(name, dim, rows, k, expr, access, tensor.name, along, False)
+    if not guarded:
+        loops = k if along == "k" else rows
+        offset = flat_offset(access, tensor)
+        base = sp.expand(offset.xreplace({lp.var: lp.first for lp in loops}))
+        if sp.expand(offset - base - _flat(loops)) == 0:
+            op.linear, op.flat0, op.load = True, base, coeff * LOAD
+    return op
+
+
+def tiled_gemm(kernel: Kernel) -> TiledGemm | None:
+    """The kernel as a tiled product, or None where it is not one (then the
+    simple thread/block schedule is the only one): not a single Σ of a guarded
+    product of two float tensors with constant coefficient, an output index
+    both operands read (a batch index) or neither, a guard that reads both
+    operands' output loops."""
+    if kernel.cls is not KernelClass.CONTRACTION or len(kernel.stages) != 1:
+        return None
+    (r,) = kernel.reductions
+    term, limits = getattr(r, "term", None), list(getattr(r, "limits", None) or [])
+    if r.op != "sum" or term is None or not limits:
+        return None
+    conds, factors = [], []
+    if not _guarded_factors(term, conds, factors):
+        return None
+    parallel = kernel.parallel
+    loops = {lp.var for lp in parallel} | {lp.var for lp in limits}
+    reads = [f for f in factors if isinstance(f, sp.Indexed)]
+    coeff = [f for f in factors if not isinstance(f, sp.Indexed)]
+    if len(reads) != 2 or any(f.free_symbols & loops or f.atoms(sp.Indexed) for f in coeff):
+        return None
+    if any(kernel.tensors[str(a.base.label)].dtype != "float" for a in reads):
+        return None
+    used = [set().union(*[sp.sympify(ix).free_symbols for ix in a.indices]) & loops for a in reads]
+    out = [lp.var for lp in parallel]
+    if used[0] & used[1] & set(out) or not set(out) <= used[0] | used[1]:
+        return None
+    second = 0 if out[-1] in used[0] else 1            # B holds the output's last (contiguous) index
+    a_read, b_read = reads[1 - second], reads[second]
+    m = [lp for lp in parallel if lp.var in used[1 - second]]
+    n = [lp for lp in parallel if lp.var in used[second]]
+    if not m or not n:
+        return None
+    mk, nk = {lp.var for lp in m + limits}, {lp.var for lp in n + limits}
+    a_conds, b_conds = [], []
+    for cond in conds:
+        free = cond.free_symbols & loops
+        if free <= mk:
+            a_conds.append(cond)
+        elif free <= nk:
+            b_conds.append(cond)
+        else:
+            return None
+    c = sp.Mul(*coeff)
+    a = c * a_read
+    a = sp.Piecewise((a, sp.And(*a_conds)), (0, True)) if a_conds else a
+    b = sp.Piecewise((b_read, sp.And(*b_conds)), (0, True)) if b_conds else b_read
+    tensors = kernel.tensors
+    g = TiledGemm(m, n, limits,
+                  _operand("a", "m", m, limits, a, a_read, tensors[str(a_read.base.label)], bool(a_conds), c),
+                  _operand("b", "n", n, limits, b, b_read, tensors[str(b_read.base.label)], bool(b_conds), 1))
+    g.vec = [(g.a.vec(cfg), g.b.vec(cfg)) for cfg in g.configs]
+    return g
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def launch(g: TiledGemm, name: str) -> dict:
+    """The manifest's launch entry of a tiled kernel (besides the common fields)."""
+    return {
+        "mode": "tiled",
+        "grid": [str(PERSISTENT_BLOCKS), "1", "1"],
+        "grid_any": True,
+        "static_shared_bytes": 4 * g.smem_floats + 4,
+        "gemm": {"m": g.names("m"), "n": g.names("n"), "k": g.names("k"),
+                 "M": str(g.size("m")), "N": str(g.size("n")), "K": str(g.size("k")),
+                 "a": g.a.tensor, "b": g.b.tensor, "a_along": g.a.along, "b_along": g.b.along},
+        "split_k": g.split_k,
+        "workspace": ({"symbol": "vg_splitk_ws", "bytes": 4 * SPLITK_FLOATS, "counters": "vg_splitk_count",
+                       "scope": "module: shared by the file's tiled kernels, which must not run concurrently"}
+                      if g.split_k else None),
+        "configs": [{"BM": c.bm, "BN": c.bn, "BK": c.bk, "TM": c.tm, "TN": c.tn, "VA": va, "VB": vb,
+                     "split": c.split and g.split_k}
+                    for c, (va, vb) in zip(g.configs, g.vec)],
+        "tune": {"symbol": f"vg_tune_{name}", "default": 0,
+                 "encoding": f"0: the kernel's heuristic; 1 + config + {len(g.configs)}*(splits - 1): force "
+                             f"configs[config] with that many k-splits (clamped to the workspace)"},
+    }
+
+
+__all__ = ["CONFIGS", "PERSISTENT_BLOCKS", "TileConfig", "TiledGemm", "Operand", "choose", "cost",
+           "tiled_gemm", "tune_value", "launch"]
