@@ -59,3 +59,11 @@ def test_interrupted_training_leaves_a_resumable_checkpoint(tmp_path):
     res = vggen("train", "--target", "c", "--width", "2", "--epochs", "1", "--batch-size", "64",
                 "--resume", str(ck / "checkpoint.npz"))
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+
+
+def test_wrong_image_size_is_a_clear_error():
+    from vggen.errors import VggenError
+    from vggen.network import build_nodes
+
+    with pytest.raises(VggenError, match="multiple of 32"):
+        build_nodes(4, image_shape=(3, 30, 30))

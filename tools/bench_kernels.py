@@ -4,6 +4,7 @@
     python tools/bench_kernels.py --width 16 --torch   # and PyTorch's (oneDNN) conv forward + backward
     python tools/bench_kernels.py --source old.c       # another build of vggen_kernels.c (same signatures)
     python tools/bench_kernels.py --only 512:512:2     # one conv shape IC:OC:H (B from --batch)
+    python tools/bench_kernels.py --rounds 3 --quiet 60 --torch --check   # the report's table
 
 Compiled as the C runtime does (cc -O3 -march=native -fopenmp); OMP_NUM_THREADS
 as set (the machine's cores by default).  Each kernel runs once to warm up,
@@ -185,7 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, action="append", help="C1 (default: 16 and 64)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=1, help="sweep the conv shapes this many times; the summary keeps each kernel's best")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="sweep the conv shapes this many times; the summary keeps each kernel's best")
     ap.add_argument("--only", action="append", help="conv shape IC:OC:H (repeatable)")
     ap.add_argument("--no-linear", action="store_true")
     ap.add_argument("--no-conv", action="store_true", help="Linear's kernels only")
@@ -231,7 +233,8 @@ def print_summary(c1: int, seen: dict, batch: int):
     """Per conv shape: the three kernels' fastest ms, their sum, PyTorch's forward+backward."""
     print(f"\nwidth {c1}, B={batch}: ms (fastest run of all rounds); x = times in the network; "
           f"the first layer's g_x is not needed (not in sum)")
-    print(f"{'IC->OC @H':16s} {'x':>2s} {'fwd':>8s} {'g_x':>8s} {'g_w':>8s} {'sum':>8s} {'torch':>8s} {'torch/sum':>9s}")
+    print(f"{'IC->OC @H':16s} {'x':>2s} {'fwd':>8s} {'g_x':>8s} {'g_w':>8s} {'sum':>8s} {'torch':>8s} "
+          f"{'torch/sum':>9s}")
     tot = tot_t = 0.0
     for n, ((ic, oc, h), r) in enumerate(seen.items()):
         f, gx, gw = (r[k][0] * 1e3 for k in ("forward_y", "backward_g_x", "backward_g_w"))
@@ -239,7 +242,8 @@ def print_summary(c1: int, seen: dict, batch: int):
         t = r["torch"][0] * 1e3 if "torch" in r else float("nan")
         tot += r["count"] * ours
         tot_t += r["count"] * t
-        print(f"{f'{ic}->{oc} @{h}':16s} {r['count']:2d} {f:8.2f} {gx:8.2f} {gw:8.2f} {ours:8.2f} {t:8.2f} {t / ours:9.2f}")
+        print(f"{f'{ic}->{oc} @{h}':16s} {r['count']:2d} {f:8.2f} {gx:8.2f} {gw:8.2f} {ours:8.2f} {t:8.2f} "
+              f"{t / ours:9.2f}")
     print(f"{'all 13 convs':16s} {'':2s} {'':8s} {'':8s} {'':8s} {tot:8.2f} {tot_t:8.2f} {tot_t / tot:9.2f}")
 
 
