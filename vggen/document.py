@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .lang import Sum, indices, iverson
-from .layers import B, EPS, H, IC, K, OC, S, W, C
+from .layers import B, C, EPS, H, K, OC, S, W
 
 b, c, ic, oc, i, j, di, dj, i2, j2 = indices("b c ic oc i j di dj i2 j2")
 

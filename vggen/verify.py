@@ -21,7 +21,7 @@ the input, the dot-product test ⟨A x, y⟩ = ⟨x, Aᵀ y⟩.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import sympy as sp
