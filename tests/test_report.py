@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from vggen import report as report_mod
+from vggen import atomic as atomic_mod
 from vggen.cli import main
 from vggen.errors import VggenError
 from vggen.inspect import load_manifest
 from vggen.layers import dropout, relu, vgg_layers
-from vggen.report import html, latex, markdown, write_markdown, write_text
+from vggen.atomic import write_atomic
+from vggen.report import html, latex, markdown, write_markdown
 from vggen.verify import check_all
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,15 +121,15 @@ def test_html_page(small, manifest):
 def test_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "d.md"
     path.write_text("old")
-    write_text(path, "new")
+    write_atomic(path, "new")
     assert path.read_text() == "new" and stat.S_IMODE(path.stat().st_mode) == 0o644
     assert sorted(os.listdir(tmp_path)) == ["d.md"]
 
     def fail(*a):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(report_mod.os, "replace", fail)
+    monkeypatch.setattr(atomic_mod.os, "replace", fail)
     with pytest.raises(VggenError, match="cannot write .*d.md: No space left"):
-        write_text(path, "newer")
+        write_atomic(path, "newer")
     assert path.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["d.md"]
 
 

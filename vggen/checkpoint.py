@@ -16,14 +16,13 @@ any point leaves the previous checkpoint whole.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic
 from .errors import VggenError
 
 FORMAT = "vggen-checkpoint"
@@ -43,24 +42,6 @@ class Checkpoint:
         return int(self.header["epoch"])
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # honours the umask
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save(path: str | Path, header: dict, params: dict, momentum: dict, state: dict) -> Path:
     """Write a checkpoint to ``path`` (a file) atomically; returns the path."""
     path = Path(path)
@@ -70,11 +51,8 @@ def save(path: str | Path, header: dict, params: dict, momentum: dict, state: di
     for prefix, group in (("param", params), ("momentum", momentum), ("state", state)):
         for k, v in group.items():
             arrays[f"{prefix}/{k}"] = np.ascontiguousarray(v)
-    try:
-        _atomic_write(path, lambda f: np.savez(f, **arrays))
-        _atomic_write(path.with_suffix(".json"), lambda f: f.write(text.encode("utf-8") + b"\n"))
-    except OSError as e:
-        raise VggenError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+    write_atomic(path, lambda f: np.savez(f, **arrays))
+    write_atomic(path.with_suffix(".json"), text + "\n")
     return path
 
 

@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +45,7 @@ import jinja2
 import sympy as sp
 
 from . import cuda_schedule
+from .atomic import write_atomic
 from .cuda_schedule import TiledGemm, tiled_gemm
 from .ir import CUDA_THREADS, Kernel, KernelClass, layer_slug, lower_network
 from .printers import PRINTERS
@@ -311,22 +311,6 @@ def _ours(out: Path) -> list[Path]:
     return found
 
 
-def _atomic_write(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def build(out_dir="generated", check: bool = False, *, cuda_contraction: str = CUDA_CONTRACTION) -> list[Path]:
     """Write the VGG kernels and manifest under ``out_dir``; returns every path
     of the build (files whose bytes are already right are left untouched;
@@ -347,7 +331,7 @@ def build(out_dir="generated", check: bool = False, *, cuda_contraction: str = C
         leftovers = [f for f in _ours(out) if f not in files]
         for path, data in files.items():
             if not path.is_file() or path.read_bytes() != data:
-                _atomic_write(path, data)
+                write_atomic(path, data)
         for f in leftovers:
             f.unlink()
     return list(files)

@@ -15,9 +15,9 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
+from .atomic import write_atomic
 from .errors import VggenError
 
 REQUIRED = ("epoch", "train_loss")
@@ -114,31 +114,10 @@ def render(rows: list[dict], title: str = "") -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise VggenError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise VggenError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
-
-
 def plot(metrics: str | os.PathLike, out: str | os.PathLike, title: str | None = None) -> Path:
     """Draw ``metrics`` (a JSON-lines file) into the PNG ``out``; returns its path."""
     _matplotlib()                      # before reading: say what to install first
     rows = load_metrics(metrics)
     out = Path(out)
-    _write_atomic(out, render(rows, Path(metrics).name if title is None else title))
+    write_atomic(out, render(rows, Path(metrics).name if title is None else title))
     return out

@@ -16,14 +16,14 @@ from __future__ import annotations
 import html as _html
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import sympy as sp
 
 from .autodiff import derive
 from .document import document_equations
-from .errors import VggenError
+from .atomic import write_atomic
+
 from .layers import vgg_layers
 
 TITLE = "Math for VGG, derived by vggen"
@@ -235,36 +235,12 @@ def html(text: str, title: str = TITLE) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write atomically: a reader sees the old file or the whole new one."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise VggenError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise VggenError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
-    return path
-
-
 def write_markdown(path: str | os.PathLike, rows, layers=None, manifest: dict | None = None,
                    as_html: bool = False) -> Path:
     """``markdown(rows, layers, manifest)`` written atomically to ``path``
     (as an HTML page with ``as_html``)."""
     text = markdown(rows, layers, manifest)
-    return write_text(path, html(text) if as_html else text)
+    return write_atomic(path, html(text) if as_html else text)
 
 
 def report(path: str | os.PathLike, layers=None, generated=None, as_html: bool = False):
