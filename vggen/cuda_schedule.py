@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .ir import CUDA_THREADS, Kernel, KernelClass, Loop, _conjuncts
+from .ir import CUDA_THREADS, Kernel, KernelClass, Loop, _conjuncts, split_product
 
 THREADS = CUDA_THREADS
 # Blocks in flight on an H100/H200: 132 SMs × 2 blocks of 256 threads (≤ 128
@@ -197,20 +197,6 @@ def tune_value(config: int, splits: int = 1) -> int:
 
 
 # --------------------------------------------------------------------------- the GEMM view of a kernel
-
-
-def _guarded_factors(e, conds: list, factors: list) -> bool:
-    """``Piecewise((X, c), (0, True))·Y`` → conds [c], factors [X, Y]; False
-    where the summand is not such a guarded product."""
-    if isinstance(e, sp.Piecewise):
-        if len(e.args) != 2 or e.args[1].cond is not sp.true or e.args[1].expr != 0:
-            return False
-        conds += _conjuncts(e.args[0].cond)
-        return _guarded_factors(e.args[0].expr, conds, factors)
-    if isinstance(e, sp.Mul):
-        return all(_guarded_factors(f, conds, factors) for f in e.args)
-    factors.append(e)
-    return True
 
 
 def _flat(loops: list[Loop]) -> sp.Expr:
@@ -349,48 +335,17 @@ def tiled_gemm(kernel: Kernel) -> TiledGemm | None:
     if kernel.cls is not KernelClass.CONTRACTION or len(kernel.stages) != 1:
         return None
     (r,) = kernel.reductions
-    term, limits = getattr(r, "term", None), list(getattr(r, "limits", None) or [])
-    if r.op != "sum" or term is None or not limits:
+    if r.op != "sum" or r.term is None:
         return None
-    conds, factors = [], []
-    if not _guarded_factors(term, conds, factors):
-        return None
-    parallel = kernel.parallel
-    loops = {lp.var for lp in parallel} | {lp.var for lp in limits}
-    reads = [f for f in factors if isinstance(f, sp.Indexed)]
-    coeff = [f for f in factors if not isinstance(f, sp.Indexed)]
-    if len(reads) != 2 or any(f.free_symbols & loops or f.atoms(sp.Indexed) for f in coeff):
-        return None
-    if any(kernel.tensors[str(a.base.label)].dtype != "float" for a in reads):
-        return None
-    used = [set().union(*[sp.sympify(ix).free_symbols for ix in a.indices]) & loops for a in reads]
-    out = [lp.var for lp in parallel]
-    if used[0] & used[1] & set(out) or not set(out) <= used[0] | used[1]:
-        return None
-    second = 0 if out[-1] in used[0] else 1            # B holds the output's last (contiguous) index
-    a_read, b_read = reads[1 - second], reads[second]
-    m = [lp for lp in parallel if lp.var in used[1 - second]]
-    n = [lp for lp in parallel if lp.var in used[second]]
-    if not m or not n:
-        return None
-    mk, nk = {lp.var for lp in m + limits}, {lp.var for lp in n + limits}
-    a_conds, b_conds = [], []
-    for cond in conds:
-        free = cond.free_symbols & loops
-        if free <= mk:
-            a_conds.append(cond)
-        elif free <= nk:
-            b_conds.append(cond)
-        else:
-            return None
-    c = sp.Mul(*coeff)
-    a = c * a_read
-    a = sp.Piecewise((a, sp.And(*a_conds)), (0, True)) if a_conds else a
-    b = sp.Piecewise((b_read, sp.And(*b_conds)), (0, True)) if b_conds else b_read
+    p = split_product(kernel.parallel, r.term, list(r.limits or []))
     tensors = kernel.tensors
-    g = TiledGemm(m, n, limits,
-                  _operand("a", "m", m, limits, a, a_read, tensors[str(a_read.base.label)], bool(a_conds), c),
-                  _operand("b", "n", n, limits, b, b_read, tensors[str(b_read.base.label)], bool(b_conds), 1))
+    if p is None or any(tensors[str(x.base.label)].dtype != "float" for x in (p.a_read, p.b_read)):
+        return None
+    g = TiledGemm(p.m, p.n, p.k,
+                  _operand("a", "m", p.m, p.k, p.a, p.a_read, tensors[str(p.a_read.base.label)],
+                           p.a_guarded, p.coeff),
+                  _operand("b", "n", p.n, p.k, p.b, p.b_read, tensors[str(p.b_read.base.label)],
+                           p.b_guarded, 1))
     g.vec = [(g.a.vec(cfg), g.b.vec(cfg)) for cfg in g.configs]
     return g
 

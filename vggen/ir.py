@@ -1089,32 +1089,46 @@ def _guarded_factors(e, conds: list, factors: list) -> bool:
     return True
 
 
-def _gemm(parallel: list[Loop], stage: Stage, r: Reduction, inner: bool, vec: sp.Symbol, sizes: set) -> Gemm | None:
-    """The contraction as a matrix product, or None where it is not one: an
-    index both operands read (a batch index), an output index neither reads,
-    a guard that reads both operands' output loops or tensor data."""
-    if not r.contraction or r.term is None:
-        return None
+@dataclass
+class ProductSplit:
+    """A contraction Σ_k c·A[m, k]·B[k, n] under range guards, split into its
+    matrix-product view (shared by the C GEMM and the CUDA tiled schedules)."""
+
+    m: list            # output loops only A reads
+    n: list            # output loops only B reads; B holds the output's last index
+    k: list            # the summed loops
+    a_read: sp.Indexed
+    b_read: sp.Indexed
+    coeff: sp.Expr     # constant factor, folded into A
+    a: sp.Expr         # c·A with A's guards
+    b: sp.Expr         # B with B's guards
+    a_guarded: bool
+    b_guarded: bool
+
+
+def split_product(parallel: list, term: sp.Expr, limits: list) -> ProductSplit | None:
+    """The summand ``term`` over ``limits`` as a matrix product, or None where it
+    is not one: not a guarded product of two tensor reads and a constant, an
+    output index both operands read (a batch index) or neither, a guard that
+    reads tensor data or both operands' loops."""
     conds, factors = [], []
-    if not _guarded_factors(r.term, conds, factors) or any(c.atoms(sp.Indexed) for c in conds):
+    if not limits or not _guarded_factors(term, conds, factors) or any(c.atoms(sp.Indexed) for c in conds):
         return None
-    loops = {lp.var for lp in parallel} | {lp.var for lp in r.limits}
+    loops = {lp.var for lp in parallel} | {lp.var for lp in limits}
     reads = [f for f in factors if isinstance(f, sp.Indexed)]
     coeff = [f for f in factors if not isinstance(f, sp.Indexed)]
-    if len(reads) != 2 or any(f.free_symbols & loops for f in coeff):
+    if len(reads) != 2 or any(f.free_symbols & loops or f.atoms(sp.Indexed) for f in coeff):
         return None
     used = [set().union(*[sp.sympify(ix).free_symbols for ix in a.indices]) & loops for a in reads]
     out = [lp.var for lp in parallel]
-    if used[0] & used[1] & set(out) or not set(out) <= used[0] | used[1]:
+    if not out or used[0] & used[1] & set(out) or not set(out) <= used[0] | used[1]:
         return None
     second = 0 if out[-1] in used[0] else 1            # B holds the output's last (contiguous) index
     a_read, b_read = reads[1 - second], reads[second]
     m = [lp for lp in parallel if lp.var in used[1 - second]]
     n = [lp for lp in parallel if lp.var in used[second]]
-    k = list(r.limits)
-    if inner:
-        k = [lp for lp in k if lp.var != vec] + [lp for lp in k if lp.var == vec]
-    if not m or not n or not k:
+    k = list(limits)
+    if not m or not n:
         return None
     mk, nk = {lp.var for lp in m + k}, {lp.var for lp in n + k}
     a_conds, b_conds = [], []
@@ -1126,14 +1140,30 @@ def _gemm(parallel: list[Loop], stage: Stage, r: Reduction, inner: bool, vec: sp
             b_conds.append(c)
         else:
             return None
-    a = sp.Mul(*coeff) * a_read
+    c = sp.Mul(*coeff)
+    a = c * a_read
     a = sp.Piecewise((a, sp.And(*a_conds)), (0, True)) if a_conds else a
     b = sp.Piecewise((b_read, sp.And(*b_conds)), (0, True)) if b_conds else b_read
-    g = Gemm(m, n, k, a, b, inner)
-    g.a_region = _split_region(a, mk - {k[-1].var}, k[-1].var, k[-1], sizes)
-    g.b_region = _split_region(b, nk - {n[-1].var}, n[-1].var, n[-1], sizes)
+    return ProductSplit(m, n, k, a_read, b_read, c, a, b, bool(a_conds), bool(b_conds))
+
+
+def _gemm(parallel: list[Loop], stage: Stage, r: Reduction, inner: bool, vec: sp.Symbol, sizes: set) -> Gemm | None:
+    """The C schedule's matrix product (see ``split_product``); with ``inner``
+    the vector loop ``vec`` is the innermost k loop."""
+    if not r.contraction or r.term is None:
+        return None
+    p = split_product(parallel, r.term, r.limits)
+    if p is None:
+        return None
+    m, n, k = p.m, p.n, p.k
     if inner:
-        g.b_region_k = _split_region(b, nk - {k[-1].var}, k[-1].var, k[-1], sizes)
+        k = [lp for lp in k if lp.var != vec] + [lp for lp in k if lp.var == vec]
+    mk, nk = {lp.var for lp in m + k}, {lp.var for lp in n + k}
+    g = Gemm(m, n, k, p.a, p.b, inner)
+    g.a_region = _split_region(p.a, mk - {k[-1].var}, k[-1].var, k[-1], sizes)
+    g.b_region = _split_region(p.b, nk - {n[-1].var}, n[-1].var, n[-1], sizes)
+    if inner:
+        g.b_region_k = _split_region(p.b, nk - {k[-1].var}, k[-1].var, k[-1], sizes)
     return g
 
 
