@@ -12,6 +12,7 @@ zero-outside semantics.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -280,6 +281,16 @@ class Layer:
     @property
     def outputs(self) -> list[Tensor]:
         return self.role(Role.OUTPUT)
+
+    def with_given(self, names) -> "Layer":
+        """The same layer with the intermediates ``names`` supplied by the caller
+        instead of computed: their equations are dropped and they become inputs
+        (BatchNormalization at evaluation: μ and σ² are the running statistics)."""
+        names = set(names)
+        tensors = [dataclasses.replace(t, role=Role.INPUT) if t.name in names else t
+                   for t in self.tensors]
+        return Layer(self.name, tensors, [eq for eq in self.equations if eq.target not in names],
+                     constants=self.constants, doc=self.doc)
 
     def definition(self, name: str) -> Equation | None:
         for eq in self.equations:

@@ -78,6 +78,13 @@ class _Kinds:
             cls._cache[kind] = (layer, derive(layer).program)
         return cls._cache[kind]
 
+    @classmethod
+    def batchnorm_eval(cls) -> Layer:
+        """BatchNormalization with μ and σ² given: eqs. 21–22 on the running statistics."""
+        if "bn_eval" not in cls._cache:
+            cls._cache["bn_eval"] = cls.get("bn")[0].with_given(["mu", "var"])
+        return cls._cache["bn_eval"]
+
 
 @dataclass
 class Node:
@@ -206,7 +213,7 @@ class Workspace:
             for tname, key in node.params.items():
                 arrays[tname] = net.params[key]
             for out in prog.outputs:
-                if node.kind == "bn" and not train and out in ("mu", "var", "xhat"):
+                if node.kind == "bn" and not train and out in ("mu", "var"):
                     continue
                 arrays[out] = be.zeros(prog.shapes[out], prog.dtypes[out])
             self.forward.append(arrays)
@@ -349,14 +356,10 @@ class Network:
         return ws
 
     def _bn_eval(self, node: Node, arrays: dict) -> None:
-        xp = self.backend.xp
-        mean = self.state[f"{node.name}.running_mean"]
-        var = self.state[f"{node.name}.running_var"]
-        scale = arrays["gamma"] / xp.sqrt(var + np.float32(BN_EPS))
-        shift = arrays["beta"] - mean * scale
-        y = arrays["y"]
-        xp.multiply(arrays["x"], scale[None, :, None, None], out=y)
-        y += shift[None, :, None, None]
+        """The generated eqs. 21–22 with the running statistics as μ and σ²."""
+        given = {"mu": self.state[f"{node.name}.running_mean"],
+                 "var": self.state[f"{node.name}.running_var"]}
+        self.backend.run(_Kinds.batchnorm_eval(), node.all_sizes(len(arrays["x"])), {**arrays, **given})
 
     def _bn_update(self, node: Node, arrays: dict, batch: int) -> None:
         n = batch * node.sizes["H"] * node.sizes["W"]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import Backend, Program, check_argument
+from .backends import COMPUTED, Backend, Program, check_argument
 from .errors import VggenError
 from .lang import Layer
 
@@ -152,7 +152,11 @@ def kernels_for(specs: list[KernelSpec], target: str, layer: Layer) -> list[Kern
     name, direction = layer.name, "forward"
     if name.endswith(" backward"):
         name, direction = name[: -len(" backward")], "backward"
-    mine = [k for k in specs if k.target == target and k.direction == direction]
+    # only kernels writing what this layer computes: a layer whose intermediates
+    # are given (``Layer.with_given``) runs the rest of the generated kernels
+    computed = {t.name for t in layer.tensors if t.role in COMPUTED}
+    mine = [k for k in specs if k.target == target and k.direction == direction
+            and set(k.writes) <= computed]
     exact = [k for k in mine if k.layer == name]
     if exact:
         return exact
