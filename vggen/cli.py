@@ -113,6 +113,12 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _generated_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generated", metavar="DIR",
+                   help="directory holding manifest.json (default: ./generated if it has one, "
+                        "else the repository's generated/)")
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one line too (``--help`` still shows the usage)."""
 
@@ -173,9 +179,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--layer", action="append", metavar="NAME",
                    help="only this layer (named as for `vggen inspect`); repeat for more "
                         "(default: all seven)")
-    r.add_argument("--generated", metavar="DIR",
-                   help="directory holding manifest.json (default: ./generated if it has one, "
-                        "else the repository's generated/)")
+    _generated_option(r)
     r.set_defaults(func=_cmd_report)
 
     i = sub.add_parser("inspect", help="show a layer's equations and its generated kernels",
@@ -187,9 +191,7 @@ def parser() -> argparse.ArgumentParser:
                         "is enough (conv, linear, dropout, batchnorm, relu, pool, softmax)")
     i.add_argument("--target", default="c", choices=["c", "cuda"],
                    help="whose kernels to show: c (OpenMP, default) or cuda")
-    i.add_argument("--generated", metavar="DIR",
-                   help="directory holding manifest.json (default: ./generated if it has one, "
-                        "else the repository's generated/)")
+    _generated_option(i)
     i.set_defaults(func=_cmd_inspect)
 
     pl = sub.add_parser("plot", help="plot loss and accuracy per epoch from a metrics file",
