@@ -236,7 +236,7 @@ class Backend:
 _BUDGET = 1 << 23       # float64 elements per broadcast intermediate (64 MiB)
 
 
-def _reduction_extent(eq: Equation, consts: dict) -> int:
+def reduction_extent(eq: Equation, consts: dict) -> int:
     """Elements a reduction of ``eq`` broadcasts over, per output element (at most)."""
     worst = 1
     for node in eq.rhs.atoms(*REDUCTIONS):
@@ -257,7 +257,7 @@ class NumpyProgram(Program):
         self.chunks = {}
         for eq in layer.equations:
             shape = self.shapes[eq.target]
-            per_row = math.prod(shape[1:]) * _reduction_extent(eq, self.consts)
+            per_row = math.prod(shape[1:]) * reduction_extent(eq, self.consts)
             self.chunks[eq.target] = max(1, min(shape[0], _BUDGET // max(1, per_row)))
         readers = {}
         for eq in layer.equations:

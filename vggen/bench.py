@@ -136,7 +136,7 @@ class _Profiler:
 
 def _kernel_work(net: Network, batch: int, manifest_specs, target: str) -> dict:
     """FLOPs and bytes per generated kernel name, summed over the network's calls."""
-    from .backends import _reduction_extent
+    from .backends import reduction_extent
     from .runtime_c import kernels_for
 
     work: dict = defaultdict(lambda: [0.0, 0.0])
@@ -149,7 +149,7 @@ def _kernel_work(net: Network, batch: int, manifest_specs, target: str) -> dict:
                     if eq.target not in spec.writes:
                         continue
                     out = int(np.prod(shapes[eq.target]))
-                    work[spec.name][0] += 2.0 * out * _reduction_extent(eq, consts)
+                    work[spec.name][0] += 2.0 * out * reduction_extent(eq, consts)
                 work[spec.name][1] += 4.0 * sum(int(np.prod(shapes[a.name])) for a in spec.tensors)
     return work
 
