@@ -27,7 +27,7 @@ import pytest
 
 from vggen.codegen import CUDA_THREADS, _launch, generate
 from vggen.ir import layer_slug
-from vggen.layers import convolution2d, max_pooling2d, vgg_layers
+from vggen.layers import convolution2d, max_pooling2d, network_layers, vgg_layers
 from vggen.runtime_c import eval_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,9 +60,9 @@ def _compile_all(sources: dict, where: Path) -> dict:
 @needs_nvcc
 def test_every_generated_cu_file_compiles(tmp_path):
     files = sorted((REPO / "generated" / "cuda").glob("*.cu"))
-    assert len(files) == len(vgg_layers())
+    assert len(files) == len(network_layers())
     cubins = _compile_all({f.stem: f.read_text() for f in files}, tmp_path)
-    _, kernels = generate(vgg_layers(), "cuda")
+    _, kernels = generate(network_layers(), "cuda")
     blob = b"".join(cubins.values())
     for k in kernels:
         assert k.name.encode() + b"\0" in blob, f"{k.name} is not in the cubins (extern \"C\" name)"
@@ -192,7 +192,7 @@ def test_cuda_kernels_match_the_reference_on_a_gpu(tmp_path, sizes):
     if drv is None:
         pytest.skip("no CUDA driver or GPU")
     checked = []
-    for n, layer in enumerate(vgg_layers()):
+    for n, layer in enumerate(network_layers()):
         text, kernels = generate([layer], "cuda")
         (cubin,) = _compile_all({"layer": text}, tmp_path).values()
         env = layer_data(layer, sizes, {"K": 1, "S": 2, "epsilon": 2e-5}, np.random.default_rng(n))
@@ -207,4 +207,4 @@ def test_cuda_kernels_match_the_reference_on_a_gpu(tmp_path, sizes):
                         np.testing.assert_allclose(arr, want[tensor], rtol=RTOL, atol=ATOL * 10,
                                                    err_msg=f"{name}: {tensor}")
                 checked.append(name)
-    assert len(checked) == 18 + 6                               # the six tiled contractions' fallbacks too
+    assert len(checked) == 18 + 8 + 6          # the fused layers' 8, the six tiled contractions' fallbacks

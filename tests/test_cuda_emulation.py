@@ -158,14 +158,15 @@ template <class T, class P> static inline T *vg_emu_check(P *p)
 """
     out = [SHIM, check, text]
     for g in kernels:
-        if g.tiled is None:
-            continue
         k = g.ir
         p = CudaPrinter(k.tensors)
         args = ", ".join(a.name for a in k.args)
         out.append(f'extern "C" int vg_emu_run_{k.name}({p.params(k.args)}, unsigned vg_grid)\n'
-                   f'{{ return vg_emu::launch(vg_grid, VG_THREADS, [=]() {{ {k.name}({args}); }}); }}\n'
-                   f'extern "C" void vg_emu_tune_{k.name}(int v) {{ vg_tune_{k.name} = v; }}\n')
+                   f'{{ return vg_emu::launch(vg_grid, VG_THREADS, [=]() {{ {k.name}({args}); }}); }}\n')
+        if g.tiled is not None:
+            out.append(f'extern "C" void vg_emu_tune_{k.name}(int v) {{ vg_tune_{k.name} = v; }}\n')
+    if not any(g.tiled is not None for g in kernels):
+        return "\n".join(out)
     out.append(r"""
 extern "C" void vg_emu_choose(int M, int N, int K, int G, int tune, int *config, int *splits)
 { vg_tile_choose(M, N, K, G, tune, config, splits); }
@@ -177,10 +178,9 @@ extern "C" long long vg_emu_vectors() { long long m = vg_emu::vectors; vg_emu::v
     return "\n".join(out)
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    text, kernels = generate([make() for make in LAYERS], "cuda", SPECIALISE)
-    where = tmp_path_factory.mktemp("emu")
+def _emulate(layers, where: Path):
+    """(library, kernels by name): ``layers``' CUDA kernels compiled for the CPU."""
+    text, kernels = generate(layers, "cuda", SPECIALISE)
     src = where / "emu.cpp"
     src.write_text(_emulation_source(text, kernels))
     lib = where / "emu.so"
@@ -188,8 +188,14 @@ def emulated(tmp_path_factory):
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     dll = ctypes.CDLL(str(lib))
-    dll.vg_emu_counters.restype = ctypes.c_ulonglong
+    if any(g.tiled is not None for g in kernels):
+        dll.vg_emu_counters.restype = ctypes.c_ulonglong
     return dll, {g.name: g for g in kernels}
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    return _emulate([make() for make in LAYERS], tmp_path_factory.mktemp("emu"))
 
 
 def _run(lib, gk, env: dict, sizes: dict, grid: int, tune: int = 0, offset: int = 0) -> dict:
@@ -202,21 +208,24 @@ def _run(lib, gk, env: dict, sizes: dict, grid: int, tune: int = 0, offset: int 
             args.append(ctypes.c_int(sizes[a.name]))
             continue
         shape = concrete(a.tensor.shape, sizes)
+        dtype = np.int32 if a.dtype.startswith("int") else np.float32
         if a.access == "read":
-            buf = np.zeros(int(np.prod(shape)) + offset + 4, dtype=np.float32)
-            buf[offset:offset + int(np.prod(shape))] = np.asarray(env[a.name], dtype=np.float32).ravel()
+            buf = np.zeros(int(np.prod(shape)) + offset + 4, dtype=dtype)
+            buf[offset:offset + int(np.prod(shape))] = np.asarray(env[a.name], dtype=dtype).ravel()
             keep.append(buf)
             args.append(ctypes.c_void_p(buf.ctypes.data + 4 * offset))
         else:
-            arr = np.full(shape, np.nan, dtype=np.float32)
+            arr = np.full(shape, -1 if dtype is np.int32 else np.nan, dtype=dtype)
             outs[a.name] = arr
             keep.append(arr)
             args.append(arr.ctypes.data_as(ctypes.c_void_p))
-    getattr(lib, f"vg_emu_tune_{k.name}")(ctypes.c_int(tune))
+    if gk.tiled is not None:
+        getattr(lib, f"vg_emu_tune_{k.name}")(ctypes.c_int(tune))
     rc = getattr(lib, f"vg_emu_run_{k.name}")(*args, ctypes.c_uint(grid))
-    getattr(lib, f"vg_emu_tune_{k.name}")(ctypes.c_int(0))
     assert rc == 0, f"{k.name}: divergent __syncthreads"
-    assert lib.vg_emu_counters() == 0, f"{k.name}: split-K counters not reset"
+    if gk.tiled is not None:
+        getattr(lib, f"vg_emu_tune_{k.name}")(ctypes.c_int(0))
+        assert lib.vg_emu_counters() == 0, f"{k.name}: split-K counters not reset"
     return outs
 
 
@@ -314,3 +323,33 @@ def test_the_device_choice_is_cuda_schedule_choose(emulated):
             for tune in (0, 1, 8, 20):
                 lib.vg_emu_choose(M, N, K, G, tune, ctypes.byref(config), ctypes.byref(splits))
                 assert (config.value, splits.value) == cuda_schedule.choose(M, N, K, G, tune), (M, N, K, G, tune)
+
+
+# --------------------------------------------------------------------------- every other kernel
+
+
+def test_every_network_kernel_runs_in_emulation():
+    """The kernels of every other class (elementwise, block and thread
+    reductions with their fused passes, window argmax, softmax rows), the
+    fused layers' included: the emulated CUDA equals the NumPy reference, on
+    odd shapes, with a grid smaller than the work (grid striding)."""
+    import tempfile
+
+    from vggen.layers import network_layers
+
+    layers = [layer for layer in network_layers() if layer.name not in ("Convolution2D", "Linear")]
+    with tempfile.TemporaryDirectory() as where:
+        lib, kernels = _emulate(layers, Path(where))
+        checked = set()
+        for n, layer in enumerate(layers):
+            _, ks = generate([layer], "cuda", SPECIALISE)
+            for sizes in (dict(B=3, C=5, H=3, W=5, HO=2, WO=3), dict(B=2, C=3, H=17, W=19, HO=1, WO=2)):
+                env = layer_data(layer, sizes, SPECIALISE, np.random.default_rng(n))
+                for g in ks:
+                    if g.tiled is not None:
+                        continue
+                    gk = kernels[g.name]
+                    _check(gk, _run(lib, gk, env, sizes, 2), reference(gk, env, sizes, SPECIALISE), str(sizes))
+                    checked.add(g.name)
+    assert checked == set(kernels)
+    assert len([k for k in checked if k.startswith("batchnormalization_relu")]) == 8

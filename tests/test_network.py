@@ -199,20 +199,21 @@ def _torch_reference(net: Network, x, y, masks):
     h = torch.tensor(x, dtype=torch.float64)
     for node in net.nodes:
         p = {t: params[k] for t, k in node.params.items()}
-        if node.kind == "conv":
-            h = F.conv2d(h, p["w"], padding=1)
-        elif node.kind == "bn":
-            h = F.batch_norm(h, None, None, p["gamma"], p["beta"], training=True, eps=BN_EPS)
-        elif node.kind == "relu":
-            h = F.relu(h)
-        elif node.kind == "dropout":
-            h = h * torch.tensor(masks[node.name], dtype=torch.float64).reshape(h.shape)
-        elif node.kind == "pool":
-            h = F.max_pool2d(h, 2)
-        elif node.kind == "linear":
-            h = h.reshape(h.shape[0], -1) @ p["w"]
-        elif node.kind == "loss":
-            h = F.cross_entropy(h, torch.tensor(y, dtype=torch.long))
+        for kind, name in node.members or [(node.kind, node.name)]:    # a fused node: its parts
+            if kind == "conv":
+                h = F.conv2d(h, p["w"], padding=1)
+            elif kind == "bn":
+                h = F.batch_norm(h, None, None, p["gamma"], p["beta"], training=True, eps=BN_EPS)
+            elif kind == "relu":
+                h = F.relu(h)
+            elif kind == "dropout":
+                h = h * torch.tensor(masks[name], dtype=torch.float64).reshape(h.shape)
+            elif kind == "pool":
+                h = F.max_pool2d(h, 2)
+            elif kind == "linear":
+                h = h.reshape(h.shape[0], -1) @ p["w"]
+            elif kind == "loss":
+                h = F.cross_entropy(h, torch.tensor(y, dtype=torch.long))
     h.backward()
     return float(h.detach()), {k: v.grad.numpy() for k, v in params.items()}
 

@@ -2,8 +2,9 @@
 # The GPU checks in one call: every CUDA kernel against the NumPy reference
 # (tiled schedules and their simple fallbacks), the network against NumPy and
 # PyTorch, compute-sanitizer's memcheck over a small training step, `vggen
-# bench` at B=64 and B=256 beside PyTorch (and the simple schedule at B=64 for
-# comparison), and CUDA training on digits at width 64.  If a tiled kernel
+# bench` at B=64 and B=256 beside PyTorch (and, at B=64 for comparison, the
+# unfused network and the simple schedule), and CUDA training on digits at
+# width 64.  If a tiled kernel
 # disagrees with the reference, bench and train fall back to the simple build.
 # Usage (repository root, on a machine with a GPU): bash tools/gpu_check.sh [quick]
 set -uo pipefail
@@ -51,6 +52,10 @@ for b in 64 256; do
     $py -m vggen.cli bench --target cuda --batch-size "$b" --width 64 --json > "$out/bench$b.json" \
         2> "$out/bench$b.err" && summary "$out/bench$b.json" || tail -n 5 "$out/bench$b.err"
 done
+echo "-- unfused BN/ReLU, for comparison"
+$py -m vggen.cli bench --target cuda --batch-size 64 --width 64 --no-fuse --no-torch --json \
+    > "$out/bench64_unfused.json" 2> "$out/bench64_unfused.err" \
+    && summary "$out/bench64_unfused.json" || tail -n 5 "$out/bench64_unfused.err"
 echo "-- simple schedule, for comparison"
 VGGEN_GENERATED=/tmp/vggen-simple $py -m vggen.cli bench --target cuda --batch-size 64 --width 64 \
     --no-torch --json > "$out/bench64_simple.json" 2> "$out/bench64_simple.err" \

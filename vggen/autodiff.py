@@ -80,6 +80,38 @@ class _Term:
     outer: set = field(default_factory=set)   # dummies that were the forward's output indices
 
 
+class Mask(sp.Function):
+    """[cond] held opaque while a derivation is built.
+
+    SymPy folds every Piecewise in a Sum's body outward on construction
+    (``piecewise_fold``), through nested Sums too, which lets a condition on
+    an inner summed index escape its Sum.  A ReLU's ∂y/∂x is a Piecewise; in
+    a composed layer (BN → ReLU) it multiplies reductions, so it is kept as
+    this function until the gradients are final, then turned back into an
+    Iverson bracket (:func:`_unmask`).
+    """
+
+    nargs = 1
+    is_commutative = True
+    is_real = True
+
+    def fdiff(self, argindex=1):      # piecewise constant: no gradient (a.e.)
+        return sp.Integer(0)
+
+
+def _mask_piecewise(expr: sp.Expr) -> sp.Expr:
+    """Piecewise((e, c), (0, True)) → e·Mask(c)."""
+    def fold(p):
+        if len(p.args) == 2 and p.args[1].cond is sp.true and p.args[1].expr == 0:
+            return p.args[0].expr * Mask(p.args[0].cond)
+        return p
+    return expr.replace(lambda n: isinstance(n, sp.Piecewise), fold)
+
+
+def _unmask(expr: sp.Expr) -> sp.Expr:
+    return expr.replace(lambda n: isinstance(n, Mask), lambda m: iverson(m.args[0]))
+
+
 def _partials(rhs: sp.Expr, acc: sp.Indexed):
     """Yield (reduction node or None, ∂rhs/∂acc) for each place ``acc`` occurs.
 
@@ -95,12 +127,12 @@ def _partials(rhs: sp.Expr, acc: sp.Indexed):
         outer = sp.diff(rhs.xreplace({n: hole}), hole).xreplace({hole: n})
         inner = _diff_access(n.function, acc)
         if outer != 0 and inner != 0:
-            yield n, outer * inner
+            yield n, _mask_piecewise(outer * inner)
     masked = rhs.xreplace({n: sp.Dummy("r") for n in rhs.atoms(*REDUCTIONS)})
     if masked.has(acc):
         d = _diff_access(masked, acc)
         if d != 0:
-            yield None, d
+            yield None, _mask_piecewise(d)
 
 
 def _diff_access(expr, acc):
@@ -243,4 +275,7 @@ def derive(layer: Layer) -> Backward:
         gradients.append(Gradient(A, g, Equation(lhs, sp.Add(*adjoint[A.name]), f"∂L/∂{A.name}"),
                                   sp.Add(*scatter[A.name])))
     gradients = simplify_gradient(layer, gradients)
+    for g in gradients:
+        g.equation = Equation(g.equation.lhs, _unmask(g.equation.rhs), g.equation.label)
+        g.scatter = _unmask(g.scatter)
     return Backward(layer, list(seeds.values()), gradients)

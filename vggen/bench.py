@@ -47,6 +47,7 @@ class BenchResult:
     torch_images_per_s: float | None = None
     torch_note: str = ""
     kernels: list = field(default_factory=list)
+    fused: bool = True                  # BN → ReLU (→ dropout) run as one layer
 
     @property
     def ratio(self) -> float | None:
@@ -54,7 +55,7 @@ class BenchResult:
 
     def as_dict(self) -> dict:
         return {"target": self.target, "device": self.device, "batch_size": self.batch_size,
-                "width": self.width, "step_seconds": self.step_seconds,
+                "width": self.width, "fused": self.fused, "step_seconds": self.step_seconds,
                 "images_per_s": self.images_per_s, "torch_step_seconds": self.torch_step_seconds,
                 "torch_images_per_s": self.torch_images_per_s, "ratio": self.ratio,
                 "torch_note": self.torch_note,
@@ -154,9 +155,10 @@ def _kernel_work(net: Network, batch: int, manifest_specs, target: str) -> dict:
     return work
 
 
-def _vggen_step(target: str, batch: int, width: int, steps: int, warmup: int, seed: int):
+def _vggen_step(target: str, batch: int, width: int, steps: int, warmup: int, seed: int,
+                fuse: bool = True):
     backend = get_backend(target)
-    net = Network(backend, width=width, dropout=False, seed=seed)
+    net = Network(backend, width=width, dropout=False, seed=seed, fuse=fuse)
     opt = SGD(net.params, net.grads, backend, MOMENTUM, WEIGHT_DECAY)
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
@@ -223,20 +225,23 @@ def torch_model(net: Network):
     nn = torch.nn
     mods = []
     for node in net.nodes:
-        if node.kind == "conv":
-            mods.append(nn.Conv2d(node.sizes["IC"], node.sizes["OC"], 3, padding=1, bias=False))
-        elif node.kind == "bn":
-            after_linear = bool(mods) and isinstance(mods[-1], nn.Linear)
-            bn = nn.BatchNorm1d if after_linear else nn.BatchNorm2d
-            mods.append(bn(node.sizes["C"], eps=2e-5))
-        elif node.kind == "relu":
-            mods.append(nn.ReLU())
-        elif node.kind == "pool":
-            mods.append(nn.MaxPool2d(2))
-        elif node.kind == "linear":
-            if not any(isinstance(m, nn.Flatten) for m in mods):
-                mods.append(nn.Flatten())
-            mods.append(nn.Linear(node.sizes["IC"], node.sizes["C"], bias=False))
+        for kind in [k for k, _ in node.members] or [node.kind]:     # a fused node: its parts
+            if kind == "conv":
+                mods.append(nn.Conv2d(node.sizes["IC"], node.sizes["OC"], 3, padding=1, bias=False))
+            elif kind == "bn":
+                after_linear = bool(mods) and isinstance(mods[-1], nn.Linear)
+                bn = nn.BatchNorm1d if after_linear else nn.BatchNorm2d
+                mods.append(bn(node.sizes["C"], eps=2e-5))
+            elif kind == "relu":
+                mods.append(nn.ReLU())
+            elif kind == "dropout":
+                mods.append(nn.Dropout(node.ratio))
+            elif kind == "pool":
+                mods.append(nn.MaxPool2d(2))
+            elif kind == "linear":
+                if not any(isinstance(m, nn.Flatten) for m in mods):
+                    mods.append(nn.Flatten())
+                mods.append(nn.Linear(node.sizes["IC"], node.sizes["C"], bias=False))
     return nn.Sequential(*mods)
 
 
@@ -292,7 +297,7 @@ def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, se
 
 
 def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: int = 20,
-          warmup: int = 3, seed: int = 0, torch: bool = True) -> BenchResult:
+          warmup: int = 3, seed: int = 0, torch: bool = True, fuse: bool = True) -> BenchResult:
     if batch_size < 1:
         raise VggenError(f"--batch-size must be at least 1, got {batch_size}")
     if width < 1:
@@ -302,9 +307,9 @@ def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: in
     target = resolve_target(target)
     if target == "numpy":
         raise VggenError("vggen bench measures the generated kernels: use --target c or cuda")
-    seconds, kernels, device = _vggen_step(target, batch_size, width, steps, warmup, seed)
+    seconds, kernels, device = _vggen_step(target, batch_size, width, steps, warmup, seed, fuse)
     result = BenchResult(target, device, batch_size, width, seconds, batch_size / seconds,
-                         kernels=kernels)
+                         kernels=kernels, fused=fuse)
     if torch:
         t, note = _torch_step(target, batch_size, width, steps, warmup, seed)
         result.torch_note = note
@@ -315,7 +320,8 @@ def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: in
 
 
 def format_table(r: BenchResult) -> str:
-    lines = [f"vggen bench: {r.target} on {r.device}, batch {r.batch_size}, width {r.width}",
+    lines = [f"vggen bench: {r.target} on {r.device}, batch {r.batch_size}, width {r.width}"
+             f"{'' if r.fused else ', unfused'}",
              f"  vggen   {r.step_seconds * 1e3:9.2f} ms/step  {r.images_per_s:10.1f} images/s"]
     if r.torch_images_per_s:
         lines.append(f"  PyTorch {r.torch_step_seconds * 1e3:9.2f} ms/step  "

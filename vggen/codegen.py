@@ -1,7 +1,8 @@
 """Emit C (OpenMP) and CUDA kernels from the kernel IR through Jinja2 templates.
 
-``build()`` writes the VGG kernels (the seven layers of ``vgg_layers()``,
-forward and backward, specialised at K=1, S=2, ε=2e-5):
+``build()`` writes the VGG kernels (the seven layers of ``vgg_layers()`` and
+the compositions the network fuses, ``fused_layers()``; forward and
+backward, specialised at K=1, S=2, ε=2e-5):
 
 * ``generated/c/vggen_kernels.c`` and ``vggen_kernels.h`` (one library);
 * ``generated/cuda/<layer>.cu``, one self-contained file per layer;
@@ -64,7 +65,7 @@ C_HEADER = "c/vggen_kernels.h"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 LOCK = ".vggen.lock"           # in the output directory while a build writes (git-ignored)
-_HELPERS = ("vg_imin", "vg_imax", "vg_floordiv", "vg_mod", "vg_block_sum", "vg_block_max", "vg_tile_choose")
+_HELPERS = ("vg_imin", "vg_imax", "vg_select", "vg_floordiv", "vg_mod", "vg_block_sum", "vg_block_max", "vg_tile_choose")
 # CUDA contraction schedule: "tiled" (implicit GEMM, vggen.cuda_schedule; the
 # simple one kept as <name>_simple) or "simple" (thread/block per output only)
 CUDA_CONTRACTIONS = ("tiled", "simple")
@@ -269,9 +270,9 @@ _CONVENTION = ("arguments: pointers to the tensors read (sorted by name), then t
 def outputs(layers=None, specialise: dict | None = None, *,
             cuda_contraction: str = CUDA_CONTRACTION) -> dict[str, str]:
     """Every file ``build`` writes: path relative to the output dir → text."""
-    from .layers import vgg_layers
+    from .layers import network_layers
 
-    layers = vgg_layers() if layers is None else list(layers)
+    layers = network_layers() if layers is None else list(layers)
     specialise = VGG_SPECIALISE if specialise is None else specialise
     files: dict[str, str] = {}
     entries = []

@@ -66,12 +66,14 @@ def _key(name: str) -> str:
 
 
 def find_layer(name: str, layers=None):
-    """The layer called ``name``: case-insensitive, ignoring ``_``/``-``/spaces;
+    """The layer called ``name``: case-insensitive, ignoring ``_``/``-``/``+``/spaces;
     an unambiguous prefix is enough (``conv``, ``batchnorm``, ``max_pool``),
-    failing that an unambiguous part of the name (``pool``, ``norm``)."""
-    from .layers import vgg_layers
+    failing that an unambiguous part of the name (``pool``, ``norm``).  A
+    match that every other match is a composition of wins (``batchnorm`` is
+    BatchNormalization, not BatchNormalization+ReLU)."""
+    from .layers import network_layers
 
-    layers = vgg_layers() if layers is None else list(layers)
+    layers = network_layers() if layers is None else list(layers)
     names = ", ".join(layer.name for layer in layers)
     key = _key(name)
     if not key:
@@ -81,8 +83,10 @@ def find_layer(name: str, layers=None):
         return exact[0]
     for match in (lambda k: k.startswith(key), lambda k: key in k):
         found = [layer for layer in layers if match(_key(layer.name))]
-        if len(found) == 1:
-            return found[0]
+        base = [f for f in found
+                if all(g is f or f.name in (part.name for part, _ in g.parts) for g in found)]
+        if len(found) == 1 or len(base) == 1:
+            return (base or found)[0]
         if found:
             raise VggenError(f"layer {name!r} is ambiguous: it could be "
                              + ", ".join(layer.name for layer in found))

@@ -161,6 +161,58 @@ class Stage:
 
 
 @dataclass
+class Nest:
+    """Reductions that share one loop nest: computed in one pass over it."""
+
+    loops: list[Loop]
+    reductions: list[Reduction]
+
+
+@dataclass
+class Pass:
+    """Consecutive stages whose reductions run fused (loop fusion), then their stores."""
+
+    nests: list[Nest]
+    stages: list[Stage]
+
+
+def _loop_key(loops: list[Loop]) -> tuple:
+    return tuple((lp.var, lp.first, lp.last) for lp in loops)
+
+
+def reduction_passes(stages: list[Stage]) -> list[Pass]:
+    """Group ``stages`` so that independent reductions over the same loops
+    share one pass (BN's ∂L/∂γ and ∂L/∂β read g_y and x̂ once, not twice).
+    A stage joins the pass before it when each of its reductions (sum or
+    max) loops exactly as one already there and reads none of that pass's
+    results (σ² reads μ: it starts a new pass)."""
+    out: list[Pass] = []
+    for s in stages:
+        last = out[-1] if out else None
+        joinable = (last is not None and s.reductions
+                    and all(r.op in ("sum", "max") and r.loops for r in s.reductions)
+                    and all(r.op in ("sum", "max") for n in last.nests for r in n.reductions)
+                    and all(n.reductions for n in last.nests)
+                    and not any(r.body.free_symbols & {t.local for t in last.stages}
+                                for r in s.reductions)
+                    and {_loop_key(r.loops) for r in s.reductions}
+                    <= {_loop_key(n.loops) for n in last.nests})
+        if not joinable:
+            last = Pass([], [])
+            out.append(last)
+        for r in s.reductions:
+            nest = next((n for n in last.nests if _loop_key(n.loops) == _loop_key(r.loops)
+                         and r.op in ("sum", "max") and all(x.op in ("sum", "max") for x in n.reductions)),
+                        None)
+            if nest is None:
+                last.nests.append(Nest(r.loops, [r]))
+            else:
+                nest.reductions.append(r)
+        last.stages.append(s)
+    return out
+
+
+@dataclass
 class Region:
     """Interior/boundary split of a loop nest's range guards.
 
@@ -401,6 +453,11 @@ class Kernel:
     @property
     def reductions(self) -> list[Reduction]:
         return [r for s in self.stages for r in s.reductions]
+
+    @property
+    def passes(self) -> list[Pass]:
+        """The stages in fused passes over the data (see ``reduction_passes``)."""
+        return reduction_passes(self.stages)
 
     @property
     def writes(self) -> list[Tensor]:

@@ -246,6 +246,9 @@ class Layer:
     equations: list[Equation]
     constants: dict = field(default_factory=dict)   # symbol -> default value (ε)
     doc: str = ""
+    # chain(): per fused layer, in order, (layer, its tensor name → this layer's
+    # name), the fed x and the inner outputs left out; else empty
+    parts: tuple = ()
 
     def __post_init__(self):
         self.by_name = {t.name: t for t in self.tensors}
@@ -290,7 +293,7 @@ class Layer:
         tensors = [dataclasses.replace(t, role=Role.INPUT) if t.name in names else t
                    for t in self.tensors]
         return Layer(self.name, tensors, [eq for eq in self.equations if eq.target not in names],
-                     constants=self.constants, doc=self.doc)
+                     constants=self.constants, doc=self.doc, parts=self.parts)
 
     def definition(self, name: str) -> Equation | None:
         for eq in self.equations:
@@ -360,6 +363,89 @@ class Layer:
                 raise VggenError(f"access {acc} {where} can leave the range of {t.name} in "
                                  f"dimension {pos}: {e} spans {span}, {t.name} has {first}..{last}; "
                                  f"declare {t.name} zero_outside if that is meant")
+
+
+def chain(name: str, *parts: Layer) -> Layer:
+    """``parts`` applied in sequence, fused into one layer.
+
+    Part k's single output feeds part k+1's input ``x`` (same shape).  Where
+    that output's definition is elementwise (no reduction) it is substituted
+    into the next part's reads, so the value never goes through memory (BN's
+    γx̂ + β inside ReLU); otherwise it stays as a saved intermediate
+    ``<output><k>``.  Other tensors keep their names (a clash gets the part's
+    number appended).  The fused layer is an ordinary layer: ``derive`` gives
+    its backward (the ReLU mask inside BN's reductions), the generator its
+    kernels, with no template of its own.
+    """
+    if len(parts) < 2:
+        raise VggenError(f"chain {name}: needs at least two layers, got {len(parts)}")
+    tensors: dict[str, Tensor] = {}
+    equations: list[Equation] = []
+    constants: dict = {}
+    feed: Equation | Tensor | None = None      # what part k's x becomes
+    joined = []
+    for k, part in enumerate(parts):
+        last = k == len(parts) - 1
+        if len(part.outputs) != 1:
+            raise VggenError(f"chain {name}: {part.name} has {len(part.outputs)} outputs; "
+                             f"only a layer with one output can feed the next")
+        out = part.outputs[0]
+        constants.update(part.constants)
+        names: dict[str, str] = {}
+        if k > 0:
+            if "x" not in part.by_name:
+                raise VggenError(f"chain {name}: {part.name} has no input x to take "
+                                 f"{parts[k - 1].name}'s output")
+            given = feed.lhs.base.label if isinstance(feed, Equation) else feed.name
+            prev_shape = feed.shape if isinstance(feed, Tensor) else parts[k - 1].outputs[0].shape
+            if tuple(part.tensor("x").shape) != tuple(prev_shape):
+                raise VggenError(f"chain {name}: {parts[k - 1].name}'s output {given} has shape "
+                                 f"{prev_shape}, {part.name}'s x has {part.tensor('x').shape}")
+        for t in part.tensors:
+            if k > 0 and t.name == "x":
+                continue
+            if t is out and not last:
+                continue
+            new = t.name
+            if new in tensors:
+                new = f"{t.name}{k}"
+            if new in tensors:
+                raise VggenError(f"chain {name}: cannot name {part.name}'s {t.name} uniquely")
+            names[t.name] = new
+            tensors[new] = dataclasses.replace(t, name=new)
+
+        def rename(expr, feed=feed):
+            reps = {}
+            for acc in expr.atoms(sp.Indexed):
+                n = str(acc.base.label)
+                if k > 0 and n == "x":
+                    if isinstance(feed, Equation):
+                        reps[acc] = feed.rhs.xreplace(dict(zip(feed.lhs.indices, acc.indices)))
+                    else:
+                        reps[acc] = feed.base[acc.indices]
+                elif names.get(n, n) != n:
+                    reps[acc] = tensors[names[n]].base[acc.indices]
+            return expr.xreplace(reps)
+
+        for eq in part.equations:
+            label = eq.label or part.name
+            if isinstance(feed, Equation) and k > 0 and any(
+                    str(a.base.label) == "x" for a in eq.rhs.atoms(sp.Indexed)):
+                label = f"{label} ∘ {feed.label}"
+            if eq.target == out.name and not last:
+                rhs = rename(eq.rhs)
+                if rhs.atoms(*REDUCTIONS):       # keep it in memory: a saved intermediate
+                    mid = dataclasses.replace(out, name=f"{out.name}{k}", role=Role.SAVED)
+                    tensors[mid.name] = mid
+                    equations.append(Equation(mid.base[eq.lhs.indices], rhs, label))
+                    feed = mid
+                else:
+                    feed = Equation(eq.lhs, rhs, label)
+                continue
+            equations.append(Equation(rename(eq.lhs), rename(eq.rhs), label))
+        joined.append((part, dict(names)))
+    return Layer(name, list(tensors.values()), equations, constants=constants,
+                 doc=" → ".join(p.name for p in parts), parts=tuple(joined))
 
 
 def _bound_indices(eq: Equation) -> set:

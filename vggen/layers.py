@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .lang import (Argmax, Equation, Layer, Max, Role, Sum, Tensor, indices, iverson,
+from .lang import (Argmax, Equation, Layer, Max, Role, Sum, Tensor, chain, indices, iverson,
                    sizes)
 
 B, C, IC, OC, H, W, HO, WO = sizes("B C IC OC H W HO WO")
@@ -126,6 +126,27 @@ def vgg_layers() -> list[Layer]:
             max_pooling2d(), softmax_cross_entropy()]
 
 
+def batch_normalization_relu() -> Layer:
+    """BatchNormalization → ReLU as one layer (the network's block without dropout)."""
+    return chain("BatchNormalization+ReLU", batch_normalization(), relu())
+
+
+def batch_normalization_relu_dropout() -> Layer:
+    """BatchNormalization → ReLU → Dropout as one layer."""
+    return chain("BatchNormalization+ReLU+Dropout", batch_normalization(), relu(), dropout())
+
+
+def fused_layers() -> list[Layer]:
+    """The compositions the network runs as single layers (``chain``)."""
+    return [batch_normalization_relu(), batch_normalization_relu_dropout()]
+
+
+def network_layers() -> list[Layer]:
+    """Every layer the network's kernels are generated for."""
+    return vgg_layers() + fused_layers()
+
+
 __all__ = ["convolution2d", "linear", "dropout", "batch_normalization", "relu",
-           "max_pooling2d", "softmax_cross_entropy", "vgg_layers", "elementwise_activation",
+           "max_pooling2d", "softmax_cross_entropy", "vgg_layers", "batch_normalization_relu",
+           "batch_normalization_relu_dropout", "fused_layers", "network_layers", "elementwise_activation",
            "iverson"]

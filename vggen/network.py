@@ -24,9 +24,16 @@ kernels) and updates running averages, ``r ← 0.9·r + 0.1·batch`` (the
 variance made unbiased with n/(n−1), as Chainer and PyTorch do); dropout
 masks R are drawn on the host from the caller's ``numpy.random.Generator``
 (0 with probability p, else 1/(1−p)), so every backend sees the same masks.
-Evaluation mode: dropout is the identity, and BatchNormalization is the
-elementwise ``γ (x − running mean)/√(running var + ε) + β``, computed in the
-backend's array library (NumPy or CuPy), not with the kernels.
+Evaluation mode: dropout is the identity, and BatchNormalization runs the
+generated eqs. 21–22 with the running statistics as μ and σ².
+
+Fusion (``fuse=True``, the default): each BatchNormalization → ReLU
+(→ Dropout) runs as one layer, ``layers.batch_normalization_relu`` or
+``…_relu_dropout``, composed from the same equations by ``lang.chain``: the
+ReLU and the mask are applied inside BN's elementwise kernel, and the
+backward's two kernels fold them into ∂L/∂γ, ∂L/∂β and ∂L/∂x.  Parameter,
+statistics and mask names are those of the unfused layers (bn1, drop1), so
+checkpoints and masks carry over between the two.
 
 The loss is the batch mean of the per-image losses L(b), so the seed
 gradient is ∂(mean)/∂L(b) = 1/B.
@@ -60,38 +67,48 @@ ARCHITECTURE = (
 )
 
 
+# Kinds with BatchNormalization's statistics (running averages, evaluation mode).
+BN_KINDS = ("bn", "bn_relu", "bn_relu_dropout")
+
+
 class _Kinds:
     """One Layer object (and its derived backward) per layer kind, built once."""
 
     _cache: dict = {}
+    _make = {"conv": lambda: layers.convolution2d(1),
+             "bn": layers.batch_normalization,
+             "bn_relu": layers.batch_normalization_relu,
+             "bn_relu_dropout": layers.batch_normalization_relu_dropout,
+             "relu": layers.relu,
+             "dropout": layers.dropout,
+             "pool": lambda: layers.max_pooling2d(2),
+             "linear": layers.linear,
+             "loss": layers.softmax_cross_entropy}
 
     @classmethod
     def get(cls, kind: str) -> tuple[Layer, Layer]:
         if kind not in cls._cache:
-            layer = {"conv": lambda: layers.convolution2d(1),
-                     "bn": layers.batch_normalization,
-                     "relu": layers.relu,
-                     "dropout": layers.dropout,
-                     "pool": lambda: layers.max_pooling2d(2),
-                     "linear": layers.linear,
-                     "loss": layers.softmax_cross_entropy}[kind]()
+            layer = cls._make[kind]()
             cls._cache[kind] = (layer, derive(layer).program)
         return cls._cache[kind]
 
     @classmethod
-    def batchnorm_eval(cls) -> Layer:
-        """BatchNormalization with μ and σ² given: eqs. 21–22 on the running statistics."""
-        if "bn_eval" not in cls._cache:
-            cls._cache["bn_eval"] = cls.get("bn")[0].with_given(["mu", "var"])
-        return cls._cache["bn_eval"]
+    def batchnorm_eval(cls, kind: str = "bn") -> Layer:
+        """A BN kind with μ and σ² given (eqs. 21–22 on the running statistics);
+        dropout, the identity at evaluation, left out."""
+        key = f"{kind}:eval"
+        if key not in cls._cache:
+            base = "bn_relu" if kind == "bn_relu_dropout" else kind
+            cls._cache[key] = cls.get(base)[0].with_given(["mu", "var"])
+        return cls._cache[key]
 
 
 @dataclass
 class Node:
     """One layer of the network."""
 
-    kind: str                   # conv, bn, relu, dropout, pool, linear, loss
-    name: str                   # conv1, bn1, relu1, drop1, pool1, fc1, loss
+    kind: str                   # conv, bn, relu, dropout, pool, linear, loss; bn_relu, bn_relu_dropout
+    name: str                   # conv1, bn1, relu1, drop1, pool1, fc1, loss (a fused node: its bn's)
     layer: Layer
     backward: Layer
     sizes: dict                 # every size but B
@@ -100,14 +117,26 @@ class Node:
     params: dict = field(default_factory=dict)   # layer tensor name -> parameter key
     ratio: float = 0.0          # dropout
     output: str = "y"           # the layer's output tensor
+    members: tuple = ()         # a fused node: the unfused nodes' (kind, name), in order
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether the node applies a dropout mask R (drawn per training step)."""
+        return "R" in self.layer.by_name
+
+    @property
+    def mask_name(self) -> str:
+        """The dropout's own name (drop3), also inside a fused node."""
+        return next((nm for kind, nm in self.members if kind == "dropout"), self.name)
 
     def all_sizes(self, batch: int) -> dict:
         return {"B": batch, **self.sizes}
 
 
 def build_nodes(width: int, classes: int = 10, dropout: bool = True,
-                image_shape: tuple = (3, 32, 32)) -> list[Node]:
-    """The network's layers in order, with their concrete per-image sizes."""
+                image_shape: tuple = (3, 32, 32), fuse: bool = False) -> list[Node]:
+    """The network's layers in order, with their concrete per-image sizes
+    (``fuse``: with :func:`fuse_nodes` applied)."""
     if width < 1:
         raise VggenError(f"width must be a positive integer, got {width}")
     c, h, w = image_shape
@@ -160,7 +189,33 @@ def build_nodes(width: int, classes: int = 10, dropout: bool = True,
             add("relu", name("relu"), {"C": c, "H": 1, "W": 1}, (c, 1, 1), (c, 1, 1))
         elif kind == "loss":
             add("loss", "loss", {"C": c}, (c,), (), output="L")
-    return nodes
+    return fuse_nodes(nodes) if fuse else nodes
+
+
+# Runs of node kinds that one composed layer replaces (longest first).
+FUSIONS = ((("bn", "relu", "dropout"), "bn_relu_dropout"), (("bn", "relu"), "bn_relu"))
+
+
+def fuse_nodes(nodes: list[Node]) -> list[Node]:
+    """Replace each run of FUSIONS by one node of the composed layer: the
+    first node's name, sizes and parameters, the dropout's ratio."""
+    out, k = [], 0
+    while k < len(nodes):
+        for run, kind in FUSIONS:
+            group = nodes[k:k + len(run)]
+            if tuple(n.kind for n in group) == run:
+                layer, backward = _Kinds.get(kind)
+                first = group[0]
+                out.append(Node(kind, first.name, layer, backward, first.sizes, first.in_shape,
+                                group[-1].out_shape, params=first.params,
+                                ratio=max(n.ratio for n in group),
+                                members=tuple((n.kind, n.name) for n in group)))
+                k += len(run)
+                break
+        else:
+            out.append(nodes[k])
+            k += 1
+    return out
 
 
 def init_parameters(nodes: list[Node], seed: int) -> tuple[dict, dict]:
@@ -179,7 +234,7 @@ def init_parameters(nodes: list[Node], seed: int) -> tuple[dict, dict]:
         elif node.kind == "linear":
             ic, oc = node.sizes["IC"], node.sizes["C"]
             params[node.params["w"]] = (rng.standard_normal((ic, oc)) / math.sqrt(ic)).astype(np.float32)
-        elif node.kind == "bn":
+        elif node.kind in BN_KINDS:
             ch = node.sizes["C"]
             params[node.params["gamma"]] = np.ones(ch, np.float32)
             params[node.params["beta"]] = np.zeros(ch, np.float32)
@@ -208,12 +263,12 @@ class Workspace:
                 arrays["y"] = arrays["x"]          # the identity: no copy, no kernel
                 self.forward.append(arrays)
                 continue
-            if node.kind == "dropout":
+            if node.has_mask and train:
                 arrays["R"] = be.zeros(prog.shapes["R"])
             for tname, key in node.params.items():
                 arrays[tname] = net.params[key]
             for out in prog.outputs:
-                if node.kind == "bn" and not train and out in ("mu", "var"):
+                if node.kind in BN_KINDS and not train and out in ("mu", "var"):
                     continue
                 arrays[out] = be.zeros(prog.shapes[out], prog.dtypes[out])
             self.forward.append(arrays)
@@ -254,11 +309,12 @@ class Network:
     """The VGG on one backend: parameters, gradients, BN statistics, workspaces."""
 
     def __init__(self, backend: Backend | str = "auto", width: int = 64, classes: int = 10,
-                 dropout: bool = True, seed: int = 0, image_shape: tuple = (3, 32, 32)):
+                 dropout: bool = True, seed: int = 0, image_shape: tuple = (3, 32, 32),
+                 fuse: bool = True):
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
-        self.width, self.classes, self.dropout = width, classes, dropout
+        self.width, self.classes, self.dropout, self.fuse = width, classes, dropout, fuse
         self.image_shape = tuple(image_shape)
-        self.nodes = build_nodes(width, classes, dropout, self.image_shape)
+        self.nodes = build_nodes(width, classes, dropout, self.image_shape, fuse=fuse)
         params, state = init_parameters(self.nodes, seed)
         be = self.backend
         self.params = {k: be.asarray(v) for k, v in params.items()}
@@ -314,7 +370,7 @@ class Network:
     def draw_masks(self, ws: Workspace, rng: np.random.Generator) -> None:
         """Fresh dropout masks: 0 with probability p, else 1/(1−p)."""
         for node, arrays in zip(self.nodes, ws.forward):
-            if node.kind != "dropout":
+            if not node.has_mask:
                 continue
             r = arrays["R"]
             host = r if isinstance(r, np.ndarray) else np.empty(r.shape, np.float32)
@@ -338,8 +394,8 @@ class Network:
         if train and self.dropout:
             if masks is not None:
                 for node, arrays in zip(self.nodes, ws.forward):
-                    if node.kind == "dropout":
-                        be.copy_in(arrays["R"], np.asarray(masks[node.name], np.float32))
+                    if node.has_mask:
+                        be.copy_in(arrays["R"], np.asarray(masks[node.mask_name], np.float32))
             elif rng is not None:
                 self.draw_masks(ws, rng)
             else:
@@ -347,11 +403,11 @@ class Network:
         for node, arrays in zip(self.nodes, ws.forward):
             if node.kind == "dropout" and not train:
                 continue                             # y is x in an evaluation workspace
-            if node.kind == "bn" and not train:
+            if node.kind in BN_KINDS and not train:
                 self._bn_eval(node, arrays)
                 continue
             be.run(node.layer, node.all_sizes(batch), arrays)
-            if node.kind == "bn":
+            if node.kind in BN_KINDS:
                 self._bn_update(node, arrays, batch)
         return ws
 
@@ -359,7 +415,8 @@ class Network:
         """The generated eqs. 21–22 with the running statistics as μ and σ²."""
         given = {"mu": self.state[f"{node.name}.running_mean"],
                  "var": self.state[f"{node.name}.running_var"]}
-        self.backend.run(_Kinds.batchnorm_eval(), node.all_sizes(len(arrays["x"])), {**arrays, **given})
+        self.backend.run(_Kinds.batchnorm_eval(node.kind), node.all_sizes(len(arrays["x"])),
+                         {**arrays, **given})
 
     def _bn_update(self, node: Node, arrays: dict, batch: int) -> None:
         n = batch * node.sizes["H"] * node.sizes["W"]
@@ -411,8 +468,8 @@ class Network:
     def masks(self, batch: int) -> dict[str, np.ndarray]:
         """The dropout masks of the last training forward of this batch size (host copies)."""
         ws = self.workspace(batch, True)
-        return {node.name: self.backend.to_host(a["R"])
-                for node, a in zip(self.nodes, ws.forward) if node.kind == "dropout"}
+        return {node.mask_name: self.backend.to_host(a["R"])
+                for node, a in zip(self.nodes, ws.forward) if node.has_mask}
 
 
 class NonFiniteLoss(VggenError):
@@ -421,5 +478,5 @@ class NonFiniteLoss(VggenError):
         self.value = value
 
 
-__all__ = ["Network", "Node", "Workspace", "StepResult", "NonFiniteLoss", "build_nodes",
+__all__ = ["Network", "Node", "Workspace", "StepResult", "NonFiniteLoss", "build_nodes", "fuse_nodes",
            "init_parameters", "ARCHITECTURE", "BN_EPS", "BN_MOMENTUM"]

@@ -7,7 +7,9 @@ printed strings into loops.  What the printers add to SymPy's:
   tensor's first index per dimension subtracted (``w[oc, ic, di, dj]`` with
   di, dj from −K reads ``w[…(di + K)…]``); the range guards of zero-outside
   reads are already explicit ``Piecewise`` nodes in the IR;
-* ``Piecewise`` → ``?:``, ``KroneckerDelta(a, b)`` → ``(a == b)``;
+* ``Piecewise`` → ``?:``; one whose condition reads data (a ReLU mask) →
+  ``vg_select(c, a, b)``, both branches evaluated, so a blend instead of a
+  branch; ``KroneckerDelta(a, b)`` → ``(a == b)``;
 * ``floor(n/d)`` and ``Mod(n, d)`` on integers → ``/`` and ``%`` where the
   kernel's loop ranges prove n ≥ 0 (C's division truncates, which equals
   floor only there), else the ``vg_floordiv``/``vg_mod`` helpers;
@@ -142,6 +144,12 @@ class CPrinter(C99CodePrinter):
     def _print_Piecewise(self, expr):
         if expr.args[-1].cond is not sp.true:
             raise ValueError(f"Piecewise without an otherwise branch: {expr}")
+        if len(expr.args) == 2 and _data_guard(expr.args[0].cond):
+            # both branches evaluated, then chosen: a blend, not a branch the
+            # data would make unpredictable (a ReLU mask); safe because the
+            # condition guards no index (range guards stay ?:)
+            (val, cond), (other, _) = expr.args
+            return f"vg_select({self._print(cond)}, {self._print(val)}, {self._print(other)})"
         out = self._print(expr.args[-1].expr)
         for val, cond in reversed(expr.args[:-1]):
             out = f"(({self._print(cond)}) ? {self._atom(val)} : {out})"
@@ -197,6 +205,13 @@ class CPrinter(C99CodePrinter):
         if self.is_int(expr.args[0]):
             return f"abs({self._print(expr.args[0])})"
         return f"fabsf({self._print(expr.args[0])})"
+
+
+def _data_guard(cond) -> bool:
+    """Whether every conjunct of ``cond`` reads tensor data (ReLU's γx̂ + β ≥ 0),
+    so that none protects an out-of-range access."""
+    parts = cond.args if isinstance(cond, sp.And) else (cond,)
+    return all(isinstance(c, sp.core.relational.Relational) and c.atoms(sp.Indexed) for c in parts)
 
 
 class CudaPrinter(CPrinter):

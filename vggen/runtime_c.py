@@ -3,7 +3,7 @@
 ``generated/c/*.c`` (with any ``*.h`` beside them) are compiled together into
 one shared library with the system compiler::
 
-    cc -O3 -march=native -fopenmp -shared -fPIC -o LIB.so generated/c/*.c -lm
+    cc -O3 -march=native -fno-math-errno -fopenmp -shared -fPIC -o LIB.so generated/c/*.c -lm
 
 (``$CC`` overrides ``cc``.)  The library is cached in ``$XDG_CACHE_HOME/vggen``
 (default ``~/.cache/vggen``) under the SHA-256 of the sources, the flags and
@@ -42,7 +42,7 @@ from .backends import COMPUTED, Backend, Program, check_argument
 from .errors import VggenError
 from .lang import Layer
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
 
 

@@ -71,6 +71,7 @@ class TrainConfig:
     resume: str | None = None       # checkpoint file (or directory holding checkpoint.npz)
     dropout: bool | None = None     # None: the network's ratios on cifar10, off on digits
     augment: bool = True
+    fuse: bool = True               # BN → ReLU (→ dropout) as one layer (same results, fewer passes)
     progress: bool = True           # tqdm bars (the CLI leaves it on)
 
 
@@ -186,7 +187,7 @@ def train(config: TrainConfig) -> list[dict]:
         _check_resume(config, resume.header, config.resume)
     net = Network(backend, width=config.width, classes=train_set.classes,
                   dropout=dropout, seed=config.seed,
-                  image_shape=train_set.images.shape[1:])
+                  image_shape=train_set.images.shape[1:], fuse=config.fuse)
     opt = SGD(net.params, net.grads, backend, config.momentum, config.weight_decay)
     rng = np.random.default_rng((config.seed, 1))
     history: list[dict] = []

@@ -30,7 +30,7 @@ from .autodiff import Backward, derive
 from .document import DocEquation, document_equations
 from .evaluate import Evaluator, concrete_lower, concrete_shape, run_forward
 from .lang import REDUCTIONS, Equation, Layer, Role, Tensor
-from .layers import B, C, EPS, H, HO, IC, K, OC, S, W, WO, vgg_layers
+from .layers import B, C, EPS, H, HO, IC, K, OC, S, W, WO, network_layers
 from .simplify import split_sums
 
 # Small odd sizes for the numeric checks (the max-pool input is S·HO × S·WO).
@@ -192,6 +192,49 @@ def finite_difference_error(layer: Layer, bw: Backward, consts: dict, rng, h=1e-
     return errors
 
 
+def _gradients(bw: Backward, env: dict, consts: dict) -> dict:
+    """Every gradient of ``bw`` evaluated on ``env`` (forward values and seeds)."""
+    env = dict(env)
+    lower = concrete_lower(bw.program, consts)
+    ev = Evaluator(env, consts, lower)
+    for g in bw.gradients:
+        env[g.tensor.name] = ev.equation(g.equation, concrete_shape(bw.program, g.tensor.name, consts),
+                                         lower[g.tensor.name])
+    return env
+
+
+def composition_error(layer: Layer, bw: Backward, consts: dict, rng) -> dict:
+    """For a ``chain`` of layers: relative error, per gradient, of the fused
+    derivation against the parts' own derivations run one after the other
+    (forward through each part, backward through each in reverse)."""
+    inputs = random_inputs(layer, consts, rng, discrete=False)
+    out_name = layer.outputs[0].name
+    seed = rng.standard_normal(concrete_shape(bw.program, f"g_{out_name}", consts))
+    fused = _gradients(bw, {**run_forward(layer, inputs, consts), f"g_{out_name}": seed}, consts)
+    envs, x = [], inputs["x"]
+    for part, names in layer.parts:
+        given = {n: inputs[names[n]] for n in names
+                 if part.tensor(n).role in (Role.INPUT, Role.PARAMETER)}
+        env = run_forward(part, {**given, "x": x}, consts)
+        envs.append(env)
+        x = env[part.outputs[0].name]
+    composed, g = {}, seed
+    for (part, names), env in zip(reversed(layer.parts), reversed(envs)):
+        pbw = derive(part)
+        grads = _gradients(pbw, {**env, f"g_{part.outputs[0].name}": g}, consts)
+        for pg in pbw.gradients:
+            if pg.of.name == "x":
+                g = grads[pg.tensor.name]
+            else:
+                composed[f"g_{names[pg.of.name]}"] = grads[pg.tensor.name]
+    composed["g_x"] = g
+    errors = {}
+    for grad in bw.gradients:
+        a, b = fused[grad.tensor.name], composed[grad.tensor.name]
+        errors[grad.tensor.name] = float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+    return errors
+
+
 def dot_product_error(layer: Layer, bw: Backward, consts: dict, rng) -> dict:
     """⟨y(A), gy⟩ = ⟨A, gA⟩ for each A the forward is linear in (checked first)."""
     inputs = random_inputs(layer, consts, rng, discrete=False)
@@ -271,30 +314,40 @@ def check_layer(layer: Layer, docs: list[DocEquation], seed: int = 0) -> list[Ro
     """One row per (gradient, document equation); gradients with none get one row."""
     bw = derive(layer)
     rng = np.random.default_rng(seed)
-    fd, dot = {}, {}
+    fd, dot, comp = {}, {}, {}
     for consts in NUMERIC_SIZES:
         for name, err in finite_difference_error(layer, bw, consts, rng).items():
             fd[name] = max(fd.get(name, 0.0), err)
         for name, err in dot_product_error(layer, bw, consts, rng).items():
             dot[name] = max(dot.get(name, 0.0), err)
+        if layer.parts:
+            for name, err in composition_error(layer, bw, consts, rng).items():
+                comp[name] = max(comp.get(name, 0.0), err)
     rows = []
     for g in bw.gradients:
-        numeric_ok = fd[g.tensor.name] < 1e-5 and dot.get(g.tensor.name, 0.0) < 1e-10
+        numeric_ok = (fd[g.tensor.name] < 1e-5 and dot.get(g.tensor.name, 0.0) < 1e-10
+                      and comp.get(g.tensor.name, 0.0) < 1e-10)
         mine = [d for d in docs if d.layer == layer.name and d.gradient == g.tensor.name]
         for d in mine or [None]:
-            if d is None:
+            if d is None and layer.parts:
+                method, verdict = "composition; numeric", "pass"
+                detail = (f"equals {' then '.join(p.name for p, _ in reversed(layer.parts))} backward "
+                          f"(max rel. difference {comp[g.tensor.name]:.1e})")
+            elif d is None:
                 method, verdict, detail = "derived; numeric only", "pass", "no equation in the document"
             else:
                 method, verdict, detail = compare(bw, d)
             if not numeric_ok:
                 verdict = "fail"
                 detail += f"; finite differences {fd[g.tensor.name]:.2g}"
+                if layer.parts:
+                    detail += f"; composition {comp[g.tensor.name]:.2g}"
             rows.append(Row(layer.name, f"∂L/∂{g.of.name}", d.number if d else None, method, verdict,
                             detail, str(g.equation), fd[g.tensor.name], dot.get(g.tensor.name)))
     return rows
 
 
 def check_all(layers: list[Layer] | None = None, docs: list[DocEquation] | None = None) -> list[Row]:
-    layers = layers if layers is not None else vgg_layers()
+    layers = layers if layers is not None else network_layers()
     docs = docs if docs is not None else document_equations()
     return [row for layer in layers for row in check_layer(layer, docs)]

@@ -107,19 +107,6 @@ batchnormalization_backward_g_gamma_g_beta(const float *__restrict__ g_y, const 
         long long vg_q = vg_o;
         const int c = (int)vg_q;
         float acc_g_gamma = 0.0f;
-        for (long long vg_r = threadIdx.x; vg_r < (long long)(B) * (long long)(H) * (long long)(W); vg_r += VG_THREADS)
-        {
-            long long vg_qr = vg_r;
-            const int j = (int)(vg_qr % (W));
-            vg_qr /= (W);
-            const int i = (int)(vg_qr % (H));
-            vg_qr /= (H);
-            const int b = (int)vg_qr;
-            acc_g_gamma += g_y[W*(H*(C*b + c) + i) + j]*xhat[W*(H*(C*b + c) + i) + j];
-        }
-        acc_g_gamma = vg_block_sum(acc_g_gamma, vg_shared);
-        const float v_g_gamma = acc_g_gamma;
-        if (threadIdx.x == 0) g_gamma[c] = v_g_gamma;
         float acc_g_beta = 0.0f;
         for (long long vg_r = threadIdx.x; vg_r < (long long)(B) * (long long)(H) * (long long)(W); vg_r += VG_THREADS)
         {
@@ -129,9 +116,13 @@ batchnormalization_backward_g_gamma_g_beta(const float *__restrict__ g_y, const 
             const int i = (int)(vg_qr % (H));
             vg_qr /= (H);
             const int b = (int)vg_qr;
+            acc_g_gamma += g_y[W*(H*(C*b + c) + i) + j]*xhat[W*(H*(C*b + c) + i) + j];
             acc_g_beta += g_y[W*(H*(C*b + c) + i) + j];
         }
+        acc_g_gamma = vg_block_sum(acc_g_gamma, vg_shared);
         acc_g_beta = vg_block_sum(acc_g_beta, vg_shared);
+        const float v_g_gamma = acc_g_gamma;
+        if (threadIdx.x == 0) g_gamma[c] = v_g_gamma;
         const float v_g_beta = acc_g_beta;
         if (threadIdx.x == 0) g_beta[c] = v_g_beta;
     }

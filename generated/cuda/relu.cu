@@ -7,6 +7,9 @@
 // (sorted by name), then int sizes (sorted by name); row-major arrays.
 #define VG_THREADS 256
 
+// a data-dependent choice with both values computed: a blend, not a branch
+static __device__ __forceinline__ float vg_select(int c, float a, float b) { return c ? a : b; }
+
 // relu_forward_y: elementwise (ReLU, forward)
 //   y[b, c, i, j] = Piecewise((x[b, c, i, j], x[b, c, i, j] >= 0), (0, True))  (eq. 51)
 extern "C" __global__ void __launch_bounds__(VG_THREADS)
@@ -24,7 +27,7 @@ relu_forward_y(const float *__restrict__ x, float *__restrict__ y, int B, int C,
         const int c = (int)(vg_q % (C));
         vg_q /= (C);
         const int b = (int)vg_q;
-        const float v_y = ((x[W*(H*(C*b + c) + i) + j] >= 0) ? x[W*(H*(C*b + c) + i) + j] : 0);
+        const float v_y = vg_select(x[W*(H*(C*b + c) + i) + j] >= 0, x[W*(H*(C*b + c) + i) + j], 0);
         y[W*(H*(C*b + c) + i) + j] = v_y;
     }
 }
@@ -46,7 +49,7 @@ relu_backward_g_x(const float *__restrict__ g_y, const float *__restrict__ x, fl
         const int c = (int)(vg_q % (C));
         vg_q /= (C);
         const int b = (int)vg_q;
-        const float v_g_x = ((x[W*(H*(C*b + c) + i) + j] >= 0) ? 1 : 0)*g_y[W*(H*(C*b + c) + i) + j];
+        const float v_g_x = vg_select(x[W*(H*(C*b + c) + i) + j] >= 0, 1, 0)*g_y[W*(H*(C*b + c) + i) + j];
         g_x[W*(H*(C*b + c) + i) + j] = v_g_x;
     }
 }

@@ -61,23 +61,18 @@ softmaxcrossentropy_forward_m_s_l(const int *__restrict__ t, const float *__rest
         const float v_m = acc_m;
         if (threadIdx.x == 0) m[b] = v_m;
         float acc_s = 0.0f;
-        for (long long vg_r = threadIdx.x; vg_r < (long long)(C); vg_r += VG_THREADS)
-        {
-            long long vg_qr = vg_r;
-            const int c = (int)vg_qr;
-            acc_s += expf(-v_m + x[C*b + c]);
-        }
-        acc_s = vg_block_sum(acc_s, vg_shared);
-        const float v_s = acc_s;
-        if (threadIdx.x == 0) s[b] = v_s;
         float acc_L = 0.0f;
         for (long long vg_r = threadIdx.x; vg_r < (long long)(C); vg_r += VG_THREADS)
         {
             long long vg_qr = vg_r;
             const int c = (int)vg_qr;
+            acc_s += expf(-v_m + x[C*b + c]);
             acc_L += (c == t[b])*x[C*b + c];
         }
+        acc_s = vg_block_sum(acc_s, vg_shared);
         acc_L = vg_block_sum(acc_L, vg_shared);
+        const float v_s = acc_s;
+        if (threadIdx.x == 0) s[b] = v_s;
         const float v_L = -acc_L + v_m + logf(v_s);
         if (threadIdx.x == 0) L[b] = v_L;
     }
