@@ -102,7 +102,8 @@ def test_tiled_kernels_keep_the_simple_schedule_as_a_fallback(vgg_cuda):
         renamed = old.replace(f"\n{k.name}(", f"\n{k.fallback}(").replace(f"// {k.name}:", f"// {k.fallback}:", 1)
         assert k.text.endswith(renamed)
         assert f'__launch_bounds__(VG_THREADS, VG_TILED_MIN_BLOCKS)\n{k.name}(' in k.text
-        assert f"vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune_{k.name}," in k.text
+        assert (f"vg_tune_{k.name} != 0 ? vg_tune_{k.name} : vg_tuned_{k.name}(vg_M, vg_N, vg_K)" in k.text
+                and "vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune," in k.text)
     assert "vg_tile_choose" not in simple_text and "_simple(" not in simple_text
     with pytest.raises(ValueError):
         generate([linear()], "cuda", cuda_contraction="fast")

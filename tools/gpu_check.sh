@@ -2,10 +2,12 @@
 # The GPU checks in one call: every CUDA kernel against the NumPy reference
 # (tiled schedules and their simple fallbacks), the network against NumPy and
 # PyTorch, compute-sanitizer's memcheck over a small training step, `vggen
-# bench` at B=64 and B=256 beside PyTorch (and, at B=64 for comparison, the
-# unfused network and the simple schedule), and CUDA training on digits at
-# width 64.  If a tiled kernel
-# disagrees with the reference, bench and train fall back to the simple build.
+# tune` at B=64 and 256 (its record comes back as $OUT/tuning.json: commit it
+# as generated/tuning.json), `vggen bench` with the tuned kernels at B=64 and
+# B=256 beside PyTorch (and, at B=64 for comparison, the unfused network and
+# the simple schedule), and CUDA training on digits at width 64.  If a tiled
+# kernel disagrees with the reference, tune is skipped and bench and train
+# fall back to the simple build.
 # Usage (repository root, on a machine with a GPU): bash tools/gpu_check.sh [quick]
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -36,6 +38,13 @@ compute-sanitizer --tool memcheck --print-limit 20 \
     $py -m vggen.cli bench --target cuda --batch-size 4 --width 4 --steps 1 --warmup 0 --no-torch \
     > "$out/memcheck.log" 2>&1
 grep -E "ERROR SUMMARY|========= (Invalid|Error)" "$out/memcheck.log" | head -n 20
+
+echo "== vggen tune: B=64 and 256, width 64 (records generated/tuning.json, rebuilds)"
+if [ "${VGGEN_GENERATED:-}" = "" ]; then
+    $py -m vggen.cli tune --batch-size 64 256 --width 64 > "$out/tune.log" 2>&1
+    echo "tune exit $?"; tail -n 1 "$out/tune.log"
+    cp generated/tuning.json "$out/tuning.json" 2>/dev/null
+fi
 
 summary() {
     $py - "$1" <<'PY'

@@ -72,6 +72,21 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from .backends import cuda_available
+    from .tune import tune
+
+    if not cuda_available():
+        raise VggenError("vggen tune times the CUDA kernels: it needs CuPy and a GPU")
+    path, record, summary = tune(args.batch_size, args.width, args.generated)
+    model = sum(m for m, _ in summary.values())
+    best = sum(b for _, b in summary.values())
+    kept = sum(len(v) for v in record.kernels.values())
+    print(f"wrote {path} ({kept} measured choices, {record.device}) and rebuilt the kernels; "
+          f"the {len(summary)} products take {best:.2f} ms with them, {model:.2f} ms with the model's choices")
+    return 0
+
+
 def _cmd_data(args) -> int:
     from .data import default_data_dir, fetch_cifar10
 
@@ -223,6 +238,16 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true",
                    help="print one JSON object (images_per_s, torch_images_per_s, ratio, kernels)")
     m.set_defaults(func=_cmd_bench)
+
+    u = sub.add_parser("tune", help="time the tiled CUDA kernels' schedules on the GPU; record the fastest",
+                       description="Replay every tiled product of a training step under each candidate "
+                                   "tile configuration and split count, record the fastest in "
+                                   "generated/tuning.json, and rebuild the kernels with them.")
+    u.add_argument("--batch-size", type=int, nargs="+", default=[64], metavar="N",
+                   help="batch sizes whose products to tune (default: 64)")
+    u.add_argument("--width", type=int, default=64, help="channels of the first stage, C1 (default: 64)")
+    _generated_option(u)
+    u.set_defaults(func=_cmd_tune)
 
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")

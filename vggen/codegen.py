@@ -47,7 +47,7 @@ import sympy as sp
 
 from . import cuda_schedule
 from .atomic import write_atomic
-from .cuda_schedule import TiledGemm, tiled_gemm
+from .cuda_schedule import TUNING_FILE, TiledGemm, Tuning, load_tuning, tiled_gemm
 from .ir import CUDA_THREADS, Kernel, KernelClass, layer_slug, lower_network
 from .printers import PRINTERS
 
@@ -147,32 +147,40 @@ def _tidy(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.splitlines() if line.strip()) + "\n"
 
 
-def cuda_tiled(kernel: Kernel, cuda_contraction: str = CUDA_CONTRACTION) -> TiledGemm | None:
-    """The tiled schedule of a CUDA kernel, or None where it runs the simple one."""
+def cuda_tiled(kernel: Kernel, cuda_contraction: str = CUDA_CONTRACTION,
+               tuning: Tuning | None = None) -> TiledGemm | None:
+    """The tiled schedule of a CUDA kernel, or None where it runs the simple
+    one; with the choices ``tuning`` measured for it."""
     if cuda_contraction not in CUDA_CONTRACTIONS:
         raise ValueError(f"cuda_contraction must be one of {CUDA_CONTRACTIONS}, not {cuda_contraction!r}")
     if cuda_contraction != "tiled" or kernel.cls is not KernelClass.CONTRACTION:
         return None
-    return tiled_gemm(kernel)
+    g = tiled_gemm(kernel)
+    if g is not None and tuning is not None:
+        g.tuned, g.tuned_on = tuning.for_kernel(kernel.name), tuning.device
+    return g
 
 
 def generate(layers, target: str, specialise: dict | None = None, *,
-             cuda_contraction: str = CUDA_CONTRACTION) -> tuple[str, list[GeneratedKernel]]:
+             cuda_contraction: str = CUDA_CONTRACTION,
+             tuning: Tuning | None = None) -> tuple[str, list[GeneratedKernel]]:
     """Forward and backward kernels of ``layers`` for ``target`` ("c" or "cuda"):
     the source file's text and each kernel with its own text."""
     specialise = VGG_SPECIALISE if specialise is None else specialise
-    return render(lower_network(list(layers), specialise), target, cuda_contraction=cuda_contraction)
+    return render(lower_network(list(layers), specialise), target, cuda_contraction=cuda_contraction,
+                  tuning=tuning)
 
 
 def render(kernels: list[Kernel], target: str, env: jinja2.Environment | None = None, *,
-           cuda_contraction: str = CUDA_CONTRACTION) -> tuple[str, list[GeneratedKernel]]:
+           cuda_contraction: str = CUDA_CONTRACTION,
+           tuning: Tuning | None = None) -> tuple[str, list[GeneratedKernel]]:
     """One source file for ``target`` holding ``kernels`` (already lowered)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
     env = env or environment()
     out = []
     for k in kernels:
-        tiled = cuda_tiled(k, cuda_contraction) if target == "cuda" else None
+        tiled = cuda_tiled(k, cuda_contraction, tuning) if target == "cuda" else None
         out.append(GeneratedKernel(k, target, render_kernel(k, target, env, tiled), tiled))
     what = ", ".join(dict.fromkeys(k.layer for k in kernels))
     # only the helpers the kernels call (an unused static function is a warning)
@@ -268,8 +276,9 @@ _CONVENTION = ("arguments: pointers to the tensors read (sorted by name), then t
 
 
 def outputs(layers=None, specialise: dict | None = None, *,
-            cuda_contraction: str = CUDA_CONTRACTION) -> dict[str, str]:
-    """Every file ``build`` writes: path relative to the output dir → text."""
+            cuda_contraction: str = CUDA_CONTRACTION, tuning: Tuning | None = None) -> dict[str, str]:
+    """Every file ``build`` writes: path relative to the output dir → text
+    (``tuning``: the measured tile choices compiled into the CUDA kernels)."""
     from .layers import network_layers
 
     layers = network_layers() if layers is None else list(layers)
@@ -287,7 +296,7 @@ def outputs(layers=None, specialise: dict | None = None, *,
         if path in files:
             raise ValueError(f"two layers would write {path}")
         cu_text, cu_kernels = render([k for k in kernels if k.layer == layer.name], "cuda", env,
-                                     cuda_contraction=cuda_contraction)
+                                     cuda_contraction=cuda_contraction, tuning=tuning)
         files[path] = cu_text
         entries += [manifest_entry(g, path) for g in cu_kernels]
     manifest = {
@@ -295,6 +304,8 @@ def outputs(layers=None, specialise: dict | None = None, *,
         "specialise": {str(k): v for k, v in specialise.items()},
         "cuda_threads": CUDA_THREADS,
         "cuda_contraction": cuda_contraction,
+        "tuning": ({"file": TUNING_FILE, "device": tuning.device} if tuning is not None and tuning.kernels
+                   else None),
         "files": {path: hashlib.sha256(text.encode()).hexdigest() for path, text in files.items()},
         "kernels": entries,
     }
@@ -320,10 +331,13 @@ def build(out_dir="generated", check: bool = False, *, cuda_contraction: str = C
     ``check=True`` writes nothing and returns the stale paths instead: files
     missing, differing from what a build would write, or left over.  Empty
     means up to date.  ``cuda_contraction``: see ``CUDA_CONTRACTION``.
+    ``out_dir/tuning.json`` (``vggen tune``), where present, is an input:
+    its measured tile choices are compiled into the tiled CUDA kernels.
     """
     out = Path(out_dir)
     options = {} if cuda_contraction == CUDA_CONTRACTION else {"cuda_contraction": cuda_contraction}
-    files = {out / rel: text.encode() for rel, text in outputs(**options).items()}
+    tuning = load_tuning(out / TUNING_FILE)
+    files = {out / rel: text.encode() for rel, text in outputs(tuning=tuning, **options).items()}
     if check:
         leftovers = [f for f in _ours(out) if f not in files]
         stale = [p for p, data in files.items() if not p.is_file() or p.read_bytes() != data]

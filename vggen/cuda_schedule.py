@@ -52,10 +52,13 @@ over the items, so any grid size is correct):
 * **Choice.**  The kernel picks (config, splits) itself from M, N, K and
   ``gridDim.x`` (the blocks assumed resident: ``PERSISTENT_BLOCKS``) with
   the cost model of ``choose`` (the device copy is generated from it,
-  ``vg_tile_choose``); ``vg_tune_<kernel>`` (a ``__device__ int``, 0 by
-  default) forces a choice instead: the autotuning hook (see ``tune_value``);
-  measured choices belong in ``CONFIGS`` and the cost constants (then
-  ``vggen build``), which the device code is generated from.
+  ``vg_tile_choose``), unless a choice was measured for that (M, N, K):
+  ``vggen tune`` (:mod:`vggen.tune`) times every candidate of the network's
+  products on the GPU and records the fastest in ``generated/tuning.json``;
+  the build compiles those records into a table in the kernel
+  (``vg_tuned_<kernel>``) and lists them in the manifest (``launch.tuned``).
+  ``vg_tune_<kernel>`` (a ``__device__ int``, 0 by default) forces a choice
+  over both: the hook the tuner times candidates through (``tune_value``).
 
 The template holds loop structure, staging and launch only: every element of
 A and B, and the stored value, is printed from the IR by the CUDA printer.
@@ -267,6 +270,105 @@ class Operand:
         return str(e)
 
 
+# --------------------------------------------------------------------------- measured choices
+
+
+TUNING_FILE = "tuning.json"      # beside the manifest; an input of the build
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """A measured choice: the product M×N×K runs ``tune`` (see ``tune_value``)."""
+
+    m: int
+    n: int
+    k: int
+    tune: int
+    ms: float | None = None            # its time, and the heuristic's, when measured
+    heuristic_ms: float | None = None
+
+    @property
+    def config(self) -> int:
+        return (self.tune - 1) % len(CONFIGS)
+
+    @property
+    def splits(self) -> int:
+        """The splits the kernel will run (the request clamped like any choice)."""
+        return _splits(CONFIGS[self.config], self.m, self.n, self.k, (self.tune - 1) // len(CONFIGS) + 1)
+
+    def as_dict(self) -> dict:
+        out = {"M": self.m, "N": self.n, "K": self.k, "tune": self.tune}
+        if self.ms is not None:
+            out.update(ms=self.ms, heuristic_ms=self.heuristic_ms)
+        return out
+
+
+@dataclass
+class Tuning:
+    """The records of ``tuning.json``: per kernel its measured choices."""
+
+    device: str = ""
+    kernels: dict = field(default_factory=dict)     # kernel name -> [Tuned], sorted by (M, N, K)
+
+    def for_kernel(self, name: str) -> tuple:
+        return tuple(self.kernels.get(name, ()))
+
+    def as_json(self) -> dict:
+        return {"device": self.device, "configs": len(CONFIGS),
+                "kernels": {name: [t.as_dict() for t in entries]
+                            for name, entries in sorted(self.kernels.items()) if entries}}
+
+
+def parse_tuning(data, where: str = TUNING_FILE) -> Tuning:
+    """A Tuning from the JSON object of ``tuning.json``; a VggenError naming
+    ``where`` and the bad field otherwise."""
+    from .errors import VggenError
+
+    def bad(what):
+        return VggenError(f"{where}: {what}; rerun `vggen tune` or delete the file")
+
+    if not isinstance(data, dict) or not isinstance(data.get("kernels"), dict):
+        raise bad("not a tuning record (no \"kernels\" object)")
+    if data.get("configs") != len(CONFIGS):
+        raise bad(f"measured with {data.get('configs')} tile configurations, the schedule has {len(CONFIGS)}")
+    out = Tuning(str(data.get("device", "")))
+    for name, entries in data["kernels"].items():
+        if not isinstance(entries, list):
+            raise bad(f"kernel {name}: entries must be a list")
+        seen, parsed = set(), []
+        for e in entries:
+            try:
+                t = Tuned(int(e["M"]), int(e["N"]), int(e["K"]), int(e["tune"]),
+                          e.get("ms"), e.get("heuristic_ms"))
+            except (TypeError, KeyError, ValueError):
+                raise bad(f"kernel {name}: entry {e!r} needs integer M, N, K and tune") from None
+            if min(t.m, t.n, t.k) < 1 or not 1 <= t.tune <= len(CONFIGS) * MAX_SPLITS:
+                raise bad(f"kernel {name}: entry {e!r} is out of range")
+            if (t.m, t.n, t.k) in seen:
+                raise bad(f"kernel {name}: two entries for M={t.m}, N={t.n}, K={t.k}")
+            seen.add((t.m, t.n, t.k))
+            parsed.append(t)
+        out.kernels[name] = sorted(parsed, key=lambda t: (t.m, t.n, t.k))
+    return out
+
+
+def load_tuning(path) -> Tuning | None:
+    """The tuning record at ``path``, or None where there is none."""
+    import json
+    from pathlib import Path
+
+    from .errors import VggenError
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise VggenError(f"{path}: cannot read the tuning record ({e}); rerun `vggen tune` or delete it") from None
+    return parse_tuning(data, str(path))
+
+
 @dataclass
 class TiledGemm:
     """A contraction kernel's tiled-GEMM schedule (see the module docstring)."""
@@ -278,6 +380,8 @@ class TiledGemm:
     b: Operand
     configs: tuple = CONFIGS
     vec: list = field(default_factory=list)     # per config: (V of A, V of B)
+    tuned: tuple = ()                           # measured choices (Tuned), compiled into the kernel
+    tuned_on: str = ""                          # the GPU they were measured on
 
     def loops(self, dim: str) -> list[Loop]:
         return {"m": self.m, "n": self.n, "k": self.k}[dim]
@@ -370,6 +474,9 @@ def launch(g: TiledGemm, name: str) -> dict:
         "configs": [{"BM": c.bm, "BN": c.bn, "BK": c.bk, "TM": c.tm, "TN": c.tn, "VA": va, "VB": vb,
                      "split": c.split and g.split_k}
                     for c, (va, vb) in zip(g.configs, g.vec)],
+        "tuned": {"device": g.tuned_on,
+                  "choices": [{**t.as_dict(), "config": t.config, "splits": t.splits} for t in g.tuned]}
+        if g.tuned else None,
         "tune": {"symbol": f"vg_tune_{name}", "default": 0,
                  "encoding": f"0: the kernel's heuristic; 1 + config + {len(g.configs)}*(splits - 1): force "
                              f"configs[config] with that many k-splits (clamped to the workspace)"},
@@ -377,4 +484,5 @@ def launch(g: TiledGemm, name: str) -> dict:
 
 
 __all__ = ["CONFIGS", "PERSISTENT_BLOCKS", "TileConfig", "TiledGemm", "Operand", "choose", "cost",
-           "tiled_gemm", "tune_value", "launch"]
+           "tiled_gemm", "tune_value", "launch", "Tuned", "Tuning", "parse_tuning", "load_tuning",
+           "TUNING_FILE"]

@@ -72,6 +72,7 @@ class CudaProgram(Program):
             raise VggenError(f"no cuda kernels for layer {layer.name} in {backend.manifest}: "
                              f"regenerate the kernels (`vggen build`)")
         np_types = {"int": np.int32, "int32": np.int32, "int64": np.int64, "long": np.int64}
+        self.specs = specs
         self.calls = []
         for spec in specs:
             fn = backend.function(spec)
@@ -97,6 +98,18 @@ class CudaProgram(Program):
                 if n not in writes:
                     self.readers.setdefault(n, set()).add(name)
 
+    def launches(self, env: dict) -> list["Launch"]:
+        """Each kernel call of the program on ``env``'s arrays (checked), to
+        launch on its own: the tuner replays the tiled ones."""
+        out = []
+        for spec, (fn, name, tensors, sizes, grid, block, _) in zip(self.specs, self.calls):
+            args = []
+            for tname, shape, dtype in tensors:
+                check_argument(name, tname, env[tname], shape, dtype, self.backend.array_type)
+                args.append(env[tname])
+            out.append(Launch(self.backend, spec, fn, grid, block, (*args, *sizes)))
+        return out
+
     def run(self, env: dict, skip: frozenset) -> None:
         array_type = self.backend.array_type
         for fn, name, tensors, sizes, grid, block, writes in self.calls:
@@ -113,6 +126,26 @@ class CudaProgram(Program):
             fn(grid, block, (*args, *sizes))
             if prof is not None:
                 prof.end(name)
+
+
+class Launch:
+    """One kernel call with its arguments bound (see CudaProgram.launches)."""
+
+    def __init__(self, backend: "CudaBackend", spec: KernelSpec, fn, grid, block, args):
+        self.backend, self.spec, self.fn, self.grid, self.block, self.args = backend, spec, fn, grid, block, args
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __call__(self) -> None:
+        self.fn(self.grid, self.block, self.args)
+
+    def with_tune(self, value: int) -> None:
+        """Launch with the kernel's ``vg_tune_<name>`` set to ``value`` (a
+        tiled kernel's forced choice; 0: its own)."""
+        self.backend.set_tune(self.spec, value)
+        self()
 
 
 class CudaBackend(Backend):
@@ -136,6 +169,7 @@ class CudaBackend(Backend):
         self._texts = {p: p.read_text() for p in self.sources}
         self._modules: dict = {}
         self._functions: dict = {}
+        self._tunes: dict = {}          # kernel -> the vg_tune_<kernel> value last set
 
     def _module_for(self, spec: KernelSpec):
         path = None
@@ -163,6 +197,17 @@ class CudaBackend(Backend):
             self._functions[spec.name] = fn
         return fn
 
+    def set_tune(self, spec: KernelSpec, value: int) -> None:
+        """Set a tiled kernel's ``vg_tune_<name>`` (its manifest ``launch.tune.symbol``)."""
+        tune = (spec.entry.get("launch") or {}).get("tune")
+        if not tune:
+            raise VggenError(f"kernel {spec.name} has no tuning hook (not a tiled contraction)")
+        if self._tunes.get(spec.name) == value:
+            return
+        ptr = self._module_for(spec).get_global(tune["symbol"])
+        ptr.copy_from_host(np.array([value], np.int32).ctypes.data, 4)
+        self._tunes[spec.name] = value
+
     def _prepare(self, layer, sizes):
         return CudaProgram(self, layer, sizes)
 
@@ -186,4 +231,4 @@ class CudaBackend(Backend):
         self.cupy.cuda.get_current_stream().synchronize()
 
 
-__all__ = ["CudaBackend", "CudaProgram", "OPTIONS"]
+__all__ = ["CudaBackend", "CudaProgram", "Launch", "OPTIONS"]

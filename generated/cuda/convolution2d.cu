@@ -527,6 +527,11 @@ static __device__ __noinline__ void convolution2d_forward_y__tile(const float *_
     }
 }
 __device__ int vg_tune_convolution2d_forward_y = 0;    // 0: the heuristic; else forces a choice (manifest launch.tune)
+// the tune value measured for this product, 0 (the heuristic) for one not measured
+static __device__ __forceinline__ int vg_tuned_convolution2d_forward_y(int M, int N, int K)
+{
+    return 0;
+}
 extern "C" __global__ void __launch_bounds__(VG_THREADS, VG_TILED_MIN_BLOCKS)
 convolution2d_forward_y(const float *__restrict__ w, const float *__restrict__ x, float *__restrict__ y, int B, int H, int IC, int OC, int W)
 {
@@ -534,7 +539,8 @@ convolution2d_forward_y(const float *__restrict__ w, const float *__restrict__ x
     __shared__ unsigned int vg_ticket;
     const int vg_M = OC, vg_N = B*H*W, vg_K = 9*IC;
     int vg_config, vg_splits;
-    vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune_convolution2d_forward_y, &vg_config, &vg_splits);
+    const int vg_tune = vg_tune_convolution2d_forward_y != 0 ? vg_tune_convolution2d_forward_y : vg_tuned_convolution2d_forward_y(vg_M, vg_N, vg_K);
+    vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune, &vg_config, &vg_splits);
     switch (vg_config)
     {
     case 0: convolution2d_forward_y__tile<128, 128, 8, 8, 8, false, 4, 1>(w, x, y, B, H, IC, OC, W, vg_M, vg_N, vg_K, vg_splits, vg_smem, &vg_ticket); break;
@@ -936,6 +942,11 @@ static __device__ __noinline__ void convolution2d_backward_g_x__tile(const float
     }
 }
 __device__ int vg_tune_convolution2d_backward_g_x = 0;    // 0: the heuristic; else forces a choice (manifest launch.tune)
+// the tune value measured for this product, 0 (the heuristic) for one not measured
+static __device__ __forceinline__ int vg_tuned_convolution2d_backward_g_x(int M, int N, int K)
+{
+    return 0;
+}
 extern "C" __global__ void __launch_bounds__(VG_THREADS, VG_TILED_MIN_BLOCKS)
 convolution2d_backward_g_x(const float *__restrict__ g_y, const float *__restrict__ w, float *__restrict__ g_x, int B, int H, int IC, int OC, int W)
 {
@@ -943,7 +954,8 @@ convolution2d_backward_g_x(const float *__restrict__ g_y, const float *__restric
     __shared__ unsigned int vg_ticket;
     const int vg_M = IC, vg_N = B*H*W, vg_K = 9*OC;
     int vg_config, vg_splits;
-    vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune_convolution2d_backward_g_x, &vg_config, &vg_splits);
+    const int vg_tune = vg_tune_convolution2d_backward_g_x != 0 ? vg_tune_convolution2d_backward_g_x : vg_tuned_convolution2d_backward_g_x(vg_M, vg_N, vg_K);
+    vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune, &vg_config, &vg_splits);
     switch (vg_config)
     {
     case 0: convolution2d_backward_g_x__tile<128, 128, 8, 8, 8, false, 1, 1>(g_y, w, g_x, B, H, IC, OC, W, vg_M, vg_N, vg_K, vg_splits, vg_smem, &vg_ticket); break;
@@ -1346,6 +1358,11 @@ static __device__ __noinline__ void convolution2d_backward_g_w__tile(const float
     }
 }
 __device__ int vg_tune_convolution2d_backward_g_w = 0;    // 0: the heuristic; else forces a choice (manifest launch.tune)
+// the tune value measured for this product, 0 (the heuristic) for one not measured
+static __device__ __forceinline__ int vg_tuned_convolution2d_backward_g_w(int M, int N, int K)
+{
+    return 0;
+}
 extern "C" __global__ void __launch_bounds__(VG_THREADS, VG_TILED_MIN_BLOCKS)
 convolution2d_backward_g_w(const float *__restrict__ g_y, const float *__restrict__ x, float *__restrict__ g_w, int B, int H, int IC, int OC, int W)
 {
@@ -1353,7 +1370,8 @@ convolution2d_backward_g_w(const float *__restrict__ g_y, const float *__restric
     __shared__ unsigned int vg_ticket;
     const int vg_M = OC, vg_N = 9*IC, vg_K = B*H*W;
     int vg_config, vg_splits;
-    vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune_convolution2d_backward_g_w, &vg_config, &vg_splits);
+    const int vg_tune = vg_tune_convolution2d_backward_g_w != 0 ? vg_tune_convolution2d_backward_g_w : vg_tuned_convolution2d_backward_g_w(vg_M, vg_N, vg_K);
+    vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune, &vg_config, &vg_splits);
     switch (vg_config)
     {
     case 0: convolution2d_backward_g_w__tile<128, 128, 8, 8, 8, false, 1, 1>(g_y, x, g_w, B, H, IC, OC, W, vg_M, vg_N, vg_K, vg_splits, vg_smem, &vg_ticket); break;

@@ -494,6 +494,11 @@ static __device__ __noinline__ void linear_forward_y__tile(const float *__restri
     }
 }
 __device__ int vg_tune_linear_forward_y = 0;    // 0: the heuristic; else forces a choice (manifest launch.tune)
+// the tune value measured for this product, 0 (the heuristic) for one not measured
+static __device__ __forceinline__ int vg_tuned_linear_forward_y(int M, int N, int K)
+{
+    return 0;
+}
 extern "C" __global__ void __launch_bounds__(VG_THREADS, VG_TILED_MIN_BLOCKS)
 linear_forward_y(const float *__restrict__ w, const float *__restrict__ x, float *__restrict__ y, int B, int C, int IC)
 {
@@ -501,7 +506,8 @@ linear_forward_y(const float *__restrict__ w, const float *__restrict__ x, float
     __shared__ unsigned int vg_ticket;
     const int vg_M = B, vg_N = C, vg_K = IC;
     int vg_config, vg_splits;
-    vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune_linear_forward_y, &vg_config, &vg_splits);
+    const int vg_tune = vg_tune_linear_forward_y != 0 ? vg_tune_linear_forward_y : vg_tuned_linear_forward_y(vg_M, vg_N, vg_K);
+    vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune, &vg_config, &vg_splits);
     switch (vg_config)
     {
     case 0: linear_forward_y__tile<128, 128, 8, 8, 8, false, 4, 4>(w, x, y, B, C, IC, vg_M, vg_N, vg_K, vg_splits, vg_smem, &vg_ticket); break;
@@ -910,6 +916,11 @@ static __device__ __noinline__ void linear_backward_g_x__tile(const float *__res
     }
 }
 __device__ int vg_tune_linear_backward_g_x = 0;    // 0: the heuristic; else forces a choice (manifest launch.tune)
+// the tune value measured for this product, 0 (the heuristic) for one not measured
+static __device__ __forceinline__ int vg_tuned_linear_backward_g_x(int M, int N, int K)
+{
+    return 0;
+}
 extern "C" __global__ void __launch_bounds__(VG_THREADS, VG_TILED_MIN_BLOCKS)
 linear_backward_g_x(const float *__restrict__ g_y, const float *__restrict__ w, float *__restrict__ g_x, int B, int C, int IC)
 {
@@ -917,7 +928,8 @@ linear_backward_g_x(const float *__restrict__ g_y, const float *__restrict__ w, 
     __shared__ unsigned int vg_ticket;
     const int vg_M = B, vg_N = IC, vg_K = C;
     int vg_config, vg_splits;
-    vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune_linear_backward_g_x, &vg_config, &vg_splits);
+    const int vg_tune = vg_tune_linear_backward_g_x != 0 ? vg_tune_linear_backward_g_x : vg_tuned_linear_backward_g_x(vg_M, vg_N, vg_K);
+    vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune, &vg_config, &vg_splits);
     switch (vg_config)
     {
     case 0: linear_backward_g_x__tile<128, 128, 8, 8, 8, false, 4, 4>(g_y, w, g_x, B, C, IC, vg_M, vg_N, vg_K, vg_splits, vg_smem, &vg_ticket); break;
@@ -1314,6 +1326,11 @@ static __device__ __noinline__ void linear_backward_g_w__tile(const float *__res
     }
 }
 __device__ int vg_tune_linear_backward_g_w = 0;    // 0: the heuristic; else forces a choice (manifest launch.tune)
+// the tune value measured for this product, 0 (the heuristic) for one not measured
+static __device__ __forceinline__ int vg_tuned_linear_backward_g_w(int M, int N, int K)
+{
+    return 0;
+}
 extern "C" __global__ void __launch_bounds__(VG_THREADS, VG_TILED_MIN_BLOCKS)
 linear_backward_g_w(const float *__restrict__ g_y, const float *__restrict__ x, float *__restrict__ g_w, int B, int C, int IC)
 {
@@ -1321,7 +1338,8 @@ linear_backward_g_w(const float *__restrict__ g_y, const float *__restrict__ x, 
     __shared__ unsigned int vg_ticket;
     const int vg_M = IC, vg_N = C, vg_K = B;
     int vg_config, vg_splits;
-    vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune_linear_backward_g_w, &vg_config, &vg_splits);
+    const int vg_tune = vg_tune_linear_backward_g_w != 0 ? vg_tune_linear_backward_g_w : vg_tuned_linear_backward_g_w(vg_M, vg_N, vg_K);
+    vg_tile_choose(vg_M, vg_N, vg_K, (int)gridDim.x, vg_tune, &vg_config, &vg_splits);
     switch (vg_config)
     {
     case 0: linear_backward_g_w__tile<128, 128, 8, 8, 8, false, 4, 4>(g_y, x, g_w, B, C, IC, vg_M, vg_N, vg_K, vg_splits, vg_smem, &vg_ticket); break;
