@@ -337,7 +337,9 @@ def build(out_dir="generated", check: bool = False, *, cuda_contraction: str = C
     out = Path(out_dir)
     options = {} if cuda_contraction == CUDA_CONTRACTION else {"cuda_contraction": cuda_contraction}
     tuning = load_tuning(out / TUNING_FILE)
-    files = {out / rel: text.encode() for rel, text in outputs(tuning=tuning, **options).items()}
+    if tuning is not None:
+        options["tuning"] = tuning
+    files = {out / rel: text.encode() for rel, text in outputs(**options).items()}
     if check:
         leftovers = [f for f in _ours(out) if f not in files]
         stale = [p for p, data in files.items() if not p.is_file() or p.read_bytes() != data]
