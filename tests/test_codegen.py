@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vggen.autodiff import derive
-from vggen.codegen import VGG_SPECIALISE, build, generate, outputs
+from vggen.codegen import VGG_SPECIALISE, build, generate, generated_layers, outputs
 from vggen.errors import VggenError
 from vggen.evaluate import Evaluator, run_forward
 from vggen.ir import KernelClass, lower, lower_layer
@@ -491,7 +491,7 @@ def test_build_is_reproducible_and_check_finds_stale_files(tmp_path):
     written = build(a)
     assert sorted(p.relative_to(a).as_posix() for p in written) == sorted(_tree(a))
     assert "c/vggen_kernels.c" in _tree(a) and "c/vggen_kernels.h" in _tree(a)
-    assert len([p for p in _tree(a) if p.startswith("cuda/")]) == len(network_layers())
+    assert len([p for p in _tree(a) if p.startswith("cuda/")]) == len(generated_layers())
     build(b)
     assert _tree(a) == _tree(b)
     mtime = (a / "manifest.json").stat().st_mtime_ns
@@ -528,7 +528,7 @@ def test_manifest_describes_every_kernel(tmp_path):
     files = outputs()
     man = json.loads(files["manifest.json"])
     names = {(e["target"], e["name"]) for e in man["kernels"]}
-    _, c_kernels = generate(network_layers(), "c")
+    _, c_kernels = generate(generated_layers(), "c")
     assert names == {(t, k.name) for t in ("c", "cuda") for k in c_kernels}
     for e in man["kernels"]:
         text = files[e["file"]]

@@ -15,7 +15,8 @@ from vggen import atomic as atomic_mod
 from vggen.cli import main
 from vggen.errors import VggenError
 from vggen.inspect import load_manifest
-from vggen.layers import dropout, network_layers, relu
+from vggen.codegen import generated_layers
+from vggen.layers import dropout, relu
 from vggen.atomic import write_atomic
 from vggen.report import html, latex, markdown, write_markdown
 from vggen.verify import check_all
@@ -55,7 +56,7 @@ def test_document_has_forward_document_derived_verdict_and_kernels(small, manife
 
 def test_every_generated_kernel_is_named_in_the_document(manifest):
     """Matched by layer and written tensor: each forward and backward kernel appears."""
-    text = markdown([], network_layers(), manifest)
+    text = markdown([], generated_layers(), manifest)
     for k in manifest["kernels"]:
         assert f"`{k['name']}`" in text, k["name"]
     conv = text[text.index("## Convolution2D"):text.index("## Linear")]

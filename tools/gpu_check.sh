@@ -4,10 +4,10 @@
 # PyTorch, compute-sanitizer's memcheck over a small training step, `vggen
 # tune` at B=64 and 256 (its record comes back as $OUT/tuning.json: commit it
 # as generated/tuning.json), `vggen bench` with the tuned kernels at B=64 and
-# B=256 beside PyTorch (and, at B=64 for comparison, the unfused network and
-# the simple schedule), and CUDA training on digits at width 64.  If a tiled
-# kernel disagrees with the reference, tune is skipped and bench and train
-# fall back to the simple build.
+# B=256 beside PyTorch, eager and as CUDA graphs (and, at B=64 for comparison,
+# the unfused network and the simple schedule), and CUDA training on digits at
+# width 64.  If a tiled kernel disagrees with the reference, tune is skipped
+# and bench and train fall back to the simple build.
 # Usage (repository root, on a machine with a GPU): bash tools/gpu_check.sh [quick]
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -32,6 +32,9 @@ echo "== network on CUDA against NumPy and PyTorch"
 $py -m pytest -rs -p no:cacheprovider tests/test_runtime.py tests/test_network.py -k "cuda" \
     > "$out/tests_network.log" 2>&1
 tail -n 3 "$out/tests_network.log"
+echo "== CUDA-graph steps against eager steps"
+$py -m pytest -rs -p no:cacheprovider tests/test_step.py > "$out/tests_step.log" 2>&1
+tail -n 3 "$out/tests_step.log"
 
 echo "== compute-sanitizer memcheck: one training step, width 4, batch 4"
 compute-sanitizer --tool memcheck --print-limit 20 \
@@ -56,10 +59,13 @@ for k in r["kernels"][:8]:
     print(f"   {k['name']:45s} {k['seconds']*1e3:8.3f} ms {k['share']:6.1%} {k['flops']/max(k['seconds'],1e-12)/1e9:8.1f} GFLOP/s")
 PY
 }
-echo "== bench, width 64"
+echo "== bench, width 64 (eager steps, then CUDA graphs)"
 for b in 64 256; do
     $py -m vggen.cli bench --target cuda --batch-size "$b" --width 64 --json > "$out/bench$b.json" \
         2> "$out/bench$b.err" && summary "$out/bench$b.json" || tail -n 5 "$out/bench$b.err"
+    $py -m vggen.cli bench --target cuda --batch-size "$b" --width 64 --cuda-graph --json \
+        > "$out/bench${b}_graph.json" 2> "$out/bench${b}_graph.err" \
+        && summary "$out/bench${b}_graph.json" || tail -n 5 "$out/bench${b}_graph.err"
 done
 echo "-- unfused BN/ReLU, for comparison"
 $py -m vggen.cli bench --target cuda --batch-size 64 --width 64 --no-fuse --no-torch --json \

@@ -21,7 +21,8 @@ import numpy as np
 from .backends import get_backend, resolve_target, tensor_shapes, size_values
 from .errors import VggenError
 from .network import Network
-from .train import SGD
+from .optim import SGD
+from .step import TrainStep
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 
@@ -48,6 +49,7 @@ class BenchResult:
     torch_note: str = ""
     kernels: list = field(default_factory=list)
     fused: bool = True                  # BN → ReLU (→ dropout) run as one layer
+    graph: bool = False                 # steps replayed as CUDA graphs
 
     @property
     def ratio(self) -> float | None:
@@ -55,7 +57,8 @@ class BenchResult:
 
     def as_dict(self) -> dict:
         return {"target": self.target, "device": self.device, "batch_size": self.batch_size,
-                "width": self.width, "fused": self.fused, "step_seconds": self.step_seconds,
+                "width": self.width, "fused": self.fused, "cuda_graph": self.graph,
+                "step_seconds": self.step_seconds,
                 "images_per_s": self.images_per_s, "torch_step_seconds": self.torch_step_seconds,
                 "torch_images_per_s": self.torch_images_per_s, "ratio": self.ratio,
                 "torch_note": self.torch_note,
@@ -81,15 +84,17 @@ class _HostTimer:
 
 
 class _CudaTimer:
-    def __init__(self, cupy):
-        self.cupy = cupy
+    """Events on ``stream`` (the step's: a graph step runs on its own stream)."""
+
+    def __init__(self, cupy, stream=None):
+        self.cupy, self.stream = cupy, stream
         self.a, self.b = cupy.cuda.Event(), cupy.cuda.Event()
 
     def start(self):
-        self.a.record()
+        self.a.record(self.stream)
 
     def stop(self) -> float:
-        self.b.record()
+        self.b.record(self.stream)
         self.b.synchronize()
         return self.cupy.cuda.get_elapsed_time(self.a, self.b) / 1e3
 
@@ -156,21 +161,21 @@ def _kernel_work(net: Network, batch: int, manifest_specs, target: str) -> dict:
 
 
 def _vggen_step(target: str, batch: int, width: int, steps: int, warmup: int, seed: int,
-                fuse: bool = True):
+                fuse: bool = True, graph: bool = False):
     backend = get_backend(target)
     net = Network(backend, width=width, dropout=False, seed=seed, fuse=fuse)
-    opt = SGD(net.params, net.grads, backend, MOMENTUM, WEIGHT_DECAY)
+    opt = SGD(net.params, net.grads, backend, MOMENTUM, WEIGHT_DECAY, flat=(net.flat_params, net.flat_grads))
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
     labels = rng.integers(0, 10, batch).astype(np.int32)
     cupy = getattr(backend, "cupy", None)
-    timer = _CudaTimer(cupy) if cupy is not None else _HostTimer()
+    run = TrainStep(net, opt, graph=graph)
+    timer = _CudaTimer(cupy, getattr(run, "stream", None)) if cupy is not None else _HostTimer()
 
     def step():
-        net.train_step(images, labels)
-        opt.step(LR)
+        run(images, labels, LR)
 
-    for _ in range(warmup):
+    for _ in range(max(warmup, 2 if graph else 0)):      # a graph is captured at the second step
         step()
     backend.synchronize()
     times = []
@@ -183,8 +188,9 @@ def _vggen_step(target: str, batch: int, width: int, steps: int, warmup: int, se
     prof = _Profiler(cupy)
     backend.profiler = prof
     profiled = max(3, steps // 4)
+    eager = TrainStep(net, opt)                          # per-kernel times need the launches
     for _ in range(profiled):
-        step()
+        eager(images, labels, LR)
     backend.synchronize()
     prof.collect()
     backend.profiler = None
@@ -297,7 +303,8 @@ def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, se
 
 
 def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: int = 20,
-          warmup: int = 3, seed: int = 0, torch: bool = True, fuse: bool = True) -> BenchResult:
+          warmup: int = 3, seed: int = 0, torch: bool = True, fuse: bool = True,
+          graph: bool = False) -> BenchResult:
     if batch_size < 1:
         raise VggenError(f"--batch-size must be at least 1, got {batch_size}")
     if width < 1:
@@ -307,9 +314,9 @@ def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: in
     target = resolve_target(target)
     if target == "numpy":
         raise VggenError("vggen bench measures the generated kernels: use --target c or cuda")
-    seconds, kernels, device = _vggen_step(target, batch_size, width, steps, warmup, seed, fuse)
+    seconds, kernels, device = _vggen_step(target, batch_size, width, steps, warmup, seed, fuse, graph)
     result = BenchResult(target, device, batch_size, width, seconds, batch_size / seconds,
-                         kernels=kernels, fused=fuse)
+                         kernels=kernels, fused=fuse, graph=graph)
     if torch:
         t, note = _torch_step(target, batch_size, width, steps, warmup, seed)
         result.torch_note = note
@@ -321,7 +328,7 @@ def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: in
 
 def format_table(r: BenchResult) -> str:
     lines = [f"vggen bench: {r.target} on {r.device}, batch {r.batch_size}, width {r.width}"
-             f"{'' if r.fused else ', unfused'}",
+             f"{'' if r.fused else ', unfused'}{', CUDA graphs' if r.graph else ''}",
              f"  vggen   {r.step_seconds * 1e3:9.2f} ms/step  {r.images_per_s:10.1f} images/s"]
     if r.torch_images_per_s:
         lines.append(f"  PyTorch {r.torch_step_seconds * 1e3:9.2f} ms/step  "

@@ -64,7 +64,7 @@ def _cmd_bench(args) -> int:
     from .bench import bench, format_table
 
     result = bench(args.target, args.batch_size, args.width, args.steps, args.warmup, args.seed,
-                   torch=not args.no_torch, fuse=args.fuse)
+                   torch=not args.no_torch, fuse=args.fuse, graph=args.cuda_graph)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -97,11 +97,11 @@ def _cmd_data(args) -> int:
 
 def _cmd_report(args) -> int:
     from .inspect import find_layer
-    from .layers import network_layers
+    from .codegen import generated_layers
     from .report import report
 
     out = args.output or ("derivations.html" if args.html else "derivations.md")
-    layers = [find_layer(name) for name in args.layer] if args.layer else network_layers()
+    layers = [find_layer(name) for name in args.layer] if args.layer else generated_layers()
     layers = list({layer.name: layer for layer in layers}.values())
     path, rows = report(out, layers, args.generated, as_html=args.html)
     failed = [r for r in rows if r.verdict != "pass"]
@@ -181,6 +181,8 @@ def parser() -> argparse.ArgumentParser:
                    help="no random crops or flips")
     t.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="run BatchNormalization → ReLU (→ Dropout) as one composed layer (default: on)")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="cuda: replay each training step as captured CUDA graphs")
     t.set_defaults(func=_cmd_train)
 
     r = sub.add_parser("report", help="write the derivation document (Math for VGG, regenerated)",
@@ -235,6 +237,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     m.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="run BatchNormalization → ReLU as one composed layer (default: on)")
+    m.add_argument("--cuda-graph", action="store_true",
+                   help="cuda: replay each step as captured CUDA graphs")
     m.add_argument("--json", action="store_true",
                    help="print one JSON object (images_per_s, torch_images_per_s, ratio, kernels)")
     m.set_defaults(func=_cmd_bench)

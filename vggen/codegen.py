@@ -1,8 +1,9 @@
 """Emit C (OpenMP) and CUDA kernels from the kernel IR through Jinja2 templates.
 
-``build()`` writes the VGG kernels (the seven layers of ``vgg_layers()`` and
-the compositions the network fuses, ``fused_layers()``; forward and
-backward, specialised at K=1, S=2, ε=2e-5):
+``build()`` writes the VGG kernels (the seven layers of ``vgg_layers()``,
+the compositions the network fuses, ``fused_layers()``, and the optimizer's
+update, ``optim.sgd_momentum()``; forward and backward, specialised at K=1,
+S=2, ε=2e-5):
 
 * ``generated/c/vggen_kernels.c`` and ``vggen_kernels.h`` (one library);
 * ``generated/cuda/<layer>.cu``, one self-contained file per layer;
@@ -275,13 +276,21 @@ _CONVENTION = ("arguments: pointers to the tensors read (sorted by name), then t
 # --------------------------------------------------------------------------- build
 
 
+def generated_layers() -> list:
+    """Every layer ``build`` generates kernels for: the network's (``network_layers``),
+    and the in-place updates of a training step: BatchNormalization's running
+    statistics and the optimizer's (``optim.sgd_momentum``)."""
+    from .layers import batch_normalization_running, network_layers
+    from .optim import sgd_momentum
+
+    return network_layers() + [batch_normalization_running(), sgd_momentum()]
+
+
 def outputs(layers=None, specialise: dict | None = None, *,
             cuda_contraction: str = CUDA_CONTRACTION, tuning: Tuning | None = None) -> dict[str, str]:
     """Every file ``build`` writes: path relative to the output dir → text
     (``tuning``: the measured tile choices compiled into the CUDA kernels)."""
-    from .layers import network_layers
-
-    layers = network_layers() if layers is None else list(layers)
+    layers = generated_layers() if layers is None else list(layers)
     specialise = VGG_SPECIALISE if specialise is None else specialise
     files: dict[str, str] = {}
     entries = []

@@ -71,9 +71,9 @@ def find_layer(name: str, layers=None):
     failing that an unambiguous part of the name (``pool``, ``norm``).  A
     match that every other match is a composition of wins (``batchnorm`` is
     BatchNormalization, not BatchNormalization+ReLU)."""
-    from .layers import network_layers
+    from .codegen import generated_layers
 
-    layers = network_layers() if layers is None else list(layers)
+    layers = generated_layers() if layers is None else list(layers)
     names = ", ".join(layer.name for layer in layers)
     key = _key(name)
     if not key:
@@ -141,7 +141,8 @@ def inspect_layer(name: str, target: str = "c", generated: str | Path | None = N
     for eq in layer.equations:
         notes = ([eq.label] if eq.label else []) + [made_by("forward", eq.target)]
         out.append(f"  {eq}  ({'; '.join(notes)})")
-    out += ["", "Derived backward equations (g_T is ∂L/∂T):"]
+    out += ["", "Derived backward equations (g_T is ∂L/∂T):" if bw.gradients
+            else "No backward: an in-place update of state."]
     for g in bw.gradients:
         numbers = [d.number for d in docs if d.layer == layer.name and d.gradient == g.tensor.name]
         notes = [f"document: eq. {', '.join(numbers)}" if numbers else "not in the document",

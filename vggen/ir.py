@@ -67,7 +67,7 @@ UNROLL_LIMIT = 64
 # Threads per CUDA block; block reductions assume a power of two.
 CUDA_THREADS = 256
 
-_WRITABLE = (Role.OUTPUT, Role.SAVED, Role.GRADIENT)
+_WRITABLE = (Role.OUTPUT, Role.SAVED, Role.GRADIENT, Role.STATE)
 # generated locals (acc_y, v_y, best_sel, arg_sel) and helpers (vg_*) use these
 _RESERVED = ("vg_", "acc_", "v_", "best_", "arg_")
 _C_KEYWORDS = set("""auto break case char const continue default do double else enum extern float for
@@ -688,7 +688,9 @@ class _Analysis:
 
     def access(self, acc, ranges):
         t = self._tensor(acc)
-        if t.name == self.eq.target:
+        if t.name == self.eq.target and not (t.role is Role.STATE
+                                              and tuple(acc.indices) == tuple(self.eq.lhs.indices)):
+            # an in-place update reads only the element its own iteration writes
             self.fail(f"access {acc} reads the tensor the equation writes")
         for pos, (e, (first, last)) in enumerate(zip(acc.indices, t.index_ranges())):
             e = sp.sympify(e)
@@ -1049,10 +1051,14 @@ def _try_fuse(group: list[Stage], nxt: Stage) -> Stage | None:
         value = move(nxt.value)
     except _NoFusion:
         return None
-    # the group must not read what nxt writes (it would read it before it is written)
+    # the group must not read what nxt writes (it would read it before it is written),
+    # unless nxt updates state in place and the group reads only the element that
+    # the same iteration writes, before writing it
     for s in group:
         for e in [s.value] + [r.body for r in s.reductions if r.body is not None]:
-            if any(str(a.base.label) == nxt.tensor.name for a in e.atoms(sp.Indexed)):
+            if any(str(a.base.label) == nxt.tensor.name
+                   and not (nxt.tensor.role is Role.STATE and tuple(a.indices) == tuple(head.lhs))
+                   for a in e.atoms(sp.Indexed)):
                 return None
     for s in group:
         for r in s.reductions:
@@ -1314,7 +1320,8 @@ def lower_network(layers: list[Layer], specialise: dict | None = None) -> list[K
     out = []
     for layer in layers:
         out += lower_layer(layer, specialise)
-        out += lower_layer(derive(layer).program, specialise)
+        if layer.differentiable_inputs:          # an optimizer's update has no backward
+            out += lower_layer(derive(layer).program, specialise)
     names = [k.name for k in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

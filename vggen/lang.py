@@ -87,6 +87,7 @@ class Role(enum.Enum):
     OUTPUT = "output"          # what the layer hands on (y, the loss)
     SAVED = "saved"            # intermediate computed forward, kept for backward
     GRADIENT = "gradient"      # ∂L/∂(something), made by the derivation
+    STATE = "state"            # read and overwritten in place, element by element (an optimizer's p, v)
 
 
 @dataclass(frozen=True, eq=False)
@@ -315,11 +316,16 @@ class Layer:
                 raise VggenError(f"access {acc} {where} has {len(acc.indices)} indices; "
                                  f"{name} has rank {t.rank}")
         lhs_t = self.by_name[eq.target]
-        if lhs_t.role not in (Role.OUTPUT, Role.SAVED, Role.GRADIENT):
+        if lhs_t.role not in (Role.OUTPUT, Role.SAVED, Role.GRADIENT, Role.STATE):
             raise VggenError(f"{eq.lhs} {where}: {eq.target} is a {lhs_t.role.value}, not an output or intermediate")
         lhs_idx = eq.lhs.indices
         if not all(isinstance(i, sp.Symbol) for i in lhs_idx) or len(set(lhs_idx)) != len(lhs_idx):
             raise VggenError(f"left-hand side {eq.lhs} {where} must use distinct plain indices")
+        for acc in accesses(eq.rhs):
+            if str(acc.base.label) == eq.target and (lhs_t.role is not Role.STATE
+                                                     or tuple(acc.indices) != tuple(lhs_idx)):
+                raise VggenError(f"access {acc} {where} reads the tensor being written: only a state "
+                                 f"tensor, and only its element {eq.lhs}, may be (an in-place update)")
         ranges = dict(zip(lhs_idx, lhs_t.index_ranges()))
         size_syms = set()
         for t in self.tensors:

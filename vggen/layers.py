@@ -66,6 +66,23 @@ def batch_normalization() -> Layer:
                  constants={EPS: 2e-5})
 
 
+def batch_normalization_running() -> Layer:
+    """The running statistics evaluation uses, updated in place after each
+    training step: r_μ ← m r_μ + (1 − m) μ, r_σ² ← m r_σ² + (1 − m) n/(n − 1) σ²
+    (n = BHW: the variance made unbiased, as Chainer and PyTorch do).  The
+    weights are the tensor ``k = (m, 1 − m, (1 − m) n/(n − 1))``, fixed per
+    layer and batch size (n is not a size of these tensors)."""
+    mu = Tensor("mu", (C,), Role.INPUT, differentiable=False)
+    var = Tensor("var", (C,), Role.INPUT, differentiable=False, doc="σ²")
+    k = Tensor("k", (3,), Role.INPUT, differentiable=False, doc="m, 1 − m, (1 − m) n/(n − 1)")
+    running_mean = Tensor("running_mean", (C,), Role.STATE)
+    running_var = Tensor("running_var", (C,), Role.STATE)
+    return Layer("RunningStatistics", [mu, var, k, running_mean, running_var], [
+        Equation(running_mean[c], k[0] * running_mean[c] + k[1] * mu[c], "running mean"),
+        Equation(running_var[c], k[0] * running_var[c] + k[2] * var[c], "running variance"),
+    ])
+
+
 def elementwise_activation(name: str, f) -> Layer:
     """y = f(x) elementwise; ``f`` maps a SymPy expression to one."""
     x = Tensor("x", (B, C, H, W), Role.INPUT)
@@ -148,5 +165,6 @@ def network_layers() -> list[Layer]:
 
 __all__ = ["convolution2d", "linear", "dropout", "batch_normalization", "relu",
            "max_pooling2d", "softmax_cross_entropy", "vgg_layers", "batch_normalization_relu",
-           "batch_normalization_relu_dropout", "fused_layers", "network_layers", "elementwise_activation",
+           "batch_normalization_relu_dropout", "fused_layers", "network_layers",
+           "batch_normalization_running", "elementwise_activation",
            "iverson"]

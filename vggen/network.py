@@ -21,7 +21,8 @@ alive).  Parameter gradients have their own arrays (``Network.grads``).
 
 Training mode: BatchNormalization normalises with the batch statistics (the
 kernels) and updates running averages, ``r ← 0.9·r + 0.1·batch`` (the
-variance made unbiased with n/(n−1), as Chainer and PyTorch do); dropout
+variance made unbiased with n/(n−1), as Chainer and PyTorch do), with the
+generated in-place kernel of ``layers.batch_normalization_running``; dropout
 masks R are drawn on the host from the caller's ``numpy.random.Generator``
 (0 with probability p, else 1/(1−p)), so every backend sees the same masks.
 Evaluation mode: dropout is the identity, and BatchNormalization runs the
@@ -51,6 +52,7 @@ from .autodiff import derive
 from .backends import Backend, get_backend
 from .errors import VggenError
 from .lang import Layer
+from .optim import flat_views
 
 BN_EPS = 2e-5
 BN_MOMENTUM = 0.9
@@ -91,6 +93,13 @@ class _Kinds:
             layer = cls._make[kind]()
             cls._cache[kind] = (layer, derive(layer).program)
         return cls._cache[kind]
+
+    @classmethod
+    def running(cls) -> Layer:
+        """BatchNormalization's running statistics, updated in place."""
+        if "running" not in cls._cache:
+            cls._cache["running"] = layers.batch_normalization_running()
+        return cls._cache["running"]
 
     @classmethod
     def batchnorm_eval(cls, kind: str = "bn") -> Layer:
@@ -253,6 +262,7 @@ class Workspace:
         self.labels = be.zeros((batch,), np.int32)
         self.forward: list[dict] = []      # per node: the arrays of its forward program
         self.backward: list[dict] = []     # per node: the arrays of its backward program
+        self.running: dict = {}            # per BN node index: its running statistics' update
         x = self.images
         for node in net.nodes:
             prog = be.program(node.layer, node.all_sizes(batch))
@@ -271,6 +281,14 @@ class Workspace:
                 if node.kind in BN_KINDS and not train and out in ("mu", "var"):
                     continue
                 arrays[out] = be.zeros(prog.shapes[out], prog.dtypes[out])
+            if node.kind in BN_KINDS and train:
+                n = batch * node.sizes["H"] * node.sizes["W"]
+                m = BN_MOMENTUM
+                weights = np.array([m, 1 - m, (1 - m) * (n / (n - 1) if n > 1 else 1.0)], np.float32)
+                self.running[len(self.forward)] = {
+                    "mu": arrays["mu"], "var": arrays["var"], "k": be.asarray(weights),
+                    "running_mean": net.state[f"{node.name}.running_mean"],
+                    "running_var": net.state[f"{node.name}.running_var"]}
             self.forward.append(arrays)
             x = arrays[node.output]
         self.logits = self.forward[-1]["x"]
@@ -317,8 +335,12 @@ class Network:
         self.nodes = build_nodes(width, classes, dropout, self.image_shape, fuse=fuse)
         params, state = init_parameters(self.nodes, seed)
         be = self.backend
-        self.params = {k: be.asarray(v) for k, v in params.items()}
-        self.grads = {k: be.zeros(v.shape) for k, v in params.items()}
+        # views into one flat buffer each, so that the optimizer is one kernel (optim.SGD)
+        shapes = {k: v.shape for k, v in params.items()}
+        self.flat_params, self.params = flat_views(be, shapes)
+        self.flat_grads, self.grads = flat_views(be, shapes)
+        for k, v in params.items():
+            be.copy_in(self.params[k], v)
         self.state = {k: be.asarray(v) for k, v in state.items()}
         self._workspaces: dict = {}
 
@@ -387,8 +409,15 @@ class Network:
         ``train``: batch statistics and dropout (masks drawn from ``rng``, or
         given as ``masks`` by node name); else running statistics, no dropout.
         """
-        batch = len(labels)
-        ws = self.workspace(batch, train)
+        ws = self.prepare(images, labels, train, rng, masks)
+        self.launch_forward(ws)
+        return ws
+
+    def prepare(self, images: np.ndarray, labels: np.ndarray, train: bool = True,
+                rng: np.random.Generator | None = None, masks: dict | None = None) -> Workspace:
+        """The workspace of this batch size, with the batch (and in training
+        the dropout masks) copied in: everything of a step but the kernels."""
+        ws = self.workspace(len(labels), train)
         self._feed(ws, images, labels)
         be = self.backend
         if train and self.dropout:
@@ -400,7 +429,12 @@ class Network:
                 self.draw_masks(ws, rng)
             else:
                 raise VggenError("training with dropout needs a random generator or masks")
-        for node, arrays in zip(self.nodes, ws.forward):
+        return ws
+
+    def launch_forward(self, ws: Workspace) -> None:
+        """The forward kernels on ``ws`` (and in training the running statistics')."""
+        be, batch, train = self.backend, ws.batch, ws.train
+        for k, (node, arrays) in enumerate(zip(self.nodes, ws.forward)):
             if node.kind == "dropout" and not train:
                 continue                             # y is x in an evaluation workspace
             if node.kind in BN_KINDS and not train:
@@ -408,8 +442,7 @@ class Network:
                 continue
             be.run(node.layer, node.all_sizes(batch), arrays)
             if node.kind in BN_KINDS:
-                self._bn_update(node, arrays, batch)
-        return ws
+                be.run(_Kinds.running(), {"C": node.sizes["C"]}, ws.running[k])
 
     def _bn_eval(self, node: Node, arrays: dict) -> None:
         """The generated eqs. 21–22 with the running statistics as μ and σ²."""
@@ -417,17 +450,6 @@ class Network:
                  "var": self.state[f"{node.name}.running_var"]}
         self.backend.run(_Kinds.batchnorm_eval(node.kind), node.all_sizes(len(arrays["x"])),
                          {**arrays, **given})
-
-    def _bn_update(self, node: Node, arrays: dict, batch: int) -> None:
-        n = batch * node.sizes["H"] * node.sizes["W"]
-        unbias = n / (n - 1) if n > 1 else 1.0
-        m, v = BN_MOMENTUM, 1.0 - BN_MOMENTUM
-        mean = self.state[f"{node.name}.running_mean"]
-        var = self.state[f"{node.name}.running_var"]
-        mean *= np.float32(m)
-        mean += np.float32(v) * arrays["mu"]
-        var *= np.float32(m)
-        var += np.float32(v * unbias) * arrays["var"]
 
     def backward(self, ws: Workspace) -> None:
         """Fill ``grads`` with ∂(mean loss)/∂(parameter) for the last forward on ``ws``."""
@@ -453,11 +475,12 @@ class Network:
         used for anything.
         """
         ws = self.forward(images, labels, train=True, rng=rng, masks=masks)
+        self.backward(ws)
+        # read the loss only now: on a GPU the host then waits once per step, at its end
         total, correct = self.loss_and_correct(ws, labels)
         loss = total / len(labels)
         if not math.isfinite(loss):
             raise NonFiniteLoss(loss)
-        self.backward(ws)
         return StepResult(loss, correct, len(labels))
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, int]:

@@ -24,7 +24,7 @@ from .autodiff import derive
 from .document import document_equations
 from .atomic import write_atomic
 
-from .layers import network_layers
+from .codegen import generated_layers
 
 TITLE = "Math for VGG, derived by vggen"
 # the document's names for vggen's index and tensor names
@@ -96,7 +96,7 @@ def _layers_of(rows, layers):
     if layers is not None:
         return list(layers)
     named = {r.layer for r in rows}
-    return [layer for layer in network_layers() if layer.name in named] if named else network_layers()
+    return [layer for layer in generated_layers() if layer.name in named] if named else generated_layers()
 
 
 def markdown(rows, layers=None, manifest: dict | None = None) -> str:
@@ -250,6 +250,6 @@ def report(path: str | os.PathLike, layers=None, generated=None, as_html: bool =
     from .verify import check_all
 
     _, manifest = load_manifest(generated)
-    layers = network_layers() if layers is None else list(layers)
+    layers = generated_layers() if layers is None else list(layers)
     rows = check_all(layers)
     return write_markdown(path, rows, layers, manifest, as_html), rows

@@ -40,7 +40,7 @@ import numpy as np
 
 from .backends import COMPUTED, Backend, Program, check_argument
 from .errors import VggenError
-from .lang import Layer
+from .lang import Layer, Role
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
@@ -154,7 +154,7 @@ def kernels_for(specs: list[KernelSpec], target: str, layer: Layer) -> list[Kern
         name, direction = name[: -len(" backward")], "backward"
     # only kernels writing what this layer computes: a layer whose intermediates
     # are given (``Layer.with_given``) runs the rest of the generated kernels
-    computed = {t.name for t in layer.tensors if t.role in COMPUTED}
+    computed = {t.name for t in layer.tensors if t.role in COMPUTED or t.role is Role.STATE}
     mine = [k for k in specs if k.target == target and k.direction == direction
             and set(k.writes) <= computed]
     exact = [k for k in mine if k.layer == name]

@@ -4,9 +4,11 @@
 epoch it ran.  The pieces:
 
 * **Optimizer** — SGD with momentum and L2 weight decay, in the form PyTorch
-  uses: ``g ← ∂L/∂p + λ·p``, ``v ← μ·v + g``, ``p ← p − η·v`` (applied to every
-  parameter, BatchNormalization's γ and β included).  ``momentum=0,
-  weight_decay=0`` is the reference's plain ``p ← p − η·∂L/∂p``.
+  uses: ``v ← μ·v + ∂L/∂p + λ·p``, ``p ← p − η·v`` (applied to every
+  parameter, BatchNormalization's γ and β included), written as equations
+  and generated like the layers (:mod:`vggen.optim`): one kernel over the
+  network's flat parameter vector per step.  ``momentum=0, weight_decay=0``
+  is the reference's plain ``p ← p − η·∂L/∂p``.
 * **Learning-rate schedule** — cosine annealing per step, from ``lr`` at the
   first step to 0 after the last: ``η_t = lr · ½ (1 + cos(π t / T))``, with T
   the number of steps of all the epochs.  It depends only on the step index,
@@ -50,6 +52,8 @@ from .backends import TARGETS, get_backend, resolve_target
 from .data import DATASETS, augment, batches, load_dataset
 from .errors import VggenError
 from .network import Network, NonFiniteLoss
+from .optim import SGD
+from .step import TrainStep
 
 SCHEDULE = "cosine"
 
@@ -72,46 +76,11 @@ class TrainConfig:
     dropout: bool | None = None     # None: the network's ratios on cifar10, off on digits
     augment: bool = True
     fuse: bool = True               # BN → ReLU (→ dropout) as one layer (same results, fewer passes)
+    cuda_graph: bool = False        # cuda: replay each step as captured CUDA graphs (vggen.step)
     progress: bool = True           # tqdm bars (the CLI leaves it on)
 
 
 # --------------------------------------------------------------------------- pieces
-
-
-class SGD:
-    """Momentum SGD with L2 weight decay, in place on the backend's arrays."""
-
-    def __init__(self, params: dict, grads: dict, backend, momentum: float, weight_decay: float):
-        self.params, self.grads = params, grads
-        self.momentum, self.weight_decay = momentum, weight_decay
-        self.velocity = {k: backend.zeros(v.shape) for k, v in params.items()}
-        self.backend = backend
-
-    def step(self, lr: float) -> None:
-        lr32, mom, wd = np.float32(lr), np.float32(self.momentum), np.float32(self.weight_decay)
-        with np.errstate(over="ignore", invalid="ignore"):   # divergence is reported elsewhere
-            self._step(lr32, mom, wd)
-
-    def _step(self, lr32, mom, wd) -> None:
-        for k, p in self.params.items():
-            g = self.grads[k]
-            if wd:
-                g += wd * p
-            if mom:
-                v = self.velocity[k]
-                v *= mom
-                v += g
-                g = v
-            p -= lr32 * g
-
-    def host_state(self) -> dict:
-        return {k: np.array(self.backend.to_host(v)) for k, v in self.velocity.items()}
-
-    def load(self, velocity: dict) -> None:
-        for k, v in self.velocity.items():
-            if k not in velocity:
-                raise VggenError(f"checkpoint has no momentum for parameter {k}")
-            self.backend.copy_in(v, np.ascontiguousarray(velocity[k], np.float32))
 
 
 def learning_rate(base: float, step: int, total: int) -> float:
@@ -188,7 +157,9 @@ def train(config: TrainConfig) -> list[dict]:
     net = Network(backend, width=config.width, classes=train_set.classes,
                   dropout=dropout, seed=config.seed,
                   image_shape=train_set.images.shape[1:], fuse=config.fuse)
-    opt = SGD(net.params, net.grads, backend, config.momentum, config.weight_decay)
+    opt = SGD(net.params, net.grads, backend, config.momentum, config.weight_decay,
+              flat=(net.flat_params, net.flat_grads))
+    step = TrainStep(net, opt, graph=config.cuda_graph)
     rng = np.random.default_rng((config.seed, 1))
     history: list[dict] = []
     start = 0
@@ -233,13 +204,13 @@ def train(config: TrainConfig) -> list[dict]:
                 if config.augment:
                     images = augment(images, rng, pad=4, flip=flip)
                 try:
-                    res = net.train_step(images, labels, rng=rng if dropout else None)
+                    res = step(images, labels, learning_rate(config.lr, epoch * steps + k, total_steps),
+                               rng=rng if dropout else None)
                 except NonFiniteLoss as e:
                     last = (f"; the last good checkpoint is {ck_path} (epoch {epoch})"
                             if ck_path is not None and ck_path.exists() else "")
                     raise VggenError(f"training stopped at epoch {epoch + 1}, batch {k + 1}: "
                                      f"the loss is {e.value}{last}") from None
-                opt.step(learning_rate(config.lr, epoch * steps + k, total_steps))
                 loss_sum += res.loss * res.batch
                 correct += res.correct
                 seen += res.batch

@@ -311,7 +311,10 @@ def _show(sizes: dict) -> str:
 
 
 def check_layer(layer: Layer, docs: list[DocEquation], seed: int = 0) -> list[Row]:
-    """One row per (gradient, document equation); gradients with none get one row."""
+    """One row per (gradient, document equation); gradients with none get one row
+    (none for an in-place update such as the optimizer's: it has no backward)."""
+    if not layer.differentiable_inputs:
+        return []
     bw = derive(layer)
     rng = np.random.default_rng(seed)
     fd, dot, comp = {}, {}, {}
