@@ -162,3 +162,10 @@ def test_fused_network_equals_the_unfused_one(target):
 def test_dropout_alone_is_untouched_by_fusion():
     assert dropout().name == "Dropout"
     assert batch_normalization().parts == ()
+
+
+def test_fusion_is_on_by_default_except_on_the_c_target():
+    assert Network("numpy", width=2).fuse is True
+    assert Network("c", width=2).fuse is False
+    assert Network("c", width=2, fuse=True).fuse is True
+    assert any(n.kind == "bn_relu" for n in Network("c", width=2, fuse=True).nodes)

@@ -161,7 +161,7 @@ def _kernel_work(net: Network, batch: int, manifest_specs, target: str) -> dict:
 
 
 def _vggen_step(target: str, batch: int, width: int, steps: int, warmup: int, seed: int,
-                fuse: bool = True, graph: bool = False):
+                fuse: bool | None = None, graph: bool = False):
     backend = get_backend(target)
     net = Network(backend, width=width, dropout=False, seed=seed, fuse=fuse)
     opt = SGD(net.params, net.grads, backend, MOMENTUM, WEIGHT_DECAY, flat=(net.flat_params, net.flat_grads))
@@ -200,7 +200,7 @@ def _vggen_step(target: str, batch: int, width: int, steps: int, warmup: int, se
                for name, (calls, sec) in prof.totals.items()]
     kernels.sort(key=lambda k: -k.seconds)
     device = _device_name(backend)
-    return statistics.median(times), kernels, device
+    return statistics.median(times), kernels, device, net.fuse
 
 
 def _device_name(backend) -> str:
@@ -303,7 +303,7 @@ def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, se
 
 
 def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: int = 20,
-          warmup: int = 3, seed: int = 0, torch: bool = True, fuse: bool = True,
+          warmup: int = 3, seed: int = 0, torch: bool = True, fuse: bool | None = None,
           graph: bool = False) -> BenchResult:
     if batch_size < 1:
         raise VggenError(f"--batch-size must be at least 1, got {batch_size}")
@@ -314,9 +314,9 @@ def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: in
     target = resolve_target(target)
     if target == "numpy":
         raise VggenError("vggen bench measures the generated kernels: use --target c or cuda")
-    seconds, kernels, device = _vggen_step(target, batch_size, width, steps, warmup, seed, fuse, graph)
+    seconds, kernels, device, fused = _vggen_step(target, batch_size, width, steps, warmup, seed, fuse, graph)
     result = BenchResult(target, device, batch_size, width, seconds, batch_size / seconds,
-                         kernels=kernels, fused=fuse, graph=graph)
+                         kernels=kernels, fused=fused, graph=graph)
     if torch:
         t, note = _torch_step(target, batch_size, width, steps, warmup, seed)
         result.torch_note = note

@@ -28,8 +28,8 @@ masks R are drawn on the host from the caller's ``numpy.random.Generator``
 Evaluation mode: dropout is the identity, and BatchNormalization runs the
 generated eqs. 21–22 with the running statistics as μ and σ².
 
-Fusion (``fuse=True``, the default): each BatchNormalization → ReLU
-(→ Dropout) runs as one layer, ``layers.batch_normalization_relu`` or
+Fusion (``fuse=True``; the default on every target but c, see
+``FUSE_BY_DEFAULT``): each BatchNormalization → ReLU (→ Dropout) runs as one layer, ``layers.batch_normalization_relu`` or
 ``…_relu_dropout``, composed from the same equations by ``lang.chain``: the
 ReLU and the mask are applied inside BN's elementwise kernel, and the
 backward's two kernels fold them into ∂L/∂γ, ∂L/∂β and ∂L/∂x.  Parameter,
@@ -68,6 +68,14 @@ ARCHITECTURE = (
     ("linear", "classes"), ("loss", None),
 )
 
+
+# Whether a target runs BN → ReLU (→ Dropout) fused unless told (``fuse=None``).
+# Not on c: on the 2-core AVX-512 CPU the fused backward is slower than BN and
+# ReLU apart in the layers with 2–8 pixel rows (the row is the vector loop, and
+# the mask's select runs there scalar): at width 16, six alternating runs of
+# `vggen bench --target c --width 16 [--no-fuse]` gave a median of 1,335 img/s
+# fused against 1,438 apart (no difference measured at width 64).
+FUSE_BY_DEFAULT = {"c": False}
 
 # Kinds with BatchNormalization's statistics (running averages, evaluation mode).
 BN_KINDS = ("bn", "bn_relu", "bn_relu_dropout")
@@ -328,8 +336,10 @@ class Network:
 
     def __init__(self, backend: Backend | str = "auto", width: int = 64, classes: int = 10,
                  dropout: bool = True, seed: int = 0, image_shape: tuple = (3, 32, 32),
-                 fuse: bool = True):
+                 fuse: bool | None = None):
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        if fuse is None:
+            fuse = FUSE_BY_DEFAULT.get(self.backend.name, True)
         self.width, self.classes, self.dropout, self.fuse = width, classes, dropout, fuse
         self.image_shape = tuple(image_shape)
         self.nodes = build_nodes(width, classes, dropout, self.image_shape, fuse=fuse)
@@ -502,4 +512,5 @@ class NonFiniteLoss(VggenError):
 
 
 __all__ = ["Network", "Node", "Workspace", "StepResult", "NonFiniteLoss", "build_nodes", "fuse_nodes",
+           "FUSE_BY_DEFAULT",
            "init_parameters", "ARCHITECTURE", "BN_EPS", "BN_MOMENTUM"]

@@ -75,7 +75,7 @@ class TrainConfig:
     resume: str | None = None       # checkpoint file (or directory holding checkpoint.npz)
     dropout: bool | None = None     # None: the network's ratios on cifar10, off on digits
     augment: bool = True
-    fuse: bool = True               # BN → ReLU (→ dropout) as one layer (same results, fewer passes)
+    fuse: bool | None = None        # BN → ReLU (→ dropout) as one layer; None: the target's default
     cuda_graph: bool = False        # cuda: replay each step as captured CUDA graphs (vggen.step)
     progress: bool = True           # tqdm bars (the CLI leaves it on)
 
