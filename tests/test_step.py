@@ -79,3 +79,90 @@ def test_a_graph_step_stops_on_a_non_finite_loss_before_the_update():
     after = net.host_params()
     for k, v in before.items():
         np.testing.assert_array_equal(after[k], v)
+
+
+# --------------------------------------------------------------------------- graph discipline, on the CPU
+
+
+class _RecordingCuda:
+    """A stand-in for CuPy's stream capture over the C backend: while a stream
+    captures, kernel runs are recorded (not run) and any host transfer is an
+    error, as in CUDA; a graph's launch replays the recorded runs on the same
+    arrays.  So a graph step equals the eager step only if everything a step
+    changes flows through the workspace's fixed buffers."""
+
+    def __init__(self, backend):
+        self.backend, self.recording = backend, None
+        outer = self
+
+        class Stream:
+            def __init__(self, non_blocking=False):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def begin_capture(self):
+                outer.recording = []
+
+            def end_capture(self):
+                runs, outer.recording = outer.recording, None
+                return _Graph(runs)
+
+        class Cuda:
+            pass
+
+        self.cuda = Cuda()
+        self.cuda.Stream = Stream
+
+
+class _Graph:
+    def __init__(self, runs):
+        self.runs = runs
+
+    def launch(self, stream=None):
+        for run in self.runs:
+            run()
+
+
+def _recording_backend():
+    from vggen.runtime_c import CBackend
+
+    class Recording(CBackend):
+        def __init__(self):
+            super().__init__()
+            self.cupy = _RecordingCuda(self)
+
+        def run(self, layer, sizes, arrays, skip=()):
+            if self.cupy.recording is not None:
+                self.cupy.recording.append(lambda: CBackend.run(self, layer, sizes, arrays, skip))
+                return {}
+            return super().run(layer, sizes, arrays, skip)
+
+        def copy_in(self, dst, host):
+            assert self.cupy.recording is None, "a host transfer inside a captured region"
+            super().copy_in(dst, host)
+
+        def to_host(self, a):
+            assert self.cupy.recording is None, "a host transfer inside a captured region"
+            return super().to_host(a)
+
+    return Recording()
+
+
+def test_graph_steps_replay_what_eager_steps_compute():
+    be = _recording_backend()
+    graph_net = Network(be, width=2, seed=1)
+    graph_opt = SGD(graph_net.params, graph_net.grads, be, 0.9, 5e-4,
+                    flat=(graph_net.flat_params, graph_net.flat_grads))
+    step = TrainStep(graph_net, graph_opt, graph=True)
+    eager_net, eager_opt = _net_and_opt("c")
+    assert _run(step, steps=5) == pytest.approx(_run(TrainStep(eager_net, eager_opt), steps=5), rel=1e-6)
+    assert step._graphs[3] is not None and len(step._graphs[3][0].runs) > 20 and len(step._graphs[3][1].runs) == 1
+    for k, v in eager_net.host_params().items():
+        np.testing.assert_allclose(graph_net.host_params()[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+    for k, v in eager_net.host_state().items():
+        np.testing.assert_allclose(graph_net.host_state()[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
