@@ -141,22 +141,29 @@ class _Profiler:
 
 
 def _kernel_work(net: Network, batch: int, manifest_specs, target: str) -> dict:
-    """FLOPs and bytes per generated kernel name, summed over the network's calls."""
+    """FLOPs and bytes per generated kernel name, summed over the network's calls
+    (the layers', forward and backward, then the running statistics and the update)."""
     from .backends import reduction_extent
+    from .layers import batch_normalization_running
+    from .network import BN_KINDS
+    from .optim import sgd_momentum
     from .runtime_c import kernels_for
 
+    calls = [(layer, node.all_sizes(batch)) for node in net.nodes for layer in (node.layer, node.backward)]
+    calls += [(batch_normalization_running(), {"C": node.sizes["C"]}) for node in net.nodes
+              if node.kind in BN_KINDS]
+    calls.append((sgd_momentum(), {"N": int(net.flat_params.shape[0])}))
     work: dict = defaultdict(lambda: [0.0, 0.0])
-    for node in net.nodes:
-        for layer in (node.layer, node.backward):
-            consts = size_values(layer, node.all_sizes(batch))
-            shapes = tensor_shapes(layer, consts)
-            for spec in kernels_for(manifest_specs, target, layer):
-                for eq in layer.equations:
-                    if eq.target not in spec.writes:
-                        continue
-                    out = int(np.prod(shapes[eq.target]))
-                    work[spec.name][0] += 2.0 * out * reduction_extent(eq, consts)
-                work[spec.name][1] += 4.0 * sum(int(np.prod(shapes[a.name])) for a in spec.tensors)
+    for layer, sizes in calls:
+        consts = size_values(layer, sizes)
+        shapes = tensor_shapes(layer, consts)
+        for spec in kernels_for(manifest_specs, target, layer):
+            for eq in layer.equations:
+                if eq.target not in spec.writes:
+                    continue
+                out = int(np.prod(shapes[eq.target]))
+                work[spec.name][0] += 2.0 * out * reduction_extent(eq, consts)
+            work[spec.name][1] += 4.0 * sum(int(np.prod(shapes[a.name])) for a in spec.tensors)
     return work
 
 

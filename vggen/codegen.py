@@ -48,6 +48,7 @@ import sympy as sp
 
 from . import cuda_schedule
 from .atomic import write_atomic
+from .coalesce import coalesce_rows
 from .cuda_schedule import TUNING_FILE, TiledGemm, Tuning, load_tuning, tiled_gemm
 from .ir import CUDA_THREADS, Kernel, KernelClass, layer_slug, lower_network
 from .printers import PRINTERS
@@ -179,6 +180,8 @@ def render(kernels: list[Kernel], target: str, env: jinja2.Environment | None = 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
     env = env or environment()
+    if target == "c":                      # short rows: one vector loop over the plane
+        kernels = [coalesce_rows(k) for k in kernels]
     out = []
     for k in kernels:
         tiled = cuda_tiled(k, cuda_contraction, tuning) if target == "cuda" else None

@@ -70,11 +70,10 @@ ARCHITECTURE = (
 
 
 # Whether a target runs BN → ReLU (→ Dropout) fused unless told (``fuse=None``).
-# Not on c: on the 2-core AVX-512 CPU the fused backward is slower than BN and
-# ReLU apart in the layers with 2–8 pixel rows (the row is the vector loop, and
-# the mask's select runs there scalar): at width 16, six alternating runs of
-# `vggen bench --target c --width 16 [--no-fuse]` gave a median of 1,335 img/s
-# fused against 1,438 apart (no difference measured at width 64).
+# Not on c: on the 2-core AVX-512 CPU the fused backward (the mask's select in
+# both backward kernels) costs more than ReLU's own pass saves: six alternating
+# runs of `vggen bench --target c --width 16 [--no-fuse]` gave a median of
+# 1,682 img/s fused against 1,780 apart (no difference measured at width 64).
 FUSE_BY_DEFAULT = {"c": False}
 
 # Kinds with BatchNormalization's statistics (running averages, evaluation mode).

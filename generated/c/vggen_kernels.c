@@ -1478,16 +1478,15 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
 //   y[b, c, i, j] = R[b, c, i, j]*x[b, c, i, j]  (eq. 17)
 void dropout_forward_y(const float *restrict R, const float *restrict x, float *restrict y, int B, int C, int H, int W)
 {
-    #pragma omp parallel for collapse(3) schedule(static)
+    #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b)
     for (int c = 0; c < C; ++c)
-    for (int i = 0; i < H; ++i)
     {
         #pragma omp simd
-        for (int j = 0; j < W; ++j)
+        for (int ij = 0; ij < H*W; ++ij)
         {
-            const float v_y = R[W*(H*(C*b + c) + i) + j]*x[W*(H*(C*b + c) + i) + j];
-            y[W*(H*(C*b + c) + i) + j] = v_y;
+            const float v_y = R[H*W*(C*b + c) + ij]*x[H*W*(C*b + c) + ij];
+            y[H*W*(C*b + c) + ij] = v_y;
         }
     }
 }
@@ -1496,16 +1495,15 @@ void dropout_forward_y(const float *restrict R, const float *restrict x, float *
 //   g_x[b, c, i, j] = R[b, c, i, j]*g_y[b, c, i, j]  (∂L/∂x)
 void dropout_backward_g_x(const float *restrict R, const float *restrict g_y, float *restrict g_x, int B, int C, int H, int W)
 {
-    #pragma omp parallel for collapse(3) schedule(static)
+    #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b)
     for (int c = 0; c < C; ++c)
-    for (int i = 0; i < H; ++i)
     {
         #pragma omp simd
-        for (int j = 0; j < W; ++j)
+        for (int ij = 0; ij < H*W; ++ij)
         {
-            const float v_g_x = R[W*(H*(C*b + c) + i) + j]*g_y[W*(H*(C*b + c) + i) + j];
-            g_x[W*(H*(C*b + c) + i) + j] = v_g_x;
+            const float v_g_x = R[H*W*(C*b + c) + ij]*g_y[H*W*(C*b + c) + ij];
+            g_x[H*W*(C*b + c) + ij] = v_g_x;
         }
     }
 }
@@ -1521,21 +1519,19 @@ void batchnormalization_forward_mu_var(const float *restrict x, float *restrict 
     {
         float acc_mu = 0.0f;
         for (int b = 0; b < B; ++b)
-        for (int i = 0; i < H; ++i)
         {
             #pragma omp simd reduction(+:acc_mu)
-            for (int j = 0; j < W; ++j)
-                acc_mu += x[W*(H*(C*b + c) + i) + j];
+            for (int ij = 0; ij < H*W; ++ij)
+                acc_mu += x[H*W*(C*b + c) + ij];
         }
         const float v_mu = acc_mu/(B*H*W);
         mu[c] = v_mu;
         float acc_var = 0.0f;
         for (int b = 0; b < B; ++b)
-        for (int i = 0; i < H; ++i)
         {
             #pragma omp simd reduction(+:acc_var)
-            for (int j = 0; j < W; ++j)
-                acc_var += ((-v_mu + x[W*(H*(C*b + c) + i) + j])*(-v_mu + x[W*(H*(C*b + c) + i) + j]));
+            for (int ij = 0; ij < H*W; ++ij)
+                acc_var += ((-v_mu + x[H*W*(C*b + c) + ij])*(-v_mu + x[H*W*(C*b + c) + ij]));
         }
         const float v_var = acc_var/(B*H*W);
         var[c] = v_var;
@@ -1548,18 +1544,17 @@ void batchnormalization_forward_mu_var(const float *restrict x, float *restrict 
 //   specialised: epsilon=2e-05
 void batchnormalization_forward_xhat_y(const float *restrict beta, const float *restrict gamma, const float *restrict mu, const float *restrict var, const float *restrict x, float *restrict xhat, float *restrict y, int B, int C, int H, int W)
 {
-    #pragma omp parallel for collapse(3) schedule(static)
+    #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b)
     for (int c = 0; c < C; ++c)
-    for (int i = 0; i < H; ++i)
     {
         #pragma omp simd
-        for (int j = 0; j < W; ++j)
+        for (int ij = 0; ij < H*W; ++ij)
         {
-            const float v_xhat = (-mu[c] + x[W*(H*(C*b + c) + i) + j])/sqrtf(var[c] + 2e-05f);
-            xhat[W*(H*(C*b + c) + i) + j] = v_xhat;
+            const float v_xhat = (-mu[c] + x[H*W*(C*b + c) + ij])/sqrtf(var[c] + 2e-05f);
+            xhat[H*W*(C*b + c) + ij] = v_xhat;
             const float v_y = v_xhat*gamma[c] + beta[c];
-            y[W*(H*(C*b + c) + i) + j] = v_y;
+            y[H*W*(C*b + c) + ij] = v_y;
         }
     }
 }
@@ -1576,13 +1571,12 @@ void batchnormalization_backward_g_gamma_g_beta(const float *restrict g_y, const
         float acc_g_gamma = 0.0f;
         float acc_g_beta = 0.0f;
         for (int b = 0; b < B; ++b)
-        for (int i = 0; i < H; ++i)
         {
             #pragma omp simd reduction(+:acc_g_gamma) reduction(+:acc_g_beta)
-            for (int j = 0; j < W; ++j)
+            for (int ij = 0; ij < H*W; ++ij)
             {
-                acc_g_gamma += g_y[W*(H*(C*b + c) + i) + j]*xhat[W*(H*(C*b + c) + i) + j];
-                acc_g_beta += g_y[W*(H*(C*b + c) + i) + j];
+                acc_g_gamma += g_y[H*W*(C*b + c) + ij]*xhat[H*W*(C*b + c) + ij];
+                acc_g_beta += g_y[H*W*(C*b + c) + ij];
             }
         }
         const float v_g_gamma = acc_g_gamma;
@@ -1597,16 +1591,15 @@ void batchnormalization_backward_g_gamma_g_beta(const float *restrict g_y, const
 //   specialised: epsilon=2e-05
 void batchnormalization_backward_g_x(const float *restrict g_beta, const float *restrict g_gamma, const float *restrict g_y, const float *restrict gamma, const float *restrict var, const float *restrict xhat, float *restrict g_x, int B, int C, int H, int W)
 {
-    #pragma omp parallel for collapse(3) schedule(static)
+    #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b)
     for (int c = 0; c < C; ++c)
-    for (int i = 0; i < H; ++i)
     {
         #pragma omp simd
-        for (int j = 0; j < W; ++j)
+        for (int ij = 0; ij < H*W; ++ij)
         {
-            const float v_g_x = (B*H*W*g_y[W*(H*(C*b + c) + i) + j] - g_beta[c] - g_gamma[c]*xhat[W*(H*(C*b + c) + i) + j])*gamma[c]/(B*H*W*sqrtf(var[c] + 2e-05f));
-            g_x[W*(H*(C*b + c) + i) + j] = v_g_x;
+            const float v_g_x = (B*H*W*g_y[H*W*(C*b + c) + ij] - g_beta[c] - g_gamma[c]*xhat[H*W*(C*b + c) + ij])*gamma[c]/(B*H*W*sqrtf(var[c] + 2e-05f));
+            g_x[H*W*(C*b + c) + ij] = v_g_x;
         }
     }
 }
@@ -1615,16 +1608,15 @@ void batchnormalization_backward_g_x(const float *restrict g_beta, const float *
 //   y[b, c, i, j] = Piecewise((x[b, c, i, j], x[b, c, i, j] >= 0), (0, True))  (eq. 51)
 void relu_forward_y(const float *restrict x, float *restrict y, int B, int C, int H, int W)
 {
-    #pragma omp parallel for collapse(3) schedule(static)
+    #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b)
     for (int c = 0; c < C; ++c)
-    for (int i = 0; i < H; ++i)
     {
         #pragma omp simd
-        for (int j = 0; j < W; ++j)
+        for (int ij = 0; ij < H*W; ++ij)
         {
-            const float v_y = vg_select(x[W*(H*(C*b + c) + i) + j] >= 0, x[W*(H*(C*b + c) + i) + j], 0);
-            y[W*(H*(C*b + c) + i) + j] = v_y;
+            const float v_y = vg_select(x[H*W*(C*b + c) + ij] >= 0, x[H*W*(C*b + c) + ij], 0);
+            y[H*W*(C*b + c) + ij] = v_y;
         }
     }
 }
@@ -1633,16 +1625,15 @@ void relu_forward_y(const float *restrict x, float *restrict y, int B, int C, in
 //   g_x[b, c, i, j] = Piecewise((1, x[b, c, i, j] >= 0), (0, True))*g_y[b, c, i, j]  (∂L/∂x)
 void relu_backward_g_x(const float *restrict g_y, const float *restrict x, float *restrict g_x, int B, int C, int H, int W)
 {
-    #pragma omp parallel for collapse(3) schedule(static)
+    #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b)
     for (int c = 0; c < C; ++c)
-    for (int i = 0; i < H; ++i)
     {
         #pragma omp simd
-        for (int j = 0; j < W; ++j)
+        for (int ij = 0; ij < H*W; ++ij)
         {
-            const float v_g_x = vg_select(x[W*(H*(C*b + c) + i) + j] >= 0, 1, 0)*g_y[W*(H*(C*b + c) + i) + j];
-            g_x[W*(H*(C*b + c) + i) + j] = v_g_x;
+            const float v_g_x = vg_select(x[H*W*(C*b + c) + ij] >= 0, 1, 0)*g_y[H*W*(C*b + c) + ij];
+            g_x[H*W*(C*b + c) + ij] = v_g_x;
         }
     }
 }
@@ -1763,21 +1754,19 @@ void batchnormalization_relu_forward_mu_var(const float *restrict x, float *rest
     {
         float acc_mu = 0.0f;
         for (int b = 0; b < B; ++b)
-        for (int i = 0; i < H; ++i)
         {
             #pragma omp simd reduction(+:acc_mu)
-            for (int j = 0; j < W; ++j)
-                acc_mu += x[W*(H*(C*b + c) + i) + j];
+            for (int ij = 0; ij < H*W; ++ij)
+                acc_mu += x[H*W*(C*b + c) + ij];
         }
         const float v_mu = acc_mu/(B*H*W);
         mu[c] = v_mu;
         float acc_var = 0.0f;
         for (int b = 0; b < B; ++b)
-        for (int i = 0; i < H; ++i)
         {
             #pragma omp simd reduction(+:acc_var)
-            for (int j = 0; j < W; ++j)
-                acc_var += ((-v_mu + x[W*(H*(C*b + c) + i) + j])*(-v_mu + x[W*(H*(C*b + c) + i) + j]));
+            for (int ij = 0; ij < H*W; ++ij)
+                acc_var += ((-v_mu + x[H*W*(C*b + c) + ij])*(-v_mu + x[H*W*(C*b + c) + ij]));
         }
         const float v_var = acc_var/(B*H*W);
         var[c] = v_var;
@@ -1790,18 +1779,17 @@ void batchnormalization_relu_forward_mu_var(const float *restrict x, float *rest
 //   specialised: epsilon=2e-05
 void batchnormalization_relu_forward_xhat_y(const float *restrict beta, const float *restrict gamma, const float *restrict mu, const float *restrict var, const float *restrict x, float *restrict xhat, float *restrict y, int B, int C, int H, int W)
 {
-    #pragma omp parallel for collapse(3) schedule(static)
+    #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b)
     for (int c = 0; c < C; ++c)
-    for (int i = 0; i < H; ++i)
     {
         #pragma omp simd
-        for (int j = 0; j < W; ++j)
+        for (int ij = 0; ij < H*W; ++ij)
         {
-            const float v_xhat = (-mu[c] + x[W*(H*(C*b + c) + i) + j])/sqrtf(var[c] + 2e-05f);
-            xhat[W*(H*(C*b + c) + i) + j] = v_xhat;
+            const float v_xhat = (-mu[c] + x[H*W*(C*b + c) + ij])/sqrtf(var[c] + 2e-05f);
+            xhat[H*W*(C*b + c) + ij] = v_xhat;
             const float v_y = vg_select(v_xhat*gamma[c] + beta[c] >= 0, v_xhat*gamma[c] + beta[c], 0);
-            y[W*(H*(C*b + c) + i) + j] = v_y;
+            y[H*W*(C*b + c) + ij] = v_y;
         }
     }
 }
@@ -1818,13 +1806,12 @@ void batchnormalization_relu_backward_g_gamma_g_beta(const float *restrict beta,
         float acc_g_gamma = 0.0f;
         float acc_g_beta = 0.0f;
         for (int b = 0; b < B; ++b)
-        for (int i = 0; i < H; ++i)
         {
             #pragma omp simd reduction(+:acc_g_gamma) reduction(+:acc_g_beta)
-            for (int j = 0; j < W; ++j)
+            for (int ij = 0; ij < H*W; ++ij)
             {
-                acc_g_gamma += vg_select(beta[c] + gamma[c]*xhat[W*(H*(C*b + c) + i) + j] >= 0, g_y[W*(H*(C*b + c) + i) + j]*xhat[W*(H*(C*b + c) + i) + j], 0);
-                acc_g_beta += vg_select(beta[c] + gamma[c]*xhat[W*(H*(C*b + c) + i) + j] >= 0, g_y[W*(H*(C*b + c) + i) + j], 0);
+                acc_g_gamma += vg_select(beta[c] + gamma[c]*xhat[H*W*(C*b + c) + ij] >= 0, g_y[H*W*(C*b + c) + ij]*xhat[H*W*(C*b + c) + ij], 0);
+                acc_g_beta += vg_select(beta[c] + gamma[c]*xhat[H*W*(C*b + c) + ij] >= 0, g_y[H*W*(C*b + c) + ij], 0);
             }
         }
         const float v_g_gamma = acc_g_gamma;
@@ -1839,16 +1826,15 @@ void batchnormalization_relu_backward_g_gamma_g_beta(const float *restrict beta,
 //   specialised: epsilon=2e-05
 void batchnormalization_relu_backward_g_x(const float *restrict beta, const float *restrict g_beta, const float *restrict g_gamma, const float *restrict g_y, const float *restrict gamma, const float *restrict var, const float *restrict xhat, float *restrict g_x, int B, int C, int H, int W)
 {
-    #pragma omp parallel for collapse(3) schedule(static)
+    #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b)
     for (int c = 0; c < C; ++c)
-    for (int i = 0; i < H; ++i)
     {
         #pragma omp simd
-        for (int j = 0; j < W; ++j)
+        for (int ij = 0; ij < H*W; ++ij)
         {
-            const float v_g_x = (B*H*W*vg_select(beta[c] + gamma[c]*xhat[W*(H*(C*b + c) + i) + j] >= 0, 1, 0)*g_y[W*(H*(C*b + c) + i) + j] - g_beta[c] - g_gamma[c]*xhat[W*(H*(C*b + c) + i) + j])*gamma[c]/(B*H*W*sqrtf(var[c] + 2e-05f));
-            g_x[W*(H*(C*b + c) + i) + j] = v_g_x;
+            const float v_g_x = (B*H*W*vg_select(beta[c] + gamma[c]*xhat[H*W*(C*b + c) + ij] >= 0, 1, 0)*g_y[H*W*(C*b + c) + ij] - g_beta[c] - g_gamma[c]*xhat[H*W*(C*b + c) + ij])*gamma[c]/(B*H*W*sqrtf(var[c] + 2e-05f));
+            g_x[H*W*(C*b + c) + ij] = v_g_x;
         }
     }
 }
@@ -1864,21 +1850,19 @@ void batchnormalization_relu_dropout_forward_mu_var(const float *restrict x, flo
     {
         float acc_mu = 0.0f;
         for (int b = 0; b < B; ++b)
-        for (int i = 0; i < H; ++i)
         {
             #pragma omp simd reduction(+:acc_mu)
-            for (int j = 0; j < W; ++j)
-                acc_mu += x[W*(H*(C*b + c) + i) + j];
+            for (int ij = 0; ij < H*W; ++ij)
+                acc_mu += x[H*W*(C*b + c) + ij];
         }
         const float v_mu = acc_mu/(B*H*W);
         mu[c] = v_mu;
         float acc_var = 0.0f;
         for (int b = 0; b < B; ++b)
-        for (int i = 0; i < H; ++i)
         {
             #pragma omp simd reduction(+:acc_var)
-            for (int j = 0; j < W; ++j)
-                acc_var += ((-v_mu + x[W*(H*(C*b + c) + i) + j])*(-v_mu + x[W*(H*(C*b + c) + i) + j]));
+            for (int ij = 0; ij < H*W; ++ij)
+                acc_var += ((-v_mu + x[H*W*(C*b + c) + ij])*(-v_mu + x[H*W*(C*b + c) + ij]));
         }
         const float v_var = acc_var/(B*H*W);
         var[c] = v_var;
@@ -1891,18 +1875,17 @@ void batchnormalization_relu_dropout_forward_mu_var(const float *restrict x, flo
 //   specialised: epsilon=2e-05
 void batchnormalization_relu_dropout_forward_xhat_y(const float *restrict R, const float *restrict beta, const float *restrict gamma, const float *restrict mu, const float *restrict var, const float *restrict x, float *restrict xhat, float *restrict y, int B, int C, int H, int W)
 {
-    #pragma omp parallel for collapse(3) schedule(static)
+    #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b)
     for (int c = 0; c < C; ++c)
-    for (int i = 0; i < H; ++i)
     {
         #pragma omp simd
-        for (int j = 0; j < W; ++j)
+        for (int ij = 0; ij < H*W; ++ij)
         {
-            const float v_xhat = (-mu[c] + x[W*(H*(C*b + c) + i) + j])/sqrtf(var[c] + 2e-05f);
-            xhat[W*(H*(C*b + c) + i) + j] = v_xhat;
-            const float v_y = vg_select(v_xhat*gamma[c] + beta[c] >= 0, v_xhat*gamma[c] + beta[c], 0)*R[W*(H*(C*b + c) + i) + j];
-            y[W*(H*(C*b + c) + i) + j] = v_y;
+            const float v_xhat = (-mu[c] + x[H*W*(C*b + c) + ij])/sqrtf(var[c] + 2e-05f);
+            xhat[H*W*(C*b + c) + ij] = v_xhat;
+            const float v_y = vg_select(v_xhat*gamma[c] + beta[c] >= 0, v_xhat*gamma[c] + beta[c], 0)*R[H*W*(C*b + c) + ij];
+            y[H*W*(C*b + c) + ij] = v_y;
         }
     }
 }
@@ -1919,13 +1902,12 @@ void batchnormalization_relu_dropout_backward_g_gamma_g_beta(const float *restri
         float acc_g_gamma = 0.0f;
         float acc_g_beta = 0.0f;
         for (int b = 0; b < B; ++b)
-        for (int i = 0; i < H; ++i)
         {
             #pragma omp simd reduction(+:acc_g_gamma) reduction(+:acc_g_beta)
-            for (int j = 0; j < W; ++j)
+            for (int ij = 0; ij < H*W; ++ij)
             {
-                acc_g_gamma += vg_select(beta[c] + gamma[c]*xhat[W*(H*(C*b + c) + i) + j] >= 0, R[W*(H*(C*b + c) + i) + j]*g_y[W*(H*(C*b + c) + i) + j]*xhat[W*(H*(C*b + c) + i) + j], 0);
-                acc_g_beta += vg_select(beta[c] + gamma[c]*xhat[W*(H*(C*b + c) + i) + j] >= 0, R[W*(H*(C*b + c) + i) + j]*g_y[W*(H*(C*b + c) + i) + j], 0);
+                acc_g_gamma += vg_select(beta[c] + gamma[c]*xhat[H*W*(C*b + c) + ij] >= 0, R[H*W*(C*b + c) + ij]*g_y[H*W*(C*b + c) + ij]*xhat[H*W*(C*b + c) + ij], 0);
+                acc_g_beta += vg_select(beta[c] + gamma[c]*xhat[H*W*(C*b + c) + ij] >= 0, R[H*W*(C*b + c) + ij]*g_y[H*W*(C*b + c) + ij], 0);
             }
         }
         const float v_g_gamma = acc_g_gamma;
@@ -1940,16 +1922,15 @@ void batchnormalization_relu_dropout_backward_g_gamma_g_beta(const float *restri
 //   specialised: epsilon=2e-05
 void batchnormalization_relu_dropout_backward_g_x(const float *restrict R, const float *restrict beta, const float *restrict g_beta, const float *restrict g_gamma, const float *restrict g_y, const float *restrict gamma, const float *restrict var, const float *restrict xhat, float *restrict g_x, int B, int C, int H, int W)
 {
-    #pragma omp parallel for collapse(3) schedule(static)
+    #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b)
     for (int c = 0; c < C; ++c)
-    for (int i = 0; i < H; ++i)
     {
         #pragma omp simd
-        for (int j = 0; j < W; ++j)
+        for (int ij = 0; ij < H*W; ++ij)
         {
-            const float v_g_x = (B*H*W*vg_select(beta[c] + gamma[c]*xhat[W*(H*(C*b + c) + i) + j] >= 0, 1, 0)*R[W*(H*(C*b + c) + i) + j]*g_y[W*(H*(C*b + c) + i) + j] - g_beta[c] - g_gamma[c]*xhat[W*(H*(C*b + c) + i) + j])*gamma[c]/(B*H*W*sqrtf(var[c] + 2e-05f));
-            g_x[W*(H*(C*b + c) + i) + j] = v_g_x;
+            const float v_g_x = (B*H*W*vg_select(beta[c] + gamma[c]*xhat[H*W*(C*b + c) + ij] >= 0, 1, 0)*R[H*W*(C*b + c) + ij]*g_y[H*W*(C*b + c) + ij] - g_beta[c] - g_gamma[c]*xhat[H*W*(C*b + c) + ij])*gamma[c]/(B*H*W*sqrtf(var[c] + 2e-05f));
+            g_x[H*W*(C*b + c) + ij] = v_g_x;
         }
     }
 }
