@@ -158,15 +158,8 @@ def _random(t: Tensor, shape, consts, rng, discrete):
 
 def backward_env(bw: Backward, env: dict, consts: dict, rng) -> dict:
     """Seeds drawn at random, then every gradient evaluated in order."""
-    env = dict(env)
-    lower = concrete_lower(bw.program, consts)
-    for seed in bw.seeds:
-        env[seed.name] = rng.standard_normal(concrete_shape(bw.program, seed.name, consts))
-    ev = Evaluator(env, consts, lower)
-    for g in bw.gradients:
-        env[g.tensor.name] = ev.equation(g.equation, concrete_shape(bw.program, g.tensor.name, consts),
-                                         lower[g.tensor.name])
-    return env
+    seeds = {s.name: rng.standard_normal(concrete_shape(bw.program, s.name, consts)) for s in bw.seeds}
+    return _gradients(bw, {**env, **seeds}, consts)
 
 
 def _objective(layer: Layer, inputs: dict, seeds: dict, consts) -> float:
