@@ -648,3 +648,14 @@ def test_batchnorm_statistics_are_one_kernel():
     assert [k.name for k in ks] == ["batchnormalization_forward_mu_var", "batchnormalization_forward_xhat_y"]
     mu_var = ks[0]
     assert mu_var.stages[1].reductions[0].body.has(mu_var.stages[0].local)    # σ² reads μ's register
+
+
+def test_manifest_describes_the_c_schedules():
+    man = json.loads(outputs()["manifest.json"])
+    c = {e["name"]: e for e in man["kernels"] if e["target"] == "c"}
+    conv = c["convolution2d_forward_y"]["schedule"]["gemm"]
+    assert conv["m"] == ["oc"] and conv["n"] == ["b", "i", "j"] and conv["k"] == ["ic", "di", "dj"]
+    assert conv["blocks"]["VG_MR"] == 8 and conv["forms"] == ["outer"]
+    assert c["convolution2d_backward_g_w"]["schedule"]["gemm"]["forms"] == ["outer", "inner"]
+    assert "gemm" not in c["relu_forward_y"]["schedule"]
+    assert c["relu_forward_y"]["schedule"]["loops"] == ["b", "c", "ij"]          # coalesced

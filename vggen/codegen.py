@@ -50,7 +50,7 @@ from . import cuda_schedule
 from .atomic import write_atomic
 from .coalesce import coalesce_rows
 from .cuda_schedule import TUNING_FILE, TiledGemm, Tuning, load_tuning, tiled_gemm
-from .ir import CUDA_THREADS, Kernel, KernelClass, layer_slug, lower_network
+from .ir import C_GEMM_BLOCKS, CUDA_THREADS, Kernel, KernelClass, layer_slug, lower_network
 from .printers import PRINTERS
 
 try:
@@ -190,7 +190,9 @@ def render(kernels: list[Kernel], target: str, env: jinja2.Environment | None = 
     # only the helpers the kernels call (an unused static function is a warning)
     used = {h for h in _HELPERS if any(f"{h}(" in g.text for g in out)}
     text = env.get_template(f"{target}/file.{_EXT[target]}.j2").render(
-        kernels=[g.text for g in out], what=what, threads=CUDA_THREADS, used=used, tiled=cuda_schedule)
+        kernels=[g.text for g in out], what=what, threads=CUDA_THREADS, used=used, tiled=cuda_schedule,
+        blocks=[", ".join(f"{k} = {v}" for k, v in list(C_GEMM_BLOCKS.items())[i:i + 5])
+                for i in range(0, len(C_GEMM_BLOCKS), 5)])
     return text, out
 
 
@@ -265,7 +267,16 @@ def manifest_entry(g: GeneratedKernel, file: str) -> dict:
             entry["fallback"] = {"name": g.fallback, "launch": _launch(k)}
     else:
         entry["schedule"] = {"vector_loop": str(k.schedule.vector), "row_accumulator": k.schedule.row,
-                             "interior_split": k.schedule.c_region is not None}
+                             "interior_split": k.schedule.c_region is not None,
+                             "loops": [lp.var.name for lp in k.parallel]}
+        gm = k.schedule.gemm
+        if gm is not None:
+            entry["schedule"]["gemm"] = {
+                "m": [lp.var.name for lp in gm.m], "n": [lp.var.name for lp in gm.n],
+                "k": [lp.var.name for lp in gm.k],
+                "forms": ["outer", "inner"] if gm.inner else ["outer"],
+                "blocks": dict(C_GEMM_BLOCKS),
+            }
     return entry
 
 

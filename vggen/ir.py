@@ -236,6 +236,13 @@ GEMM_FLAT = {d: sp.Symbol(f"vg_{d}", integer=True) for d in "mnk"}
 GEMM_RUN = sp.Symbol("vg_run", integer=True)
 
 
+# The C matrix-product schedule's block and tile sizes (templates/c/file.c.j2
+# explains each; the manifest lists them per kernel).  Edit here; `vggen build`.
+C_GEMM_BLOCKS = {"VG_MR": 8, "VG_NR": 32, "VG_KC": 256, "VG_NC": 512,
+                 "VG_IM": 4, "VG_IN": 6, "VG_VL": 16, "VG_IKC": 1024, "VG_INC": 96, "VG_SLICES": 4,
+                 "VG_SMALL": 1 << 16, "VG_RUN": 16, "VG_INNER": 2}
+
+
 @dataclass
 class Gemm:
     """A contraction as the matrix product ``C[m, n] = Σ_k A[m, k]·B[k, n]`` (C's schedule).

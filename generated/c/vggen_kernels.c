@@ -33,9 +33,9 @@ static inline float vg_select(int c, float a, float b) { return c ? a : b; }
 //    across them (a conv's i and j); runs shorter than VG_RUN are gathered through
 //    tables of each column's indices instead.
 // Blocks depend on the sizes only, so results do not depend on the thread count.
-enum { VG_MR = 8, VG_NR = 32, VG_KC = 256, VG_NC = 512,
-       VG_IM = 4, VG_IN = 6, VG_VL = 16, VG_IKC = 1024, VG_INC = 96, VG_SLICES = 4, VG_SMALL = 1 << 16,
-       VG_RUN = 16, VG_INNER = 2 };
+enum { VG_MR = 8, VG_NR = 32, VG_KC = 256, VG_NC = 512, VG_IM = 4,
+       VG_IN = 6, VG_VL = 16, VG_IKC = 1024, VG_INC = 96, VG_SLICES = 4,
+       VG_SMALL = 65536, VG_RUN = 16, VG_INNER = 2 };
 
 // 64-byte aligned memory (a cache line, one AVX-512 vector) for packed blocks
 static void *vg_alloc(size_t bytes)
