@@ -15,7 +15,7 @@ from vggen.autodiff import derive
 from vggen.codegen import generate
 from vggen.errors import VggenError
 from vggen.ir import lower_layer
-from vggen.lang import Equation, Layer, Role, Sum, Tensor, chain, indices
+from vggen.lang import Equation, Layer, Role, Tensor, chain, indices
 from vggen.layers import (B, C, batch_normalization, batch_normalization_relu,
                           batch_normalization_relu_dropout, convolution2d, dropout, linear, relu)
 from vggen.network import Network, build_nodes

@@ -5,29 +5,12 @@ NumPy, and one forward + backward of the whole network against PyTorch."""
 from __future__ import annotations
 
 import math
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vggen.errors import VggenError
 from vggen.network import BN_EPS, Network, NonFiniteLoss, build_nodes
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def c_backend(tmp_path_factory):
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
-    from vggen.runtime_c import CBackend
-    gen = REPO / "generated"
-    if not (gen / "manifest.json").is_file():
-        from vggen.codegen import build
-        gen = tmp_path_factory.mktemp("generated")
-        build(gen)
-    return CBackend(generated=gen, cache=tmp_path_factory.mktemp("cache"))
 
 
 def _batch(n=3, seed=0):

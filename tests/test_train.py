@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,21 +18,7 @@ from vggen.data import Dataset, load_digits32
 from vggen.errors import VggenError
 from vggen.train import SGD, TrainConfig, learning_rate, train
 
-REPO = Path(__file__).resolve().parent.parent
 KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "seconds"}
-
-
-@pytest.fixture(scope="module")
-def c_backend(tmp_path_factory):
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
-    from vggen.runtime_c import CBackend
-    gen = REPO / "generated"
-    if not (gen / "manifest.json").is_file():
-        from vggen.codegen import build
-        gen = tmp_path_factory.mktemp("generated")
-        build(gen)
-    return CBackend(generated=gen, cache=tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from vggen.codegen import build, generate
 from vggen.cuda_schedule import CONFIGS, TUNING_FILE, Tuned, Tuning, choose, parse_tuning, tune_value
 from vggen.errors import VggenError
 from vggen.layers import linear
-from vggen.printers import CudaPrinter
 from vggen.tune import MIN_GAIN, Product, candidates, merge, pick
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

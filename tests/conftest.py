@@ -1,0 +1,25 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def c_backend(tmp_path_factory):
+    """The C backend on the repository's generated kernels (built into a
+    temporary directory if they are missing), with a compile cache of its own."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    from vggen.runtime_c import CBackend
+    gen = REPO / "generated"
+    if not (gen / "manifest.json").is_file():
+        from vggen.codegen import build
+        gen = tmp_path_factory.mktemp("generated")
+        build(gen)
+    return CBackend(generated=gen, cache=tmp_path_factory.mktemp("cache"))
