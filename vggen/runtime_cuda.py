@@ -215,6 +215,9 @@ class CudaBackend(Backend):
     def asarray(self, host, dtype=None):
         return self.cupy.array(host, dtype=dtype, order="C")
 
+    # Transfers run on the current stream, named explicitly (CuPy versions differ
+    # in what they default to): a step on its own stream (vggen.step) orders its
+    # copies after the previous step's kernels there.
     def copy_in(self, dst, host) -> None:
         if isinstance(host, self.cupy.ndarray):
             dst[...] = host
@@ -222,10 +225,13 @@ class CudaBackend(Backend):
         host = np.ascontiguousarray(host, dtype=dst.dtype)
         if host.shape != dst.shape:
             raise VggenError(f"cannot copy an array of shape {host.shape} into {dst.shape}")
-        dst.set(host)
+        dst.set(host, stream=self.cupy.cuda.get_current_stream())
 
     def to_host(self, a) -> np.ndarray:
-        return self.cupy.asnumpy(a)
+        stream = self.cupy.cuda.get_current_stream()
+        out = self.cupy.ascontiguousarray(a).get(stream=stream)
+        stream.synchronize()
+        return out
 
     def synchronize(self) -> None:
         self.cupy.cuda.get_current_stream().synchronize()
