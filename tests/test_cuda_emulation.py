@@ -66,6 +66,7 @@ struct alignas(8) float2 { float x, y; };
 static inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
 static inline float2 make_float2(float a, float b) { return float2{a, b}; }
 static inline float4 __ldcg(const float4 *p) { return *p; }
+static inline float __ldcg(const float *p) { return *p; }
 static inline void __threadfence() {}
 static inline unsigned int atomicAdd(unsigned int *p, unsigned int v) { unsigned int o = *p; *p = o + v; return o; }
 static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
@@ -330,9 +331,10 @@ def test_the_device_choice_is_cuda_schedule_choose(emulated):
 
 def test_every_network_kernel_runs_in_emulation():
     """The kernels of every other class (elementwise, block and thread
-    reductions with their fused passes, window argmax, softmax rows), the
-    fused layers' included: the emulated CUDA equals the NumPy reference, on
-    odd shapes, with a grid smaller than the work (grid striding)."""
+    reductions with their fused passes, split reductions, window argmax,
+    softmax rows), the fused layers' included: the emulated CUDA equals the
+    NumPy reference, on odd shapes, with a grid smaller than the work (grid
+    striding) and one large enough to split each output's reduction."""
     import tempfile
 
     from vggen.layers import network_layers
@@ -349,7 +351,38 @@ def test_every_network_kernel_runs_in_emulation():
                     if g.tiled is not None:
                         continue
                     gk = kernels[g.name]
-                    _check(gk, _run(lib, gk, env, sizes, 2), reference(gk, env, sizes, SPECIALISE), str(sizes))
+                    want = reference(gk, env, sizes, SPECIALISE)
+                    # a grid smaller than the outputs; one that splits each output's reduction
+                    for grid in (2, 40):
+                        _check(gk, _run(lib, gk, env, sizes, grid), want, f"{sizes}, grid {grid}")
                     checked.add(g.name)
     assert checked == set(kernels)
     assert len([k for k in checked if k.startswith("batchnormalization_relu")]) == 8
+
+
+def test_split_reductions_share_the_grid_and_reset_their_counters(tmp_path):
+    """∂L/∂γ, ∂L/∂β of BN with 3 channels on 40 blocks: 13 splits per channel;
+    deterministic (the same bits from two launches), and the ticket counters
+    back at 0 for the next launch."""
+    from vggen.layers import batch_normalization
+
+    layer = batch_normalization()
+    text, kernels = generate([layer], "cuda", SPECIALISE)
+    (gk,) = [g for g in kernels if g.ir.cuda_split]
+    assert gk.name == "batchnormalization_backward_g_gamma_g_beta"
+    probe = (f'extern "C" unsigned vg_emu_rcount() {{ unsigned s = 0; for (int i = 0; i < 264; ++i) '
+             f's += vg_rcount_{gk.name}[i]; return s; }}\n')
+    src = tmp_path / "emu.cpp"
+    src.write_text(_emulation_source(text, kernels) + probe)
+    lib_path = tmp_path / "emu.so"
+    res = subprocess.run([CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", str(src),
+                          "-o", str(lib_path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lib = ctypes.CDLL(str(lib_path))
+    sizes = dict(B=3, C=3, H=9, W=11)
+    env = layer_data(layer, sizes, SPECIALISE, np.random.default_rng(0))
+    want = reference(gk, env, sizes, SPECIALISE)
+    runs = [_run(lib, gk, env, sizes, 40) for _ in range(2)]
+    _check(gk, runs[0], want, "split")
+    assert all(np.array_equal(runs[0][n], runs[1][n]) for n in runs[0])
+    assert lib.vg_emu_rcount() == 0

@@ -50,7 +50,7 @@ from . import cuda_schedule
 from .atomic import write_atomic
 from .coalesce import coalesce_rows
 from .cuda_schedule import TUNING_FILE, TiledGemm, Tuning, load_tuning, tiled_gemm
-from .ir import C_GEMM_BLOCKS, CUDA_THREADS, Kernel, KernelClass, layer_slug, lower_network
+from .ir import C_GEMM_BLOCKS, CUDA_RESIDENT_BLOCKS, CUDA_THREADS, Kernel, KernelClass, layer_slug, lower_network
 from .printers import PRINTERS
 
 try:
@@ -140,7 +140,8 @@ def render_kernel(kernel: Kernel, target: str, env: jinja2.Environment | None = 
         text = env.get_template("cuda/contraction_tiled.cu.j2").render(k=kernel, g=tiled, p=p, comment=comment(kernel))
         return _tidy(text) + render_kernel(simple, target, env)      # no empty line inside a kernel's text
     template = env.get_template(f"{target}/{kernel.cls.value}.{_EXT[target]}.j2")
-    text = template.render(k=kernel, p=printer(kernel, target), comment=comment(kernel))
+    text = template.render(k=kernel, p=printer(kernel, target), comment=comment(kernel),
+                           resident=CUDA_RESIDENT_BLOCKS)
     return _tidy(text)
 
 
@@ -233,15 +234,22 @@ def _launch(kernel: Kernel, tiled: TiledGemm | None = None) -> dict:
     grid is also correct.  "tiled" kernels (``tiled``) take a fixed grid
     (the blocks resident at once, ``grid_any``: any grid.x ≥ 1 is correct)
     and pick their tile configuration and k-splits themselves
-    (vggen.cuda_schedule.launch adds what they need)."""
+    (vggen.cuda_schedule.launch adds what they need); so do split reductions
+    (``Kernel.cuda_split``), which share that grid out over their outputs."""
     total = sp.Mul(*[lp.extent for lp in kernel.parallel])
-    if kernel.schedule.cuda == "block":
+    if kernel.cuda_split and tiled is None:
+        grid = str(CUDA_RESIDENT_BLOCKS)
+    elif kernel.schedule.cuda == "block":
         grid = str(total)
     else:
         grid = f"({total} + {CUDA_THREADS - 1}) // {CUDA_THREADS}"
     out = {"mode": kernel.schedule.cuda, "threads": CUDA_THREADS, "block": [CUDA_THREADS, 1, 1],
            "grid": [grid, "1", "1"], "parallel": [str(lp.extent) for lp in kernel.parallel],
            "elements": str(total), "dynamic_shared_bytes": 0}
+    if kernel.cuda_split and tiled is None:
+        # any grid is correct; this one shares its blocks out over the outputs
+        out.update(grid_any=True, split_reduction={"workspace": f"vg_rws_{kernel.name}",
+                                                   "counters": f"vg_rcount_{kernel.name}"})
     if tiled is not None:
         out.update(cuda_schedule.launch(tiled, kernel.name))
     return out

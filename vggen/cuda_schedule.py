@@ -70,12 +70,12 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .ir import CUDA_THREADS, Kernel, KernelClass, Loop, _conjuncts, split_product
+from .ir import CUDA_RESIDENT_BLOCKS, CUDA_THREADS, Kernel, KernelClass, Loop, _conjuncts, split_product
 
 THREADS = CUDA_THREADS
 # Blocks in flight on an H100/H200: 132 SMs × 2 blocks of 256 threads (≤ 128
 # registers each).  The manifest's grid; any other grid is correct too.
-PERSISTENT_BLOCKS = 264
+PERSISTENT_BLOCKS = CUDA_RESIDENT_BLOCKS
 MIN_BLOCKS_PER_SM = 2            # __launch_bounds__(VG_THREADS, 2): at most 128 registers
 # Split-K (see the module docstring).  Its only atomic is the int ticket of the
 # last split; False: no split-K, no workspace, no atomic at all (small M×N

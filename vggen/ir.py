@@ -66,6 +66,9 @@ UNROLL_LIMIT = 64
 
 # Threads per CUDA block; block reductions assume a power of two.
 CUDA_THREADS = 256
+# Blocks resident at once on an H100/H200 (132 SMs × 2): the fixed grid of the
+# kernels that share their work out themselves (tiled contractions, split reductions).
+CUDA_RESIDENT_BLOCKS = 264
 
 _WRITABLE = (Role.OUTPUT, Role.SAVED, Role.GRADIENT, Role.STATE)
 # generated locals (acc_y, v_y, best_sel, arg_sel) and helpers (vg_*) use these
@@ -465,6 +468,15 @@ class Kernel:
     def passes(self) -> list[Pass]:
         """The stages in fused passes over the data (see ``reduction_passes``)."""
         return reduction_passes(self.stages)
+
+    @property
+    def cuda_split(self) -> bool:
+        """CUDA: a block reduction in one pass over the data, so that several
+        blocks may share one output's reduction domain, the last to finish
+        combining their partials (``cuda/reduction.cu.j2``): BN's ∂L/∂γ, ∂L/∂β
+        have a few dozen outputs of tens of thousands of terms each."""
+        return (self.cls is KernelClass.REDUCTION and self.schedule.cuda == "block"
+                and len(self.passes) == 1 and all(r.op in ("sum", "max") for r in self.reductions))
 
     @property
     def writes(self) -> list[Tensor]:

@@ -100,18 +100,26 @@ batchnormalization_relu_dropout_forward_xhat_y(const float *__restrict__ R, cons
 //   g_gamma[c] = Sum(Piecewise((R[b, c, i, j]*g_y[b, c, i, j]*xhat[b, c, i, j], beta[c] + gamma[c]*xhat[b, c, i, j] >= 0), (0, True)), (b, 0, B - 1), (i, 0, H - 1), (j, 0, W - 1))  (∂L/∂gamma)
 //   g_beta[c] = Sum(Piecewise((R[b, c, i, j]*g_y[b, c, i, j], beta[c] + gamma[c]*xhat[b, c, i, j] >= 0), (0, True)), (b, 0, B - 1), (i, 0, H - 1), (j, 0, W - 1))  (∂L/∂beta)
 //   specialised: epsilon=2e-05
+//   split: the partials of an output's splits, and its ticket counter
+__device__ float vg_rws_batchnormalization_relu_dropout_backward_g_gamma_g_beta[264 * 2];
+__device__ unsigned int vg_rcount_batchnormalization_relu_dropout_backward_g_gamma_g_beta[264];
 extern "C" __global__ void __launch_bounds__(VG_THREADS)
 batchnormalization_relu_dropout_backward_g_gamma_g_beta(const float *__restrict__ R, const float *__restrict__ beta, const float *__restrict__ g_y, const float *__restrict__ gamma, const float *__restrict__ xhat, float *__restrict__ g_beta, float *__restrict__ g_gamma, int B, int C, int H, int W)
 {
     __shared__ float vg_shared[VG_THREADS];
+    __shared__ unsigned int vg_ticket;
     const long long vg_total = (long long)(C);
-    for (long long vg_o = blockIdx.x; vg_o < vg_total; vg_o += gridDim.x)
+    // splits per output: as many as the grid has blocks for (any grid is correct)
+    const long long vg_S = vg_total <= 264 && gridDim.x >= 2 * vg_total
+                           ? (gridDim.x < 264 ? gridDim.x : 264) / vg_total : 1;
+    for (long long vg_i = blockIdx.x; vg_i < vg_total * vg_S; vg_i += gridDim.x)
     {
+        const long long vg_o = vg_i / vg_S, vg_z = vg_i % vg_S;
         long long vg_q = vg_o;
         const int c = (int)vg_q;
         float acc_g_gamma = 0.0f;
         float acc_g_beta = 0.0f;
-        for (long long vg_r = threadIdx.x; vg_r < (long long)(B) * (long long)(H) * (long long)(W); vg_r += VG_THREADS)
+        for (long long vg_r = vg_z * VG_THREADS + threadIdx.x; vg_r < (long long)(B) * (long long)(H) * (long long)(W); vg_r += VG_THREADS * vg_S)
         {
             long long vg_qr = vg_r;
             const int j = (int)(vg_qr % (W));
@@ -124,6 +132,29 @@ batchnormalization_relu_dropout_backward_g_gamma_g_beta(const float *__restrict_
         }
         acc_g_gamma = vg_block_sum(acc_g_gamma, vg_shared);
         acc_g_beta = vg_block_sum(acc_g_beta, vg_shared);
+        if (vg_S > 1)
+        {
+            if (threadIdx.x == 0)
+            {
+                vg_rws_batchnormalization_relu_dropout_backward_g_gamma_g_beta[(vg_o * vg_S + vg_z) * 2 + 0] = acc_g_gamma;
+                vg_rws_batchnormalization_relu_dropout_backward_g_gamma_g_beta[(vg_o * vg_S + vg_z) * 2 + 1] = acc_g_beta;
+                __threadfence();
+                vg_ticket = atomicAdd(&vg_rcount_batchnormalization_relu_dropout_backward_g_gamma_g_beta[vg_o], 1u);
+            }
+            __syncthreads();
+            if (vg_ticket != (unsigned int)(vg_S - 1)) continue;    // the same for every thread
+            __threadfence();
+            acc_g_gamma = 0.0f;
+            acc_g_beta = 0.0f;
+            for (long long vg_zz = 0; vg_zz < vg_S; ++vg_zz)        // in split order
+            {
+                const float vg_p0 = __ldcg(&vg_rws_batchnormalization_relu_dropout_backward_g_gamma_g_beta[(vg_o * vg_S + vg_zz) * 2 + 0]);
+                acc_g_gamma = acc_g_gamma + vg_p0;
+                const float vg_p1 = __ldcg(&vg_rws_batchnormalization_relu_dropout_backward_g_gamma_g_beta[(vg_o * vg_S + vg_zz) * 2 + 1]);
+                acc_g_beta = acc_g_beta + vg_p1;
+            }
+            if (threadIdx.x == 0) vg_rcount_batchnormalization_relu_dropout_backward_g_gamma_g_beta[vg_o] = 0u;   // ready for the next launch
+        }
         const float v_g_gamma = acc_g_gamma;
         if (threadIdx.x == 0) g_gamma[c] = v_g_gamma;
         const float v_g_beta = acc_g_beta;
