@@ -9,6 +9,7 @@
 # width 64.  If a tiled kernel disagrees with the reference, tune is skipped
 # and bench and train fall back to the simple build.
 # Usage (repository root, on a machine with a GPU): bash tools/gpu_check.sh [quick]
+# (quick: no training run).  Each phase prints the seconds elapsed when it starts.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/vggen-gpu}"
@@ -17,7 +18,7 @@ py=python3
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $py -m vggen.codegen --cuda-contraction simple --out /tmp/vggen-simple > /dev/null
 
-echo "== CUDA kernels against the NumPy reference"
+echo "== [${SECONDS} s] CUDA kernels against the NumPy reference"
 $py -m pytest -rs -p no:cacheprovider tests/test_cuda_compile.py tests/test_cuda_tiled.py \
     > "$out/tests_kernels.log" 2>&1
 kernels_rc=$?
@@ -28,21 +29,21 @@ if [ $kernels_rc -ne 0 ]; then
     export VGGEN_GENERATED=/tmp/vggen-simple
 fi
 
-echo "== network on CUDA against NumPy and PyTorch"
+echo "== [${SECONDS} s] network on CUDA against NumPy and PyTorch"
 $py -m pytest -rs -p no:cacheprovider tests/test_runtime.py tests/test_network.py -k "cuda" \
     > "$out/tests_network.log" 2>&1
 tail -n 3 "$out/tests_network.log"
-echo "== CUDA-graph steps against eager steps"
+echo "== [${SECONDS} s] CUDA-graph steps against eager steps"
 $py -m pytest -rs -p no:cacheprovider tests/test_step.py > "$out/tests_step.log" 2>&1
 tail -n 3 "$out/tests_step.log"
 
-echo "== compute-sanitizer memcheck: one training step, width 4, batch 4"
+echo "== [${SECONDS} s] compute-sanitizer memcheck: one training step, width 4, batch 4"
 compute-sanitizer --tool memcheck --print-limit 20 \
     $py -m vggen.cli bench --target cuda --batch-size 4 --width 4 --steps 1 --warmup 0 --no-torch \
     > "$out/memcheck.log" 2>&1
 grep -E "ERROR SUMMARY|========= (Invalid|Error)" "$out/memcheck.log" | head -n 20
 
-echo "== vggen tune: B=64 and 256, width 64 (records generated/tuning.json, rebuilds)"
+echo "== [${SECONDS} s] vggen tune: B=64 and 256, width 64 (records generated/tuning.json, rebuilds)"
 if [ "${VGGEN_GENERATED:-}" = "" ]; then
     $py -m vggen.cli tune --batch-size 64 256 --width 64 > "$out/tune.log" 2>&1
     echo "tune exit $?"; tail -n 1 "$out/tune.log"
@@ -59,7 +60,7 @@ for k in r["kernels"][:8]:
     print(f"   {k['name']:45s} {k['seconds']*1e3:8.3f} ms {k['share']:6.1%} {k['flops']/max(k['seconds'],1e-12)/1e9:8.1f} GFLOP/s")
 PY
 }
-echo "== bench, width 64 (eager steps, then CUDA graphs)"
+echo "== [${SECONDS} s] bench, width 64 (eager steps, then CUDA graphs)"
 for b in 64 256; do
     $py -m vggen.cli bench --target cuda --batch-size "$b" --width 64 --json > "$out/bench$b.json" \
         2> "$out/bench$b.err" && summary "$out/bench$b.json" || tail -n 5 "$out/bench$b.err"
@@ -77,7 +78,7 @@ VGGEN_GENERATED=/tmp/vggen-simple $py -m vggen.cli bench --target cuda --batch-s
     && summary "$out/bench64_simple.json" || tail -n 5 "$out/bench64_simple.err"
 
 [ "${1:-}" = quick ] && exit 0
-echo "== train: cuda, digits, width 64"
+echo "== [${SECONDS} s] train: cuda, digits, width 64"
 $py -m vggen.cli train --target cuda --dataset digits --width 64 --epochs 10 --seed 0 \
     --metrics "$out/digits_cuda_w64.jsonl" > "$out/train.log" 2>&1
 echo "train exit $?"
