@@ -248,8 +248,9 @@ def _launch(kernel: Kernel, tiled: TiledGemm | None = None) -> dict:
            "elements": str(total), "dynamic_shared_bytes": 0}
     if kernel.cuda_split and tiled is None:
         # any grid is correct; this one shares its blocks out over the outputs
-        out.update(grid_any=True, split_reduction={"workspace": f"vg_rws_{kernel.name}",
-                                                   "counters": f"vg_rcount_{kernel.name}"})
+        out.update(grid_any=True, split_reduction={
+            "workspace": f"vg_rws_{kernel.name}", "counters": f"vg_rcount_{kernel.name}",
+            "scope": "the kernel's own: launches of it must not run concurrently"})
     if tiled is not None:
         out.update(cuda_schedule.launch(tiled, kernel.name))
     return out

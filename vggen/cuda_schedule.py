@@ -70,7 +70,8 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .ir import CUDA_RESIDENT_BLOCKS, CUDA_THREADS, Kernel, KernelClass, Loop, _conjuncts, split_product
+from .ir import (CUDA_RESIDENT_BLOCKS, CUDA_THREADS, Kernel, KernelClass, Loop, _conjuncts, _flat_offset,
+                 _unit_coeff_last, split_product)
 
 THREADS = CUDA_THREADS
 # Blocks in flight on an H100/H200: 132 SMs × 2 blocks of 256 threads (≤ 128
@@ -208,15 +209,6 @@ def _flat(loops: list[Loop]) -> sp.Expr:
     for lp in loops:
         out = out * lp.extent + (lp.var - lp.first)
     return sp.expand(out)
-
-
-def flat_offset(access: sp.Indexed, tensor) -> sp.Expr:
-    """An access's element offset, as the printer computes it (row-major, each
-    dimension's first index subtracted)."""
-    flat = sp.Integer(0)
-    for k, (ix, lo, n) in enumerate(zip(access.indices, tensor.lower, tensor.shape)):
-        flat = (ix - lo) if k == 0 else flat * n + (ix - lo)
-    return sp.expand(flat)
 
 
 LOAD = sp.Symbol("vg_ld", real=True)    # an operand element just loaded (linear gathers)
@@ -405,17 +397,9 @@ class TiledGemm:
         return [lp.var.name for lp in self.loops(dim)]
 
 
-def _unit(index, var) -> bool:
-    index = sp.expand(sp.sympify(index))
-    if index.atoms(sp.floor, sp.Mod) or not index.is_polynomial(var):
-        return False
-    return sp.diff(index, var) in (1, -1)
-
-
 def _operand(name: str, dim: str, rows: list[Loop], k: list[Loop], expr, access, tensor, guarded: bool,
              coeff) -> Operand:
-    last = access.indices[-1]
-    by_rows, by_k = _unit(last, rows[-1].var), _unit(last, k[-1].var)
+    by_rows, by_k = _unit_coeff_last(access, rows[-1].var), _unit_coeff_last(access, k[-1].var)
     if by_rows and by_k:          # both contiguous: the one whose run is not a constant window
         along = "k" if rows[-1].constant and not k[-1].constant else "rows"
     else:
@@ -423,7 +407,7 @@ def _operand(name: str, dim: str, rows: list[Loop], k: list[Loop], expr, access,
     op = Operand(name, dim, rows, k, expr, access, tensor.name, along, False)
     if not guarded:
         loops = k if along == "k" else rows
-        offset = flat_offset(access, tensor)
+        offset = _flat_offset(access, tensor)
         base = sp.expand(offset.xreplace({lp.var: lp.first for lp in loops}))
         if sp.expand(offset - base - _flat(loops)) == 0:
             op.linear, op.flat0, op.load = True, base, coeff * LOAD

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -259,8 +260,7 @@ class Gemm:
     ``a`` / ``b``: the operands' elements, each its read with the range
     guards that read only its own loops (``a`` also carries any constant
     coefficient); ``a_region`` hoists A's guards out of the innermost loop
-    its packing runs along (k's last), ``b_region`` / ``b_region_k`` B's out
-    of n's last / k's last.  Packing runs along n (``outer``: A broadcast
+    its packing runs along (k's last).  Packing runs along n (``outer``: A broadcast
     against rows of B and C) or, where ``inner``, may run along k instead:
     both operands are then packed k-contiguous and the micro-kernel reduces
     along k (conv ∂L/∂w and Linear ∂L/∂x, which reduce along a contiguous
@@ -274,8 +274,6 @@ class Gemm:
     b: sp.Expr
     inner: bool
     a_region: Region | None = None
-    b_region: Region | None = None
-    b_region_k: Region | None = None
 
     def loops(self, dim: str) -> list[Loop]:
         return {"m": self.m, "n": self.n, "k": self.k}[dim]
@@ -464,7 +462,7 @@ class Kernel:
     def reductions(self) -> list[Reduction]:
         return [r for s in self.stages for r in s.reductions]
 
-    @property
+    @functools.cached_property
     def passes(self) -> list[Pass]:
         """The stages in fused passes over the data (see ``reduction_passes``)."""
         return reduction_passes(self.stages)
@@ -496,8 +494,9 @@ class Kernel:
                 syms |= e.free_symbols
         for lp in self.loops():
             syms |= lp.first.free_symbols | lp.last.free_symbols
+        sizes = _size_set(self.tensors)
         for e in self.expressions():
-            syms |= {s for s in e.free_symbols if s in self._size_symbols()}
+            syms |= e.free_symbols & sizes
         return sorted(syms - {lp.var for lp in self.loops()}, key=lambda s: s.name)
 
     @property
@@ -549,13 +548,6 @@ class Kernel:
         if g is not None:
             out.update({lp.var: (lp.first, lp.last) for lp in g.k})
             out.update(g.ranges())
-        return out
-
-    def _size_symbols(self) -> set:
-        out = set()
-        for t in self.tensors.values():
-            for e in t.shape + t.lower:
-                out |= e.free_symbols
         return out
 
 
@@ -1240,12 +1232,9 @@ def _gemm(parallel: list[Loop], stage: Stage, r: Reduction, inner: bool, vec: sp
     m, n, k = p.m, p.n, p.k
     if inner:
         k = [lp for lp in k if lp.var != vec] + [lp for lp in k if lp.var == vec]
-    mk, nk = {lp.var for lp in m + k}, {lp.var for lp in n + k}
+    mk = {lp.var for lp in m + k}
     g = Gemm(m, n, k, p.a, p.b, inner)
     g.a_region = _split_region(p.a, mk - {k[-1].var}, k[-1].var, k[-1], sizes)
-    g.b_region = _split_region(p.b, nk - {n[-1].var}, n[-1].var, n[-1], sizes)
-    if inner:
-        g.b_region_k = _split_region(p.b, nk - {k[-1].var}, k[-1].var, k[-1], sizes)
     return g
 
 

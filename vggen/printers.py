@@ -25,8 +25,7 @@ from sympy.codegen.ast import float32, real
 from sympy.printing.c import C99CodePrinter
 from sympy.printing.precedence import PRECEDENCE
 
-from .ir import Arg, _int_valued, _range
-from .lang import provably
+from .ir import Arg, _int_valued, _proved
 
 
 class CPrinter(C99CodePrinter):
@@ -41,7 +40,6 @@ class CPrinter(C99CodePrinter):
     restrict = "restrict"
     int_type = "int32_t"
     neg_inf = "-INFINITY"
-    helper_prefix = "static inline"
 
     def __init__(self, tensors: dict, ranges: dict | None = None, aliases: dict | None = None):
         super().__init__(settings={"type_aliases": {real: float32}, "strict": True})
@@ -165,8 +163,7 @@ class CPrinter(C99CodePrinter):
         return text if isinstance(e, (sp.Symbol, sp.Indexed)) or (e.is_Number and e >= 0) else f"({text})"
 
     def _nonneg(self, e) -> bool:
-        rng = _range(sp.expand(e), self.ranges)
-        return bool(rng) and provably(rng[0] >= 0)
+        return _proved(sp.expand(e), self.ranges)
 
     def _print_floor(self, expr):
         arg = expr.args[0]
@@ -221,7 +218,6 @@ class CudaPrinter(CPrinter):
     restrict = "__restrict__"
     int_type = "int"
     neg_inf = "__int_as_float(0xff800000)"
-    helper_prefix = "static __device__ __forceinline__"
 
 
 PRINTERS = {"c": CPrinter, "cuda": CudaPrinter}

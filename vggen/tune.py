@@ -72,11 +72,13 @@ def candidates(m: int, n: int, k: int) -> list[int]:
     return out
 
 
-def pick(product: Product, times: dict[int, float]) -> Tuned | None:
+def pick(product: Product, times: dict[int, float], model: int | None = None) -> Tuned | None:
     """The record for ``product`` from its measured ``times`` (tune value →
-    seconds, the model's choice under its own tune value): the fastest, if it
-    beats the model's choice by MIN_GAIN, else None."""
-    model = tune_value(*choose(product.m, product.n, product.k))
+    seconds, the model's choice under its own tune value ``model``, the first
+    of ``candidates``): the fastest, if it beats the model's choice by
+    MIN_GAIN, else None."""
+    if model is None:
+        model = tune_value(*choose(product.m, product.n, product.k))
     if model not in times:
         raise ValueError(f"{product}: the model's choice ({model}) was not timed")
     fastest = min(times, key=lambda t: (times[t], t))
@@ -176,12 +178,13 @@ def tune(batch_sizes: Iterable[int] = (64,), width: int = 64, generated: str | P
         net = Network(be, width=width, dropout=False, seed=0)
         products = network_products(net, batch)
         for n, (p, launch) in enumerate(products, 1):
+            tunes = candidates(p.m, p.n, p.k)               # the model's choice first
             try:
-                times = measure(launch.with_tune, candidates(p.m, p.n, p.k), be.cupy)
+                times = measure(launch.with_tune, tunes, be.cupy)
             finally:
                 be.set_tune(launch.spec, 0)         # the kernel's own choice again
-            measured[p] = pick(p, times)
-            model = times[tune_value(*choose(p.m, p.n, p.k))]
+            measured[p] = pick(p, times, tunes[0])
+            model = times[tunes[0]]
             summary[p] = (model * 1e3, min(times.values()) * 1e3)
             if progress:
                 best = measured[p]
