@@ -223,6 +223,10 @@ class Backend:
     def to_host(self, a) -> np.ndarray:
         return np.asarray(a)
 
+    def to_host_all(self, arrays) -> list[np.ndarray]:
+        """Host copies of ``arrays``, waiting for the device once."""
+        return [self.to_host(a) for a in arrays]
+
     def synchronize(self) -> None:
         pass
 

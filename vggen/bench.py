@@ -20,7 +20,7 @@ import numpy as np
 
 from .backends import get_backend, resolve_target, tensor_shapes, size_values
 from .errors import VggenError
-from .network import Network
+from .network import BN_EPS, Network
 from .optim import SGD
 from .step import TrainStep
 
@@ -244,7 +244,7 @@ def torch_model(net: Network):
             elif kind == "bn":
                 after_linear = bool(mods) and isinstance(mods[-1], nn.Linear)
                 bn = nn.BatchNorm1d if after_linear else nn.BatchNorm2d
-                mods.append(bn(node.sizes["C"], eps=2e-5))
+                mods.append(bn(node.sizes["C"], eps=BN_EPS))
             elif kind == "relu":
                 mods.append(nn.ReLU())
             elif kind == "dropout":

@@ -51,6 +51,7 @@ from .atomic import write_atomic
 from .coalesce import coalesce_rows
 from .cuda_schedule import TUNING_FILE, TiledGemm, Tuning, load_tuning, tiled_gemm
 from .ir import C_GEMM_BLOCKS, CUDA_RESIDENT_BLOCKS, CUDA_THREADS, Kernel, KernelClass, layer_slug, lower_network
+from .layers import BN_EPSILON
 from .printers import PRINTERS
 
 try:
@@ -59,7 +60,7 @@ except ImportError:            # not POSIX: builds are not serialised
     fcntl = None
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
-VGG_SPECIALISE = {"K": 1, "S": 2, "epsilon": 2e-5}
+VGG_SPECIALISE = {"K": 1, "S": 2, "epsilon": BN_EPSILON}
 TARGETS = ("c", "cuda")
 _EXT = {"c": "c", "cuda": "cu"}
 C_SOURCE = "c/vggen_kernels.c"

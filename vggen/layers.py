@@ -15,6 +15,7 @@ from .lang import (Argmax, Equation, Layer, Max, Role, Sum, Tensor, chain, indic
 B, C, IC, OC, H, W, HO, WO = sizes("B C IC OC H W HO WO")
 K, S = sizes("K S")
 EPS = sp.Symbol("epsilon", positive=True)
+BN_EPSILON = 2e-5          # ε of BatchNormalization (Chainer's default, the reference's)
 b, c, ic, oc, i, j, di, dj, p, q = indices("b c ic oc i j di dj p q")
 
 
@@ -63,7 +64,7 @@ def batch_normalization() -> Layer:
         Equation(y[b, c, i, j], gamma[c] * xhat[b, c, i, j] + beta[c], "eq. 22"),
     ]
     return Layer("BatchNormalization", [x, gamma, beta, mu, var, xhat, y], eqs,
-                 constants={EPS: 2e-5})
+                 constants={EPS: BN_EPSILON})
 
 
 def batch_normalization_running() -> Layer:

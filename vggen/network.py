@@ -54,7 +54,7 @@ from .errors import VggenError
 from .lang import Layer
 from .optim import flat_views
 
-BN_EPS = 2e-5
+BN_EPS = layers.BN_EPSILON
 BN_MOMENTUM = 0.9
 
 # (kind, argument): "block" multiplies of C1, "dropout" ratios, "pool".
@@ -471,10 +471,20 @@ class Network:
             be.run(node.backward, node.all_sizes(ws.batch), ws.backward[k], skip=skip)
 
     def loss_and_correct(self, ws: Workspace, labels: np.ndarray) -> tuple[float, int]:
-        losses = self.backend.to_host(ws.losses).astype(np.float64)
-        logits = self.backend.to_host(ws.logits)
+        """(sum of the per-image losses, images whose largest logit is their
+        label): one transfer, the host's one wait for the device in a step."""
+        losses, logits = self.backend.to_host_all([ws.losses, ws.logits])
         correct = int((logits.argmax(axis=1) == labels).sum())
-        return float(losses.sum()), correct
+        return float(losses.astype(np.float64).sum()), correct
+
+    def step_result(self, ws: Workspace, labels: np.ndarray) -> StepResult:
+        """The finished training step's mean loss and correct count; NonFiniteLoss
+        when the loss is not finite (before anything uses the gradients)."""
+        total, correct = self.loss_and_correct(ws, labels)
+        loss = total / len(labels)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(loss)
+        return StepResult(loss, correct, len(labels))
 
     def train_step(self, images: np.ndarray, labels: np.ndarray,
                    rng: np.random.Generator | None = None, masks: dict | None = None) -> StepResult:
@@ -486,11 +496,7 @@ class Network:
         ws = self.forward(images, labels, train=True, rng=rng, masks=masks)
         self.backward(ws)
         # read the loss only now: on a GPU the host then waits once per step, at its end
-        total, correct = self.loss_and_correct(ws, labels)
-        loss = total / len(labels)
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(loss)
-        return StepResult(loss, correct, len(labels))
+        return self.step_result(ws, labels)
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
         """(sum of per-image losses, correct count) in evaluation mode."""

@@ -228,8 +228,11 @@ class CudaBackend(Backend):
         dst.set(host, stream=self.cupy.cuda.get_current_stream())
 
     def to_host(self, a) -> np.ndarray:
+        return self.to_host_all([a])[0]
+
+    def to_host_all(self, arrays) -> list[np.ndarray]:
         stream = self.cupy.cuda.get_current_stream()
-        out = self.cupy.ascontiguousarray(a).get(stream=stream)
+        out = [self.cupy.ascontiguousarray(a).get(stream=stream) for a in arrays]
         stream.synchronize()
         return out
 

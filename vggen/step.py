@@ -23,12 +23,11 @@ eager step's.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from .errors import VggenError
-from .network import Network, NonFiniteLoss, StepResult
+from .network import Network, StepResult
 from .optim import SGD
 
 
@@ -66,15 +65,12 @@ class TrainStep:
                                                 self._capture(self.opt.launch))
         if graphs is not None:
             graphs[0].launch(self.stream)
-        total, correct = net.loss_and_correct(ws, labels)      # waits for the step
-        loss = total / batch
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(loss)
+        result = net.step_result(ws, labels)                    # waits for the step
         if graphs is not None:
             graphs[1].launch(self.stream)
         else:
             self.opt.launch()
-        return StepResult(loss, correct, batch)
+        return result
 
     def _capture(self, launches):
         self.stream.begin_capture()
