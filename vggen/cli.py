@@ -141,6 +141,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _network_options(p: argparse.ArgumentParser) -> None:
+    """The network and step options ``train`` and ``bench`` share."""
+    p.add_argument("--width", type=int, default=64, help="channels of the first stage, C1 (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="run BatchNormalization → ReLU (→ Dropout) as one composed layer "
+                        "(default: on, but off on the c target, where it is slower)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="cuda: replay each training step as captured CUDA graphs")
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vggen")
     p.description = ("vggen: VGG layers written once as SymPy equations; backward derived and "
@@ -169,8 +180,7 @@ def parser() -> argparse.ArgumentParser:
                    help="initial learning rate, cosine-annealed to 0 (default: 0.01)")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     t.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default: 5e-4)")
-    t.add_argument("--width", type=int, default=64, help="channels of the first stage, C1 (default: 64)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _network_options(t)
     t.add_argument("--metrics", metavar="FILE",
                    help="write one JSON line per epoch (appended to when resuming)")
     t.add_argument("--checkpoint", metavar="DIR", help="write a checkpoint after every epoch")
@@ -179,11 +189,6 @@ def parser() -> argparse.ArgumentParser:
                    help="dropout with the network's ratios (default: on for cifar10, off for digits)")
     t.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no random crops or flips")
-    t.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
-                   help="run BatchNormalization → ReLU (→ Dropout) as one composed layer "
-                        "(default: on, but off on the c target, where it is slower)")
-    t.add_argument("--cuda-graph", action="store_true",
-                   help="cuda: replay each training step as captured CUDA graphs")
     t.set_defaults(func=_cmd_train)
 
     r = sub.add_parser("report", help="write the derivation document (Math for VGG, regenerated)",
@@ -198,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
                    help="write a standalone HTML page instead (MathJax typesets the math when opened)")
     r.add_argument("--layer", action="append", metavar="NAME",
                    help="only this layer (named as for `vggen inspect`); repeat for more "
-                        "(default: all seven)")
+                        "(default: every layer vggen generates kernels for)")
     _generated_option(r)
     r.set_defaults(func=_cmd_report)
 
@@ -231,16 +236,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--target", default="auto", choices=["auto", "c", "cuda"],
                    help="kernel backend (default: auto = cuda if a GPU and CuPy are present, else c)")
     m.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
-    m.add_argument("--width", type=int, default=64, help="channels of the first stage, C1 (default: 64)")
+    _network_options(m)
     m.add_argument("--steps", type=int, default=20, help="timed steps; the median is reported (default: 20)")
     m.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
-    m.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     m.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
-    m.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
-                   help="run BatchNormalization → ReLU as one composed layer "
-                        "(default: on, but off on the c target, where it is slower)")
-    m.add_argument("--cuda-graph", action="store_true",
-                   help="cuda: replay each step as captured CUDA graphs")
     m.add_argument("--json", action="store_true",
                    help="print one JSON object (images_per_s, torch_images_per_s, ratio, kernels)")
     m.set_defaults(func=_cmd_bench)
