@@ -17,6 +17,7 @@ eq. 50's compact form.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -50,11 +51,10 @@ class Backward:
 
     def __post_init__(self):
         fwd = self.layer
-        tensors = [Tensor(t.name, t.shape, Role.INPUT, zero_outside=t.zero_outside, lower=t.lower,
-                          dtype=t.dtype, differentiable=False, doc=t.doc)
+        # the forward's tensors (but its outputs) and the seeds, all given
+        tensors = [dataclasses.replace(t, role=Role.INPUT, differentiable=False)
                    for t in fwd.tensors if t.role is not Role.OUTPUT]
-        tensors += [Tensor(t.name, t.shape, Role.INPUT, zero_outside=True, lower=t.lower,
-                           differentiable=False, doc=t.doc) for t in self.seeds]
+        tensors += [dataclasses.replace(t, role=Role.INPUT, differentiable=False) for t in self.seeds]
         tensors += [g.tensor for g in self.gradients]
         self.program = Layer(f"{fwd.name} backward", tensors, [g.equation for g in self.gradients],
                              constants=fwd.constants)

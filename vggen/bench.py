@@ -20,7 +20,7 @@ import numpy as np
 
 from .backends import get_backend, resolve_target, tensor_shapes, size_values
 from .errors import VggenError
-from .network import BN_EPS, Network
+from .network import BN_EPS, Network, build_nodes
 from .optim import SGD
 from .step import TrainStep
 
@@ -231,13 +231,14 @@ def _device_name(backend) -> str:
 # --------------------------------------------------------------------------- PyTorch
 
 
-def torch_model(net: Network):
-    """The same architecture as ``net``, in PyTorch (float32, no biases)."""
+def torch_model(nodes):
+    """The same architecture as the node list ``nodes`` (``network.build_nodes``),
+    in PyTorch (float32, no biases)."""
     import torch
 
     nn = torch.nn
     mods = []
-    for node in net.nodes:
+    for node in nodes:
         for kind in [k for k, _ in node.members] or [node.kind]:     # a fused node: its parts
             if kind == "conv":
                 mods.append(nn.Conv2d(node.sizes["IC"], node.sizes["OC"], 3, padding=1, bias=False))
@@ -274,8 +275,7 @@ def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, se
         torch.set_num_threads(os.cpu_count() or 1)
     dev = torch.device("cuda" if on_gpu else "cpu")
     torch.manual_seed(seed)
-    shape_net = Network("numpy", width=width, dropout=False, seed=seed)
-    model = torch_model(shape_net).to(dev)
+    model = torch_model(build_nodes(width, dropout=False)).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     x = torch.randn(batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)

@@ -51,8 +51,9 @@ over the items, so any grid size is correct):
   ``SPLIT_K = False`` removes all of it (no atomic at all).
 * **Choice.**  The kernel picks (config, splits) itself from M, N, K and
   ``gridDim.x`` (the blocks assumed resident: ``PERSISTENT_BLOCKS``) with
-  the cost model of ``choose`` (the device copy is generated from it,
-  ``vg_tile_choose``), unless a choice was measured for that (M, N, K):
+  the cost model of ``choose`` (``vg_tile_choose`` is its C++ mirror: the
+  table and constants are rendered from here, the arithmetic is written out
+  in ``_tiled.cu.j2`` and tested equal, ``tests/test_cuda_emulation.py``), unless a choice was measured for that (M, N, K):
   ``vggen tune`` (:mod:`vggen.tune`) times every candidate of the network's
   products on the GPU and records the fastest in ``generated/tuning.json``;
   the build compiles those records into a table in the kernel

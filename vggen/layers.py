@@ -84,18 +84,16 @@ def batch_normalization_running() -> Layer:
     ])
 
 
-def elementwise_activation(name: str, f) -> Layer:
+def elementwise_activation(name: str, f, label: str = "") -> Layer:
     """y = f(x) elementwise; ``f`` maps a SymPy expression to one."""
     x = Tensor("x", (B, C, H, W), Role.INPUT)
     y = Tensor("y", (B, C, H, W), Role.OUTPUT)
-    return Layer(name, [x, y], [Equation(y[b, c, i, j], f(x[b, c, i, j]), "")])
+    return Layer(name, [x, y], [Equation(y[b, c, i, j], f(x[b, c, i, j]), label)])
 
 
 def relu() -> Layer:
     """(51)–(52) y = x where x ≥ 0, else 0 (so the gradient passes at x = 0, eq. 53)."""
-    layer = elementwise_activation("ReLU", lambda v: sp.Piecewise((v, v >= 0), (0, True)))
-    layer.equations[0] = Equation(layer.equations[0].lhs, layer.equations[0].rhs, "eq. 51")
-    return layer
+    return elementwise_activation("ReLU", lambda v: sp.Piecewise((v, v >= 0), (0, True)), "eq. 51")
 
 
 def max_pooling2d(s=S) -> Layer:

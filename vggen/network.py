@@ -270,6 +270,7 @@ class Workspace:
         self.forward: list[dict] = []      # per node: the arrays of its forward program
         self.backward: list[dict] = []     # per node: the arrays of its backward program
         self.running: dict = {}            # per BN node index: its running statistics' update
+        self.mask_staging: dict = {}       # per masked node index: the host buffer its mask is drawn in
         x = self.images
         for node in net.nodes:
             prog = be.program(node.layer, node.all_sizes(batch))
@@ -400,11 +401,16 @@ class Network:
 
     def draw_masks(self, ws: Workspace, rng: np.random.Generator) -> None:
         """Fresh dropout masks: 0 with probability p, else 1/(1−p)."""
-        for node, arrays in zip(self.nodes, ws.forward):
+        for k, (node, arrays) in enumerate(zip(self.nodes, ws.forward)):
             if not node.has_mask:
                 continue
             r = arrays["R"]
-            host = r if isinstance(r, np.ndarray) else np.empty(r.shape, np.float32)
+            if isinstance(r, np.ndarray):
+                host = r
+            else:                                   # a device array: drawn into a staging buffer
+                host = ws.mask_staging.get(k)
+                if host is None:
+                    host = ws.mask_staging[k] = np.empty(r.shape, np.float32)
             rng.random(out=host, dtype=np.float32)
             np.greater_equal(host, np.float32(node.ratio), out=host)
             host *= np.float32(1.0 / (1.0 - node.ratio))

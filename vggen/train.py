@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -258,11 +258,5 @@ def train(config: TrainConfig) -> list[dict]:
     return results
 
 
-def config_from_dict(values: dict) -> TrainConfig:
-    """A TrainConfig from a dict (e.g. a checkpoint header), unknown keys ignored."""
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in names})
-
-
-__all__ = ["TrainConfig", "train", "SGD", "learning_rate", "validate", "config_from_dict",
+__all__ = ["TrainConfig", "train", "SGD", "learning_rate", "validate",
            "SCHEDULE"]
