@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +15,10 @@ def c_backend(tmp_path_factory):
     temporary directory if they are missing), with a compile cache of its own."""
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")
-    from vggen.runtime_c import CBackend
+    from vggen.runtime.c import CBackend
     gen = REPO / "generated"
     if not (gen / "manifest.json").is_file():
-        from vggen.codegen import build
+        from vggen.compiler.emit import build
         gen = tmp_path_factory.mktemp("generated")
         build(gen)
     return CBackend(generated=gen, cache=tmp_path_factory.mktemp("cache"))

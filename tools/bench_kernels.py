@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vggen.codegen import generate  # noqa: E402
-from vggen.layers import convolution2d, linear  # noqa: E402
+from vggen.compiler.emit import generate  # noqa: E402
+from vggen.frontend.layers import convolution2d, linear  # noqa: E402
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 

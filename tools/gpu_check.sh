@@ -16,7 +16,7 @@ out="${OUT:-/tmp/vggen-gpu}"
 mkdir -p "$out"
 py=python3
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-$py -m vggen.codegen --cuda-contraction simple --out /tmp/vggen-simple > /dev/null
+$py -m vggen.compiler.emit --cuda-contraction simple --out /tmp/vggen-simple > /dev/null
 
 echo "== [${SECONDS} s] CUDA kernels against the NumPy reference"
 $py -m pytest -rs -p no:cacheprovider tests/test_cuda_compile.py tests/test_cuda_tiled.py \
@@ -39,13 +39,13 @@ tail -n 3 "$out/tests_step.log"
 
 echo "== [${SECONDS} s] compute-sanitizer memcheck: one training step, width 4, batch 4"
 compute-sanitizer --tool memcheck --print-limit 20 \
-    $py -m vggen.cli bench --target cuda --batch-size 4 --width 4 --steps 1 --warmup 0 --no-torch \
+    $py -m vggen bench --target cuda --batch-size 4 --width 4 --steps 1 --warmup 0 --no-torch \
     > "$out/memcheck.log" 2>&1
 grep -E "ERROR SUMMARY|========= (Invalid|Error)" "$out/memcheck.log" | head -n 20
 
 echo "== [${SECONDS} s] vggen tune: B=64 and 256, width 64 (records generated/tuning.json, rebuilds)"
 if [ "${VGGEN_GENERATED:-}" = "" ]; then
-    $py -m vggen.cli tune --batch-size 64 256 --width 64 > "$out/tune.log" 2>&1
+    $py -m vggen tune --batch-size 64 256 --width 64 > "$out/tune.log" 2>&1
     echo "tune exit $?"; tail -n 1 "$out/tune.log"
     cp generated/tuning.json "$out/tuning.json" 2>/dev/null
 fi
@@ -62,24 +62,24 @@ PY
 }
 echo "== [${SECONDS} s] bench, width 64 (eager steps, then CUDA graphs)"
 for b in 64 256; do
-    $py -m vggen.cli bench --target cuda --batch-size "$b" --width 64 --json > "$out/bench$b.json" \
+    $py -m vggen bench --target cuda --batch-size "$b" --width 64 --json > "$out/bench$b.json" \
         2> "$out/bench$b.err" && summary "$out/bench$b.json" || tail -n 5 "$out/bench$b.err"
-    $py -m vggen.cli bench --target cuda --batch-size "$b" --width 64 --cuda-graph --json \
+    $py -m vggen bench --target cuda --batch-size "$b" --width 64 --cuda-graph --json \
         > "$out/bench${b}_graph.json" 2> "$out/bench${b}_graph.err" \
         && summary "$out/bench${b}_graph.json" || tail -n 5 "$out/bench${b}_graph.err"
 done
 echo "-- unfused BN/ReLU, for comparison"
-$py -m vggen.cli bench --target cuda --batch-size 64 --width 64 --no-fuse --no-torch --json \
+$py -m vggen bench --target cuda --batch-size 64 --width 64 --no-fuse --no-torch --json \
     > "$out/bench64_unfused.json" 2> "$out/bench64_unfused.err" \
     && summary "$out/bench64_unfused.json" || tail -n 5 "$out/bench64_unfused.err"
 echo "-- simple schedule, for comparison"
-VGGEN_GENERATED=/tmp/vggen-simple $py -m vggen.cli bench --target cuda --batch-size 64 --width 64 \
+VGGEN_GENERATED=/tmp/vggen-simple $py -m vggen bench --target cuda --batch-size 64 --width 64 \
     --no-torch --json > "$out/bench64_simple.json" 2> "$out/bench64_simple.err" \
     && summary "$out/bench64_simple.json" || tail -n 5 "$out/bench64_simple.err"
 
 [ "${1:-}" = quick ] && exit 0
 echo "== [${SECONDS} s] train: cuda, digits, width 64"
-$py -m vggen.cli train --target cuda --dataset digits --width 64 --epochs 10 --seed 0 \
+$py -m vggen train --target cuda --dataset digits --width 64 --epochs 10 --seed 0 \
     --metrics "$out/digits_cuda_w64.jsonl" > "$out/train.log" 2>&1
 echo "train exit $?"
 cat "$out/digits_cuda_w64.jsonl"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Callable, IO
+from typing import IO, Callable
 
-from .errors import VggenError
+from vggen.errors import VggenError
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], None]) -> Path:

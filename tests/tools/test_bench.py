@@ -1,0 +1,25 @@
+"""`vggen bench`: a JSON object with the measured rates and the per-kernel table."""
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_json_on_c():
+    res = subprocess.run([sys.executable, "-m", "vggen", "bench", "--target", "c", "--batch-size", "2",
+                          "--width", "2", "--steps", "2", "--warmup", "1", "--json"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["images_per_s"] > 0
+    assert {"torch_images_per_s", "ratio", "kernels"} <= set(r)
+    names = {k["name"] for k in r["kernels"]}
+    assert "convolution2d_forward_y" in names and "convolution2d_backward_g_w" in names
+    assert abs(sum(k["share"] for k in r["kernels"]) - 1) < 1e-6
+
+
+def test_bench_rejects_numpy_and_bad_sizes():
+    for args in (["--target", "numpy"], ["--batch-size", "0"]):
+        res = subprocess.run([sys.executable, "-m", "vggen", "bench", *args],
+                             capture_output=True, text=True)
+        assert res.returncode != 0 and "Traceback" not in res.stderr

@@ -1,0 +1,213 @@
+"""Training: config validation, the optimizer and schedule, metrics, checkpoints,
+exact resume, and a diverging run that stops with its last checkpoint whole.
+
+Runs use the C kernels at width 4 on a small slice of the digits set."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import vggen.runtime as backends
+import vggen.tools.train as T
+from vggen.data.datasets import Dataset, load_digits32
+from vggen.errors import VggenError
+from vggen.model import checkpoint as ckpt
+from vggen.tools.train import SGD, TrainConfig, learning_rate, train
+
+KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+    train_set, test_set = load_digits32(seed=0)
+    return (Dataset(train_set.images[:160].copy(), train_set.labels[:160].copy(), "digits-train"),
+            Dataset(test_set.images[:40].copy(), test_set.labels[:40].copy(), "digits-test"))
+
+
+@pytest.fixture
+def env(monkeypatch, c_backend, small_digits):
+    """train() on the small slice, with the test's C backend."""
+    monkeypatch.setattr(T, "load_dataset", lambda name, data, seed: small_digits)
+    monkeypatch.setitem(backends._BACKENDS, "c", c_backend)
+
+
+def config(tmp_path=None, **kw) -> TrainConfig:
+    base = dict(target="c", dataset="digits", epochs=2, batch_size=32, width=4, seed=0,
+                lr=0.05, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"epochs": -1}, "--epochs must be an integer ≥ 0"),
+    ({"batch_size": 0}, "--batch-size must be an integer ≥ 1"),
+    ({"batch_size": 161}, "--batch-size 161 is larger than the training set"),
+    ({"target": "tpu"}, "unknown target 'tpu'"),
+    ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
+    ({"momentum": 1.0}, r"--momentum must be in \[0, 1\)"),
+    ({"lr": float("nan")}, "--lr must be a finite number"),
+    ({"width": 0}, "--width must be an integer ≥ 1"),
+])
+def test_bad_configs(env, kw, message):
+    with pytest.raises(VggenError, match=message):
+        train(config(**kw))
+
+
+def test_config_fields_match_the_cli():
+    names = set(TrainConfig.__dataclass_fields__)
+    assert {"target", "dataset", "data", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+            "width", "seed", "metrics", "checkpoint", "resume", "dropout", "augment"} <= names
+    d = TrainConfig()
+    assert (d.momentum, d.weight_decay, d.dropout, d.augment) == (0.9, 5e-4, None, True)
+
+
+def test_dropout_defaults_to_the_networks_ratios_on_cifar10_only():
+    from vggen.tools.train import use_dropout
+    assert use_dropout(TrainConfig(dataset="cifar10"))
+    assert not use_dropout(TrainConfig(dataset="digits"))
+    assert use_dropout(TrainConfig(dataset="digits", dropout=True))
+    assert not use_dropout(TrainConfig(dataset="cifar10", dropout=False))
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_cosine_schedule():
+    assert learning_rate(0.1, 0, 100) == 0.1
+    assert learning_rate(0.1, 50, 100) == pytest.approx(0.05)
+    assert learning_rate(0.1, 100, 100) == pytest.approx(0.0, abs=1e-12)
+    steps = [learning_rate(0.1, t, 100) for t in range(101)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))
+
+
+def test_sgd_momentum_and_weight_decay():
+    be = backends.get_backend("numpy")
+    p = {"w": np.array([1.0, -2.0], np.float32)}
+    g = {"w": np.array([0.5, 0.5], np.float32)}
+    opt = SGD(p, g, be, momentum=0.9, weight_decay=0.1)
+    opt.step(0.1)                          # v = g + λp; p -= η v
+    np.testing.assert_allclose(p["w"], [1 - 0.1 * 0.6, -2 - 0.1 * 0.3], rtol=1e-6)
+    v1 = np.array([0.6, 0.3])
+    g["w"][...] = 0.5
+    w1 = p["w"].astype(np.float64)
+    opt.step(0.1)
+    v2 = 0.9 * v1 + 0.5 + 0.1 * w1
+    np.testing.assert_allclose(p["w"], w1 - 0.1 * v2, rtol=1e-6)
+    plain = SGD({"w": np.ones(2, np.float32)}, {"w": np.full(2, 2.0, np.float32)}, be, 0.0, 0.0)
+    plain.step(0.25)
+    np.testing.assert_array_equal(plain.params["w"], [0.5, 0.5])
+
+
+def test_digits_are_cropped_but_never_flipped(env, monkeypatch):
+    seen = []
+    real = T.augment
+
+    def spy(images, rng, pad=4, flip=True):
+        seen.append((pad, flip))
+        return real(images, rng, pad=pad, flip=flip)
+
+    monkeypatch.setattr(T, "augment", spy)
+    train(config(epochs=1))
+    assert seen and set(seen) == {(4, False)}
+    seen.clear()
+    train(config(epochs=1, augment=False))
+    assert seen == []
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_training_writes_metrics_and_checkpoint(env, tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    rows = train(config(epochs=2, metrics=str(metrics), checkpoint=str(tmp_path / "ck")))
+    assert [r["epoch"] for r in rows] == [1, 2]
+    lines = [json.loads(s) for s in metrics.read_text().splitlines()]
+    assert lines == rows
+    for r in rows:
+        assert set(r) == KEYS
+        assert math.isfinite(r["train_loss"]) and 0 <= r["test_acc"] <= 1 and r["images_per_s"] > 0
+    c = ckpt.load(tmp_path / "ck" / "checkpoint.npz")
+    assert c.epoch == 2 and c.header["config"]["width"] == 4 and len(c.header["history"]) == 2
+    assert set(c.params) == set(c.momentum) and len(c.params) == 43
+    assert len(c.state) == 28
+    assert json.loads((tmp_path / "ck" / "checkpoint.json").read_text())["epoch"] == 2
+    assert not [f for f in (tmp_path / "ck").iterdir() if f.name.startswith(".")]
+
+
+def test_zero_epochs_trains_nothing(env):
+    assert train(config(epochs=0)) == []
+
+
+def test_resume_continues_exactly(env, tmp_path, monkeypatch):
+    whole = train(config(epochs=3, checkpoint=str(tmp_path / "a")))
+
+    real_save = ckpt.save
+
+    def save_then_die(*args, **kw):      # the run is killed right after its first checkpoint
+        real_save(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(epochs=3, checkpoint=str(tmp_path / "b"), metrics=str(tmp_path / "m")))
+    monkeypatch.setattr(ckpt, "save", real_save)
+    first = [json.loads(s) for s in (tmp_path / "m").read_text().splitlines()]
+    rest = train(config(epochs=3, checkpoint=str(tmp_path / "b"), metrics=str(tmp_path / "m"),
+                        resume=str(tmp_path / "b" / "checkpoint.npz")))
+    assert [r["epoch"] for r in first + rest] == [1, 2, 3]
+    for a, b in zip(whole, first + rest):
+        for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc"):
+            assert a[k] == b[k], (k, a, b)
+    assert len((tmp_path / "m").read_text().splitlines()) == 3      # appended
+    pa = ckpt.load(tmp_path / "a").params
+    pb = ckpt.load(tmp_path / "b").params
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+def test_resume_refuses_another_network(env, tmp_path):
+    train(config(epochs=1, checkpoint=str(tmp_path)))
+    with pytest.raises(VggenError, match="--width 4; resume it with the same value"):
+        train(config(epochs=2, width=8, resume=str(tmp_path / "checkpoint.npz")))
+
+
+def test_divergence_stops_and_keeps_the_last_checkpoint(env, tmp_path):
+    train(config(epochs=1, checkpoint=str(tmp_path)))
+    path = tmp_path / "checkpoint.npz"
+    before = path.read_bytes()
+    with pytest.raises(VggenError, match=r"training stopped .*(loss is|no longer finite).*"
+                                         r"last good checkpoint is .*checkpoint.npz \(epoch 1\)"):
+        train(config(epochs=3, lr=1e30, momentum=0.0, checkpoint=str(tmp_path),
+                     resume=str(path)))
+    assert path.read_bytes() == before
+    assert ckpt.load(path).epoch == 1
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["checkpoint.json", "checkpoint.npz"]
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+
+def test_checkpoint_roundtrip_and_bad_files(tmp_path):
+    params = {"conv1.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    header = {"config": {"width": 4}, "epoch": 3, "rng": {"x": 2 ** 100}}
+    path = ckpt.save(tmp_path / "c.npz", header, params, {"conv1.w": params["conv1.w"] * 2},
+                     {"bn1.running_mean": np.ones(3, np.float32)})
+    c = ckpt.load(path)
+    assert c.epoch == 3 and c.header["rng"]["x"] == 2 ** 100
+    np.testing.assert_array_equal(c.momentum["conv1.w"], params["conv1.w"] * 2)
+    assert c.state["bn1.running_mean"].tolist() == [1, 1, 1]
+    (tmp_path / "junk.npz").write_bytes(b"garbage")
+    with pytest.raises(VggenError, match="cannot read checkpoint .*junk.npz"):
+        ckpt.load(tmp_path / "junk.npz")
+    np.savez(tmp_path / "other.npz", a=np.zeros(2))
+    with pytest.raises(VggenError, match="not a vggen checkpoint"):
+        ckpt.load(tmp_path / "other.npz")
+    with pytest.raises(VggenError, match="does not exist"):
+        ckpt.load(tmp_path / "missing.npz")

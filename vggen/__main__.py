@@ -1,0 +1,7 @@
+"""``python -m vggen``: the command line (see :mod:`vggen.tools.cli`)."""
+
+import sys
+
+from vggen.tools.cli import main
+
+sys.exit(main())

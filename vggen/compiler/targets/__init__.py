@@ -1,0 +1,1 @@
+"""Targets: one package per emitted language (c, cuda)."""

@@ -1,0 +1,194 @@
+"""Simplify derived gradients into kernel-friendly forms.
+
+Two rewrites, both by construction rather than by pattern for one layer:
+
+* **Known reductions.**  A gradient that mixes elementwise terms with sums
+  (BatchNormalization's ∂L/∂x) has its sums split into atomic sums
+  (Σ gy·x, Σ gy, Σ x, …) with the factors that do not depend on the summed
+  indices pulled out.  Reductions the program computes anyway — forward
+  intermediates (μ·BHW = Σ x) and gradients that are pure reductions
+  (∂L/∂γ, ∂L/∂β) — are expanded the same way, and the linear system they form
+  is solved for the atomic sums.  Each atomic sum that comes out in terms of
+  named quantities alone is replaced: eq. 34's expansion becomes eq. 50's
+  compact form, and Σ (x − μ) = 0 falls out of μ's definition.
+* **Saved intermediates.**  Where an elementwise saved tensor (x̂) can be
+  solved for an input (x = μ + x̂·√(σ² + ε)), the input is replaced by it if
+  that leaves the kernel reading no more tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import sympy as sp
+
+from vggen.frontend.lang import Layer, Role
+
+# --------------------------------------------------------------------------- atomic sums
+
+
+def _canonical(atom: sp.Sum) -> sp.Sum:
+    """Rename summed indices canonically, so equal sums compare equal."""
+    best = None
+    limits = list(atom.limits)
+    for perm in itertools.permutations(limits):
+        names = {v: sp.Symbol(f"_k{n}", integer=True) for n, (v, _, _) in enumerate(perm)}
+        cand = sp.Sum(atom.function.xreplace(names),
+                      *[(names[v], lo, hi) for v, lo, hi in perm])
+        key = sp.srepr(cand)
+        if best is None or key < best[0]:
+            best = (key, cand)
+    return best[1]
+
+
+def split_sums(expr: sp.Expr) -> sp.Expr:
+    """Σ over sums of products → Σ coefficient · atomic Σ, coefficients outside."""
+    if not expr.has(sp.Sum):
+        return expr
+    if isinstance(expr, sp.Sum):
+        body = sp.expand(split_sums(expr.function))
+        bound = {v for v, _, _ in expr.limits}
+        total = sp.Integer(0)
+        for term in sp.Add.make_args(body):
+            factors = sp.Mul.make_args(term)
+            dep = [f for f in factors if f.free_symbols & bound]
+            indep = [f for f in factors if not f.free_symbols & bound]
+            used = [(v, lo, hi) for v, lo, hi in expr.limits
+                    if any(v in f.free_symbols for f in dep)]
+            count = sp.Mul(*[hi - lo + 1 for v, lo, hi in expr.limits if (v, lo, hi) not in used])
+            atom = _canonical(sp.Sum(sp.Mul(*dep), *used)) if used else sp.Mul(*dep)
+            total += sp.Mul(*indep) * count * atom
+        return total
+    return sp.expand(expr.func(*[split_sums(a) if isinstance(a, sp.Basic) else a for a in expr.args]))
+
+
+def _atoms(expr) -> set:
+    return {s for s in expr.atoms(sp.Sum)}
+
+
+# --------------------------------------------------------------------------- catalogue
+
+
+def _inline_elementwise(layer: Layer, expr: sp.Expr) -> sp.Expr:
+    """Replace reads of elementwise saved tensors (x̂) by their definitions."""
+    for eq in reversed(layer.equations):
+        t = layer.tensor(eq.target)
+        if t.role is not Role.SAVED or eq.rhs.has(sp.Sum):
+            continue
+        for acc in list(expr.atoms(sp.Indexed)):
+            if str(acc.base.label) == t.name:
+                expr = expr.xreplace({acc: eq.rhs.xreplace(dict(zip(eq.lhs.indices, acc.indices)))})
+    return expr
+
+
+def _known_reductions(layer: Layer, gradients, exclude) -> list[tuple]:
+    """(name access template, lhs indices, ranges, definition) of every reduction
+    the program computes anyway."""
+    out = []
+    for eq in layer.equations:
+        if eq.rhs.has(sp.Sum) and layer.tensor(eq.target).role is Role.SAVED:
+            out.append((eq.lhs, layer.tensor(eq.target).index_ranges(), eq.rhs))
+    for g in gradients:
+        if g is not exclude and is_pure_reduction(g.equation.rhs):
+            out.append((g.equation.lhs, g.tensor.index_ranges(), g.equation.rhs))
+    return out
+
+
+def is_pure_reduction(expr: sp.Expr) -> bool:
+    """coefficient · Σ(...): one reduction, nothing elementwise beside it."""
+    sums = [t for t in sp.Add.make_args(expr) if t.has(sp.Sum)]
+    return len(sums) == len(sp.Add.make_args(expr)) == 1
+
+
+def _instances(template, ranges, target_ranges: dict):
+    """The template's index renamed onto the target's indices, every way the ranges allow."""
+    own = list(template.indices)
+    options = [[v for v, r in target_ranges.items() if r == rng] for rng in ranges]
+    for choice in itertools.product(*options):
+        if len(set(choice)) == len(choice):
+            yield dict(zip(own, choice))
+
+
+def match_known_sums(layer: Layer, expr: sp.Expr, known, target_ranges: dict) -> sp.Expr:
+    expanded = split_sums(_inline_elementwise(layer, expr))
+    target_atoms = _atoms(expanded)
+    if not target_atoms:
+        return expr
+    equations, unknowns = [], set(target_atoms)
+    for template, ranges, definition in known:
+        for mapping in _instances(template, ranges, target_ranges):
+            d = split_sums(_inline_elementwise(layer, definition.xreplace(mapping)))
+            if _atoms(d) & target_atoms or _atoms(d) & unknowns:
+                equations.append(template.xreplace(mapping) - d)
+                unknowns |= _atoms(d)
+    if not equations:
+        return expr
+    placeholders = {a: sp.Dummy("S") for a in unknowns}
+    eqs = [e.xreplace(placeholders) for e in equations]
+    order = sorted(placeholders.values(), key=lambda d: d.dummy_index)
+    sols = sp.linsolve(eqs, order)
+    if not sols:
+        return expr
+    sol = dict(zip(order, next(iter(sols))))
+    ph = set(order)
+    subs = {a: sol[placeholders[a]] for a in target_atoms
+            if not (sol[placeholders[a]].free_symbols & ph)}
+    if not subs:
+        return expr
+    return sp.expand(expanded.xreplace(subs))
+
+
+# --------------------------------------------------------------------------- saved tensors
+
+
+def prefer_saved(layer: Layer, expr: sp.Expr, lhs_indices) -> sp.Expr:
+    """Read x̂ instead of x (and μ) where the saved tensor's definition can be inverted."""
+    for eq in layer.equations:
+        t = layer.tensor(eq.target)
+        if t.role is not Role.SAVED or eq.rhs.has(sp.Sum):
+            continue
+        for src in eq.rhs.atoms(sp.Indexed):
+            if tuple(src.indices) != tuple(eq.lhs.indices):
+                continue
+            hole = sp.Dummy("x")
+            sols = sp.solve(sp.Eq(eq.lhs, eq.rhs.xreplace({src: hole})), hole)
+            if len(sols) != 1:
+                continue
+            mapping = dict(zip(eq.lhs.indices, lhs_indices))
+            here = src.xreplace(mapping)
+            if not expr.has(here):
+                continue
+            cand = sp.simplify(expr.xreplace({here: sols[0].xreplace(mapping)}))
+            reads = lambda e: {str(a.base.label) for a in e.atoms(sp.Indexed)}  # noqa: E731
+            if str(src.base.label) not in reads(cand) and len(reads(cand)) <= len(reads(expr)):
+                expr = cand
+    return expr
+
+
+def tidy(expr: sp.Expr) -> sp.Expr:
+    """A compact, deterministic form: common factors pulled out."""
+    if expr.has(sp.Sum) or expr.has(sp.Piecewise):
+        return expr
+    return sp.factor_terms(sp.simplify(expr))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def simplify_gradient(layer: Layer, gradients: list) -> list:
+    """Simplify each gradient; order them so that each reads only earlier ones."""
+    from vggen.frontend.lang import Equation
+
+    out = []
+    for g in gradients:
+        rhs = g.equation.rhs
+        if rhs.has(sp.Sum) and not is_pure_reduction(rhs):
+            ranges = dict(zip(g.equation.lhs.indices, g.tensor.index_ranges()))
+            rhs = match_known_sums(layer, rhs, _known_reductions(layer, gradients, g), ranges)
+            rhs = prefer_saved(layer, rhs, g.equation.lhs.indices)
+        rhs = tidy(rhs)
+        g.equation = Equation(g.equation.lhs, rhs, g.equation.label)
+        out.append(g)
+    names = {g.tensor.name for g in out}
+    reads = lambda g: {str(a.base.label) for a in g.equation.rhs.atoms(sp.Indexed)} & names  # noqa: E731
+    return sorted(out, key=lambda g: (len(reads(g)), ))

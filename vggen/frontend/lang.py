@@ -1,0 +1,479 @@
+"""The index-notation front end: tensors, indices, reductions, equations, layers.
+
+A layer is a list of equations ``lhs(indices) = rhs`` in the document's
+notation.  Everything is plain SymPy underneath: an access ``x[b, ic, i+di,
+j+dj]`` is a ``sympy.Indexed``, a sum is a ``sympy.Sum`` (inclusive bounds, as
+SymPy has them), sizes and indices are integer symbols.  ``Layer`` runs the
+analysis that rejects an equation before anything is derived or generated
+from it: unknown tensors, wrong arity, unbound indices, and accesses that can
+leave their tensor's range where the tensor does not declare the document's
+zero-outside semantics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+
+import sympy as sp
+from sympy.concrete.expr_with_limits import ExprWithLimits
+
+from vggen.errors import VggenError
+
+# --------------------------------------------------------------------------- symbols
+
+
+def sizes(names: str) -> tuple[sp.Symbol, ...]:
+    """Positive integer size symbols: ``B, IC, H, W = sizes("B IC H W")``."""
+    return tuple(sp.symbols(names, integer=True, positive=True, seq=True))
+
+
+def indices(names: str) -> tuple[sp.Symbol, ...]:
+    """Integer index symbols (their ranges come from where they are bound)."""
+    return tuple(sp.symbols(names, integer=True, seq=True))
+
+
+def Sum(body, *limits) -> sp.Sum:
+    """Σ over half-open ranges ``(index, lo, hi)``: lo ≤ index < hi."""
+    return sp.Sum(body, *[(v, lo, hi - 1) for v, lo, hi in limits])
+
+
+class ReduceMax(ExprWithLimits):
+    """max over the limits (inclusive bounds, like ``sympy.Sum``)."""
+
+    def _latex(self, printer):
+        lim = ", ".join(f"{printer._print(lo)} \\le {printer._print(v)} \\le {printer._print(hi)}"
+                        for v, lo, hi in self.limits)
+        return f"\\max_{{{lim}}} {printer._print(self.function)}"
+
+
+class ArgMax(ExprWithLimits):
+    """Row-major position of the first maximum over the limits.
+
+    With limits (p, 0, S-1), (q, 0, S-1) the value is S*p + q of the first
+    (p, q) in row-major order where the body is largest: the tie rule that
+    completes eq. 55.
+    """
+
+    def _latex(self, printer):
+        lim = ", ".join(printer._print(v) for v in self.variables)
+        return f"\\operatorname{{argmax}}^{{\\mathrm{{first}}}}_{{{lim}}} {printer._print(self.function)}"
+
+
+def Max(body, *limits) -> ReduceMax:
+    return ReduceMax(body, *[(v, lo, hi - 1) for v, lo, hi in limits])
+
+
+def Argmax(body, *limits) -> ArgMax:
+    return ArgMax(body, *[(v, lo, hi - 1) for v, lo, hi in limits])
+
+
+REDUCTIONS = (sp.Sum, ReduceMax, ArgMax)
+
+
+def iverson(cond) -> sp.Expr:
+    """[cond]: 1 where cond holds, else 0 (a range or parity guard)."""
+    return sp.Piecewise((sp.Integer(1), cond), (sp.Integer(0), True))
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+class Role(enum.Enum):
+    INPUT = "input"            # data flowing in (x, labels, the dropout mask)
+    PARAMETER = "parameter"    # learned (w, γ, β)
+    OUTPUT = "output"          # what the layer hands on (y, the loss)
+    SAVED = "saved"            # intermediate computed forward, kept for backward
+    GRADIENT = "gradient"      # ∂L/∂(something), made by the derivation
+    STATE = "state"            # read and overwritten in place, element by element (an optimizer's p, v)
+
+    @property
+    def is_computed(self) -> bool:
+        """Made by the layer's equations from the others (never given by the caller)."""
+        return self in (Role.OUTPUT, Role.SAVED, Role.GRADIENT)
+
+    @property
+    def is_written(self) -> bool:
+        """May stand on an equation's left-hand side: computed, or state updated in place."""
+        return self.is_computed or self is Role.STATE
+
+
+@dataclass(frozen=True, eq=False)
+class Tensor:
+    """A named array with a symbolic shape.
+
+    ``zero_outside``: reads outside the shape give 0 (the document's
+    "elements whose indices underflow or overflow are zero").
+    ``differentiable=False``: no gradient flows into it (labels, masks,
+    the max-pool selection, a stabilising shift).
+    """
+
+    name: str
+    shape: tuple
+    role: Role
+    zero_outside: bool = False
+    lower: tuple = ()          # first index per dimension (w's i′ runs from −K); default 0
+    dtype: str = "float"
+    differentiable: bool = True
+    doc: str = ""
+    base: sp.IndexedBase = field(init=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(sp.sympify(s) for s in self.shape))
+        lower = self.lower or (0,) * len(self.shape)
+        object.__setattr__(self, "lower", tuple(sp.sympify(s) for s in lower))
+        object.__setattr__(self, "base", sp.IndexedBase(self.name, shape=self.shape))
+        if self.dtype not in ("float", "int"):
+            raise VggenError(f"tensor {self.name}: dtype must be 'float' or 'int', not {self.dtype!r}")
+        if self.dtype == "int":
+            object.__setattr__(self, "differentiable", False)
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def index_ranges(self) -> list[tuple]:
+        """Inclusive (first, last) index per dimension."""
+        return [(lo, lo + n - 1) for lo, n in zip(self.lower, self.shape)]
+
+    def __getitem__(self, idx) -> sp.Indexed:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(idx) != self.rank:
+            shown = ", ".join(str(i) for i in idx)
+            raise VggenError(f"access {self.name}[{shown}] has {len(idx)} indices; "
+                             f"{self.name} has rank {self.rank} (shape {self.shape})")
+        return self.base[idx]
+
+    def __repr__(self):
+        return f"Tensor({self.name}, {self.shape}, {self.role.value})"
+
+
+def gradient_tensor(t: Tensor) -> Tensor:
+    """∂L/∂t: same shape; zero outside, so shifted reads of it are guarded gathers."""
+    return Tensor(f"g_{t.name}", t.shape, Role.GRADIENT, zero_outside=True,
+                  lower=t.lower, doc=f"∂L/∂{t.name}")
+
+
+# --------------------------------------------------------------------------- equations
+
+
+@dataclass(frozen=True, eq=False)
+class Equation:
+    """``lhs = rhs`` with ``lhs`` an access by distinct plain indices."""
+
+    lhs: sp.Indexed
+    rhs: sp.Expr
+    label: str = ""      # the document's number, e.g. "eq. 1"
+
+    @property
+    def target(self) -> str:
+        return str(self.lhs.base.label)
+
+    @property
+    def lhs_indices(self) -> tuple[sp.Symbol, ...]:
+        return tuple(self.lhs.indices)
+
+    def __str__(self):
+        return f"{self.lhs} = {self.rhs}"
+
+
+def accesses(expr) -> list[sp.Indexed]:
+    """Every tensor access in ``expr``, in a stable order."""
+    return sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key)
+
+
+def reduction_limits(node) -> list[tuple]:
+    """(index, lo, hi) inclusive, for Sum / ReduceMax / ArgMax nodes."""
+    return [tuple(lim) for lim in node.limits]
+
+
+def affine_range(expr, ranges: dict) -> tuple | None:
+    """Inclusive [lo, hi] of an affine index expression, or None if not affine.
+
+    ``ranges`` maps index symbols to inclusive (lo, hi).  Coefficients may be
+    symbolic (a stride S) as long as their sign is known.
+    """
+    if isinstance(expr, sp.floor):
+        inner = affine_range(expr.args[0], ranges)
+        return None if inner is None else tuple(sp.simplify(sp.floor(e)) for e in inner)
+    expr = sp.expand(expr)
+    lo = hi = sp.Integer(0)
+    for term in sp.Add.make_args(expr):
+        vars_in = [v for v in term.free_symbols if v in ranges]
+        if not vars_in:
+            lo += term
+            hi += term
+            continue
+        if len(vars_in) > 1:
+            return None
+        v = vars_in[0]
+        coeff = sp.simplify(term / v)
+        if coeff.has(v):
+            return None
+        vlo, vhi = ranges[v]
+        if coeff.is_nonnegative:
+            lo += coeff * vlo
+            hi += coeff * vhi
+        elif coeff.is_nonpositive:
+            lo += coeff * vhi
+            hi += coeff * vlo
+        else:
+            return None
+    return sp.expand(lo), sp.expand(hi)
+
+
+def provably(cond) -> bool:
+    """True only when SymPy can show ``cond`` (a relational over sizes) holds."""
+    if cond is sp.true or cond is True:
+        return True
+    if isinstance(cond, sp.core.relational.Relational):
+        diff = sp.simplify(cond.lhs - cond.rhs)
+        if isinstance(cond, (sp.GreaterThan,)):
+            return bool(diff.is_nonnegative)
+        if isinstance(cond, (sp.LessThan,)):
+            return bool(diff.is_nonpositive)
+        if isinstance(cond, sp.StrictGreaterThan):
+            return bool(diff.is_positive)
+        if isinstance(cond, sp.StrictLessThan):
+            return bool(diff.is_negative)
+    return False
+
+
+# --------------------------------------------------------------------------- layers
+
+
+@dataclass(eq=False)
+class Layer:
+    """A layer: its tensors and its forward equations, in evaluation order.
+
+    Construction validates every equation (see module docstring); a bad
+    equation raises VggenError naming the offending access.
+    """
+
+    name: str
+    tensors: list[Tensor]
+    equations: list[Equation]
+    constants: dict = field(default_factory=dict)   # symbol -> default value (ε)
+    doc: str = ""
+    # chain(): per fused layer, in order, (layer, its tensor name → this layer's
+    # name), the fed x and the inner outputs left out; else empty
+    parts: tuple = ()
+    # "forward", or "backward" for a derived program (named "<forward's name> backward")
+    direction: str = "forward"
+
+    def __post_init__(self):
+        self.by_name = {t.name: t for t in self.tensors}
+        if len(self.by_name) != len(self.tensors):
+            raise VggenError(f"layer {self.name}: two tensors share a name")
+        for eq in self.equations:
+            self._validate(eq)
+
+    # ---- queries
+    def tensor(self, name: str) -> Tensor:
+        return self.by_name[name]
+
+    def role(self, role: Role) -> list[Tensor]:
+        return [t for t in self.tensors if t.role is role]
+
+    @property
+    def size_symbols(self) -> set:
+        out = set()
+        for t in self.tensors:
+            for s in t.shape + t.lower:
+                out |= s.free_symbols
+        for eq in self.equations:
+            for node in eq.rhs.atoms(*REDUCTIONS):
+                for _, lo, hi in node.limits:
+                    out |= (lo.free_symbols | hi.free_symbols)
+        return out - {v for eq in self.equations for v in _bound_indices(eq)}
+
+    @property
+    def differentiable_inputs(self) -> list[Tensor]:
+        return [t for t in self.tensors
+                if t.role in (Role.INPUT, Role.PARAMETER) and t.differentiable]
+
+    @property
+    def outputs(self) -> list[Tensor]:
+        return self.role(Role.OUTPUT)
+
+    @property
+    def forward_name(self) -> str:
+        """The forward layer's name: this one's, or the layer a backward program was derived from."""
+        suffix = " " + self.direction
+        return self.name[: -len(suffix)] if self.direction == "backward" and self.name.endswith(suffix) \
+            else self.name
+
+    def with_given(self, names) -> "Layer":
+        """The same layer with the intermediates ``names`` supplied by the caller
+        instead of computed: their equations are dropped and they become inputs
+        (BatchNormalization at evaluation: μ and σ² are the running statistics)."""
+        names = set(names)
+        tensors = [dataclasses.replace(t, role=Role.INPUT) if t.name in names else t
+                   for t in self.tensors]
+        return Layer(self.name, tensors, [eq for eq in self.equations if eq.target not in names],
+                     constants=self.constants, doc=self.doc, parts=self.parts, direction=self.direction)
+
+    def definition(self, name: str) -> Equation | None:
+        for eq in self.equations:
+            if eq.target == name:
+                return eq
+        return None
+
+    # ---- analysis
+    def _validate(self, eq: Equation):
+        where = f"in {eq.label or 'equation'} of {eq.lhs.base.label} ({self.name})"
+        if not isinstance(eq.lhs, sp.Indexed):
+            raise VggenError(f"left-hand side {eq.lhs} {where} is not a tensor access")
+        for acc in [eq.lhs] + accesses(eq.rhs):
+            name = str(acc.base.label)
+            if name not in self.by_name:
+                raise VggenError(f"access {acc} {where}: tensor {name!r} is not declared in layer {self.name}")
+            t = self.by_name[name]
+            if len(acc.indices) != t.rank:
+                raise VggenError(f"access {acc} {where} has {len(acc.indices)} indices; "
+                                 f"{name} has rank {t.rank}")
+        lhs_t = self.by_name[eq.target]
+        if not lhs_t.role.is_written:
+            raise VggenError(f"{eq.lhs} {where}: {eq.target} is a {lhs_t.role.value}, not an output or intermediate")
+        lhs_idx = eq.lhs.indices
+        if not all(isinstance(i, sp.Symbol) for i in lhs_idx) or len(set(lhs_idx)) != len(lhs_idx):
+            raise VggenError(f"left-hand side {eq.lhs} {where} must use distinct plain indices")
+        for acc in accesses(eq.rhs):
+            if str(acc.base.label) == eq.target and (lhs_t.role is not Role.STATE
+                                                     or tuple(acc.indices) != tuple(lhs_idx)):
+                raise VggenError(f"access {acc} {where} reads the tensor being written: only a state "
+                                 f"tensor, and only its element {eq.lhs}, may be (an in-place update)")
+        ranges = dict(zip(lhs_idx, lhs_t.index_ranges()))
+        size_syms = set()
+        for t in self.tensors:
+            for s in t.shape + t.lower:
+                size_syms |= s.free_symbols
+        size_syms |= set(self.constants)
+        self._check_expr(eq.rhs, ranges, size_syms, where)
+
+    def _check_expr(self, expr, ranges, size_syms, where):
+        if isinstance(expr, sp.Indexed):
+            self._check_access(expr, ranges, size_syms, where)
+            return
+        if isinstance(expr, REDUCTIONS):
+            inner = dict(ranges)
+            for v, lo, hi in expr.limits:
+                inner[v] = (lo, hi)
+            self._check_expr(expr.function, inner, size_syms, where)
+            return
+        if isinstance(expr, sp.Symbol):
+            if expr not in ranges and expr not in size_syms:
+                raise VggenError(f"symbol {expr} {where} is neither an index bound on the left "
+                                 f"or by a sum, nor a size or constant of the layer")
+            return
+        for arg in expr.args:
+            if isinstance(arg, sp.Basic):
+                self._check_expr(arg, ranges, size_syms, where)
+
+    def _check_access(self, acc, ranges, size_syms, where):
+        t = self.by_name[str(acc.base.label)]
+        for pos, (e, (first, last)) in enumerate(zip(acc.indices, t.index_ranges())):
+            for s in sp.sympify(e).free_symbols:
+                if s not in ranges and s not in size_syms:
+                    raise VggenError(f"access {acc} {where}: index {s} is bound neither on the "
+                                     f"left-hand side nor by a sum")
+            if t.zero_outside:
+                continue
+            rng = affine_range(e, ranges)
+            inside = rng is not None and provably(rng[0] >= first) and provably(rng[1] <= last)
+            if not inside:
+                span = f"[{rng[0]}, {rng[1]}]" if rng else "an unknown range"
+                raise VggenError(f"access {acc} {where} can leave the range of {t.name} in "
+                                 f"dimension {pos}: {e} spans {span}, {t.name} has {first}..{last}; "
+                                 f"declare {t.name} zero_outside if that is meant")
+
+
+def chain(name: str, *parts: Layer) -> Layer:
+    """``parts`` applied in sequence, fused into one layer.
+
+    Part k's single output feeds part k+1's input ``x`` (same shape).  Where
+    that output's definition is elementwise (no reduction) it is substituted
+    into the next part's reads, so the value never goes through memory (BN's
+    γx̂ + β inside ReLU); otherwise it stays as a saved intermediate
+    ``<output><k>``.  Other tensors keep their names (a clash gets the part's
+    number appended).  The fused layer is an ordinary layer: ``derive`` gives
+    its backward (the ReLU mask inside BN's reductions), the generator its
+    kernels, with no template of its own.
+    """
+    if len(parts) < 2:
+        raise VggenError(f"chain {name}: needs at least two layers, got {len(parts)}")
+    tensors: dict[str, Tensor] = {}
+    equations: list[Equation] = []
+    constants: dict = {}
+    feed: Equation | Tensor | None = None      # what part k's x becomes
+    joined = []
+    for k, part in enumerate(parts):
+        last = k == len(parts) - 1
+        if len(part.outputs) != 1:
+            raise VggenError(f"chain {name}: {part.name} has {len(part.outputs)} outputs; "
+                             f"only a layer with one output can feed the next")
+        out = part.outputs[0]
+        constants.update(part.constants)
+        names: dict[str, str] = {}
+        if k > 0:
+            if "x" not in part.by_name:
+                raise VggenError(f"chain {name}: {part.name} has no input x to take "
+                                 f"{parts[k - 1].name}'s output")
+            given = feed.lhs.base.label if isinstance(feed, Equation) else feed.name
+            prev_shape = feed.shape if isinstance(feed, Tensor) else parts[k - 1].outputs[0].shape
+            if tuple(part.tensor("x").shape) != tuple(prev_shape):
+                raise VggenError(f"chain {name}: {parts[k - 1].name}'s output {given} has shape "
+                                 f"{prev_shape}, {part.name}'s x has {part.tensor('x').shape}")
+        for t in part.tensors:
+            if k > 0 and t.name == "x":
+                continue
+            if t is out and not last:
+                continue
+            new = t.name
+            if new in tensors:
+                new = f"{t.name}{k}"
+            if new in tensors:
+                raise VggenError(f"chain {name}: cannot name {part.name}'s {t.name} uniquely")
+            names[t.name] = new
+            tensors[new] = dataclasses.replace(t, name=new)
+
+        def rename(expr, feed=feed):
+            reps = {}
+            for acc in expr.atoms(sp.Indexed):
+                n = str(acc.base.label)
+                if k > 0 and n == "x":
+                    if isinstance(feed, Equation):
+                        reps[acc] = feed.rhs.xreplace(dict(zip(feed.lhs.indices, acc.indices)))
+                    else:
+                        reps[acc] = feed.base[acc.indices]
+                elif names.get(n, n) != n:
+                    reps[acc] = tensors[names[n]].base[acc.indices]
+            return expr.xreplace(reps)
+
+        for eq in part.equations:
+            label = eq.label or part.name
+            if isinstance(feed, Equation) and k > 0 and any(
+                    str(a.base.label) == "x" for a in eq.rhs.atoms(sp.Indexed)):
+                label = f"{label} ∘ {feed.label}"
+            if eq.target == out.name and not last:
+                rhs = rename(eq.rhs)
+                if rhs.atoms(*REDUCTIONS):       # keep it in memory: a saved intermediate
+                    mid = dataclasses.replace(out, name=f"{out.name}{k}", role=Role.SAVED)
+                    tensors[mid.name] = mid
+                    equations.append(Equation(mid.base[eq.lhs.indices], rhs, label))
+                    feed = mid
+                else:
+                    feed = Equation(eq.lhs, rhs, label)
+                continue
+            equations.append(Equation(rename(eq.lhs), rename(eq.rhs), label))
+        joined.append((part, dict(names)))
+    return Layer(name, list(tensors.values()), equations, constants=constants,
+                 doc=" → ".join(p.name for p in parts), parts=tuple(joined))
+
+
+def _bound_indices(eq: Equation) -> set:
+    out = set(eq.lhs.indices)
+    for node in eq.rhs.atoms(*REDUCTIONS):
+        out |= set(node.variables)
+    return out

@@ -1,0 +1,148 @@
+"""``generated/manifest.json``: its one reader.
+
+The manifest lists the kernels: per kernel its name, target, layer,
+direction, class and ``signature`` — the ordered arguments (tensor pointers
+it reads, then those it writes, then ``int`` sizes).  A layer's program is its
+kernels in manifest order.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vggen.errors import VggenError
+from vggen.frontend.lang import Layer
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    name: str
+    kind: str        # "tensor" or "size"
+    dtype: str       # "float32", "int32", or "int" for sizes
+    access: str      # "read", "write", "size"
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    target: str
+    layer: str       # the forward layer's name
+    direction: str   # "forward" or "backward"
+    cls: str
+    args: tuple
+    entry: dict      # the manifest entry as written
+
+    @property
+    def tensors(self) -> list[ArgSpec]:
+        return [a for a in self.args if a.kind == "tensor"]
+
+    @property
+    def writes(self) -> list[str]:
+        return [a.name for a in self.args if a.access == "write"]
+
+    @property
+    def reads(self) -> list[str]:
+        return [a.name for a in self.args if a.access == "read"]
+
+
+def _arg(raw, kernel: str) -> ArgSpec:
+    if isinstance(raw, dict):
+        kind = raw.get("kind", "tensor")
+        dtype = raw.get("dtype", "float32" if kind == "tensor" else "int")
+        access = raw.get("access", "size" if kind == "size" else "read")
+        return ArgSpec(str(raw["name"]), kind, str(dtype), str(access))
+    raise VggenError(f"manifest: kernel {kernel}: cannot read argument {raw!r}")
+
+
+def read_manifest(path: Path) -> list[KernelSpec]:
+    """Every kernel of ``manifest.json``, in file order."""
+    if not path.is_file():
+        raise VggenError(f"{path} does not exist: generate the kernels first (`vggen build`)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise VggenError(f"cannot read {path}: {e}") from e
+    entries = data.get("kernels") if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise VggenError(f"{path}: expected a list of kernels")
+    out = []
+    for e in entries:
+        try:
+            name = str(e["name"])
+            layer, direction = str(e["layer"]), str(e["direction"])
+            args = tuple(_arg(a, name) for a in e["signature"])
+            out.append(KernelSpec(name, str(e.get("target", "")), layer, direction,
+                                  str(e.get("class", "")), args, e))
+        except (KeyError, TypeError) as err:
+            raise VggenError(f"{path}: malformed kernel entry {e!r}: {err}") from err
+    return out
+
+
+def _strip_specialisation(name: str) -> str:
+    """'Convolution2D(K=1)' → 'Convolution2D'."""
+    return name.split("(", 1)[0]
+
+
+def kernels_for(specs: list[KernelSpec], target: str, layer: Layer) -> list[KernelSpec]:
+    """The kernels of ``layer`` (forward or backward program) for ``target``, in order.
+
+    A layer built with a concrete window (``convolution2d(1)``, named
+    ``Convolution2D(K=1)``) also matches kernels generated from the generic
+    layer with that window specialised (``Convolution2D``).
+    """
+    name, direction = layer.forward_name, layer.direction
+    # only kernels writing what this layer computes: a layer whose intermediates
+    # are given (``Layer.with_given``) runs the rest of the generated kernels
+    computed = {t.name for t in layer.tensors if t.role.is_written}
+    mine = [k for k in specs if k.target == target and k.direction == direction
+            and set(k.writes) <= computed]
+    exact = [k for k in mine if k.layer == name]
+    if exact:
+        return exact
+    return [k for k in mine if _strip_specialisation(k.layer) == _strip_specialisation(name)]
+
+
+def eval_size(expr: str, sizes: dict) -> int:
+    """A manifest size expression (``"OC"``, ``"3"``, ``"(B*H + 255) // 256"``) → int.
+
+    Only integers, size names, ``+ - * // %`` and parentheses are accepted.
+    """
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id not in sizes:
+                raise VggenError(f"manifest expression {expr!r}: no value for size {node.id}")
+            return int(sizes[node.id])
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
+        raise VggenError(f"manifest expression {expr!r}: cannot evaluate {ast.dump(node)}")
+    try:
+        tree = ast.parse(str(expr).strip(), mode="eval")
+    except SyntaxError as e:
+        raise VggenError(f"manifest expression {expr!r} is not an expression") from e
+    return ev(tree)
+
+
+_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
+
+
+def check_manifest_shape(spec: KernelSpec, arg: ArgSpec, shape: tuple, sizes: dict) -> None:
+    """The manifest's shape of ``arg`` (strings in the sizes) must be the layer's ``shape``."""
+    raw = next((a.get("shape") for a in spec.entry.get("signature", [])
+                if isinstance(a, dict) and a.get("name") == arg.name), None)
+    if raw is None:
+        return
+    theirs = tuple(eval_size(e, sizes) for e in raw)
+    if theirs != tuple(shape):
+        raise VggenError(f"kernel {spec.name}: argument {arg.name} has shape {theirs} "
+                         f"({', '.join(raw)}) in the manifest but {tuple(shape)} in layer "
+                         f"{spec.layer}: was it generated for another window size?")

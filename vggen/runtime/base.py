@@ -1,0 +1,231 @@
+"""Backends: run one layer's kernels on concrete arrays.
+
+One interface for every target.  A :class:`Backend` prepares a layer — a
+forward ``Layer`` or a ``Backward.program`` — for concrete sizes once
+(:meth:`Backend.program`, cached), and the resulting :class:`Program` is then
+called as often as needed with a dict of arrays::
+
+    prog = backend.program(layer, {"B": 8, "IC": 3, "OC": 16, "H": 32, "W": 32})
+    out = prog({"x": x, "w": w})          # allocates y
+    prog({"x": x, "w": w, "y": y})        # fills the given y in place
+
+The dict must hold every input and parameter of the layer (for a backward
+program: the forward's inputs, parameters and saved tensors, and the seeds
+``g_<output>``).  Outputs, saved intermediates and gradients are written into
+the arrays the dict already holds for them, or into fresh ones; the call
+returns the dict of everything it computed.  Every array is float32 (int32
+for integer tensors), C-contiguous, of exactly the tensor's shape.
+
+Targets:
+
+* ``numpy`` — the reference: evaluates the layer's own equations with
+  :class:`vggen.proof.evaluate.Evaluator` in float64 (correctness over speed), in
+  slabs of the first output axis so that the broadcast intermediates stay
+  within a memory budget.
+* ``c`` — the generated C kernels (``generated/c``), see
+  :mod:`vggen.runtime.c`.
+* ``cuda`` — the generated CUDA kernels through CuPy, see
+  :mod:`vggen.runtime.cuda`.
+
+``get_backend("auto")`` picks cuda when CuPy and a GPU are present, else c.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import sympy as sp
+
+from vggen.errors import VggenError
+from vggen.frontend.lang import Layer
+
+TARGETS = ("auto", "c", "cuda", "numpy")
+DTYPES = {"float": np.dtype(np.float32), "int": np.dtype(np.int32)}
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def size_values(layer: Layer, sizes: Mapping[str, int]) -> dict:
+    """SymPy substitutions for ``layer``: its size symbols and constants.
+
+    ``sizes`` maps size names (``"B"``, ``"IC"``…) to integers; names the layer
+    does not use are ignored, a size it needs and lacks is an error.
+    """
+    consts: dict = dict(layer.constants)
+    for sym in sorted(layer.size_symbols, key=lambda s: s.name):
+        if sym in consts:
+            continue
+        if sym.name not in sizes:
+            need = ", ".join(sorted(s.name for s in layer.size_symbols if s not in layer.constants))
+            raise VggenError(f"layer {layer.name}: no value for size {sym.name} (it needs {need})")
+        value = sizes[sym.name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise VggenError(f"layer {layer.name}: size {sym.name} must be a positive integer, "
+                             f"got {value!r}")
+        consts[sym] = int(value)
+    for name, value in sizes.items():     # a constant may be overridden by name (epsilon)
+        for sym in layer.constants:
+            if sym.name == name:
+                consts[sym] = value
+    return consts
+
+
+def concrete(expr, consts: dict) -> int:
+    v = sp.sympify(sp.sympify(expr).xreplace({k: sp.sympify(x) for k, x in consts.items()}))
+    v = v if v.is_Integer else sp.simplify(v)
+    if not v.is_Integer:
+        raise VggenError(f"cannot evaluate {expr} to an integer with the sizes given (got {v})")
+    return int(v)
+
+
+def tensor_shapes(layer: Layer, consts: dict) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for t in layer.tensors:
+        shape = tuple(concrete(n, consts) for n in t.shape)
+        if any(n < 1 for n in shape):
+            raise VggenError(f"layer {layer.name}: tensor {t.name} would have shape {shape}")
+        out[t.name] = shape
+    return out
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def describe(a) -> str:
+    shape = getattr(a, "shape", None)
+    dtype = getattr(a, "dtype", None)
+    if shape is None:
+        return f"a {type(a).__name__}"
+    layout = "C-contiguous" if _contiguous(a) else "not C-contiguous"
+    return f"{type(a).__module__.split('.')[0]}.{type(a).__name__} {dtype} {tuple(shape)} ({layout})"
+
+
+def _contiguous(a) -> bool:
+    flags = getattr(a, "flags", None)
+    return bool(flags is not None and flags.c_contiguous)
+
+
+def check_argument(kernel: str, arg: str, a, shape: tuple, dtype: np.dtype,
+                   array_type: type = np.ndarray) -> None:
+    """Raise VggenError naming ``kernel`` and ``arg`` unless ``a`` is exactly right.
+
+    Cheap on the good path (a type, dtype, shape and flag comparison), since it
+    runs before every kernel call.
+    """
+    if (type(a) is array_type and a.dtype == dtype and a.shape == shape
+            and a.flags.c_contiguous):
+        return
+    want = f"{array_type.__module__.split('.')[0]}.{array_type.__name__} {dtype} {shape} (C-contiguous)"
+    if not isinstance(a, array_type):
+        what = "has the wrong array type"
+    elif a.dtype != dtype:
+        what = "has the wrong dtype"
+    elif a.shape != shape:
+        what = "has the wrong shape"
+    else:
+        what = "is not C-contiguous"
+    raise VggenError(f"kernel {kernel}: argument {arg} {what}: expected {want}, got {describe(a)}")
+
+
+# --------------------------------------------------------------------------- programs
+
+
+class Program:
+    """A layer prepared for concrete sizes; call it with a dict of arrays."""
+
+    def __init__(self, backend: "Backend", layer: Layer, sizes: Mapping[str, int]):
+        self.backend = backend
+        self.layer = layer
+        self.consts = size_values(layer, sizes)
+        self.sizes = {s.name: v for s, v in self.consts.items()}
+        self.shapes = tensor_shapes(layer, self.consts)
+        self.dtypes = {t.name: DTYPES[t.dtype] for t in layer.tensors}
+        self.inputs = [t.name for t in layer.tensors if not t.role.is_computed]
+        self.outputs = [t.name for t in layer.tensors if t.role.is_computed]
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+    def allocate(self, names: Iterable[str] | None = None) -> dict:
+        """Fresh zeroed arrays for ``names`` (default: every computed tensor)."""
+        names = self.outputs if names is None else names
+        return {n: self.backend.zeros(self.shapes[n], self.dtypes[n]) for n in names}
+
+    def __call__(self, arrays: Mapping[str, Any], skip: Iterable[str] = ()) -> dict:
+        missing = [n for n in self.inputs if n not in arrays]
+        if missing:
+            raise VggenError(f"layer {self.name}: no array for {', '.join(missing)}")
+        env = dict(arrays)
+        for n in self.outputs:
+            if n not in env:
+                env[n] = self.backend.empty(self.shapes[n], self.dtypes[n])
+        self.run(env, frozenset(skip))
+        return {n: env[n] for n in self.outputs}
+
+    def run(self, env: dict, skip: frozenset) -> None:   # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Backend:
+    """Runs layers on one target; holds the array library (``xp``) of its arrays."""
+
+    name = "?"
+    xp: Any = np
+    array_type: type = np.ndarray
+    profiler: Any = None    # when set: profiler.begin(kernel) / .end(kernel) around each call
+
+    def __init__(self):
+        self._programs: dict = {}
+
+    # ---- layers
+    def program(self, layer: Layer, sizes: Mapping[str, int]) -> Program:
+        """``layer`` prepared for ``sizes`` (cached by layer name and sizes)."""
+        key = (layer.name, id(layer), tuple(sorted(sizes.items())))
+        prog = self._programs.get(key)
+        if prog is None:
+            prog = self._programs[key] = self._prepare(layer, sizes)
+        return prog
+
+    def run(self, layer: Layer, sizes: Mapping[str, int], arrays: Mapping[str, Any],
+            skip: Iterable[str] = ()) -> dict:
+        """Run ``layer``'s kernels; see the module docstring."""
+        return self.program(layer, sizes)(arrays, skip)
+
+    def _prepare(self, layer: Layer, sizes: Mapping[str, int]) -> Program:  # pragma: no cover
+        raise NotImplementedError
+
+    def can_skip(self, layer: Layer) -> bool:
+        """Whether ``run(..., skip=...)`` really saves the work of skipped gradients."""
+        return True
+
+    # ---- arrays
+    def empty(self, shape, dtype=np.float32):
+        return self.xp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype=np.float32):
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def asarray(self, host: np.ndarray, dtype=None):
+        """A backend array (a copy on a device) of a host array."""
+        return self.xp.array(host, dtype=dtype, order="C")
+
+    def copy_in(self, dst, host: np.ndarray) -> None:
+        """Copy a host array into the backend array ``dst`` (same shape)."""
+        dst[...] = host
+
+    def to_host(self, a) -> np.ndarray:
+        return np.asarray(a)
+
+    def to_host_all(self, arrays) -> list[np.ndarray]:
+        """Host copies of ``arrays``, waiting for the device once."""
+        return [self.to_host(a) for a in arrays]
+
+    def synchronize(self) -> None:
+        pass
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name}>"

@@ -1,0 +1,1 @@
+"""Tools: the command line and what its subcommands run (train, bench, tune, report, inspect, plot)."""

@@ -1,0 +1,279 @@
+"""The ``vggen`` command line.
+
+Every user-facing failure is a VggenError, printed as one line on stderr with
+a non-zero exit; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vggen.errors import VggenError
+
+
+def _cmd_check(args) -> int:
+    from vggen.proof.verify import check_all
+    from vggen.tools.report import write_markdown
+
+    rows = check_all()
+    if args.markdown:
+        write_markdown(args.markdown, rows)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2, ensure_ascii=False))
+    else:
+        header = ("layer", "gradient", "eq.", "method", "verdict", "finite diff.", "detail")
+        table = [(r.layer, r.gradient, r.equation or "—", r.method, r.verdict,
+                  f"{r.fd_error:.1e}", r.detail) for r in rows]
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
+        for line in [header] + table:
+            print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+        failed = sum(r.verdict != "pass" for r in rows)
+        print(f"\n{len(rows) - failed} passed, {failed} failed")
+    return 1 if any(r.verdict != "pass" for r in rows) else 0
+
+
+def _cmd_build(args) -> int:
+    from vggen.compiler.emit import build
+
+    if args.check:
+        stale = build(args.out, check=True)
+        if stale:
+            print("generated/ is stale; run `vggen build`:", file=sys.stderr)
+            for path in stale:
+                print(f"  {path}", file=sys.stderr)
+            return 1
+        print("generated/ is up to date")
+        return 0
+    written = build(args.out)
+    print(f"wrote {len(written)} files under {args.out}/")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from vggen.tools.train import TrainConfig, train
+
+    config = TrainConfig(**{k: v for k, v in vars(args).items()
+                            if k in TrainConfig.__dataclass_fields__})
+    train(config)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from vggen.tools.bench import bench, format_table
+
+    result = bench(args.target, args.batch_size, args.width, args.steps, args.warmup, args.seed,
+                   torch=not args.no_torch, fuse=args.fuse, graph=args.cuda_graph)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from vggen.runtime import cuda_available
+    from vggen.tools.tune import tune
+
+    if not cuda_available():
+        raise VggenError("vggen tune times the CUDA kernels: it needs CuPy and a GPU")
+    path, record, summary = tune(args.batch_size, args.width, args.generated)
+    model = sum(m for m, _ in summary.values())
+    best = sum(b for _, b in summary.values())
+    kept = sum(len(v) for v in record.kernels.values())
+    print(f"wrote {path} ({kept} measured choices, {record.device}) and rebuilt the kernels; "
+          f"the {len(summary)} products take {best:.2f} ms with them, {model:.2f} ms with the model's choices")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from vggen.data.datasets import default_data_dir, fetch_cifar10
+
+    path = fetch_cifar10(default_data_dir(args.data))
+    print(f"CIFAR-10 is in {path}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from vggen.compiler.emit import generated_layers
+    from vggen.tools.inspect import find_layer
+    from vggen.tools.report import report
+
+    out = args.output or ("derivations.html" if args.html else "derivations.md")
+    layers = [find_layer(name) for name in args.layer] if args.layer else generated_layers()
+    layers = list({layer.name: layer for layer in layers}.values())
+    path, rows = report(out, layers, args.generated, as_html=args.html)
+    failed = [r for r in rows if r.verdict != "pass"]
+    print(f"wrote {path}: {len(layers)} layers, {len(rows)} checks, "
+          f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    for r in failed:
+        print(f"  failed: {r.layer} {r.gradient}"
+              + (f" (eq. {r.equation})" if r.equation else "") + f": {r.detail}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_inspect(args) -> int:
+    from vggen.tools.inspect import inspect_layer
+
+    sys.stdout.write(inspect_layer(args.layer, args.target, args.generated))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from vggen.tools.plot import plot
+
+    path = plot(args.metrics, args.output, args.title)
+    print(f"wrote {path}")
+    return 0
+
+
+def _generated_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generated", metavar="DIR",
+                   help="directory holding manifest.json (default: ./generated if it has one, "
+                        "else the repository's generated/)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (``--help`` still shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _network_options(p: argparse.ArgumentParser) -> None:
+    """The network and step options ``train`` and ``bench`` share."""
+    p.add_argument("--width", type=int, default=64, help="channels of the first stage, C1 (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="run BatchNormalization → ReLU (→ Dropout) as one composed layer "
+                        "(default: on, but off on the c target, where it is slower)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="cuda: replay each training step as captured CUDA graphs")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vggen")
+    p.description = ("vggen: VGG layers written once as SymPy equations; backward derived and "
+                     "proved; C (OpenMP) and CUDA kernels generated; the network trained with them.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("check", help="derive every backward and prove it against the document")
+    c.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    c.add_argument("--markdown", metavar="FILE", help="also write the derivations as Markdown (LaTeX math)")
+    c.set_defaults(func=_cmd_check)
+
+    b = sub.add_parser("build", help="regenerate the C and CUDA kernels into generated/")
+    b.add_argument("--check", action="store_true", help="write nothing; exit 1 if generated/ is stale")
+    b.add_argument("--out", default="generated", help="output directory (default: generated)")
+    b.set_defaults(func=_cmd_build)
+
+    t = sub.add_parser("train", help="train the generated VGG")
+    t.add_argument("--target", default="auto", choices=["auto", "c", "cuda", "numpy"],
+                   help="kernel backend (default: auto = cuda if a GPU and CuPy are present, else c)")
+    t.add_argument("--dataset", default="digits", choices=["digits", "cifar10"],
+                   help="digits: scikit-learn's bundled digits at 32×32×3, no download (default)")
+    t.add_argument("--data", metavar="DIR", help="CIFAR-10 directory (default: $VGGEN_DATA or the cache)")
+    t.add_argument("--epochs", type=int, default=10, help="epochs (default: 10)")
+    t.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default: 32)")
+    t.add_argument("--lr", type=float, default=0.01,
+                   help="initial learning rate, cosine-annealed to 0 (default: 0.01)")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    t.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default: 5e-4)")
+    _network_options(t)
+    t.add_argument("--metrics", metavar="FILE",
+                   help="write one JSON line per epoch (appended to when resuming)")
+    t.add_argument("--checkpoint", metavar="DIR", help="write a checkpoint after every epoch")
+    t.add_argument("--resume", metavar="FILE", help="continue from a checkpoint")
+    t.add_argument("--dropout", dest="dropout", action=argparse.BooleanOptionalAction, default=None,
+                   help="dropout with the network's ratios (default: on for cifar10, off for digits)")
+    t.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no random crops or flips")
+    t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser("report", help="write the derivation document (Math for VGG, regenerated)",
+                       description="Check every layer and write the derivation document: per layer the "
+                       "forward equations and their kernels; per gradient the document's equation, the "
+                       "derived one, the verdict and method of the proof, and the kernels that compute it "
+                       "(from generated/manifest.json).  Markdown with LaTeX math, written atomically.  "
+                       "Exit status 1 if a check fails (the document is written all the same).")
+    r.add_argument("-o", "--output", metavar="FILE",
+                   help="where to write (default: derivations.md, or derivations.html with --html)")
+    r.add_argument("--html", action="store_true",
+                   help="write a standalone HTML page instead (MathJax typesets the math when opened)")
+    r.add_argument("--layer", action="append", metavar="NAME",
+                   help="only this layer (named as for `vggen inspect`); repeat for more "
+                        "(default: every layer vggen generates kernels for)")
+    _generated_option(r)
+    r.set_defaults(func=_cmd_report)
+
+    i = sub.add_parser("inspect", help="show a layer's equations and its generated kernels",
+                       description="Print a layer's forward equations, its derived backward equations "
+                       "and the source of its generated kernels for one target, read from generated/ "
+                       "(checked against the manifest's hashes).")
+    i.add_argument("layer", metavar="LAYER",
+                   help="the layer: case-insensitive; an unambiguous prefix or part of the name "
+                        "is enough (conv, linear, dropout, batchnorm, relu, pool, softmax)")
+    i.add_argument("--target", default="c", choices=["c", "cuda"],
+                   help="whose kernels to show: c (OpenMP, default) or cuda")
+    _generated_option(i)
+    i.set_defaults(func=_cmd_inspect)
+
+    pl = sub.add_parser("plot", help="plot loss and accuracy per epoch from a metrics file",
+                        description="Draw training curves (loss and accuracy per epoch, train and test) "
+                        "from the JSON-lines file `vggen train --metrics` writes, as a PNG, written "
+                        "atomically.  Needs matplotlib: pip install 'vggen[plot]'.")
+    pl.add_argument("metrics", metavar="METRICS.jsonl",
+                    help="metrics file: one JSON object per epoch (epoch, train_loss, train_acc, "
+                         "test_loss, test_acc, images_per_s, seconds)")
+    pl.add_argument("-o", "--output", metavar="FILE", default="curves.png",
+                    help="PNG to write (default: curves.png)")
+    pl.add_argument("--title", metavar="TEXT",
+                    help="title above the plots (default: the metrics file's name)")
+    pl.set_defaults(func=_cmd_plot)
+
+    m = sub.add_parser("bench", help="images/s of a training step, beside PyTorch")
+    m.add_argument("--target", default="auto", choices=["auto", "c", "cuda"],
+                   help="kernel backend (default: auto = cuda if a GPU and CuPy are present, else c)")
+    m.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
+    _network_options(m)
+    m.add_argument("--steps", type=int, default=20, help="timed steps; the median is reported (default: 20)")
+    m.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    m.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    m.add_argument("--json", action="store_true",
+                   help="print one JSON object (images_per_s, torch_images_per_s, ratio, kernels)")
+    m.set_defaults(func=_cmd_bench)
+
+    u = sub.add_parser("tune", help="time the tiled CUDA kernels' schedules on the GPU; record the fastest",
+                       description="Replay every tiled product of a training step under each candidate "
+                                   "tile configuration and split count, record the fastest in "
+                                   "generated/tuning.json, and rebuild the kernels with them.")
+    u.add_argument("--batch-size", type=int, nargs="+", default=[64], metavar="N",
+                   help="batch sizes whose products to tune (default: 64)")
+    u.add_argument("--width", type=int, default=64, help="channels of the first stage, C1 (default: 64)")
+    _generated_option(u)
+    u.set_defaults(func=_cmd_tune)
+
+    d = sub.add_parser("data", help="datasets")
+    dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")
+    f = dsub.add_parser("fetch", help="download a dataset and verify its checksum")
+    f.add_argument("name", choices=["cifar10"])
+    f.add_argument("--data", metavar="DIR", help="destination (default: $VGGEN_DATA or the cache)")
+    f.set_defaults(func=_cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VggenError as e:
+        print(f"vggen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vggen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
