@@ -62,7 +62,7 @@ def test_sgd_kernel_matches_the_formula(target):
 
 @pytest.mark.skipif(CXX is None or sys.platform != "linux", reason="needs g++ and ucontext (Linux)")
 def test_sgd_cuda_kernel_in_emulation(tmp_path):
-    from test_cuda_emulation import _emulation_source
+    from tests.compiler.test_cuda_emulation import _emulation_source
 
     text, kernels = generate([sgd_momentum()], "cuda")
     src = tmp_path / "emu.cpp"

@@ -115,7 +115,7 @@ def test_the_kernel_consults_its_table_only_when_not_forced():
 
 @pytest.mark.skipif(CXX is None or sys.platform != "linux", reason="needs g++ and ucontext (Linux)")
 def test_a_recorded_choice_is_found_and_runs_right_in_emulation(tmp_path):
-    from test_cuda_emulation import _check, _emulation_source, _run
+    from tests.compiler.test_cuda_emulation import _check, _emulation_source, _run
 
     from tests.helpers import layer_data, reference
 
