@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from vggen.compiler.emit import generate
-from vggen.compiler.ir import lower_layer
+from vggen.compiler.pipeline import lower_layer
 from vggen.compiler.targets.c.coalesce import coalesce_rows
 from vggen.derive.autodiff import derive
-from vggen.frontend.layers import batch_normalization, convolution2d, max_pooling2d, relu
+from vggen.frontend.layers import (
+    batch_normalization,
+    convolution2d,
+    max_pooling2d,
+    relu,
+)
 
 SPEC = {"K": 1, "S": 2, "epsilon": 2e-5}
 

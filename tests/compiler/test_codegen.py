@@ -1,4 +1,4 @@
-"""Tests for kernel generation (vggen.compiler.ir, vggen.compiler.printers, vggen.compiler.emit).
+"""Tests for kernel generation (vggen.compiler.pipeline, the targets' printers and schedules, vggen.compiler.emit).
 
 The generated C is compiled with ``cc -O2 -fopenmp -shared -fPIC``, loaded
 with ctypes and every kernel is compared with the NumPy evaluator (the
@@ -34,8 +34,16 @@ from tests.helpers import (
     needs_cc,
     row_logsumexp,
 )
-from vggen.compiler.emit import VGG_SPECIALISE, build, generate, generated_layers, outputs
-from vggen.compiler.ir import KernelClass, lower, lower_layer
+from vggen.compiler.emit import (
+    VGG_SPECIALISE,
+    build,
+    generate,
+    generated_layers,
+    outputs,
+)
+from vggen.compiler.ir import KernelClass
+from vggen.compiler.pipeline import lower, lower_layer
+from vggen.compiler.targets.cuda import mapping as cuda_mapping
 from vggen.errors import VggenError
 from vggen.frontend.lang import Equation, Layer, Role, Sum, Tensor, indices
 from vggen.frontend.layers import (
@@ -185,7 +193,7 @@ def test_layers_outside_vgg_use_the_same_templates(tmp_path):
     assert "const int vg_K = 25*IC;    // k = (ic, di, dj)" in conv.text
     assert "w[25*IC*oc + 5*di + dj + 25*ic + 12]" in conv.text
     rows = kernel(kernels, "rowlogsumexp_forward_mx_y").ir
-    assert rows.cls is KernelClass.ROW_SOFTMAX and rows.schedule.cuda == "thread"
+    assert rows.cls is KernelClass.ROW_SOFTMAX and cuda_mapping.schedule(rows).mode == "thread"
     for sizes in (dict(B=2, C=3, IC=3, OC=2, H=6, W=5, HO=2, WO=3), dict(B=1, C=2, IC=2, OC=3, H=3, W=2, HO=1, WO=1)):
         checked = []
         for n, layer in enumerate(layers):
@@ -209,7 +217,7 @@ def test_contraction_with_a_batch_index_keeps_the_row_schedule(tmp_path):
     layer = batched_matmul()
     text, kernels = generate([layer], "c")
     assert {k.ir.cls for k in kernels} == {KernelClass.CONTRACTION}
-    assert all(k.ir.schedule.gemm is None and "vg_tile" not in k.text for k in kernels)
+    assert all(k.schedule.gemm is None and "vg_tile" not in k.text for k in kernels)
     lib = compile_c(text, tmp_path)
     for sizes in (dict(B=2, C=3, IC=5, W=4), dict(B=1, C=1, IC=2, W=7)):
         assert len(check_layer_kernels(lib, kernels, layer, sizes)) == 3
@@ -293,7 +301,7 @@ def test_conv_input_gradient_is_a_gather_writing_each_element_once(vgg_c, vgg_cu
         # one store, per output element, in each schedule (CUDA: the tiled kernel and its _simple fallback)
         assert len(re.findall(r"\bg_x\[[^\]]*\] =", code)) == schedules
     k = cuda.ir
-    assert k.schedule.cuda == "thread"                          # simple schedule: one thread per output element
+    assert cuda.schedule.mode == "thread"                       # simple schedule: one thread per output element
     assert tuple(k.stages[0].store.indices) == tuple(lp.var for lp in k.parallel)
     atomics = set(re.findall(r"atomic\w*\([^)]*\)", vgg_cuda[0]))
     assert SPLIT_K_TICKET in atomics
@@ -332,7 +340,7 @@ def test_c_contraction_is_a_register_tiled_matrix_product(vgg_c):
 
 def test_cuda_schedules(vgg_cuda):
     text, kernels = vgg_cuda
-    block = {k.name for k in kernels if k.ir.schedule.cuda == "block"}
+    block = {k.name for k in kernels if k.schedule.mode == "block"}
     assert block == {"convolution2d_backward_g_w", "batchnormalization_forward_mu_var",
                      "batchnormalization_backward_g_gamma_g_beta", "softmaxcrossentropy_forward_m_s_l"}
     for k in kernels:

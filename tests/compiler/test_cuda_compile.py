@@ -24,10 +24,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import ATOL, REPO, RTOL, concrete, layer_data, leaky_relu, reference, row_logsumexp
-from vggen.compiler.emit import CUDA_THREADS, _launch, generate, generated_layers
+from tests.helpers import (
+    ATOL,
+    REPO,
+    RTOL,
+    concrete,
+    layer_data,
+    leaky_relu,
+    reference,
+    row_logsumexp,
+)
+from vggen.compiler.emit import generate, generated_layers
 from vggen.compiler.ir import layer_slug
-from vggen.frontend.layers import convolution2d, max_pooling2d, network_layers, vgg_layers
+from vggen.compiler.targets.cuda.constants import THREADS as CUDA_THREADS
+from vggen.compiler.targets.cuda.target import launch
+from vggen.frontend.layers import (
+    convolution2d,
+    max_pooling2d,
+    network_layers,
+    vgg_layers,
+)
 from vggen.manifest import eval_size
 
 NVCC = shutil.which("nvcc")
@@ -167,9 +183,9 @@ def run_on_gpu(drv: Driver, fn, gk, env: dict, sizes: dict, simple: bool = False
             host = np.full(shape, -12345 if dtype is np.int32 else np.nan, dtype=dtype)
             outs[a.name] = host
         args.append(drv.to_device(host))
-    launch = _launch(gk.ir, None if simple else gk.tiled)
-    assert launch["block"] == [CUDA_THREADS, 1, 1] and launch["grid"][1:] == ["1", "1"]
-    drv.launch(fn, max(1, eval_size(launch["grid"][0], sizes)), args)
+    how = launch(gk.ir, None if simple else gk.tiled)
+    assert how["block"] == [CUDA_THREADS, 1, 1] and how["grid"][1:] == ["1", "1"]
+    drv.launch(fn, max(1, eval_size(how["grid"][0], sizes)), args)
     for a, ptr in zip(gk.ir.args, args):
         if a.kind == "tensor":
             drv.to_host(ptr, outs[a.name]) if a.access == "write" else drv.lib.cuMemFree_v2(ptr)

@@ -32,8 +32,8 @@ import pytest
 
 from tests.helpers import concrete, layer_data, reference
 from vggen.compiler.emit import generate
-from vggen.compiler.printers import CudaPrinter
 from vggen.compiler.targets.cuda import schedule as cuda_schedule
+from vggen.compiler.targets.cuda.printer import CudaPrinter
 from vggen.frontend.lang import Equation, Layer, Role, Sum, Tensor, indices
 from vggen.frontend.layers import IC, B, C, convolution2d, linear
 
@@ -366,7 +366,7 @@ def test_split_reductions_share_the_grid_and_reset_their_counters(tmp_path):
 
     layer = batch_normalization()
     text, kernels = generate([layer], "cuda", SPECIALISE)
-    (gk,) = [g for g in kernels if g.ir.cuda_split]
+    (gk,) = [g for g in kernels if g.schedule.split]
     assert gk.name == "batchnormalization_backward_g_gamma_g_beta"
     probe = (f'extern "C" unsigned vg_emu_rcount() {{ unsigned s = 0; for (int i = 0; i < 264; ++i) '
              f's += vg_rcount_{gk.name}[i]; return s; }}\n')

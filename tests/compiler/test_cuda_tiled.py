@@ -15,11 +15,19 @@ import re
 import pytest
 import sympy as sp
 
-from vggen.compiler.emit import CUDA_SIMPLE_SUFFIX, TEMPLATE_DIR, _launch, build, generate, outputs
-from vggen.compiler.ir import KernelClass, lower_network
-from vggen.compiler.printers import CudaPrinter
+from vggen.compiler.emit import TEMPLATE_DIR, build, generate, outputs
+from vggen.compiler.ir import KernelClass
+from vggen.compiler.pipeline import lower_network
 from vggen.compiler.targets.cuda import schedule as cuda_schedule
-from vggen.compiler.targets.cuda.schedule import CONFIGS, PERSISTENT_BLOCKS, choose, tiled_gemm
+from vggen.compiler.targets.cuda.printer import CudaPrinter
+from vggen.compiler.targets.cuda.schedule import (
+    CONFIGS,
+    PERSISTENT_BLOCKS,
+    choose,
+    tiled_gemm,
+)
+from vggen.compiler.targets.cuda.target import SIMPLE_SUFFIX as CUDA_SIMPLE_SUFFIX
+from vggen.compiler.targets.cuda.target import launch
 from vggen.frontend.layers import convolution2d, linear, vgg_layers
 
 SPECIALISE = {"K": 1, "S": 2, "epsilon": 2e-5}
@@ -149,7 +157,7 @@ def test_without_split_k_there_is_no_atomic(monkeypatch):
     text, kernels = generate([convolution2d(), linear()], "cuda")
     assert "atomic" not in text and "vg_splitk_ws" not in text
     assert all(choose(M, N, K)[1] == 1 for M, N, K in ((64, 27, 65536), (512, 256, 4608)))
-    assert all(e is None or not e.get("split_k") for e in [_launch(k.ir, k.tiled) for k in kernels])
+    assert all(e is None or not e.get("split_k") for e in [launch(k.ir, k.tiled) for k in kernels])
 
 
 def test_choice():

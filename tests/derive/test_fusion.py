@@ -12,7 +12,7 @@ import pytest
 import sympy as sp
 
 from vggen.compiler.emit import generate
-from vggen.compiler.ir import lower_layer
+from vggen.compiler.pipeline import lower_layer
 from vggen.derive.autodiff import derive
 from vggen.errors import VggenError
 from vggen.frontend.lang import Equation, Layer, Role, Tensor, chain, indices

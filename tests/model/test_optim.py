@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vggen.compiler.emit import generate
-from vggen.compiler.ir import lower_layer
+from vggen.compiler.pipeline import lower_layer
 from vggen.errors import VggenError
 from vggen.frontend.lang import Equation, Layer, Role, Tensor
 from vggen.frontend.updates import N, n, sgd_momentum

@@ -9,13 +9,13 @@ S=2, ε=2e-5):
 * ``generated/cuda/<layer>.cu``, one self-contained file per layer;
   a contraction that is a matrix product runs as a tiled implicit GEMM
   (``cuda_contraction="tiled"``, the default: ``vggen.compiler.targets.cuda.schedule``),
-  its thread/block schedule kept beside it as ``<name>_simple``
-  (``CUDA_SIMPLE_SUFFIX``) for a fallback; ``"simple"`` emits only that
-  one, under the kernel's own name;
+  its thread/block schedule kept beside it as ``<name>_simple`` for a
+  fallback; ``"simple"`` emits only that one, under the kernel's own name
+  (``vggen.compiler.targets.cuda.target``);
 * ``generated/manifest.json``: per kernel and target its name, layer,
   direction, class, file, source equations, signature (ordered arguments
   with dtype, access, role, shape and lower bounds as strings; the
-  convention is in ``vggen/ir.py``), schedule, CUDA launch shape, and the
+  convention is in ``vggen/compiler/ir.py``), schedule, CUDA launch shape, and the
   sha256 of its emitted text.
 
 Output is byte-for-byte reproducible (no timestamps, sorted keys, fixed
@@ -25,41 +25,34 @@ directory is always one build's whole output.  ``build(check=True)`` writes
 nothing and returns the stale paths.  ``generate()`` renders any layers,
 e.g. one not in VGG, with the same templates.
 
-Templates (``templates/<target>/<class>.<ext>.j2``, one per kernel class)
-hold loops, schedule and launch only; every expression is printed from the
-IR by ``vggen.compiler.printers``.
+The kernels come from ``vggen.compiler.pipeline``; each target
+(``vggen.compiler.targets.base.Target``: C, CUDA) schedules, prints and
+renders them; this module drives both through that one interface and
+writes the files.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
-import sympy as sp
 
 from vggen.atomic import write_atomic
-from vggen.compiler.ir import (
-    C_GEMM_BLOCKS,
-    CUDA_RESIDENT_BLOCKS,
-    CUDA_THREADS,
-    Kernel,
-    KernelClass,
-    layer_slug,
-    lower_network,
-)
-from vggen.compiler.printers import PRINTERS
-from vggen.compiler.targets.c.coalesce import coalesce_rows
-from vggen.compiler.targets.cuda import schedule as cuda_schedule
-from vggen.compiler.targets.cuda.schedule import TUNING_FILE, TiledGemm, Tuning, load_tuning, tiled_gemm
+from vggen.compiler.ir import Kernel, layer_slug
+from vggen.compiler.pipeline import lower_network
+from vggen.compiler.targets.base import GeneratedKernel, Target, environment, number
+from vggen.compiler.targets.c.target import CTarget
+from vggen.compiler.targets.cuda.constants import THREADS as CUDA_THREADS
+from vggen.compiler.targets.cuda.schedule import TUNING_FILE, Tuning, load_tuning
+from vggen.compiler.targets.cuda.target import CONTRACTIONS as CUDA_CONTRACTIONS
+from vggen.compiler.targets.cuda.target import CudaTarget
 from vggen.frontend.layers import BN_EPSILON
 from vggen.paths import templates_dir
 
@@ -68,110 +61,27 @@ try:
 except ImportError:            # not POSIX: builds are not serialised
     fcntl = None
 
-TEMPLATE_DIR = templates_dir()
+TEMPLATE_DIR = templates_dir()    # templates/<target>/<class>.<ext>.j2
 VGG_SPECIALISE = {"K": 1, "S": 2, "epsilon": BN_EPSILON}
 TARGETS = ("c", "cuda")
-_EXT = {"c": "c", "cuda": "cu"}
 C_SOURCE = "c/vggen_kernels.c"
 C_HEADER = "c/vggen_kernels.h"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 LOCK = ".vggen.lock"           # in the output directory while a build writes (git-ignored)
-_HELPERS = ("vg_imin", "vg_imax", "vg_select", "vg_floordiv", "vg_mod", "vg_block_sum", "vg_block_max", "vg_tile_choose")
 # CUDA contraction schedule: "tiled" (implicit GEMM, vggen.compiler.targets.cuda.schedule; the
 # simple one kept as <name>_simple) or "simple" (thread/block per output only)
-CUDA_CONTRACTIONS = ("tiled", "simple")
 CUDA_CONTRACTION = "tiled"
-CUDA_SIMPLE_SUFFIX = "_simple"
-
-
-@dataclass
-class GeneratedKernel:
-    """One kernel as emitted for one target."""
-
-    ir: Kernel
-    target: str
-    text: str                      # the kernel's own code (comment + function; a tiled one's fallback too)
-    tiled: TiledGemm | None = None  # CUDA: run as a tiled GEMM (its simple schedule is ``fallback``)
-
-    @property
-    def fallback(self) -> str | None:
-        """The name of the simple-schedule copy of a tiled CUDA kernel."""
-        return self.ir.name + CUDA_SIMPLE_SUFFIX if self.tiled is not None else None
-
-    @property
-    def name(self) -> str:
-        return self.ir.name
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- rendering
 
 
-def environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                              trim_blocks=True, lstrip_blocks=True, autoescape=False)
-
-
-def printer(kernel: Kernel, target: str):
-    """The kernel's printer: its tensors, its loop ranges (for the proofs), and
-    in C's row mode the accumulator as an array element."""
-    p = PRINTERS[target](kernel.tensors, kernel.ranges())
-    sched = kernel.schedule
-    if target == "c" and sched.row:
-        (r,) = kernel.reductions
-        v = kernel.parallel[-1]
-        p.aliases[r.acc] = f"{r.acc.name}[{p.code(v.var - v.first)}]"
-    return p
-
-
-def comment(kernel: Kernel) -> list[str]:
-    """The comment above a kernel: what it is, its source equations, how it runs."""
-    lines = [f"{kernel.name}: {kernel.cls.value} ({kernel.layer}, {kernel.direction})"]
-    lines += [f"  {eq}" for eq in kernel.equations]
-    used = {str(k): v for k, v in kernel.specialise.items()}
-    if used:
-        lines.append("  specialised: " + ", ".join(f"{k}={_number(v)}" for k, v in sorted(used.items())))
-    return lines
-
-
-def render_kernel(kernel: Kernel, target: str, env: jinja2.Environment | None = None,
-                  tiled: TiledGemm | None = None) -> str:
-    """One kernel's code; with ``tiled`` (CUDA) the tiled GEMM under the
-    kernel's name, then the simple schedule as ``<name>_simple``."""
-    env = env or environment()
-    if tiled is not None:
-        simple = dataclasses.replace(kernel, name=kernel.name + CUDA_SIMPLE_SUFFIX)
-        p = PRINTERS[target](kernel.tensors, {**kernel.ranges(), **tiled.ranges()})
-        text = env.get_template("cuda/contraction_tiled.cu.j2").render(k=kernel, g=tiled, p=p, comment=comment(kernel))
-        return _tidy(text) + render_kernel(simple, target, env)      # no empty line inside a kernel's text
-    template = env.get_template(f"{target}/{kernel.cls.value}.{_EXT[target]}.j2")
-    text = template.render(k=kernel, p=printer(kernel, target), comment=comment(kernel),
-                           resident=CUDA_RESIDENT_BLOCKS)
-    return _tidy(text)
-
-
-def _tidy(text: str) -> str:
-    # macros leave empty lines where their blocks end; a kernel has no intended one
-    return "\n".join(line.rstrip() for line in text.splitlines() if line.strip()) + "\n"
-
-
-def cuda_tiled(kernel: Kernel, cuda_contraction: str = CUDA_CONTRACTION,
-               tuning: Tuning | None = None) -> TiledGemm | None:
-    """The tiled schedule of a CUDA kernel, or None where it runs the simple
-    one; with the choices ``tuning`` measured for it."""
-    if cuda_contraction not in CUDA_CONTRACTIONS:
-        raise ValueError(f"cuda_contraction must be one of {CUDA_CONTRACTIONS}, not {cuda_contraction!r}")
-    if cuda_contraction != "tiled" or kernel.cls is not KernelClass.CONTRACTION:
-        return None
-    g = tiled_gemm(kernel)
-    if g is not None and tuning is not None:
-        g.tuned, g.tuned_on = tuning.for_kernel(kernel.name), tuning.device
-    return g
+def get_target(name: str, *, cuda_contraction: str = CUDA_CONTRACTION, tuning: Tuning | None = None) -> Target:
+    """The target called ``name`` ("c" or "cuda"), with the CUDA options."""
+    if name not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, not {name!r}")
+    return CTarget() if name == "c" else CudaTarget(cuda_contraction, tuning)
 
 
 def generate(layers, target: str, specialise: dict | None = None, *,
@@ -184,45 +94,19 @@ def generate(layers, target: str, specialise: dict | None = None, *,
                   tuning=tuning)
 
 
-def render(kernels: list[Kernel], target: str, env: jinja2.Environment | None = None, *,
+def render(kernels: list[Kernel], target_name: str, env: jinja2.Environment | None = None, *,
            cuda_contraction: str = CUDA_CONTRACTION,
            tuning: Tuning | None = None) -> tuple[str, list[GeneratedKernel]]:
-    """One source file for ``target`` holding ``kernels`` (already lowered)."""
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
+    """One source file for the target ``target_name`` holding ``kernels`` (already lowered)."""
+    tgt = get_target(target_name, cuda_contraction=cuda_contraction, tuning=tuning)
     env = env or environment()
-    if target == "c":                      # short rows: one vector loop over the plane
-        kernels = [coalesce_rows(k) for k in kernels]
-    out = []
-    for k in kernels:
-        tiled = cuda_tiled(k, cuda_contraction, tuning) if target == "cuda" else None
-        out.append(GeneratedKernel(k, target, render_kernel(k, target, env, tiled), tiled))
+    kernels = tgt.prepare(kernels)
+    out = [tgt.render_kernel(k, env) for k in kernels]
     what = ", ".join(dict.fromkeys(k.layer for k in kernels))
-    # only the helpers the kernels call (an unused static function is a warning)
-    used = {h for h in _HELPERS if any(f"{h}(" in g.text for g in out)}
-    text = env.get_template(f"{target}/file.{_EXT[target]}.j2").render(
-        kernels=[g.text for g in out], what=what, threads=CUDA_THREADS, used=used, tiled=cuda_schedule,
-        blocks=[", ".join(f"{k} = {v}" for k, v in list(C_GEMM_BLOCKS.items())[i:i + 5])
-                for i in range(0, len(C_GEMM_BLOCKS), 5)])
-    return text, out
-
-
-def header(kernels: list[GeneratedKernel], source: str = "vggen_kernels.c") -> str:
-    """The C header declaring ``kernels``."""
-    protos = []
-    for g in kernels:
-        p = printer(g.ir, "c")
-        protos.append((g.name, comment(g.ir)[0], p.params(g.ir.args, restrict=False)))
-    what = ", ".join(dict.fromkeys(g.ir.layer for g in kernels))
-    return environment().get_template("c/header.h.j2").render(prototypes=protos, source=source, what=what)
+    return tgt.render_file(out, what, env), out
 
 
 # --------------------------------------------------------------------------- manifest
-
-
-def _number(v):
-    v = sp.sympify(v)
-    return int(v) if v.is_Integer else float(v)
 
 
 def _signature(kernel: Kernel) -> list[dict]:
@@ -236,36 +120,6 @@ def _signature(kernel: Kernel) -> list[dict]:
     return out
 
 
-def _launch(kernel: Kernel, tiled: TiledGemm | None = None) -> dict:
-    """CUDA launch shape: blockDim.x = threads (1-D blocks); gridDim.x from the
-    sizes (a Python expression in the size names).  "thread" kernels take one
-    thread per output element, "block" kernels one block per element
-    (``parallel``: the output extents); all stride over the grid, so a capped
-    grid is also correct.  "tiled" kernels (``tiled``) take a fixed grid
-    (the blocks resident at once, ``grid_any``: any grid.x ≥ 1 is correct)
-    and pick their tile configuration and k-splits themselves
-    (vggen.compiler.targets.cuda.schedule.launch adds what they need); so do split reductions
-    (``Kernel.cuda_split``), which share that grid out over their outputs."""
-    total = sp.Mul(*[lp.extent for lp in kernel.parallel])
-    if kernel.cuda_split and tiled is None:
-        grid = str(CUDA_RESIDENT_BLOCKS)
-    elif kernel.schedule.cuda == "block":
-        grid = str(total)
-    else:
-        grid = f"({total} + {CUDA_THREADS - 1}) // {CUDA_THREADS}"
-    out = {"mode": kernel.schedule.cuda, "threads": CUDA_THREADS, "block": [CUDA_THREADS, 1, 1],
-           "grid": [grid, "1", "1"], "parallel": [str(lp.extent) for lp in kernel.parallel],
-           "elements": str(total), "dynamic_shared_bytes": 0}
-    if kernel.cuda_split and tiled is None:
-        # any grid is correct; this one shares its blocks out over the outputs
-        out.update(grid_any=True, split_reduction={
-            "workspace": f"vg_rws_{kernel.name}", "counters": f"vg_rcount_{kernel.name}",
-            "scope": "the kernel's own: launches of it must not run concurrently"})
-    if tiled is not None:
-        out.update(cuda_schedule.launch(tiled, kernel.name))
-    return out
-
-
 def manifest_entry(g: GeneratedKernel, file: str) -> dict:
     k = g.ir
     entry = {
@@ -274,28 +128,10 @@ def manifest_entry(g: GeneratedKernel, file: str) -> dict:
         "signature": _signature(k),
         "reads": [t.name for t in k.reads], "writes": [t.name for t in k.writes],
         "sizes": [s.name for s in k.sizes],
-        "specialise": {str(s): _number(v) for s, v in sorted(k.specialise.items(), key=lambda kv: str(kv[0]))},
+        "specialise": {str(s): number(v) for s, v in sorted(k.specialise.items(), key=lambda kv: str(kv[0]))},
         "sha256": g.sha256,
     }
-    if g.target == "cuda":
-        entry["launch"] = _launch(k, g.tiled)
-        if k.cls is KernelClass.CONTRACTION:
-            entry["cuda_contraction"] = "tiled" if g.tiled is not None else "simple"
-        if g.tiled is not None:
-            # the same signature and arguments, the thread/block schedule (no workspace)
-            entry["fallback"] = {"name": g.fallback, "launch": _launch(k)}
-    else:
-        entry["schedule"] = {"vector_loop": str(k.schedule.vector), "row_accumulator": k.schedule.row,
-                             "interior_split": k.schedule.c_region is not None,
-                             "loops": [lp.var.name for lp in k.parallel]}
-        gm = k.schedule.gemm
-        if gm is not None:
-            entry["schedule"]["gemm"] = {
-                "m": [lp.var.name for lp in gm.m], "n": [lp.var.name for lp in gm.n],
-                "k": [lp.var.name for lp in gm.k],
-                "forms": ["outer", "inner"] if gm.inner else ["outer"],
-                "blocks": dict(C_GEMM_BLOCKS),
-            }
+    entry.update(get_target(g.target).manifest(g))
     return entry
 
 
@@ -331,7 +167,7 @@ def outputs(layers=None, specialise: dict | None = None, *,
     kernels = lower_network(layers, specialise)
     c_text, c_kernels = render(kernels, "c", env)
     files[C_SOURCE] = c_text
-    files[C_HEADER] = header(c_kernels)
+    files[C_HEADER] = CTarget().header(c_kernels, env)
     entries += [manifest_entry(g, C_SOURCE) for g in c_kernels]
     for layer in layers:
         path = f"cuda/{layer_slug(layer.name)}.cu"

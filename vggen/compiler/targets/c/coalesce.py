@@ -64,8 +64,7 @@ def coalesce_rows(kernel: Kernel) -> Kernel:
         stages = [dataclasses.replace(s, lhs=tuple(st.indices), value=v)
                   for s, st, v in zip(kernel.stages, exprs[:n], exprs[n:])]
         parallel = kernel.parallel[:-2] + [loop]
-        return dataclasses.replace(kernel, parallel=parallel, stages=stages,
-                                   schedule=dataclasses.replace(kernel.schedule, vector=loop.var))
+        return dataclasses.replace(kernel, parallel=parallel, stages=stages)
     if kernel.cls is KernelClass.REDUCTION:
         stages = []
         for s in kernel.stages:

@@ -28,7 +28,7 @@ over the items, so any grid size is correct):
   accumulators; the other warps' FMAs cover the latency): one
   ``__syncthreads`` per k step.  Each configuration is a ``__noinline__``
   instantiation, so each gets its own register allocation (≤ 128, none
-  spilled: ``tests/test_cuda_compile.py``).
+  spilled: ``tests/compiler/test_cuda_compile.py``).
 * **Gather.**  Per operand and k step a thread loads KE consecutive k of
   one row (or, vectorised along the rows, of V consecutive rows): its
   row's loop variables are unflattened once per item, its first k's are
@@ -53,7 +53,7 @@ over the items, so any grid size is correct):
   ``gridDim.x`` (the blocks assumed resident: ``PERSISTENT_BLOCKS``) with
   the cost model of ``choose`` (``vg_tile_choose`` is its C++ mirror: the
   table and constants are rendered from here, the arithmetic is written out
-  in ``_tiled.cu.j2`` and tested equal, ``tests/test_cuda_emulation.py``), unless a choice was measured for that (M, N, K):
+  in ``_tiled.cu.j2`` and tested equal, ``tests/compiler/test_cuda_emulation.py``), unless a choice was measured for that (M, N, K):
   ``vggen tune`` (:mod:`vggen.tools.tune`) times every candidate of the network's
   products on the GPU and records the fastest in ``generated/tuning.json``;
   the build compiles those records into a table in the kernel
@@ -71,22 +71,13 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from vggen.compiler.ir import (
-    CUDA_RESIDENT_BLOCKS,
-    CUDA_THREADS,
-    Kernel,
-    KernelClass,
-    Loop,
-    _conjuncts,
-    _flat_offset,
-    _unit_coeff_last,
-    split_product,
-)
+from vggen.compiler.analysis import split_product
+from vggen.compiler.ir import Kernel, KernelClass, Loop
+from vggen.compiler.symbolic import conjuncts, flat_offset, unit_coeff_last
+from vggen.compiler.targets.cuda.constants import RESIDENT_BLOCKS, THREADS
 
-THREADS = CUDA_THREADS
-# Blocks in flight on an H100/H200: 132 SMs × 2 blocks of 256 threads (≤ 128
-# registers each).  The manifest's grid; any other grid is correct too.
-PERSISTENT_BLOCKS = CUDA_RESIDENT_BLOCKS
+# The blocks assumed resident: the manifest's grid; any other grid is correct too.
+PERSISTENT_BLOCKS = RESIDENT_BLOCKS
 MIN_BLOCKS_PER_SM = 2            # __launch_bounds__(VG_THREADS, 2): at most 128 registers
 # Split-K (see the module docstring).  Its only atomic is the int ticket of the
 # last split; False: no split-K, no workspace, no atomic at all (small M×N
@@ -268,7 +259,7 @@ class Operand:
         e = self.expr
         if isinstance(e, sp.Piecewise):
             val, cond = e.args[0]
-            return f"{val} where {' and '.join(str(c) for c in _conjuncts(cond))}, else 0"
+            return f"{val} where {' and '.join(str(c) for c in conjuncts(cond))}, else 0"
         return str(e)
 
 
@@ -409,7 +400,7 @@ class TiledGemm:
 
 def _operand(name: str, dim: str, rows: list[Loop], k: list[Loop], expr, access, tensor, guarded: bool,
              coeff) -> Operand:
-    by_rows, by_k = _unit_coeff_last(access, rows[-1].var), _unit_coeff_last(access, k[-1].var)
+    by_rows, by_k = unit_coeff_last(access, rows[-1].var), unit_coeff_last(access, k[-1].var)
     if by_rows and by_k:          # both contiguous: the one whose run is not a constant window
         along = "k" if rows[-1].constant and not k[-1].constant else "rows"
     else:
@@ -417,7 +408,7 @@ def _operand(name: str, dim: str, rows: list[Loop], k: list[Loop], expr, access,
     op = Operand(name, dim, rows, k, expr, access, tensor.name, along, False)
     if not guarded:
         loops = k if along == "k" else rows
-        offset = _flat_offset(access, tensor)
+        offset = flat_offset(access, tensor)
         base = sp.expand(offset.xreplace({lp.var: lp.first for lp in loops}))
         if sp.expand(offset - base - _flat(loops)) == 0:
             op.linear, op.flat0, op.load = True, base, coeff * LOAD

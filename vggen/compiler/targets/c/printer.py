@@ -1,4 +1,4 @@
-"""C99 and CUDA printers for kernel arithmetic, built on SymPy's C99CodePrinter.
+"""C99 printer for kernel arithmetic, built on SymPy's C99CodePrinter (CUDA's derives from it).
 
 Everything a kernel computes goes through here; templates only place the
 printed strings into loops.  What the printers add to SymPy's:
@@ -16,6 +16,10 @@ printed strings into loops.  What the printers add to SymPy's:
 * float32 throughout: ``expf``, ``logf``, ``sqrtf``, literals with ``f``,
   x**2 as a product, and an integer-only quotient cast to float first
   (``B*H*W`` must not divide as integers).
+
+The printer records the ``vg_*`` helpers it prints (``used``), and the
+templates name theirs through it (``helper``), so that a file defines exactly
+the helpers its kernels call.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from sympy.codegen.ast import float32, real
 from sympy.printing.c import C99CodePrinter
 from sympy.printing.precedence import PRECEDENCE
 
-from vggen.compiler.ir import Arg, _int_valued, _proved
+from vggen.compiler.ir import Arg
+from vggen.compiler.symbolic import int_valued, proved, row_major_offset
 
 
 class CPrinter(C99CodePrinter):
@@ -34,18 +39,21 @@ class CPrinter(C99CodePrinter):
     ``tensors``: name → specialised Tensor (shape, lower, dtype);
     ``ranges``: loop variable → inclusive (first, last), for the proofs that
     pick plain ``/`` and ``%``; ``aliases``: symbol → text (an accumulator
-    that lives in an array).
+    that lives in an array); ``used``: the helpers printed so far (shared
+    with the printers ``aliased`` derives).
     """
 
     restrict = "restrict"
     int_type = "int32_t"
     neg_inf = "-INFINITY"
 
-    def __init__(self, tensors: dict, ranges: dict | None = None, aliases: dict | None = None):
+    def __init__(self, tensors: dict, ranges: dict | None = None, aliases: dict | None = None,
+                 used: set | None = None):
         super().__init__(settings={"type_aliases": {real: float32}, "strict": True})
         self.tensors = tensors
         self.ranges = dict(ranges or {})
         self.aliases = dict(aliases or {})
+        self.used = set() if used is None else used
 
     # ---- entry points
     def code(self, expr) -> str:
@@ -70,7 +78,12 @@ class CPrinter(C99CodePrinter):
     def aliased(self, aliases: dict) -> "CPrinter":
         """This printer with more symbols printed as given text (e.g. an
         accumulator read from a packed block)."""
-        return type(self)(self.tensors, self.ranges, {**self.aliases, **aliases})
+        return type(self)(self.tensors, self.ranges, {**self.aliases, **aliases}, self.used)
+
+    def helper(self, name: str) -> str:
+        """``name``, a ``vg_*`` helper the code calls, recorded as used."""
+        self.used.add(name)
+        return name
 
     def param(self, arg: Arg, restrict: bool = True) -> str:
         """The C parameter declaration of one signature entry."""
@@ -88,7 +101,7 @@ class CPrinter(C99CodePrinter):
         return "int" if symbol.is_integer else "float"
 
     def is_int(self, expr) -> bool:
-        return _int_valued(sp.sympify(expr), self.tensors)
+        return int_valued(sp.sympify(expr), self.tensors)
 
     # ---- accesses and symbols
     def _print_Symbol(self, expr):
@@ -98,10 +111,7 @@ class CPrinter(C99CodePrinter):
 
     def _print_Indexed(self, expr):
         t = self.tensors[str(expr.base.label)]
-        flat = sp.Integer(0)
-        for k, (ix, lo, n) in enumerate(zip(expr.indices, t.lower, t.shape)):
-            flat = (ix - lo) if k == 0 else flat * n + (ix - lo)
-        return f"{t.name}[{self._print(flat)}]"
+        return f"{t.name}[{self._print(row_major_offset(expr.indices, t))}]"
 
     # ---- numbers (float32)
     def _print_Float(self, expr):
@@ -147,7 +157,7 @@ class CPrinter(C99CodePrinter):
             # data would make unpredictable (a ReLU mask); safe because the
             # condition guards no index (range guards stay ?:)
             (val, cond), (other, _) = expr.args
-            return f"vg_select({self._print(cond)}, {self._print(val)}, {self._print(other)})"
+            return f"{self.helper('vg_select')}({self._print(cond)}, {self._print(val)}, {self._print(other)})"
         out = self._print(expr.args[-1].expr)
         for val, cond in reversed(expr.args[:-1]):
             out = f"(({self._print(cond)}) ? {self._atom(val)} : {out})"
@@ -163,7 +173,7 @@ class CPrinter(C99CodePrinter):
         return text if isinstance(e, (sp.Symbol, sp.Indexed)) or (e.is_Number and e >= 0) else f"({text})"
 
     def _nonneg(self, e) -> bool:
-        return _proved(sp.expand(e), self.ranges)
+        return proved(sp.expand(e), self.ranges)
 
     def _print_floor(self, expr):
         arg = expr.args[0]
@@ -173,7 +183,7 @@ class CPrinter(C99CodePrinter):
                 return self._print(num)
             if self._nonneg(num):
                 return f"(({self._print(num)})/{self._atom(den)})"
-            return f"vg_floordiv({self._print(num)}, {self._print(den)})"
+            return f"{self.helper('vg_floordiv')}({self._print(num)}, {self._print(den)})"
         return f"floorf({self._print(arg)})"
 
     def _print_Mod(self, expr):
@@ -181,13 +191,15 @@ class CPrinter(C99CodePrinter):
         if self.is_int(a) and m.is_integer and m.is_positive:
             if self._nonneg(a):
                 return f"(({self._print(a)}) % {self._atom(m)})"
-            return f"vg_mod({self._print(a)}, {self._print(m)})"
+            return f"{self.helper('vg_mod')}({self._print(a)}, {self._print(m)})"
         return f"fmodf({self._print(a)}, {self._print(m)})"
 
     def _minmax(self, expr, fint, ffloat):
         args = sorted(expr.args, key=sp.default_sort_key)
-        f = fint if all(self.is_int(a) for a in args) else ffloat
         out = self._print(args[-1])
+        if len(args) == 1:
+            return out
+        f = self.helper(fint) if all(self.is_int(a) for a in args) else ffloat
         for a in reversed(args[:-1]):
             out = f"{f}({self._print(a)}, {out})"
         return out
@@ -209,15 +221,3 @@ def _data_guard(cond) -> bool:
     so that none protects an out-of-range access."""
     parts = cond.args if isinstance(cond, sp.And) else (cond,)
     return all(isinstance(c, sp.core.relational.Relational) and c.atoms(sp.Indexed) for c in parts)
-
-
-class CudaPrinter(CPrinter):
-    """The same arithmetic for CUDA device code (compiled by nvcc or NVRTC:
-    no headers, so no ``INFINITY`` and no ``int32_t``)."""
-
-    restrict = "__restrict__"
-    int_type = "int"
-    neg_inf = "__int_as_float(0xff800000)"
-
-
-PRINTERS = {"c": CPrinter, "cuda": CudaPrinter}

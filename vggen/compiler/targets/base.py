@@ -1,0 +1,95 @@
+"""What every target offers the build (``vggen.compiler.emit``), and what they share.
+
+A target takes lowered kernels (``vggen.compiler.ir``) to source text: it
+may rewrite them first (``prepare``), decides how each runs (``schedule``),
+prints each through its printer into its templates (``render_kernel``), puts
+them into one source file (``render_file``), and says what the manifest
+records of each (``manifest``).  Templates live in
+``templates/<target>/<class>.<ext>.j2``, one per kernel class; they hold
+loops, schedule and launch only: every expression is printed from the IR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import jinja2
+import sympy as sp
+
+from vggen.compiler.ir import Kernel
+from vggen.paths import templates_dir
+
+
+@dataclass
+class GeneratedKernel:
+    """One kernel as emitted for one target."""
+
+    ir: Kernel
+    target: str
+    text: str                      # the kernel's own code (comment + function; a tiled one's fallback too)
+    tiled: Any = None              # CUDA: its tiled GEMM schedule, where it runs as one (see ``fallback``)
+    schedule: Any = None           # the target's schedule of it
+    used: set = field(default_factory=set)      # the vg_* helpers its code calls
+    fallback: str | None = None    # CUDA: the name of a tiled kernel's simple-schedule copy
+
+    @property
+    def name(self) -> str:
+        return self.ir.name
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+class Target(Protocol):
+    """A code generation target (see the module docstring)."""
+
+    name: str                      # "c", "cuda": its templates' folder
+    ext: str                       # its source files' extension
+
+    def prepare(self, kernels: list[Kernel]) -> list[Kernel]: ...
+
+    def schedule(self, kernel: Kernel) -> Any: ...
+
+    def render_kernel(self, kernel: Kernel, env: jinja2.Environment) -> GeneratedKernel: ...
+
+    def render_file(self, kernels: list[GeneratedKernel], what: str, env: jinja2.Environment) -> str: ...
+
+    def manifest(self, g: GeneratedKernel) -> dict: ...
+
+
+def environment() -> jinja2.Environment:
+    """The templates' Jinja2 environment (strict: an undefined name is an error)."""
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                              trim_blocks=True, lstrip_blocks=True, autoescape=False)
+
+
+def number(v):
+    """A SymPy number as a Python int or float (for comments and the manifest)."""
+    v = sp.sympify(v)
+    return int(v) if v.is_Integer else float(v)
+
+
+def comment(kernel: Kernel) -> list[str]:
+    """The comment above a kernel: what it is, its source equations, how it runs."""
+    lines = [f"{kernel.name}: {kernel.cls.value} ({kernel.layer}, {kernel.direction})"]
+    lines += [f"  {eq}" for eq in kernel.equations]
+    used = {str(k): v for k, v in kernel.specialise.items()}
+    if used:
+        lines.append("  specialised: " + ", ".join(f"{k}={number(v)}" for k, v in sorted(used.items())))
+    return lines
+
+
+def tidy(text: str) -> str:
+    """A kernel's rendered text without empty lines: macros leave them where
+    their blocks end, and a kernel has no intended one."""
+    return "\n".join(line.rstrip() for line in text.splitlines() if line.strip()) + "\n"
+
+
+def helpers_used(kernels: list[GeneratedKernel]) -> set:
+    """The helpers a file defines: those its kernels call (an unused static
+    function is a warning)."""
+    return set().union(*[g.used for g in kernels])
