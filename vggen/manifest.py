@@ -1,4 +1,4 @@
-"""``generated/manifest.json``: its one reader.
+"""``generated/manifest.json``: its one reader, for the runtime and the tools.
 
 The manifest lists the kernels: per kernel its name, target, layer,
 direction, class and ``signature`` — the ordered arguments (tensor pointers
@@ -15,6 +15,9 @@ from pathlib import Path
 
 from vggen.errors import VggenError
 from vggen.frontend.lang import Layer
+from vggen.paths import generated_dir
+
+MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -57,28 +60,64 @@ def _arg(raw, kernel: str) -> ArgSpec:
     raise VggenError(f"manifest: kernel {kernel}: cannot read argument {raw!r}")
 
 
-def read_manifest(path: Path) -> list[KernelSpec]:
-    """Every kernel of ``manifest.json``, in file order."""
-    if not path.is_file():
-        raise VggenError(f"{path} does not exist: generate the kernels first (`vggen build`)")
+def _spec(entry, path: Path) -> KernelSpec:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise VggenError(f"cannot read {path}: {e}") from e
-    entries = data.get("kernels") if isinstance(data, dict) else data
-    if not isinstance(entries, list):
-        raise VggenError(f"{path}: expected a list of kernels")
-    out = []
-    for e in entries:
-        try:
-            name = str(e["name"])
-            layer, direction = str(e["layer"]), str(e["direction"])
-            args = tuple(_arg(a, name) for a in e["signature"])
-            out.append(KernelSpec(name, str(e.get("target", "")), layer, direction,
-                                  str(e.get("class", "")), args, e))
-        except (KeyError, TypeError) as err:
-            raise VggenError(f"{path}: malformed kernel entry {e!r}: {err}") from err
-    return out
+        name = str(entry["name"])
+        args = tuple(_arg(a, name) for a in entry["signature"])
+        return KernelSpec(name, str(entry.get("target", "")), str(entry["layer"]),
+                          str(entry["direction"]), str(entry.get("class", "")), args, entry)
+    except (KeyError, TypeError) as err:
+        raise VggenError(f"{path}: malformed kernel entry {entry!r}: {err}") from err
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One ``manifest.json``, read: the JSON as written and its kernels parsed."""
+
+    path: Path
+    data: dict                       # the parsed JSON, as written
+    kernels: tuple                   # a KernelSpec per entry of data["kernels"], in file order
+
+    @property
+    def root(self) -> Path:
+        """The generated directory the manifest's ``file`` entries are relative to."""
+        return self.path.parent
+
+    @property
+    def entries(self) -> list[dict]:
+        return self.data["kernels"]
+
+    def of_target(self, target: str) -> list[KernelSpec]:
+        return [k for k in self.kernels if k.target == target]
+
+    def kernels_for(self, target: str, layer: Layer) -> list[KernelSpec]:
+        """See :func:`kernels_for`."""
+        return kernels_for(self.kernels, target, layer)
+
+
+def read_manifest(generated: str | Path | None = None) -> Manifest:
+    """The manifest of ``generated`` (default :func:`vggen.paths.generated_dir`).
+
+    A missing or malformed file is a one-line VggenError that says to run
+    ``vggen build``.
+    """
+    root = Path(generated) if generated is not None else generated_dir()
+    path = root / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VggenError(f"{path} not found: run `vggen build` (or pass --generated DIR)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise VggenError(f"{path}: cannot read the manifest ({e}); run `vggen build`") from None
+    if not isinstance(data, dict) or not isinstance(data.get("kernels"), list):
+        raise VggenError(f"{path}: not a vggen manifest (no kernel list); run `vggen build`")
+    return Manifest(path, data, tuple(_spec(e, path) for e in data["kernels"]))
+
+
+def load_manifest(generated: str | Path | None = None) -> tuple[Path, dict]:
+    """(the generated directory, its manifest as written): for readers of the raw entries."""
+    manifest = read_manifest(generated)
+    return manifest.root, manifest.data
 
 
 def _strip_specialisation(name: str) -> str:

@@ -309,7 +309,7 @@ def test_missing_compiler(tmp_path, monkeypatch):
 
 def test_missing_manifest(tmp_path):
     from vggen.runtime.c import CBackend
-    with pytest.raises(VggenError, match="manifest.json does not exist.*vggen build"):
+    with pytest.raises(VggenError, match="manifest.json not found.*vggen build"):
         CBackend(generated=tmp_path, cache=tmp_path / "cache")
 
 

@@ -1,1 +1,1 @@
-"""Model: the VGG network of generated layers, its workspace, optimizer driver, training step and checkpoints."""
+"""Model: the VGG network of generated layers, its node kinds, workspace, optimizer driver, training step and checkpoints."""

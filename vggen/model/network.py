@@ -13,11 +13,14 @@ works on the (B, C) activations viewed as (B, C, 1, 1); Linear reads the
 (B, 8C1, 1, 1) output of the last pooling viewed as (B, 8C1).  All views are
 free (reshapes of contiguous buffers).
 
-Memory: per batch size, one :class:`Workspace` preallocates every activation
-and saved intermediate the backward reads, the dropout masks, and two flat
-gradient buffers that the backward pass ping-pongs through (∂L/∂y of one
-layer is ∂L/∂x of the next, so only two activation-sized gradients are ever
-alive).  Parameter gradients have their own arrays (``Network.grads``).
+Each node is of one kind of :mod:`vggen.model.kinds` (its layers,
+parameters, initialisation and evaluation-mode rule).
+
+Memory: per batch size, one :class:`vggen.model.workspace.Workspace`
+preallocates every activation and saved intermediate the backward reads, the
+dropout masks, and two flat gradient buffers that the backward pass
+ping-pongs through.  Parameter gradients have their own arrays
+(``Network.grads``).
 
 Training mode: BatchNormalization normalises with the batch statistics (the
 kernels) and updates running averages, ``r ← 0.9·r + 0.1·batch`` (the
@@ -47,18 +50,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vggen.derive.autodiff import derive
 from vggen.errors import VggenError
-from vggen.frontend import layers
 from vggen.frontend.lang import Layer
+from vggen.model.kinds import (
+    BN_EPS,
+    BN_KINDS,
+    BN_MOMENTUM,
+    FUSED_KINDS,
+    KINDS,
+    NodeKind,
+    running_statistics,
+)
 from vggen.model.optim import flat_views
+from vggen.model.workspace import Workspace
 from vggen.runtime import get_backend
 from vggen.runtime.base import Backend
 
-BN_EPS = layers.BN_EPSILON
-BN_MOMENTUM = 0.9
-
-# (kind, argument): "block" multiplies of C1, "dropout" ratios, "pool".
+# (entry, argument): "block" multiplies of C1, "dropout" ratios, "pool".
 ARCHITECTURE = (
     ("block", 1), ("dropout", 0.3), ("block", 1), ("pool", None),
     ("block", 2), ("dropout", 0.4), ("block", 2), ("pool", None),
@@ -77,77 +85,60 @@ ARCHITECTURE = (
 # 1,682 img/s fused against 1,780 apart (no difference measured at width 64).
 FUSE_BY_DEFAULT = {"c": False}
 
-# Kinds with BatchNormalization's statistics (running averages, evaluation mode).
-BN_KINDS = ("bn", "bn_relu", "bn_relu_dropout")
-
-
-class _Kinds:
-    """One Layer object (and its derived backward) per layer kind, built once."""
-
-    _cache: dict = {}
-    _make = {"conv": lambda: layers.convolution2d(1),
-             "bn": layers.batch_normalization,
-             "bn_relu": layers.batch_normalization_relu,
-             "bn_relu_dropout": layers.batch_normalization_relu_dropout,
-             "relu": layers.relu,
-             "dropout": layers.dropout,
-             "pool": lambda: layers.max_pooling2d(2),
-             "linear": layers.linear,
-             "loss": layers.softmax_cross_entropy}
-
-    @classmethod
-    def get(cls, kind: str) -> tuple[Layer, Layer]:
-        if kind not in cls._cache:
-            layer = cls._make[kind]()
-            cls._cache[kind] = (layer, derive(layer).program)
-        return cls._cache[kind]
-
-    @classmethod
-    def running(cls) -> Layer:
-        """BatchNormalization's running statistics, updated in place."""
-        if "running" not in cls._cache:
-            cls._cache["running"] = layers.batch_normalization_running()
-        return cls._cache["running"]
-
-    @classmethod
-    def batchnorm_eval(cls, kind: str = "bn") -> Layer:
-        """A BN kind with μ and σ² given (eqs. 21–22 on the running statistics);
-        dropout, the identity at evaluation, left out."""
-        key = f"{kind}:eval"
-        if key not in cls._cache:
-            base = "bn_relu" if kind == "bn_relu_dropout" else kind
-            cls._cache[key] = cls.get(base)[0].with_given(["mu", "var"])
-        return cls._cache[key]
-
 
 @dataclass
 class Node:
     """One layer of the network."""
 
-    kind: str                   # conv, bn, relu, dropout, pool, linear, loss; bn_relu, bn_relu_dropout
+    kind: str                   # a name of KINDS: conv, bn, relu, dropout, pool, linear, loss; bn_relu, …
     name: str                   # conv1, bn1, relu1, drop1, pool1, fc1, loss (a fused node: its bn's)
-    layer: Layer
-    backward: Layer
     sizes: dict                 # every size but B
     in_shape: tuple             # per image, as the layer sees x
     out_shape: tuple            # per image, as the layer sees its output
     params: dict = field(default_factory=dict)   # layer tensor name -> parameter key
     ratio: float = 0.0          # dropout
-    output: str = "y"           # the layer's output tensor
     members: tuple = ()         # a fused node: the unfused nodes' (kind, name), in order
+
+    @property
+    def node_kind(self) -> NodeKind:
+        return KINDS[self.kind]
+
+    @property
+    def layer(self) -> Layer:
+        return self.node_kind.layer
+
+    @property
+    def backward(self) -> Layer:
+        return self.node_kind.backward
+
+    @property
+    def output(self) -> str:
+        """The layer's output tensor."""
+        return self.node_kind.output
 
     @property
     def has_mask(self) -> bool:
         """Whether the node applies a dropout mask R (drawn per training step)."""
-        return "R" in self.layer.by_name
+        return self.node_kind.has_mask
 
     @property
     def mask_name(self) -> str:
         """The dropout's own name (drop3), also inside a fused node."""
         return next((nm for kind, nm in self.members if kind == "dropout"), self.name)
 
+    @property
+    def statistics_keys(self) -> tuple[str, str]:
+        """The keys of its running mean and variance in ``Network.state``."""
+        return f"{self.name}.running_mean", f"{self.name}.running_var"
+
     def all_sizes(self, batch: int) -> dict:
         return {"B": batch, **self.sizes}
+
+
+def _node(kind: str, name: str, sizes: dict, in_shape: tuple, out_shape: tuple, **kw) -> Node:
+    """A node of ``kind``, its parameters keyed ``<name>.<tensor>``."""
+    params = {t: f"{name}.{t}" for t in KINDS[kind].parameters}
+    return Node(kind, name, sizes, in_shape, out_shape, params=params, **kw)
 
 
 def build_nodes(width: int, classes: int = 10, dropout: bool = True,
@@ -166,68 +157,53 @@ def build_nodes(width: int, classes: int = 10, dropout: bool = True,
         count[prefix] = count.get(prefix, 0) + 1
         return f"{prefix}{count[prefix]}"
 
-    def add(kind, nm, sizes, in_shape, out_shape, **kw):
-        layer, backward = _Kinds.get(kind)
-        nodes.append(Node(kind, nm, layer, backward, sizes, in_shape, out_shape, **kw))
+    def add(kind, prefix, sizes, in_shape, out_shape, **kw):
+        nodes.append(_node(kind, name(prefix), sizes, in_shape, out_shape, **kw))
 
-    def bn_relu(ch, hh, ww):
-        bn = name("bn")
-        add("bn", bn, {"C": ch, "H": hh, "W": ww}, (ch, hh, ww), (ch, hh, ww),
-            params={"gamma": f"{bn}.gamma", "beta": f"{bn}.beta"})
-        add("relu", name("relu"), {"C": ch, "H": hh, "W": ww}, (ch, hh, ww), (ch, hh, ww))
+    def per_channel(kind, prefix):           # bn, relu: (C, H, W) in and out
+        add(kind, prefix, {"C": c, "H": h, "W": w}, (c, h, w), (c, h, w))
 
-    for kind, arg in ARCHITECTURE:
-        if kind == "block":
+    for entry, arg in ARCHITECTURE:
+        if entry == "block":
             oc = arg * width
-            conv = name("conv")
-            add("conv", conv, {"IC": c, "OC": oc, "H": h, "W": w}, (c, h, w), (oc, h, w),
-                params={"w": f"{conv}.w"})
+            add("conv", "conv", {"IC": c, "OC": oc, "H": h, "W": w}, (c, h, w), (oc, h, w))
             c = oc
-            bn_relu(c, h, w)
-        elif kind == "dropout":
+            per_channel("bn", "bn")
+            per_channel("relu", "relu")
+        elif entry == "dropout":
             nm = name("drop")
             if dropout:
-                add("dropout", nm, {"C": c, "H": h, "W": w}, (c, h, w), (c, h, w), ratio=arg)
-        elif kind == "pool":
-            add("pool", name("pool"), {"C": c, "HO": h // 2, "WO": w // 2}, (c, h, w),
-                (c, h // 2, w // 2))
+                nodes.append(_node("dropout", nm, {"C": c, "H": h, "W": w}, (c, h, w), (c, h, w),
+                                   ratio=arg))
+        elif entry == "pool":
+            add("pool", "pool", {"C": c, "HO": h // 2, "WO": w // 2}, (c, h, w), (c, h // 2, w // 2))
             h, w = h // 2, w // 2
-        elif kind == "linear":
+        elif entry == "linear":
             oc = classes if arg == "classes" else arg * width
-            fc = name("fc")
             ic = c * h * w
-            add("linear", fc, {"IC": ic, "C": oc}, (ic,), (oc,), params={"w": f"{fc}.w"})
+            add("linear", "fc", {"IC": ic, "C": oc}, (ic,), (oc,))
             c, h, w = oc, 1, 1
-        elif kind == "bn":
-            bn = name("bn")
-            add("bn", bn, {"C": c, "H": 1, "W": 1}, (c, 1, 1), (c, 1, 1),
-                params={"gamma": f"{bn}.gamma", "beta": f"{bn}.beta"})
-        elif kind == "relu":
-            add("relu", name("relu"), {"C": c, "H": 1, "W": 1}, (c, 1, 1), (c, 1, 1))
-        elif kind == "loss":
-            add("loss", "loss", {"C": c}, (c,), (), output="L")
+        elif entry in ("bn", "relu"):          # after a Linear: (B, C) viewed as (B, C, 1, 1)
+            per_channel(entry, entry)
+        elif entry == "loss":
+            nodes.append(_node("loss", "loss", {"C": c}, (c,), ()))
     return fuse_nodes(nodes) if fuse else nodes
 
 
-# Runs of node kinds that one composed layer replaces (longest first).
-FUSIONS = ((("bn", "relu", "dropout"), "bn_relu_dropout"), (("bn", "relu"), "bn_relu"))
-
-
 def fuse_nodes(nodes: list[Node]) -> list[Node]:
-    """Replace each run of FUSIONS by one node of the composed layer: the
+    """Replace each run of a fused kind's parts by one node of that kind: the
     first node's name, sizes and parameters, the dropout's ratio."""
     out, k = [], 0
     while k < len(nodes):
-        for run, kind in FUSIONS:
-            group = nodes[k:k + len(run)]
-            if tuple(n.kind for n in group) == run:
-                layer, backward = _Kinds.get(kind)
+        for fused in FUSED_KINDS:
+            group = nodes[k:k + len(fused.parts)]
+            if tuple(n.kind for n in group) == fused.parts:
                 first = group[0]
-                out.append(Node(kind, first.name, layer, backward, first.sizes, first.in_shape,
+                out.append(Node(fused.name, first.name, first.sizes, first.in_shape,
                                 group[-1].out_shape, params=first.params,
                                 ratio=max(n.ratio for n in group),
                                 members=tuple((n.kind, n.name) for n in group)))
-                k += len(run)
+                k += len(fused.parts)
                 break
         else:
             out.append(nodes[k])
@@ -236,93 +212,20 @@ def fuse_nodes(nodes: list[Node]) -> list[Node]:
 
 
 def init_parameters(nodes: list[Node], seed: int) -> tuple[dict, dict]:
-    """(parameters, BN running statistics) as host float32 arrays, from ``seed``.
-
-    Convolution filters ~ N(0, σ = 1/√(9·IC)), Linear weights ~ N(0, σ = 1/√IC)
-    (the reference's initialisation); γ = 1, β = 0; running mean 0, var 1.
-    """
+    """(parameters, BN running statistics) as host float32 arrays, from ``seed``:
+    each kind's initialisation in node order; running mean 0, var 1."""
     rng = np.random.default_rng(seed)
     params, state = {}, {}
     for node in nodes:
-        if node.kind == "conv":
-            ic, oc = node.sizes["IC"], node.sizes["OC"]
-            params[node.params["w"]] = (rng.standard_normal((oc, ic, 3, 3))
-                                        / math.sqrt(9 * ic)).astype(np.float32)
-        elif node.kind == "linear":
-            ic, oc = node.sizes["IC"], node.sizes["C"]
-            params[node.params["w"]] = (rng.standard_normal((ic, oc)) / math.sqrt(ic)).astype(np.float32)
-        elif node.kind in BN_KINDS:
-            ch = node.sizes["C"]
-            params[node.params["gamma"]] = np.ones(ch, np.float32)
-            params[node.params["beta"]] = np.zeros(ch, np.float32)
-            state[f"{node.name}.running_mean"] = np.zeros(ch, np.float32)
-            state[f"{node.name}.running_var"] = np.ones(ch, np.float32)
+        kind = node.node_kind
+        if kind.initialise is not None:
+            for tensor, value in kind.initialise(node.sizes, rng).items():
+                params[node.params[tensor]] = value
+        if kind.statistics:
+            mean, var = node.statistics_keys
+            state[mean] = np.zeros(node.sizes["C"], np.float32)
+            state[var] = np.ones(node.sizes["C"], np.float32)
     return params, state
-
-
-class Workspace:
-    """Every array one batch size needs, allocated once."""
-
-    def __init__(self, net: "Network", batch: int, train: bool):
-        be = net.backend
-        self.batch, self.train = batch, train
-        self.images = be.zeros((batch,) + net.image_shape)
-        self.labels = be.zeros((batch,), np.int32)
-        self.forward: list[dict] = []      # per node: the arrays of its forward program
-        self.backward: list[dict] = []     # per node: the arrays of its backward program
-        self.running: dict = {}            # per BN node index: its running statistics' update
-        self.mask_staging: dict = {}       # per masked node index: the host buffer its mask is drawn in
-        x = self.images
-        for node in net.nodes:
-            prog = be.program(node.layer, node.all_sizes(batch))
-            arrays = {"x": x.reshape(prog.shapes["x"])}
-            if node.kind == "loss":
-                arrays["t"] = self.labels
-            if node.kind == "dropout" and not train:
-                arrays["y"] = arrays["x"]          # the identity: no copy, no kernel
-                self.forward.append(arrays)
-                continue
-            if node.has_mask and train:
-                arrays["R"] = be.zeros(prog.shapes["R"])
-            for tname, key in node.params.items():
-                arrays[tname] = net.params[key]
-            for out in prog.outputs:
-                if node.kind in BN_KINDS and not train and out in ("mu", "var"):
-                    continue
-                arrays[out] = be.zeros(prog.shapes[out], prog.dtypes[out])
-            if node.kind in BN_KINDS and train:
-                n = batch * node.sizes["H"] * node.sizes["W"]
-                m = BN_MOMENTUM
-                weights = np.array([m, 1 - m, (1 - m) * (n / (n - 1) if n > 1 else 1.0)], np.float32)
-                self.running[len(self.forward)] = {
-                    "mu": arrays["mu"], "var": arrays["var"], "k": be.asarray(weights),
-                    "running_mean": net.state[f"{node.name}.running_mean"],
-                    "running_var": net.state[f"{node.name}.running_var"]}
-            self.forward.append(arrays)
-            x = arrays[node.output]
-        self.logits = self.forward[-1]["x"]
-        self.losses = self.forward[-1]["L"]
-        self.seed = be.zeros((batch,))
-        self.seed[...] = 1.0 / batch
-        if not train:
-            return
-        # Gradients: ∂L/∂y of node k is ∂L/∂x of node k+1; ping-pong two flat buffers.
-        biggest = max(math.prod(node.in_shape) for node in net.nodes) * batch
-        flat = [be.zeros((biggest,)), be.zeros((biggest,))]
-        g_y, turn = self.seed, 0
-        self.backward = [None] * len(net.nodes)
-        for k in range(len(net.nodes) - 1, -1, -1):
-            node = net.nodes[k]
-            prog = be.program(node.backward, node.all_sizes(batch))
-            arrays = {n: a for n, a in self.forward[k].items()}
-            seed_name = f"g_{node.output}"
-            arrays[seed_name] = g_y.reshape(prog.shapes[seed_name])
-            n = math.prod(prog.shapes["g_x"])
-            arrays["g_x"] = flat[turn][:n].reshape(prog.shapes["g_x"])
-            for tname, key in node.params.items():
-                arrays[f"g_{tname}"] = net.grads[key]
-            self.backward[k] = arrays
-            g_y, turn = arrays["g_x"], 1 - turn
 
 
 @dataclass
@@ -451,20 +354,21 @@ class Network:
         """The forward kernels on ``ws`` (and in training the running statistics')."""
         be, batch, train = self.backend, ws.batch, ws.train
         for k, (node, arrays) in enumerate(zip(self.nodes, ws.forward)):
-            if node.kind == "dropout" and not train:
+            kind = node.node_kind
+            if not train and kind.identity_in_evaluation:
                 continue                             # y is x in an evaluation workspace
-            if node.kind in BN_KINDS and not train:
-                self._bn_eval(node, arrays)
+            if not train and kind.statistics:
+                self._evaluate_with_running_statistics(node, arrays)
                 continue
             be.run(node.layer, node.all_sizes(batch), arrays)
-            if node.kind in BN_KINDS:
-                be.run(_Kinds.running(), {"C": node.sizes["C"]}, ws.running[k])
+            if kind.statistics:
+                be.run(running_statistics(), {"C": node.sizes["C"]}, ws.running[k])
 
-    def _bn_eval(self, node: Node, arrays: dict) -> None:
+    def _evaluate_with_running_statistics(self, node: Node, arrays: dict) -> None:
         """The generated eqs. 21–22 with the running statistics as μ and σ²."""
-        given = {"mu": self.state[f"{node.name}.running_mean"],
-                 "var": self.state[f"{node.name}.running_var"]}
-        self.backend.run(_Kinds.batchnorm_eval(node.kind), node.all_sizes(len(arrays["x"])),
+        mean, var = node.statistics_keys
+        given = {"mu": self.state[mean], "var": self.state[var]}
+        self.backend.run(node.node_kind.evaluation_layer, node.all_sizes(len(arrays["x"])),
                          {**arrays, **given})
 
     def backward(self, ws: Workspace) -> None:
@@ -524,5 +428,4 @@ class NonFiniteLoss(VggenError):
 
 
 __all__ = ["Network", "Node", "Workspace", "StepResult", "NonFiniteLoss", "build_nodes", "fuse_nodes",
-           "FUSE_BY_DEFAULT",
-           "init_parameters", "ARCHITECTURE", "BN_EPS", "BN_MOMENTUM"]
+           "FUSE_BY_DEFAULT", "init_parameters", "ARCHITECTURE", "BN_EPS", "BN_KINDS", "BN_MOMENTUM"]

@@ -2,7 +2,7 @@
 
 :class:`TrainStep` runs it eagerly (every kernel launched from Python), or
 on the CUDA target with ``graph=True`` as two captured CUDA graphs replayed
-per step:
+per step (:class:`vggen.runtime.cuda.StepGraphs`):
 
 1. the host copies the batch, the dropout masks and the learning rate into
    the workspace's fixed buffers (on the step's stream);
@@ -25,20 +25,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from vggen.errors import VggenError
 from vggen.model.network import Network, StepResult
 from vggen.model.optim import SGD
+from vggen.runtime.cuda import StepGraphs
 
 
 class TrainStep:
     def __init__(self, net: Network, opt: SGD, graph: bool = False):
         self.net, self.opt, self.graph = net, opt, graph
         self._graphs: dict = {}          # batch size -> (graph A, graph B), or None after its eager step
-        if graph:
-            cupy = getattr(net.backend, "cupy", None)
-            if cupy is None:
-                raise VggenError("CUDA graphs need the cuda target (--target cuda)")
-            self.stream = cupy.cuda.Stream(non_blocking=True)
+        self._recorder = StepGraphs(net.backend) if graph else None
+
+    @property
+    def stream(self):
+        """The stream the graph steps run on (None for eager steps)."""
+        return self._recorder.stream if self._recorder is not None else None
 
     def __call__(self, images: np.ndarray, labels: np.ndarray, lr: float,
                  rng: np.random.Generator | None = None, masks: dict | None = None) -> StepResult:
@@ -46,11 +47,11 @@ class TrainStep:
             result = self.net.train_step(images, labels, rng=rng, masks=masks)
             self.opt.step(lr)
             return result
-        with self.stream:
+        with self._recorder.stream:
             return self._replay(images, labels, lr, rng, masks)
 
     def _replay(self, images, labels, lr, rng, masks) -> StepResult:
-        net, batch = self.net, len(labels)
+        net, batch, recorder = self.net, len(labels), self._recorder
         ws = net.prepare(images, labels, train=True, rng=rng, masks=masks)
         self.opt.set_lr(lr)
         graphs = self._graphs.get(batch)
@@ -60,24 +61,17 @@ class TrainStep:
                 net.launch_forward(ws)
                 net.backward(ws)
             else:                                  # second: capture, then replay
-                graphs = self._graphs[batch] = (self._capture(lambda: (net.launch_forward(ws), net.backward(ws))),
-                                                self._capture(self.opt.launch))
+                graphs = self._graphs[batch] = (
+                    recorder.capture(lambda: (net.launch_forward(ws), net.backward(ws))),
+                    recorder.capture(self.opt.launch))
         if graphs is not None:
-            graphs[0].launch(self.stream)
+            recorder.replay(graphs[0])
         result = net.step_result(ws, labels)                    # waits for the step
         if graphs is not None:
-            graphs[1].launch(self.stream)
+            recorder.replay(graphs[1])
         else:
             self.opt.launch()
         return result
-
-    def _capture(self, launches):
-        self.stream.begin_capture()
-        try:
-            launches()
-        finally:
-            graph = self.stream.end_capture()
-        return graph
 
 
 __all__ = ["TrainStep"]

@@ -27,12 +27,20 @@ Targets:
 * ``cuda`` — the generated CUDA kernels through CuPy, see
   :mod:`vggen.runtime.cuda`.
 
+The two kernel targets share :class:`KernelBackend` and :class:`KernelProgram`
+(a layer's kernels in manifest order: arguments bound from the manifest's
+signatures, every array checked before every call, the skip rule, the
+profiler's hooks); a target supplies only how a kernel is looked up
+(``function``), how a size argument is typed (``size_argument``), its launch
+geometry (``geometry``) and how a bound call is launched (``launch``).
+
 ``get_backend("auto")`` picks cuda when CuPy and a GPU are present, else c.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,8 +48,8 @@ import sympy as sp
 
 from vggen.errors import VggenError
 from vggen.frontend.lang import Layer
+from vggen.manifest import ArgSpec, KernelSpec, check_manifest_shape, read_manifest
 
-TARGETS = ("auto", "c", "cuda", "numpy")
 DTYPES = {"float": np.dtype(np.float32), "int": np.dtype(np.int32)}
 
 
@@ -170,6 +178,130 @@ class Program:
         raise NotImplementedError
 
 
+# --------------------------------------------------------------------------- kernel programs
+
+
+def manifest_dtype(arg: ArgSpec) -> np.dtype:
+    """The array dtype of a tensor argument as the manifest declares it."""
+    return DTYPES["int"] if arg.dtype.startswith("int") else DTYPES["float"]
+
+
+class KernelCall:
+    """One kernel of a program bound to concrete sizes: the target's function,
+    its tensor arguments (name, shape, dtype, in signature order), its size
+    arguments' values, what it writes, and the target's launch geometry."""
+
+    __slots__ = ("spec", "fn", "tensors", "sizes", "writes", "geometry")
+
+    def __init__(self, spec: KernelSpec, fn, tensors: tuple, sizes: tuple, geometry):
+        self.spec, self.fn, self.tensors, self.sizes = spec, fn, tensors, sizes
+        self.writes = frozenset(spec.writes)
+        self.geometry = geometry
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class BoundCall:
+    """A kernel call with its arrays checked and bound, to launch on its own
+    (the tuner replays single kernels)."""
+
+    def __init__(self, backend: "KernelBackend", call: KernelCall, arrays: list):
+        self.backend, self.call, self.arrays = backend, call, arrays
+
+    @property
+    def spec(self) -> KernelSpec:
+        return self.call.spec
+
+    @property
+    def name(self) -> str:
+        return self.call.name
+
+    def __call__(self) -> None:
+        self.backend.launch(self.call, self.arrays)
+
+
+class KernelProgram(Program):
+    """A layer's generated kernels for one target, in manifest order.
+
+    Binding checks each kernel's signature against the layer once (every
+    tensor argument is a tensor of the layer, of the manifest's dtype and
+    shape; every size has a value); each call then checks its arrays.
+    """
+
+    def __init__(self, backend: "KernelBackend", layer: Layer, sizes: Mapping[str, int]):
+        super().__init__(backend, layer, sizes)
+        specs = backend.manifest.kernels_for(backend.manifest_target, layer)
+        if not specs:
+            raise VggenError(f"no {backend.manifest_target} kernels for layer {layer.name} in "
+                             f"{backend.manifest.path}: regenerate the kernels (`vggen build`)")
+        self.calls = [self._bind(spec) for spec in specs]
+        # tensor -> the kernels of this program that read it: a skipped
+        # gradient another kernel reads must still be computed
+        self.readers: dict = {}
+        for call in self.calls:
+            for name, _, _ in call.tensors:
+                if name not in call.writes:
+                    self.readers.setdefault(name, set()).add(call.name)
+
+    def _bind(self, spec: KernelSpec) -> KernelCall:
+        tensors, sizes = [], []
+        for a in spec.args:
+            if a.kind == "size":
+                if a.name not in self.sizes:
+                    raise VggenError(f"kernel {spec.name}: no value for size {a.name}")
+                sizes.append(self.backend.size_argument(a, int(self.sizes[a.name])))
+                continue
+            if a.name not in self.shapes:
+                raise VggenError(f"kernel {spec.name}: argument {a.name} is not a tensor of "
+                                 f"layer {self.layer.name}")
+            dtype = manifest_dtype(a)
+            if dtype != self.dtypes[a.name]:
+                raise VggenError(f"kernel {spec.name}: argument {a.name} is {a.dtype} in the "
+                                 f"manifest but {self.dtypes[a.name]} in layer {self.layer.name}")
+            check_manifest_shape(spec, a, self.shapes[a.name], self.sizes)
+            tensors.append((a.name, self.shapes[a.name], dtype))
+        return KernelCall(spec, self.backend.function(spec), tuple(tensors), tuple(sizes),
+                          self.backend.geometry(spec, self.sizes))
+
+    def skipped(self, call: KernelCall, skip: frozenset) -> bool:
+        """Whether ``call`` only writes skipped tensors no other kernel reads."""
+        return (bool(skip) and call.writes <= skip
+                and not any(self.readers.get(w) for w in call.writes))
+
+    def arguments(self, call: KernelCall, env: Mapping[str, Any]) -> list:
+        """``call``'s arrays from ``env``, each checked."""
+        array_type = self.backend.array_type
+        out = []
+        for name, shape, dtype in call.tensors:
+            a = env[name]
+            check_argument(call.name, name, a, shape, dtype, array_type)
+            out.append(a)
+        return out
+
+    def launches(self, env: Mapping[str, Any]) -> list[BoundCall]:
+        """Every kernel of the program bound to ``env``'s arrays (checked)."""
+        return [self.backend.bound_call(self.backend, call, self.arguments(call, env))
+                for call in self.calls]
+
+    def run(self, env: dict, skip: frozenset) -> None:
+        backend = self.backend
+        for call in self.calls:
+            if skip and self.skipped(call, skip):
+                continue
+            arrays = self.arguments(call, env)
+            profiler = backend.profiler
+            if profiler is not None:
+                profiler.begin(call.name)
+            backend.launch(call, arrays)
+            if profiler is not None:
+                profiler.end(call.name)
+
+
+# --------------------------------------------------------------------------- backends
+
+
 class Backend:
     """Runs layers on one target; holds the array library (``xp``) of its arrays."""
 
@@ -198,10 +330,6 @@ class Backend:
     def _prepare(self, layer: Layer, sizes: Mapping[str, int]) -> Program:  # pragma: no cover
         raise NotImplementedError
 
-    def can_skip(self, layer: Layer) -> bool:
-        """Whether ``run(..., skip=...)`` really saves the work of skipped gradients."""
-        return True
-
     # ---- arrays
     def empty(self, shape, dtype=np.float32):
         return self.xp.empty(shape, dtype=dtype)
@@ -229,3 +357,47 @@ class Backend:
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name}>"
+
+
+class KernelBackend(Backend):
+    """A target of generated kernels listed in ``generated/manifest.json``.
+
+    Subclasses set ``manifest_target`` and implement the four hooks below.
+    """
+
+    manifest_target = "?"
+    bound_call: type = BoundCall        # what KernelProgram.launches returns
+
+    def __init__(self, generated: str | Path | None = None):
+        super().__init__()
+        self.manifest = read_manifest(generated)
+        self.generated = self.manifest.root
+        self.kernels = self.manifest.of_target(self.manifest_target)
+        if not self.kernels:
+            raise VggenError(f"{self.manifest.path} lists no {self.manifest_target} kernels: "
+                             f"regenerate them (`vggen build`)")
+
+    @property
+    def specs(self) -> tuple[KernelSpec, ...]:
+        """Every kernel of the manifest, of every target."""
+        return self.manifest.kernels
+
+    def _prepare(self, layer: Layer, sizes: Mapping[str, int]) -> KernelProgram:
+        return KernelProgram(self, layer, sizes)
+
+    # ---- the target's hooks
+    def function(self, spec: KernelSpec):       # pragma: no cover - abstract
+        """The callable kernel ``spec`` names (looked up once, cached)."""
+        raise NotImplementedError
+
+    def size_argument(self, arg: ArgSpec, value: int):
+        """A size argument's value as the kernel takes it."""
+        return value
+
+    def geometry(self, spec: KernelSpec, sizes: Mapping[str, int]):
+        """The launch geometry of ``spec`` at ``sizes`` (None: a plain call)."""
+        return None
+
+    def launch(self, call: KernelCall, arrays: list) -> None:   # pragma: no cover - abstract
+        """Run ``call`` on its checked ``arrays`` (signature order)."""
+        raise NotImplementedError

@@ -12,14 +12,10 @@ so concurrent builds and interrupted ones never leave a half-written library
 under the final name.  A cached library that fails to load, or lacks a
 kernel, is deleted and rebuilt.
 
-``generated/manifest.json`` lists the kernels: per kernel its name, target,
-layer, direction, class and ``signature`` — the ordered arguments (tensor
-pointers it reads, then those it writes, then ``int`` sizes; see
-:mod:`vggen.compiler.ir`).  A layer's program is its kernels in manifest order.
-Before every call each array argument is checked against the tensor's
-concrete shape, dtype (float32 / int32) and C-contiguity, and a mismatch is
-a VggenError naming the kernel and the argument; the arrays themselves are
-passed by pointer, never copied or converted.
+A layer's program is its kernels in manifest order, bound and checked by
+:class:`vggen.runtime.base.KernelProgram`; this module adds how a kernel is
+found (by name in the library, its ``argtypes`` from the manifest's signature)
+and called: the arrays are passed by pointer, never copied or converted.
 """
 
 from __future__ import annotations
@@ -33,13 +29,10 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
-
 from vggen.errors import VggenError
-from vggen.frontend.lang import Layer
-from vggen.manifest import KernelSpec, check_manifest_shape, kernels_for, read_manifest
-from vggen.paths import cache_dir, generated_dir
-from vggen.runtime.base import Backend, Program, check_argument
+from vggen.manifest import KernelSpec
+from vggen.paths import cache_dir
+from vggen.runtime.base import KernelBackend, KernelCall
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
@@ -129,76 +122,14 @@ def build_library(sources: list[Path], names: list[str], cc: str | None = None,
     return lib, path
 
 
-# --------------------------------------------------------------------------- programs
+# --------------------------------------------------------------------------- the backend
 
 
 _CTYPES = {"int": ctypes.c_int, "int32": ctypes.c_int32, "int64": ctypes.c_int64,
            "long": ctypes.c_long}
 
 
-class _Call:
-    """One bound kernel call: the function, its checked tensors, its sizes."""
-
-    __slots__ = ("fn", "name", "tensors", "sizes", "writes")
-
-    def __init__(self, fn, name, tensors, sizes, writes):
-        self.fn, self.name, self.tensors, self.sizes, self.writes = fn, name, tensors, sizes, writes
-
-
-class CProgram(Program):
-    def __init__(self, backend: "CBackend", layer: Layer, sizes):
-        super().__init__(backend, layer, sizes)
-        specs = kernels_for(backend.specs, backend.manifest_target, layer)
-        if not specs:
-            raise VggenError(f"no {backend.manifest_target} kernels for layer {layer.name} in "
-                             f"{backend.manifest}: regenerate the kernels (`vggen build`)")
-        self.calls = []
-        for spec in specs:
-            fn = backend.function(spec)
-            tensors = []
-            for a in spec.tensors:
-                if a.name not in self.shapes:
-                    raise VggenError(f"kernel {spec.name}: argument {a.name} is not a tensor of "
-                                     f"layer {layer.name}")
-                want = np.dtype(np.int32 if a.dtype.startswith("int") else np.float32)
-                if want != self.dtypes[a.name]:
-                    raise VggenError(f"kernel {spec.name}: argument {a.name} is {a.dtype} in the "
-                                     f"manifest but {self.dtypes[a.name]} in layer {layer.name}")
-                check_manifest_shape(spec, a, self.shapes[a.name], self.sizes)
-                tensors.append((a.name, self.shapes[a.name], want))
-            size_values = []
-            for a in spec.args:
-                if a.kind != "size":
-                    continue
-                if a.name not in self.sizes:
-                    raise VggenError(f"kernel {spec.name}: no value for size {a.name}")
-                size_values.append(int(self.sizes[a.name]))
-            self.calls.append(_Call(fn, spec.name, tuple(tensors), tuple(size_values),
-                                    frozenset(spec.writes)))
-        self.readers: dict = {}
-        for call in self.calls:
-            for n, _, _ in call.tensors:
-                if n not in call.writes:
-                    self.readers.setdefault(n, set()).add(call.name)
-
-    def run(self, env: dict, skip: frozenset) -> None:
-        for call in self.calls:
-            if skip and call.writes <= skip and not any(self.readers.get(w) for w in call.writes):
-                continue
-            ptrs = []
-            for name, shape, dtype in call.tensors:
-                a = env[name]
-                check_argument(call.name, name, a, shape, dtype)
-                ptrs.append(a.ctypes.data)
-            prof = self.backend.profiler
-            if prof is not None:
-                prof.begin(call.name)
-            call.fn(*ptrs, *call.sizes)
-            if prof is not None:
-                prof.end(call.name)
-
-
-class CBackend(Backend):
+class CBackend(KernelBackend):
     """The generated C kernels (OpenMP), called in place on NumPy arrays."""
 
     name = "c"
@@ -206,16 +137,11 @@ class CBackend(Backend):
 
     def __init__(self, generated: str | Path | None = None, cc: str | None = None,
                  flags: tuple = FLAGS, cache: str | Path | None = None):
-        super().__init__()
-        self.generated = Path(generated) if generated else generated_dir()
-        self.manifest = self.generated / "manifest.json"
-        self.specs = read_manifest(self.manifest)
-        mine = [s for s in self.specs if s.target == self.manifest_target]
-        if not mine:
-            raise VggenError(f"{self.manifest} lists no C kernels: regenerate them (`vggen build`)")
-        sources = sorted((self.generated / "c").glob("*.c")) + sorted((self.generated / "c").glob("*.h"))
-        self.lib, self.library = build_library(sources, [s.name for s in mine], cc, tuple(flags),
-                                               Path(cache) if cache else None)
+        super().__init__(generated)
+        c_dir = self.generated / "c"
+        sources = sorted(c_dir.glob("*.c")) + sorted(c_dir.glob("*.h"))
+        self.lib, self.library = build_library(sources, [s.name for s in self.kernels], cc,
+                                               tuple(flags), Path(cache) if cache else None)
         self._functions: dict = {}
 
     def function(self, spec: KernelSpec):
@@ -228,12 +154,8 @@ class CBackend(Backend):
             self._functions[spec.name] = fn
         return fn
 
-    def can_skip(self, layer: Layer) -> bool:
-        return True
-
-    def _prepare(self, layer, sizes):
-        return CProgram(self, layer, sizes)
+    def launch(self, call: KernelCall, arrays: list) -> None:
+        call.fn(*(a.ctypes.data for a in arrays), *call.sizes)
 
 
-__all__ = ["CBackend", "CProgram", "build_library", "compile_library", "read_manifest",
-           "kernels_for", "find_compiler", "cache_dir", "generated_dir", "FLAGS"]
+__all__ = ["CBackend", "build_library", "compile_library", "library_key", "find_compiler", "FLAGS"]

@@ -10,27 +10,29 @@ for a "thread" kernel, one block per output element for a "block" kernel);
 the kernels loop grid-stride over their outputs, so the grid is capped at
 MAX_BLOCKS without loss.
 
-Arguments are checked before every launch exactly as in :mod:`vggen.runtime.c`
-(CuPy array, float32 / int32, shape, C-contiguity), and a mismatch is a
-VggenError naming the kernel and the argument.  Without CuPy the backend
+Arguments are bound and checked by :class:`vggen.runtime.base.KernelProgram`
+as for every kernel target (here: CuPy arrays).  Without CuPy the backend
 raises a VggenError telling the user to install the ``cuda`` extra.
+
+:class:`StepGraphs` captures a sequence of launches on one stream as a CUDA
+graph and replays it (``vggen.model.step``'s ``graph=True``).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from vggen.errors import VggenError
-from vggen.frontend.lang import Layer
-from vggen.manifest import KernelSpec, check_manifest_shape, eval_size, kernels_for, read_manifest
-from vggen.paths import generated_dir
-from vggen.runtime.base import Backend, Program, check_argument
+from vggen.manifest import ArgSpec, KernelSpec, eval_size
+from vggen.runtime.base import BoundCall, KernelBackend, KernelCall
 
 OPTIONS = ("-std=c++17",)
 MAX_BLOCKS = 65535 * 16        # grid-stride kernels: more blocks than this buys nothing
+_SIZE_TYPES = {"int": np.int32, "int32": np.int32, "int64": np.int64, "long": np.int64}
 
 
 def _import_cupy():
@@ -64,82 +66,8 @@ def launch_shape(spec: KernelSpec, sizes: dict) -> tuple[tuple, tuple]:
     return tuple(max(1, g) for g in grid), block
 
 
-class CudaProgram(Program):
-    def __init__(self, backend: "CudaBackend", layer: Layer, sizes):
-        super().__init__(backend, layer, sizes)
-        specs = kernels_for(backend.specs, "cuda", layer)
-        if not specs:
-            raise VggenError(f"no cuda kernels for layer {layer.name} in {backend.manifest}: "
-                             f"regenerate the kernels (`vggen build`)")
-        np_types = {"int": np.int32, "int32": np.int32, "int64": np.int64, "long": np.int64}
-        self.specs = specs
-        self.calls = []
-        for spec in specs:
-            fn = backend.function(spec)
-            tensors, size_values = [], []
-            for a in spec.args:
-                if a.kind == "tensor":
-                    want = np.dtype(np.int32 if a.dtype.startswith("int") else np.float32)
-                    if a.name not in self.shapes:
-                        raise VggenError(f"kernel {spec.name}: argument {a.name} is not a tensor "
-                                         f"of layer {layer.name}")
-                    check_manifest_shape(spec, a, self.shapes[a.name], self.sizes)
-                    tensors.append((a.name, self.shapes[a.name], want))
-                else:
-                    if a.name not in self.sizes:
-                        raise VggenError(f"kernel {spec.name}: no value for size {a.name}")
-                    size_values.append(np_types.get(a.dtype, np.int32)(self.sizes[a.name]))
-            grid, block = launch_shape(spec, self.sizes)
-            self.calls.append((fn, spec.name, tuple(tensors), tuple(size_values), grid, block,
-                               frozenset(spec.writes)))
-        self.readers: dict = {}
-        for _, name, tensors, _, _, _, writes in self.calls:
-            for n, _, _ in tensors:
-                if n not in writes:
-                    self.readers.setdefault(n, set()).add(name)
-
-    def launches(self, env: dict) -> list["Launch"]:
-        """Each kernel call of the program on ``env``'s arrays (checked), to
-        launch on its own: the tuner replays the tiled ones."""
-        out = []
-        for spec, (fn, name, tensors, sizes, grid, block, _) in zip(self.specs, self.calls):
-            args = []
-            for tname, shape, dtype in tensors:
-                check_argument(name, tname, env[tname], shape, dtype, self.backend.array_type)
-                args.append(env[tname])
-            out.append(Launch(self.backend, spec, fn, grid, block, (*args, *sizes)))
-        return out
-
-    def run(self, env: dict, skip: frozenset) -> None:
-        array_type = self.backend.array_type
-        for fn, name, tensors, sizes, grid, block, writes in self.calls:
-            if skip and writes <= skip and not any(self.readers.get(w) for w in writes):
-                continue
-            args = []
-            for tname, shape, dtype in tensors:
-                a = env[tname]
-                check_argument(name, tname, a, shape, dtype, array_type)
-                args.append(a)
-            prof = self.backend.profiler
-            if prof is not None:
-                prof.begin(name)
-            fn(grid, block, (*args, *sizes))
-            if prof is not None:
-                prof.end(name)
-
-
-class Launch:
-    """One kernel call with its arguments bound (see CudaProgram.launches)."""
-
-    def __init__(self, backend: "CudaBackend", spec: KernelSpec, fn, grid, block, args):
-        self.backend, self.spec, self.fn, self.grid, self.block, self.args = backend, spec, fn, grid, block, args
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def __call__(self) -> None:
-        self.fn(self.grid, self.block, self.args)
+class Launch(BoundCall):
+    """One kernel call with its arguments bound (``KernelProgram.launches``)."""
 
     def with_tune(self, value: int) -> None:
         """Launch with the kernel's ``vg_tune_<name>`` set to ``value`` (a
@@ -148,21 +76,18 @@ class Launch:
         self()
 
 
-class CudaBackend(Backend):
+class CudaBackend(KernelBackend):
     """The generated CUDA kernels on CuPy arrays."""
 
     name = "cuda"
+    manifest_target = "cuda"
+    bound_call = Launch
 
     def __init__(self, generated: str | Path | None = None):
-        super().__init__()
         cupy = _import_cupy()
+        super().__init__(generated)
         self.cupy = self.xp = cupy
         self.array_type = cupy.ndarray
-        self.generated = Path(generated) if generated else generated_dir()
-        self.manifest = self.generated / "manifest.json"
-        self.specs = read_manifest(self.manifest)
-        if not any(s.target == "cuda" for s in self.specs):
-            raise VggenError(f"{self.manifest} lists no CUDA kernels: regenerate them (`vggen build`)")
         self.sources = sorted((self.generated / "cuda").glob("*.cu"))
         if not self.sources:
             raise VggenError(f"no CUDA sources in {self.generated / 'cuda'}: `vggen build`")
@@ -208,8 +133,15 @@ class CudaBackend(Backend):
         ptr.copy_from_host(np.array([value], np.int32).ctypes.data, 4)
         self._tunes[spec.name] = value
 
-    def _prepare(self, layer, sizes):
-        return CudaProgram(self, layer, sizes)
+    def size_argument(self, arg: ArgSpec, value: int):
+        return _SIZE_TYPES.get(arg.dtype, np.int32)(value)
+
+    def geometry(self, spec: KernelSpec, sizes) -> tuple[tuple, tuple]:
+        return launch_shape(spec, sizes)
+
+    def launch(self, call: KernelCall, arrays: list) -> None:
+        grid, block = call.geometry
+        call.fn(grid, block, (*arrays, *call.sizes))
 
     # ---- arrays
     def asarray(self, host, dtype=None):
@@ -240,4 +172,31 @@ class CudaBackend(Backend):
         self.cupy.cuda.get_current_stream().synchronize()
 
 
-__all__ = ["CudaBackend", "CudaProgram", "Launch", "OPTIONS"]
+class StepGraphs:
+    """Kernel launches captured as CUDA graphs on a stream of their own, and replayed there.
+
+    Uses only the backend's ``cupy`` (a stream that can capture), so any
+    backend carrying one can record.  Launches are captured while the stream
+    is current: issue them inside ``with graphs.stream:``.
+    """
+
+    def __init__(self, backend):
+        cupy = getattr(backend, "cupy", None)
+        if cupy is None:
+            raise VggenError("CUDA graphs need the cuda target (--target cuda)")
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+
+    def capture(self, launches: Callable[[], object]):
+        """A graph of the kernels ``launches()`` issues; none of them runs now."""
+        self.stream.begin_capture()
+        try:
+            launches()
+        finally:
+            graph = self.stream.end_capture()
+        return graph
+
+    def replay(self, graph) -> None:
+        graph.launch(self.stream)
+
+
+__all__ = ["CudaBackend", "Launch", "StepGraphs", "launch_shape", "OPTIONS", "MAX_BLOCKS"]

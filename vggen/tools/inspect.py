@@ -7,36 +7,20 @@ comment (``// <name>: …``) to the end of its body, and is checked against the
 sha256 the manifest records for it, so a stale ``generated/`` is reported
 rather than shown.
 
-The manifest helpers here (``load_manifest``, ``kernels_of``) are shared with
-``vggen.tools.report``.
+The manifest is read by :func:`vggen.manifest.load_manifest`; ``kernels_of``
+here is shared with ``vggen.tools.report``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
 from vggen.errors import VggenError
-from vggen.paths import generated_dir
+from vggen.manifest import load_manifest
 
 # --------------------------------------------------------------------------- manifest
-
-
-def load_manifest(generated: str | Path | None = None) -> tuple[Path, dict]:
-    """(the generated directory, its parsed manifest.json)."""
-    root = Path(generated) if generated is not None else generated_dir()
-    path = root / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VggenError(f"{path} not found: run `vggen build` (or pass --generated DIR)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VggenError(f"{path}: cannot read the manifest ({e}); run `vggen build`") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("kernels"), list):
-        raise VggenError(f"{path}: not a vggen manifest (no kernel list); run `vggen build`")
-    return root, manifest
 
 
 def kernels_of(manifest: dict, layer: str, direction: str | None = None, writes: str | None = None,
