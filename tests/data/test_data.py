@@ -222,6 +222,7 @@ def test_load_dataset_cifar10_and_unknown(tmp_path):
 
 
 def test_default_data_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("VGGEN_CACHE_DIR", raising=False)
     monkeypatch.setenv("VGGEN_DATA", str(tmp_path / "env"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_data_dir(str(tmp_path / "cli")) == tmp_path / "cli"
@@ -231,6 +232,8 @@ def test_default_data_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_data_dir(None) == tmp_path / "home" / ".cache" / "vggen" / "data"
+    monkeypatch.setenv("VGGEN_CACHE_DIR", str(tmp_path / "cache"))
+    assert default_data_dir(None) == tmp_path / "cache" / "data"
 
 
 # --------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from tests.helpers import REPO
 from vggen.compiler.emit import generate
 from vggen.errors import VggenError
 from vggen.frontend.layers import elementwise_activation, relu
+from vggen.manifest import load_manifest
 from vggen.tools.cli import main, parser
-from vggen.tools.inspect import find_layer, inspect_layer, kernel_text, load_manifest
+from vggen.tools.inspect import find_layer, inspect_layer, kernel_text
 from vggen.tools.plot import load_metrics
 
 GENERATED = REPO / "generated"

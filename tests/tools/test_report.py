@@ -16,9 +16,9 @@ from vggen.atomic import write_atomic
 from vggen.compiler.emit import generated_layers
 from vggen.errors import VggenError
 from vggen.frontend.layers import dropout, relu
+from vggen.manifest import load_manifest
 from vggen.proof.verify import check_all
 from vggen.tools.cli import main
-from vggen.tools.inspect import load_manifest
 from vggen.tools.report import html, latex, markdown, write_markdown
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vggen.errors import VggenError
+from vggen.paths import cache_dir
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -40,6 +41,7 @@ PIXELS = CHANNELS * HEIGHT * WIDTH  # 3072 bytes per image, channel-major
 RECORD = 1 + PIXELS  # binary format: one label byte, then the pixels
 
 DATASETS = ("digits", "cifar10")
+DATA_SUBDIR = "data"  # under the cache directory, where datasets are fetched by default
 
 
 @dataclass
@@ -215,13 +217,13 @@ def load_cifar10(root: str | Path) -> tuple[Dataset, Dataset]:
 
 
 def default_data_dir(explicit: str | None) -> Path:
-    """Where datasets live: ``--data``, else ``$VGGEN_DATA``, else the user cache."""
+    """Where datasets live: ``--data``, else ``$VGGEN_DATA``, else ``data/`` in
+    vggen's cache directory (:func:`vggen.paths.cache_dir`)."""
     if explicit:
         return Path(explicit).expanduser()
     if os.environ.get("VGGEN_DATA"):
         return Path(os.environ["VGGEN_DATA"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "vggen" / "data"
+    return cache_dir() / DATA_SUBDIR
 
 
 # --------------------------------------------------------------------------

@@ -1,16 +1,25 @@
 """The ``vggen`` command line.
 
 Every user-facing failure is a VggenError, printed as one line on stderr with
-a non-zero exit; no traceback reaches the user.
+a non-zero exit; no traceback reaches the user.  A command's result (a table,
+JSON, the file it wrote) is on stdout; progress and information are logged
+to stderr (``-q``, ``-v``: :mod:`vggen.tools.progress`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 
+from vggen import __version__
 from vggen.errors import VggenError
+from vggen.paths import cache_dir, generated_dir, templates_dir
+from vggen.tools.progress import configure_logging, progress_bars_enabled, verbosity_level
+
+log = logging.getLogger(__name__)
 
 
 def _cmd_check(args) -> int:
@@ -37,8 +46,9 @@ def _cmd_check(args) -> int:
 def _cmd_build(args) -> int:
     from vggen.compiler.emit import build
 
+    out = args.out or os.environ.get("VGGEN_GENERATED") or "generated"
     if args.check:
-        stale = build(args.out, check=True)
+        stale = build(out, check=True)
         if stale:
             print("generated/ is stale; run `vggen build`:", file=sys.stderr)
             for path in stale:
@@ -46,8 +56,8 @@ def _cmd_build(args) -> int:
             return 1
         print("generated/ is up to date")
         return 0
-    written = build(args.out)
-    print(f"wrote {len(written)} files under {args.out}/")
+    written = build(out)
+    print(f"wrote {len(written)} files under {out}/")
     return 0
 
 
@@ -90,8 +100,18 @@ def _cmd_tune(args) -> int:
 def _cmd_data(args) -> int:
     from vggen.data.datasets import default_data_dir, fetch_cifar10
 
-    path = fetch_cifar10(default_data_dir(args.data))
+    path = fetch_cifar10(default_data_dir(args.data), progress=progress_bars_enabled())
     print(f"CIFAR-10 is in {path}")
+    return 0
+
+
+def _cmd_cache(args) -> int:
+    from vggen.tools.cache import clear_cache
+
+    if args.action == "path":
+        print(cache_dir())
+    else:
+        print(clear_cache().summary())
     return 0
 
 
@@ -141,6 +161,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _verbosity_options(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("-q", "--quiet", action="count", default=default,
+                   help="less on stderr: warnings and errors only (no progress bars)")
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="more on stderr: debug detail")
+
+
+class _CommandParser(_Parser):
+    """A subcommand's parser (nested ones too: their parsers are of this class).
+    It takes -q/-v after the command as well, setting them only when given, so
+    that they do not undo the ones given before the command."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _verbosity_options(self, default=argparse.SUPPRESS)
+
+
 def _network_options(p: argparse.ArgumentParser) -> None:
     """The network and step options ``train`` and ``bench`` share."""
     p.add_argument("--width", type=int, default=64, help="channels of the first stage, C1 (default: 64)")
@@ -154,9 +191,11 @@ def _network_options(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vggen")
+    p.add_argument("--version", action="version", version=f"vggen {__version__}")
+    _verbosity_options(p, default=0)
     p.description = ("vggen: VGG layers written once as SymPy equations; backward derived and "
                      "proved; C (OpenMP) and CUDA kernels generated; the network trained with them.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
 
     c = sub.add_parser("check", help="derive every backward and prove it against the document")
     c.add_argument("--json", action="store_true", help="print the rows as a JSON list")
@@ -165,7 +204,8 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="regenerate the C and CUDA kernels into generated/")
     b.add_argument("--check", action="store_true", help="write nothing; exit 1 if generated/ is stale")
-    b.add_argument("--out", default="generated", help="output directory (default: generated)")
+    b.add_argument("--out", metavar="DIR",
+                   help="output directory (default: $VGGEN_GENERATED, else ./generated)")
     b.set_defaults(func=_cmd_build)
 
     t = sub.add_parser("train", help="train the generated VGG")
@@ -200,7 +240,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", metavar="FILE",
                    help="where to write (default: derivations.md, or derivations.html with --html)")
     r.add_argument("--html", action="store_true",
-                   help="write a standalone HTML page instead (MathJax typesets the math when opened)")
+                   help="write a standalone HTML page instead, its math in MathML (no script, no network)")
     r.add_argument("--layer", action="append", metavar="NAME",
                    help="only this layer (named as for `vggen inspect`); repeat for more "
                         "(default: every layer vggen generates kernels for)")
@@ -260,11 +300,24 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("name", choices=["cifar10"])
     f.add_argument("--data", metavar="DIR", help="destination (default: $VGGEN_DATA or the cache)")
     f.set_defaults(func=_cmd_data)
+
+    k = sub.add_parser("cache", help="where compiled kernel libraries are kept; clear them",
+                       description="The cache holds the C kernels compiled into shared libraries "
+                       "(and downloaded datasets under data/): $VGGEN_CACHE_DIR, else "
+                       "$XDG_CACHE_HOME/vggen, else ~/.cache/vggen.")
+    ksub = k.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ksub.add_parser("path", help="print the cache directory").set_defaults(func=_cmd_cache)
+    ksub.add_parser("clear", help="remove the compiled libraries (nothing else; datasets stay)"
+                    ).set_defaults(func=_cmd_cache)
+
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    configure_logging(verbosity_level(args.verbose, args.quiet))
+    log.debug("vggen %s: templates in %s, kernels in %s, compiled libraries in %s",
+              __version__, templates_dir(), generated_dir(), cache_dir())
     try:
         return args.func(args)
     except VggenError as e:

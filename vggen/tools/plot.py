@@ -116,8 +116,10 @@ def render(rows: list[dict], title: str = "") -> bytes:
 
 def plot(metrics: str | os.PathLike, out: str | os.PathLike, title: str | None = None) -> Path:
     """Draw ``metrics`` (a JSON-lines file) into the PNG ``out``; returns its path."""
-    _matplotlib()                      # before reading: say what to install first
+    # A wrong path is reported before a missing matplotlib: the user may be
+    # about to install it only to learn that the file was never there.
     rows = load_metrics(metrics)
+    _matplotlib()
     out = Path(out)
     write_atomic(out, render(rows, Path(metrics).name if title is None else title))
     return out

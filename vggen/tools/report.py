@@ -5,8 +5,10 @@ gradient, the document's equation as the document writes it (from
 ``vggen.proof.document``), the form vggen derives, the verdict and the method of
 the proof (the rows of ``vggen.proof.verify.check_all``) and, given the manifest of
 ``generated/``, the kernels that compute each equation.  Markdown with LaTeX
-math (``$$ … $$`` display, ``$ … $`` inline), as GitHub and MathJax read it;
-``html()`` wraps it in a standalone page that loads MathJax when opened.
+math (``$$ … $$`` display, ``$ … $`` inline), as GitHub and MathJax read it.
+``html_page()`` is the same document as a standalone HTML page whose math is
+presentation MathML printed from the SymPy expressions (:mod:`vggen.tools.mathml`):
+the browser renders it offline, with no script.
 Nothing in the text depends on the time or the machine, so the document is
 reproducible.  Files are written atomically.
 """
@@ -24,6 +26,7 @@ from vggen.atomic import write_atomic
 from vggen.compiler.emit import generated_layers
 from vggen.derive.autodiff import derive
 from vggen.proof.document import document_equations
+from vggen.tools.mathml import equation_mathml, expression_mathml, gradient_mathml
 
 TITLE = "Math for VGG, derived by vggen"
 # the document's names for vggen's index and tensor names
@@ -52,16 +55,44 @@ def latex(expr) -> str:
     return sp.latex(expr, symbol_names=names)
 
 
-def _eq(lhs, rhs, tag: str = "") -> str:
-    if tag.startswith("eq. "):
-        tag = rf" \tag{{{tag[4:]}}}"
-    elif tag:
-        tag = rf" \tag{{\text{{{tag}}}}}"
-    return f"$$ {latex(lhs)} = {latex(rhs)}{tag} $$"
+class _Math:
+    """How the document writes its math: TeX in the Markdown; with ``mathml``,
+    each piece's MathML is also recorded under its Markdown text, for the page."""
+
+    def __init__(self, mathml: bool = False):
+        self.mathml: dict[str, str] | None = {} if mathml else None
+
+    def _record(self, markdown: str, mathml) -> str:
+        if self.mathml is not None:
+            self.mathml[markdown] = mathml()
+        return markdown
+
+    def equation(self, lhs, rhs, tag: str = "") -> str:
+        """A displayed equation: one Markdown line, ``$$ … $$``."""
+        number = tag.removeprefix("eq. ")
+        tex = (rf" \tag{{{number}}}" if tag.startswith("eq. ") else
+               rf" \tag{{\text{{{tag}}}}}" if tag else "")
+        label = f'<span class="tag">({_html.escape(number)})</span>' if tag else ""
+        return self._record(f"$$ {latex(lhs)} = {latex(rhs)}{tex} $$",
+                            lambda: equation_mathml(lhs, rhs) + label)
+
+    def gradient(self, of: str) -> str:
+        """∂L/∂``of`` inline."""
+        return self._record(rf"$\partial L / \partial {_name(of)}$", lambda: gradient_mathml(of))
+
+    def expression(self, expr) -> str:
+        """``expr`` inline."""
+        return self._record(f"${latex(expr)}$", lambda: expression_mathml(expr))
+
+    def fixed(self, tex: str, mathml: str) -> str:
+        """Inline math that is no SymPy expression, given both ways."""
+        return self._record(f"${tex}$", lambda: mathml)
 
 
-def _gradient(of: str) -> str:
-    return rf"$\partial L / \partial {_name(of)}$"
+# -K ≤ i′, j′ ≤ K: the convolution window, for the notation paragraph
+_WINDOW_TEX = r"-K \le i', j' \le K"
+_WINDOW_MATHML = ("<math><mo>-</mo><mi>K</mi><mo>\u2264</mo><msup><mi>i</mi><mo>\u2032</mo></msup>"
+                  "<mo>,</mo><msup><mi>j</mi><mo>\u2032</mo></msup><mo>\u2264</mo><mi>K</mi></math>")
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -103,6 +134,10 @@ def markdown(rows, layers=None, manifest: dict | None = None) -> str:
     all of them when there are no rows), with the verdicts of ``rows``; with
     ``manifest`` (parsed ``generated/manifest.json``) each equation names the
     kernels that compute it."""
+    return _document(rows, layers, manifest, _Math())
+
+
+def _document(rows, layers, manifest: dict | None, math: _Math) -> str:
     docs = document_equations()
     layers = _layers_of(rows, layers)
     out = [f"# {TITLE}", "",
@@ -112,9 +147,10 @@ def markdown(rows, layers=None, manifest: dict | None = None) -> str:
            "the verdict with the method of the proof"
            + (", and the generated kernels that compute it." if manifest is not None else "."),
            "",
-           r"Notation: $\partial L / \partial T$ is the gradient of the loss with respect to "
-           r"tensor $T$; $i'$, $j'$ run over the convolution window ($-K \le i', j' \le K$); "
-           r"sums are written with inclusive bounds.",
+           (f"Notation: {math.gradient('T')} is the gradient of the loss with respect to "
+            f"tensor {math.expression(sp.Symbol('T'))}; {math.expression(sp.Symbol('di'))}, "
+            f"{math.expression(sp.Symbol('dj'))} run over the convolution window "
+            f"({math.fixed(_WINDOW_TEX, _WINDOW_MATHML)}); sums are written with inclusive bounds."),
            ""]
     summary = ["| layer | gradient | document | method | verdict |"
                + (" kernels |" if manifest is not None else ""),
@@ -123,7 +159,7 @@ def markdown(rows, layers=None, manifest: dict | None = None) -> str:
     for layer in layers:
         bw = derive(layer)
         body += [f"## {layer.name}", "", "Forward:", ""]
-        body += [_eq(eq.lhs, eq.rhs, eq.label) for eq in layer.equations]
+        body += [math.equation(eq.lhs, eq.rhs, eq.label) for eq in layer.equations]
         body += [""]
         if manifest is not None:
             written = list(dict.fromkeys(eq.target for eq in layer.equations))
@@ -131,12 +167,12 @@ def markdown(rows, layers=None, manifest: dict | None = None) -> str:
             body += ["Forward kernels:", ""] + [f"- {k}" for k in fwd or ["none generated"]] + [""]
         for g in bw.gradients:
             mine = [d for d in docs if d.layer == layer.name and d.gradient == g.tensor.name]
-            body += [f"### {_gradient(g.of.name)}", ""]
+            body += [f"### {math.gradient(g.of.name)}", ""]
             for d in mine:
                 body += [f"Document, eq. {d.number}" + (f" ({d.note})" if d.note else "") + ":", "",
-                         _eq(d.lhs, d.expr), ""]
+                         math.equation(d.lhs, d.expr), ""]
             body += ["Derived" + (":" if mine else " (the document has no equation for it):"), "",
-                     _eq(g.equation.lhs, g.equation.rhs), ""]
+                     math.equation(g.equation.lhs, g.equation.rhs), ""]
             verdicts = [r for r in rows if r.layer == layer.name and r.gradient == f"∂L/∂{g.of.name}"]
             body += [_verdict(r) for r in verdicts]
             kernels = _kernels(manifest, layer.name, "backward", g.tensor.name)
@@ -165,16 +201,21 @@ window.MathJax = {tex: {inlineMath: [['$', '$'], ['\\\\(', '\\\\)']], displayMat
 _STYLE = """body { max-width: 60em; margin: 2em auto; padding: 0 1em; font-family: sans-serif; line-height: 1.45; }
 code { font-size: 0.95em; background: #f3f3f3; padding: 0 0.2em; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
-.math { overflow-x: auto; }"""
+.math { display: flex; align-items: center; overflow-x: auto; overflow-y: hidden; padding: 0.2em 0; }
+.math math { flex: 1; } .math .tag { margin-left: 1em; }
+math { font-family: "STIX Two Math", "Latin Modern Math", "Cambria Math", "DejaVu Math TeX Gyre", math; }"""
 
 
-def _inline(text: str) -> str:
-    """Markdown inline spans (math, code, bold, italics) as HTML; math left for MathJax."""
+def _inline(text: str, mathml: dict[str, str] | None = None) -> str:
+    """Markdown inline spans (math, code, bold, italics) as HTML; math as its
+    MathML where ``mathml`` has it, else left for MathJax."""
     out = []
     for n, part in enumerate(re.split(r"(\$[^$]+\$|`[^`]+`)", text)):
         if n % 2:
-            out.append(f"<code>{_html.escape(part[1:-1])}</code>" if part.startswith("`")
-                       else _html.escape(part, quote=False))
+            if part.startswith("`"):
+                out.append(f"<code>{_html.escape(part[1:-1])}</code>")
+            else:
+                out.append((mathml or {}).get(part) or _html.escape(part, quote=False))
             continue
         part = _html.escape(part, quote=False)
         part = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", part)
@@ -182,9 +223,11 @@ def _inline(text: str) -> str:
     return "".join(out)
 
 
-def html(text: str, title: str = TITLE) -> str:
-    """The Markdown ``markdown()`` writes, as a standalone HTML page (MathJax
-    typesets the math when the page is opened; nothing is fetched now)."""
+def html(text: str, title: str = TITLE, mathml: dict[str, str] | None = None) -> str:
+    """The Markdown ``markdown()`` writes, as a standalone HTML page.  With
+    ``mathml`` (each math span's Markdown → its MathML) the math is MathML and
+    the page needs no script; without, the TeX is left for MathJax, loaded
+    when the page is opened (nothing is fetched now)."""
     body: list[str] = []
     para: list[str] = []
     items: list[str] = []
@@ -206,47 +249,56 @@ def html(text: str, title: str = TITLE) -> str:
         heading = re.match(r"(#{1,6}) (.*)", line)
         if line.startswith("$$"):
             flush()
-            body.append(f'<div class="math">{_html.escape(line, quote=False)}</div>')
+            shown = (mathml or {}).get(line) or _html.escape(line, quote=False)
+            body.append(f'<div class="math">{shown}</div>')
         elif heading:
             flush()
             level = len(heading.group(1))
-            body.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+            body.append(f"<h{level}>{_inline(heading.group(2), mathml)}</h{level}>")
         elif line.startswith("- "):
             if para or table:
                 flush()
-            items.append(_inline(line[2:]))
+            items.append(_inline(line[2:], mathml))
         elif line.startswith("|"):
             if para or items:
                 flush()
-            table.append([_inline(c.strip()) for c in line.strip().strip("|").split("|")])
+            table.append([_inline(c.strip(), mathml) for c in line.strip().strip("|").split("|")])
         elif not line.strip():
             flush()
         else:
             if items or table:
                 flush()
-            para.append(_inline(line))
+            para.append(_inline(line, mathml))
     flush()
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{_html.escape(title)}</title>\n<style>\n{_STYLE}\n</style>\n{_MATHJAX}\n"
+            f"<title>{_html.escape(title)}</title>\n<style>\n{_STYLE}\n</style>\n"
+            + ("" if mathml is not None else f"{_MATHJAX}\n") +
             "</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
 
 
 # --------------------------------------------------------------------------- files
 
 
+def html_page(rows, layers=None, manifest: dict | None = None) -> str:
+    """The document ``markdown()`` writes, as a standalone HTML page with its
+    math in MathML: it renders without a script or a network."""
+    math = _Math(mathml=True)
+    return html(_document(rows, layers, manifest, math), mathml=math.mathml)
+
+
 def write_markdown(path: str | os.PathLike, rows, layers=None, manifest: dict | None = None,
                    as_html: bool = False) -> Path:
     """``markdown(rows, layers, manifest)`` written atomically to ``path``
-    (as an HTML page with ``as_html``)."""
-    text = markdown(rows, layers, manifest)
-    return write_atomic(path, html(text) if as_html else text)
+    (with ``as_html``, ``html_page()`` instead)."""
+    text = html_page(rows, layers, manifest) if as_html else markdown(rows, layers, manifest)
+    return write_atomic(path, text)
 
 
 def report(path: str | os.PathLike, layers=None, generated=None, as_html: bool = False):
     """Check ``layers`` (default: VGG's) and write the document with the kernels
     of ``generated``'s manifest; returns (path, rows)."""
     from vggen.proof.verify import check_all
-    from vggen.tools.inspect import load_manifest
+    from vggen.manifest import load_manifest
 
     _, manifest = load_manifest(generated)
     layers = generated_layers() if layers is None else list(layers)

@@ -29,7 +29,9 @@ epoch it ran.  The pieces:
 * **Divergence** — a NaN or infinite loss (or test loss, or parameter) stops
   training with a VggenError before anything is saved, so the last good
   checkpoint stays whole.
-* **Metrics** — a tqdm bar per epoch (loss, accuracy, images/s); with
+* **Metrics** — a tqdm bar per epoch (loss, accuracy, images/s) where
+  someone watches, else one logged line per epoch
+  (:mod:`vggen.tools.progress`); with
   ``metrics`` set, one JSON line per epoch: ``epoch, train_loss, train_acc,
   test_loss, test_acc, images_per_s, seconds`` (a fresh run truncates the
   file, a resumed one appends).
@@ -38,6 +40,7 @@ epoch it ran.  The pieces:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -55,8 +58,10 @@ from vggen.model.network import Network, NonFiniteLoss
 from vggen.model.optim import SGD
 from vggen.model.step import TrainStep
 from vggen.runtime import TARGETS, get_backend, resolve_target
+from vggen.tools.progress import progress_bars_enabled
 
 SCHEDULE = "cosine"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,7 +83,7 @@ class TrainConfig:
     augment: bool = True
     fuse: bool | None = None        # BN → ReLU (→ dropout) as one layer; None: the target's default
     cuda_graph: bool = False        # cuda: replay each step as captured CUDA graphs (vggen.model.step)
-    progress: bool = True           # tqdm bars (the CLI leaves it on)
+    progress: bool = True           # tqdm bars where stderr is a terminal (the CLI leaves it on)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -183,21 +188,21 @@ def train(config: TrainConfig) -> list[dict]:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
         metrics_file.write_text("")
 
-    if config.progress:
-        note = (f"resuming after epoch {start} of {config.resume}; " if resume is not None else "")
-        if start >= config.epochs:
-            note += f"nothing to do: {config.epochs} epochs requested"
-        else:
-            note += (f"training on {backend.name}: width {config.width}, {net.parameter_count():,} "
-                     f"parameters, {len(train_set)} training / {len(test_set)} test images, "
-                     f"{steps} steps of {config.batch_size} per epoch")
-        tqdm.write(note)
+    note = (f"resuming after epoch {start} of {config.resume}; " if resume is not None else "")
+    if start >= config.epochs:
+        note += f"nothing to do: {config.epochs} epochs requested"
+    else:
+        note += (f"training on {backend.name}: width {config.width}, {net.parameter_count():,} "
+                 f"parameters, {len(train_set)} training / {len(test_set)} test images, "
+                 f"{steps} steps of {config.batch_size} per epoch")
+    log.info(note)
+    bars = config.progress and progress_bars_enabled()
 
     results = []
     for epoch in range(start, config.epochs):
         t0 = time.perf_counter()
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   disable=not config.progress, dynamic_ncols=True, leave=True)
+                   disable=not bars, dynamic_ncols=True, leave=True)
         loss_sum, correct, seen = 0.0, 0, 0
         try:
             for k, (images, labels) in enumerate(
@@ -246,6 +251,11 @@ def train(config: TrainConfig) -> list[dict]:
                             test_acc=f"{row['test_acc']:.3f}", img_s=f"{row['images_per_s']:.0f}")
         finally:
             bar.close()
+        if not bars:
+            log.info("epoch %d/%d: loss %.4f, accuracy %.3f, test loss %.4f, test accuracy %.3f, "
+                     "%.0f images/s, %.1f s", row["epoch"], config.epochs, row["train_loss"],
+                     row["train_acc"], row["test_loss"], row["test_acc"], row["images_per_s"],
+                     row["seconds"])
         history.append(row)
         results.append(row)
         if metrics_file is not None:

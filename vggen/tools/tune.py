@@ -24,6 +24,7 @@ Python, tested without a GPU; only :func:`measure` needs one.
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -159,7 +160,8 @@ def measure(run: Callable[[int], None], tunes: Iterable[int], cupy, repeats: int
 
 
 def tune(batch_sizes: Iterable[int] = (64,), width: int = 64, generated: str | Path | None = None,
-         progress: Callable[[str], None] | None = print) -> tuple[Path, Tuning, dict]:
+         progress: Callable[[str], None] | None = logging.getLogger(__name__).info
+         ) -> tuple[Path, Tuning, dict]:
     """Measure, record and rebuild (see the module docstring).  Returns the
     record's path, the record, and per product its (model ms, best ms)."""
     from vggen.compiler.emit import build
