@@ -3,7 +3,7 @@ layers outside VGG, with ``nvcc -arch=sm_90 -cubin`` (warnings are errors);
 each kernel is in its cubin under its extern "C" name.  Skipped only where
 nvcc is absent.
 
-The tiled contractions (vggen/cuda_schedule.py) fit their register budget
+The tiled contractions (vggen/compiler/targets/cuda/schedule.py) fit their register budget
 (``ptxas --resource-usage``: ≤ 128 registers, no stack, no spills).
 
 Where a CUDA driver and GPU are present too, every VGG kernel, and each tiled

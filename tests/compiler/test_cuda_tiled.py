@@ -1,4 +1,4 @@
-"""The tiled CUDA schedule of the contractions (vggen/cuda_schedule.py,
+"""The tiled CUDA schedule of the contractions (vggen/compiler/targets/cuda/schedule.py,
 templates/cuda/contraction_tiled.cu.j2): which kernels get it and their GEMM
 view, the arithmetic printed from the IR, the tiled/simple switch and what
 the manifest records for the runtime, and the choice of tile configuration.

@@ -59,7 +59,7 @@ def candidates(m: int, n: int, k: int) -> list[int]:
     seen, out = set(), []
 
     def add(config, want):
-        splits = cuda_schedule._splits(CONFIGS[config], m, n, k, want)
+        splits = cuda_schedule.usable_splits(CONFIGS[config], m, n, k, want)
         if (config, splits) not in seen:
             seen.add((config, splits))
             out.append(tune_value(config, splits))
@@ -115,7 +115,7 @@ def write_tuning(path: Path, tuning: Tuning) -> None:
 
 def network_products(net, batch: int) -> list[tuple[Product, object]]:
     """Each distinct tiled product of one training step of ``net`` (a CUDA
-    network), with its ``runtime_cuda.Launch`` (bound to the arrays of a real
+    network), with its ``vggen.runtime.cuda.Launch`` (bound to the arrays of a real
     step, run here first; ``launch.with_tune(t)`` runs it under tune value t)."""
     from vggen.manifest import eval_size
 

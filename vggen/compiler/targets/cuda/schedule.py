@@ -148,7 +148,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _splits(c: TileConfig, M: int, N: int, K: int, want: int) -> int:
+def usable_splits(c: TileConfig, M: int, N: int, K: int, want: int) -> int:
     """``want`` splits clamped to what the workspace, the counters and K allow,
     then normalised so that none is empty."""
     tiles = _cdiv(M, c.bm) * _cdiv(N, c.bn)
@@ -183,13 +183,13 @@ def choose(M: int, N: int, K: int, G: int = PERSISTENT_BLOCKS, tune: int = 0) ->
     (clamped like any choice)."""
     if tune > 0:
         c = (tune - 1) % len(CONFIGS)
-        return c, _splits(CONFIGS[c], M, N, K, (tune - 1) // len(CONFIGS) + 1)
+        return c, usable_splits(CONFIGS[c], M, N, K, (tune - 1) // len(CONFIGS) + 1)
     best = None
     for n, c in enumerate(CONFIGS):
         tiles = _cdiv(M, c.bm) * _cdiv(N, c.bn)
         want = max(1, min(G // tiles, _cdiv(K, c.bk) // KT_MIN))
         for w in (1, want) if want > 1 else (1,):
-            s = _splits(c, M, N, K, w)
+            s = usable_splits(c, M, N, K, w)
             t = cost(c, M, N, K, G, s)
             if best is None or t < best[0]:
                 best = (t, n, s)
@@ -287,7 +287,7 @@ class Tuned:
     @property
     def splits(self) -> int:
         """The splits the kernel will run (the request clamped like any choice)."""
-        return _splits(CONFIGS[self.config], self.m, self.n, self.k, (self.tune - 1) // len(CONFIGS) + 1)
+        return usable_splits(CONFIGS[self.config], self.m, self.n, self.k, (self.tune - 1) // len(CONFIGS) + 1)
 
     def as_dict(self) -> dict:
         out = {"M": self.m, "N": self.n, "K": self.k, "tune": self.tune}
