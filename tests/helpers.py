@@ -56,10 +56,12 @@ def concrete(exprs, sizes: dict) -> tuple:
     return tuple(int(sp.sympify(e).xreplace(subs)) for e in exprs)
 
 
-def call_c(lib, gk, env: dict, sizes: dict) -> dict:
-    """Run one generated C kernel: read tensors from ``env``, the written ones
-    returned (pre-filled with NaN / a sentinel, so an unwritten element shows)."""
-    args, keep, outs = [], [], {}
+def kernel_arguments(gk, env: dict, sizes: dict) -> tuple[list, dict]:
+    """A generated kernel's arguments in signature order: ``ctypes.c_int`` sizes and
+    C-contiguous host arrays, the tensors read taken from ``env``, the written ones
+    pre-filled with NaN / a sentinel (so an unwritten element shows) and also
+    returned by name."""
+    args, outs = [], {}
     for a in gk.ir.args:
         if a.kind == "size":
             args.append(ctypes.c_int(sizes[a.name]))
@@ -72,11 +74,16 @@ def call_c(lib, gk, env: dict, sizes: dict) -> dict:
         else:
             arr = np.full(shape, -12345 if dtype is np.int32 else np.nan, dtype=dtype)
             outs[a.name] = arr
-        keep.append(arr)
-        args.append(arr.ctypes.data_as(ctypes.c_void_p))
+        args.append(arr)
+    return args, outs
+
+
+def call_c(lib, gk, env: dict, sizes: dict) -> dict:
+    """Run one generated C kernel on ``env``; the tensors it writes, by name."""
+    args, outs = kernel_arguments(gk, env, sizes)
     fn = getattr(lib, gk.name)
     fn.restype = None
-    fn(*args)
+    fn(*[a.ctypes.data_as(ctypes.c_void_p) if isinstance(a, np.ndarray) else a for a in args])
     return outs
 
 

@@ -28,7 +28,7 @@ from tests.helpers import (
     ATOL,
     REPO,
     RTOL,
-    concrete,
+    kernel_arguments,
     layer_data,
     leaky_relu,
     reference,
@@ -170,19 +170,8 @@ def _driver():
 def run_on_gpu(drv: Driver, fn, gk, env: dict, sizes: dict, simple: bool = False) -> dict:
     """One kernel with the manifest's launch shape (``simple``: a tiled kernel's
     ``<name>_simple`` fallback, with the fallback's)."""
-    args, outs = [], {}
-    for a in gk.ir.args:
-        if a.kind == "size":
-            args.append(ctypes.c_int(sizes[a.name]))
-            continue
-        shape = concrete(a.tensor.shape, sizes)
-        dtype = np.int32 if a.dtype == "int32" else np.float32
-        if a.access == "read":
-            host = np.ascontiguousarray(env[a.name], dtype=dtype)
-        else:
-            host = np.full(shape, -12345 if dtype is np.int32 else np.nan, dtype=dtype)
-            outs[a.name] = host
-        args.append(drv.to_device(host))
+    host, outs = kernel_arguments(gk, env, sizes)
+    args = [drv.to_device(a) if isinstance(a, np.ndarray) else a for a in host]
     how = launch(gk.ir, None if simple else gk.tiled)
     assert how["block"] == [CUDA_THREADS, 1, 1] and how["grid"][1:] == ["1", "1"]
     drv.launch(fn, max(1, eval_size(how["grid"][0], sizes)), args)

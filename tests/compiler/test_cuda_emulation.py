@@ -177,11 +177,11 @@ extern "C" long long vg_emu_vectors() { long long m = vg_emu::vectors; vg_emu::v
     return "\n".join(out)
 
 
-def _emulate(layers, where: Path):
-    """(library, kernels by name): ``layers``' CUDA kernels compiled for the CPU."""
-    text, kernels = generate(layers, "cuda", SPECIALISE)
+def compile_emulation(text: str, kernels, where: Path, probe: str = "") -> ctypes.CDLL:
+    """Generated CUDA ``text`` (of ``kernels``) compiled for the CPU, with ``probe``
+    (extra C++ a test reads the kernels' state through) appended."""
     src = where / "emu.cpp"
-    src.write_text(_emulation_source(text, kernels))
+    src.write_text(_emulation_source(text, kernels) + probe)
     lib = where / "emu.so"
     res = subprocess.run([CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", str(src), "-o", str(lib)],
                          capture_output=True, text=True)
@@ -189,7 +189,13 @@ def _emulate(layers, where: Path):
     dll = ctypes.CDLL(str(lib))
     if any(g.tiled is not None for g in kernels):
         dll.vg_emu_counters.restype = ctypes.c_ulonglong
-    return dll, {g.name: g for g in kernels}
+    return dll
+
+
+def _emulate(layers, where: Path):
+    """(library, kernels by name): ``layers``' CUDA kernels compiled for the CPU."""
+    text, kernels = generate(layers, "cuda", SPECIALISE)
+    return compile_emulation(text, kernels, where), {g.name: g for g in kernels}
 
 
 @pytest.fixture(scope="module")
@@ -370,13 +376,7 @@ def test_split_reductions_share_the_grid_and_reset_their_counters(tmp_path):
     assert gk.name == "batchnormalization_backward_g_gamma_g_beta"
     probe = (f'extern "C" unsigned vg_emu_rcount() {{ unsigned s = 0; for (int i = 0; i < 264; ++i) '
              f's += vg_rcount_{gk.name}[i]; return s; }}\n')
-    src = tmp_path / "emu.cpp"
-    src.write_text(_emulation_source(text, kernels) + probe)
-    lib_path = tmp_path / "emu.so"
-    res = subprocess.run([CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", str(src),
-                          "-o", str(lib_path)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lib = ctypes.CDLL(str(lib_path))
+    lib = compile_emulation(text, kernels, tmp_path, probe)
     sizes = dict(B=3, C=3, H=9, W=11)
     env = layer_data(layer, sizes, SPECIALISE, np.random.default_rng(0))
     want = reference(gk, env, sizes, SPECIALISE)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -62,16 +61,10 @@ def test_sgd_kernel_matches_the_formula(target):
 
 @pytest.mark.skipif(CXX is None or sys.platform != "linux", reason="needs g++ and ucontext (Linux)")
 def test_sgd_cuda_kernel_in_emulation(tmp_path):
-    from tests.compiler.test_cuda_emulation import _emulation_source
+    from tests.compiler.test_cuda_emulation import compile_emulation
 
     text, kernels = generate([sgd_momentum()], "cuda")
-    src = tmp_path / "emu.cpp"
-    src.write_text(_emulation_source(text, kernels))
-    lib = tmp_path / "emu.so"
-    res = subprocess.run([CXX, "-std=c++17", "-O1", "-shared", "-fPIC", str(src), "-o", str(lib)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    dll = ctypes.CDLL(str(lib))
+    dll = compile_emulation(text, kernels, tmp_path)
     rng = np.random.default_rng(1)
     size = 3 * 256 + 5                            # more than the grid: grid striding
     p, v, g = (rng.standard_normal(size).astype(np.float32) for _ in range(3))

@@ -8,7 +8,6 @@ record becomes a table the kernel consults (run in the CPU emulation).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 import subprocess
@@ -115,23 +114,15 @@ def test_the_kernel_consults_its_table_only_when_not_forced():
 
 @pytest.mark.skipif(CXX is None or sys.platform != "linux", reason="needs g++ and ucontext (Linux)")
 def test_a_recorded_choice_is_found_and_runs_right_in_emulation(tmp_path):
-    from tests.compiler.test_cuda_emulation import _check, _emulation_source, _run
-
+    from tests.compiler.test_cuda_emulation import _check, _run, compile_emulation
     from tests.helpers import layer_data, reference
 
     sizes = dict(B=8, IC=64, C=32)
     tune = tune_value(4, 3)
     rec = _record("linear_forward_y", 8, 32, 64, tune)
     text, kernels = generate([linear()], "cuda", SPECIALISE, tuning=rec)
-    src = tmp_path / "emu.cpp"
     probe = 'extern "C" int vg_emu_tuned(int M, int N, int K) { return vg_tuned_linear_forward_y(M, N, K); }\n'
-    src.write_text(_emulation_source(text, kernels) + probe)
-    lib_path = tmp_path / "emu.so"
-    res = subprocess.run([CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", str(src),
-                          "-o", str(lib_path)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lib = ctypes.CDLL(str(lib_path))
-    lib.vg_emu_counters.restype = ctypes.c_ulonglong
+    lib = compile_emulation(text, kernels, tmp_path, probe)
     assert lib.vg_emu_tuned(8, 32, 64) == tune
     assert lib.vg_emu_tuned(8, 32, 65) == 0 and lib.vg_emu_tuned(32, 8, 64) == 0
     gk = next(k for k in kernels if k.name == "linear_forward_y")

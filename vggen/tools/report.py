@@ -297,8 +297,8 @@ def write_markdown(path: str | os.PathLike, rows, layers=None, manifest: dict | 
 def report(path: str | os.PathLike, layers=None, generated=None, as_html: bool = False):
     """Check ``layers`` (default: VGG's) and write the document with the kernels
     of ``generated``'s manifest; returns (path, rows)."""
-    from vggen.proof.verify import check_all
     from vggen.manifest import load_manifest
+    from vggen.proof.verify import check_all
 
     _, manifest = load_manifest(generated)
     layers = generated_layers() if layers is None else list(layers)

@@ -11,7 +11,7 @@ import dataclasses
 import sympy as sp
 
 from vggen.errors import VggenError
-from vggen.frontend.lang import REDUCTIONS, Layer, Tensor
+from vggen.frontend.lang import Layer, Tensor
 
 
 def specialisation(layer: Layer, specialise: dict | None) -> dict:
@@ -21,15 +21,7 @@ def specialisation(layer: Layer, specialise: dict | None) -> dict:
     keys the layer does not use are ignored, so one dict serves every layer.
     Layer constants not named fall back to the layer's default value.
     """
-    syms = set(layer.constants)
-    for t in layer.tensors:
-        for e in t.shape + t.lower:
-            syms |= e.free_symbols
-    for eq in layer.equations:
-        for node in eq.rhs.atoms(*REDUCTIONS):
-            for _, lo, hi in node.limits:
-                syms |= lo.free_symbols | hi.free_symbols
-    by_name = {s.name: s for s in syms}
+    by_name = {s.name: s for s in set(layer.constants) | layer.size_symbols}
     out = {}
     for key, value in (specialise or {}).items():
         name = key.name if isinstance(key, sp.Symbol) else str(key)
