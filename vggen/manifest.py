@@ -4,12 +4,19 @@ The manifest lists the kernels: per kernel its name, target, layer,
 direction, class and ``signature`` — the ordered arguments (tensor pointers
 it reads, then those it writes, then ``int`` sizes).  A layer's program is its
 kernels in manifest order.
+
+It also records, under ``files``, the SHA-256 of every file the build wrote:
+:meth:`Manifest.verify_sources` holds a target's sources to it before a
+backend compiles or loads them, so hand-edited kernels never run unnoticed.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +25,11 @@ from vggen.frontend.lang import Layer
 from vggen.paths import generated_dir
 
 MANIFEST = "manifest.json"
+# What each kernel target's backend compiles or loads from <generated>/<target>/:
+# the files the manifest's hashes must vouch for.
+SOURCES = {"c": (".c", ".h"), "cuda": (".cu", ".cuh")}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,61 @@ class Manifest:
     def kernels_for(self, target: str, layer: Layer) -> list[KernelSpec]:
         """See :func:`kernels_for`."""
         return kernels_for(self.kernels, target, layer)
+
+    def verify_sources(self, target: str, allow_modified: bool = False) -> list[Path]:
+        """Hold ``target``'s generated sources to the manifest's ``files`` hashes.
+
+        Every source in ``<root>/<target>/`` (``SOURCES``) must be listed with
+        the SHA-256 of its bytes, and every one listed must be there.  A
+        mismatch is a one-line VggenError naming the file; with
+        ``allow_modified`` it is a warning instead.  Returns the mismatched
+        paths (none: the sources are the build's).
+        """
+        suffixes = SOURCES.get(target, ())
+        files = self.data.get("files")
+        listed = {rel: digest for rel, digest in (files.items() if isinstance(files, dict) else ())
+                  if Path(rel).parent == Path(target) and Path(rel).suffix in suffixes}
+        directory = self.root / target
+        try:
+            present = sorted(f"{target}/{p.name}" for p in directory.iterdir()
+                             if p.suffix in suffixes and p.is_file()) if directory.is_dir() else []
+        except OSError as e:
+            raise VggenError(f"{_shown(directory)}: cannot list the kernel sources "
+                             f"({e.strerror or e})") from None
+        problems = []
+        for rel in present:
+            path = self.root / rel
+            if rel not in listed:
+                problems.append((path, "is not listed in the manifest"))
+                continue
+            try:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError as e:
+                problems.append((path, f"cannot be read ({e.strerror or e})"))
+                continue
+            if digest != listed[rel]:
+                problems.append((path, "differs from the manifest"))
+        problems += [(self.root / rel, "is listed in the manifest but missing")
+                     for rel in sorted(set(listed) - set(present))]
+        if not problems:
+            return []
+        if allow_modified:
+            log.warning("running MODIFIED kernels: %s (vggen build restores %s)",
+                        "; ".join(f"{_shown(p)} {what}" for p, what in problems),
+                        "it" if len(problems) == 1 else "them")
+            return [p for p, _ in problems]
+        path, what = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise VggenError(f"{_shown(path)} {what}{more}: run `vggen build` to regenerate the kernels, "
+                         f"or pass --allow-modified-kernels to run edited kernels")
+
+
+def _shown(path: Path) -> str:
+    """``path`` as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(Path(os.path.abspath(path)).relative_to(Path.cwd()))
+    except (ValueError, OSError):       # elsewhere, or no working directory any more
+        return str(path)
 
 
 def read_manifest(generated: str | Path | None = None) -> Manifest:

@@ -4,6 +4,7 @@ shapes; the C runtime's compilation, cache, and argument checks."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -271,7 +272,9 @@ def _fake_generated(root: Path, source: str) -> Path:
                             "shape": ["B", "C", "H", "W"]},
                            *[{"name": s, "kind": "size", "dtype": "int", "access": "size"}
                              for s in "BCHW"]]}
-    (root / "manifest.json").write_text(json.dumps({"kernels": [entry]}))
+    # a hand-written kernel, recorded as a build would: the runtime refuses unlisted sources
+    files = {"c/k.c": hashlib.sha256(source.encode()).hexdigest()}
+    (root / "manifest.json").write_text(json.dumps({"kernels": [entry], "files": files}))
     return root
 
 

@@ -3,7 +3,9 @@
 ``get_backend("auto")`` picks cuda when CuPy and a GPU are present, else c.
 Each backend is created once, on first use; the c and cuda backends are
 imported only then, so that a compiler or CuPy is needed only by the target
-that uses it.
+that uses it.  A backend made to run modified kernels
+(``allow_modified_kernels``) is never handed to a caller that did not ask
+for that.
 """
 
 from __future__ import annotations
@@ -15,17 +17,17 @@ from vggen.runtime.base import Backend
 from vggen.runtime.numpy import NumpyBackend
 
 
-def _c_backend() -> Backend:
+def _c_backend(allow_modified_kernels: bool = False) -> Backend:
     from vggen.runtime.c import CBackend
-    return CBackend()
+    return CBackend(allow_modified_kernels=allow_modified_kernels)
 
 
-def _cuda_backend() -> Backend:
+def _cuda_backend(allow_modified_kernels: bool = False) -> Backend:
     from vggen.runtime.cuda import CudaBackend
-    return CudaBackend()
+    return CudaBackend(allow_modified_kernels=allow_modified_kernels)
 
 
-_FACTORIES: dict[str, Callable[[], Backend]] = {
+_FACTORIES: dict[str, Callable[..., Backend]] = {
     "c": _c_backend,
     "cuda": _cuda_backend,
     "numpy": NumpyBackend,
@@ -54,12 +56,22 @@ def resolve_target(target: str) -> str:
 _BACKENDS: dict[str, Backend] = {}
 
 
-def get_backend(target: str = "auto") -> Backend:
-    """The backend for ``target`` (``auto``, ``c``, ``cuda`` or ``numpy``), created once."""
+def get_backend(target: str = "auto", allow_modified_kernels: bool = False) -> Backend:
+    """The backend for ``target`` (``auto``, ``c``, ``cuda`` or ``numpy``), created once.
+
+    ``allow_modified_kernels``: run generated sources that differ from the
+    manifest, with a warning, rather than refuse them.  A backend that checked
+    its sources serves either kind of request; one created to run modified
+    sources does not serve a strict request: that one gets a new backend,
+    which checks the sources again (and replaces it).
+    """
     target = resolve_target(target)
-    if target not in _BACKENDS:
-        _BACKENDS[target] = _FACTORIES[target]()
-    return _BACKENDS[target]
+    backend = _BACKENDS.get(target)
+    if backend is None or (getattr(backend, "allow_modified_kernels", False)
+                           and not allow_modified_kernels):
+        backend = _FACTORIES[target](allow_modified_kernels=allow_modified_kernels)
+        _BACKENDS[target] = backend
+    return backend
 
 
 __all__ = ["TARGETS", "cuda_available", "get_backend", "resolve_target"]

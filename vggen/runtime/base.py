@@ -309,6 +309,7 @@ class Backend:
     xp: Any = np
     array_type: type = np.ndarray
     profiler: Any = None    # when set: profiler.begin(kernel) / .end(kernel) around each call
+    allow_modified_kernels = False    # whether it runs sources that differ from the manifest
 
     def __init__(self):
         self._programs: dict = {}
@@ -362,13 +363,17 @@ class Backend:
 class KernelBackend(Backend):
     """A target of generated kernels listed in ``generated/manifest.json``.
 
-    Subclasses set ``manifest_target`` and implement the four hooks below.
+    Its sources are checked against the manifest's hashes before a subclass
+    compiles or loads anything (:meth:`vggen.manifest.Manifest.verify_sources`):
+    edited ones are refused, or with ``allow_modified_kernels`` run with a
+    warning.  Subclasses set ``manifest_target`` and implement the four hooks
+    below.
     """
 
     manifest_target = "?"
     bound_call: type = BoundCall        # what KernelProgram.launches returns
 
-    def __init__(self, generated: str | Path | None = None):
+    def __init__(self, generated: str | Path | None = None, *, allow_modified_kernels: bool = False):
         super().__init__()
         self.manifest = read_manifest(generated)
         self.generated = self.manifest.root
@@ -376,6 +381,9 @@ class KernelBackend(Backend):
         if not self.kernels:
             raise VggenError(f"{self.manifest.path} lists no {self.manifest_target} kernels: "
                              f"regenerate them (`vggen build`)")
+        self.allow_modified_kernels = allow_modified_kernels
+        # the sources that differ from the manifest (any only when allowed)
+        self.modified = self.manifest.verify_sources(self.manifest_target, allow_modified_kernels)
 
     @property
     def specs(self) -> tuple[KernelSpec, ...]:

@@ -1,16 +1,36 @@
-"""Run the generated C kernels: compile once, cache, load with ctypes, check, call.
+"""Run the generated C kernels: check, compile once, cache, load with ctypes, call.
 
-``generated/c/*.c`` (with any ``*.h`` beside them) are compiled together into
-one shared library with the system compiler::
+``generated/c/*.c`` (with any ``*.h`` beside them) are first held to the
+hashes ``generated/manifest.json`` records for them
+(:meth:`vggen.manifest.Manifest.verify_sources`): edited sources are refused,
+or with ``allow_modified_kernels`` compiled with a warning.  They are
+compiled together into one shared library with the system compiler::
 
     cc -O3 -march=native -fno-math-errno -fopenmp -shared -fPIC -o LIB.so generated/c/*.c -lm
 
-(``$CC`` overrides ``cc``.)  The library is cached in ``$XDG_CACHE_HOME/vggen``
-(default ``~/.cache/vggen``) under the SHA-256 of the sources, the flags and
-the compiler's version, written to a temporary file and renamed into place,
-so concurrent builds and interrupted ones never leave a half-written library
-under the final name.  A cached library that fails to load, or lacks a
-kernel, is deleted and rebuilt.
+(``$CC`` overrides ``cc``.)  The cache (:func:`vggen.paths.cache_dir`) keeps
+a library as ``<key>.so``, ``key`` the SHA-256 of the sources, the flags and
+the compiler's version, beside its record ``<key>.json`` (the key, the size
+and SHA-256 of the ``.so``, the compiler and the flags).  What holds:
+
+* the compiler writes ``.<key>.<pid>.<hex>.so``, which is fsynced and renamed
+  to ``<key>.so``, and the directory fsynced; only then is the record
+  written the same way (``.<key>.<pid>.<hex>.json``).  A crash leaves at
+  worst a library without its record, never a record of a partial library;
+* a cached library is loaded only when its record parses, names its key, and
+  the file's size and SHA-256 are the record's.  Anything else (a truncated
+  library, no record, a garbled one) is removed and rebuilt with a warning:
+  an unverified file is never ``dlopen``-ed (a truncated one kills the
+  process with SIGBUS).  A verified library that does not load, or lacks a
+  kernel, is rebuilt too;
+* temporary files whose process is gone (a killed compile) are removed by
+  the next build in the directory;
+* a cache directory that cannot be created or written is replaced, with a
+  warning naming it and why, by a private temporary directory removed at
+  exit.
+
+Only a compiler failure, or a freshly built library that does not load, is
+an error.
 
 A layer's program is its kernels in manifest order, bound and checked by
 :class:`vggen.runtime.base.KernelProgram`; this module adds how a kernel is
@@ -20,15 +40,22 @@ and called: the arrays are passed by pointer, never copied or converted.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import hashlib
+import json
+import logging
 import os
+import re
 import secrets
 import shutil
 import subprocess
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from vggen.atomic import fsync_directory, remove_dead_writers
 from vggen.errors import VggenError
 from vggen.manifest import KernelSpec
 from vggen.paths import cache_dir
@@ -36,6 +63,11 @@ from vggen.runtime.base import KernelBackend, KernelCall
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
+# a temporary file of this module's: the pid that writes it is in the name, to
+# tell one a killed process left (vggen.tools.cache knows these names too)
+TEMPORARY = re.compile(r"\.[0-9a-f]{64}\.(\d+)\.[0-9a-f]+\.(so|json)")
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- compiling
@@ -69,22 +101,116 @@ def library_key(sources: list[Path], cc_path: str, flags: tuple) -> str:
     return h.hexdigest()
 
 
-def compile_library(sources: list[Path], out: Path, cc_path: str, flags: tuple) -> None:
-    """Compile ``sources`` into ``out`` atomically; VggenError with the compiler's message."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _temporary(directory: Path, key: str, suffix: str) -> Path:
+    """A new, empty temporary file of ``key`` in ``directory`` (OSError: cannot write there)."""
+    tmp = directory / f".{key}.{os.getpid()}.{secrets.token_hex(4)}{suffix}"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Make the whole ``tmp`` durable as ``final``: fsync it, rename it, fsync the directory."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_directory(final.parent)
+
+
+def record_path(library: Path) -> Path:
+    """The record of ``<key>.so``: ``<key>.json``."""
+    return library.with_suffix(".json")
+
+
+def compile_library(sources: list[Path], out: Path, cc_path: str, flags: tuple) -> dict:
+    """Compile ``sources`` into ``out`` and write its record beside it (see the
+    module docstring); returns the record.  VggenError with the compiler's
+    message; OSError when ``out``'s directory cannot be created or written."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.stem}.{os.getpid()}.{secrets.token_hex(4)}.so"
+    key = out.stem
+    # created here, before a compile of seconds, so that an unwritable directory shows at once
+    tmp = _temporary(out.parent, key, ".so")
     c_files = [str(s) for s in sources if s.suffix == ".c"]
     includes = sorted({f"-I{s.parent}" for s in sources})
     cmd = [cc_path, *flags, *includes, "-o", str(tmp), *c_files, *LIBS]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise VggenError(f"cannot run the C compiler {cc_path}: {e}") from e
+        if proc.returncode != 0:
+            message = (proc.stderr or proc.stdout).strip()
+            raise VggenError(f"C compilation failed ({' '.join(cmd)}):\n{message}")
+        record = {"key": key, "sha256": _sha256(tmp), "size": tmp.stat().st_size,
+                  "compiler": _compiler_identity(cc_path), "flags": list(flags)}
+        _publish(tmp, out)
+    finally:
+        _discard(tmp)
+    tmp = _temporary(out.parent, key, ".json")
+    try:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _publish(tmp, record_path(out))
+    finally:
+        _discard(tmp)
+    return record
+
+
+def _discard(tmp: Path) -> None:
+    with contextlib.suppress(OSError):      # renamed into place already, or never written
+        tmp.unlink()
+
+
+def library_damage(library: Path, key: str) -> str | None:
+    """Why the cached ``library`` cannot be trusted, or None when its record vouches for it."""
+    record = record_path(library)
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no record {record.name}: an older vggen's, or a build cut short"
+    except (OSError, UnicodeDecodeError, ValueError):
+        return f"its record {record.name} is unreadable"
+    if (not isinstance(data, dict) or data.get("key") != key
+            or not isinstance(data.get("size"), int) or not isinstance(data.get("sha256"), str)):
+        return f"its record {record.name} does not describe it"
+    try:
+        size = library.stat().st_size
+        if size != data["size"]:
+            return f"size {size}, expected {data['size']}"
+        if _sha256(library) != data["sha256"]:
+            return "its SHA-256 differs from its record"
     except OSError as e:
-        raise VggenError(f"cannot run the C compiler {cc_path}: {e}") from e
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        message = (proc.stderr or proc.stdout).strip()
-        raise VggenError(f"C compilation failed ({' '.join(cmd)}):\n{message}")
-    os.replace(tmp, out)
+        return f"cannot read it: {e.strerror or e}"
+    return None
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove the temporary files in ``directory`` whose writing process is gone."""
+    return remove_dead_writers(directory, TEMPORARY)
+
+
+_PRIVATE: list[Path] = []          # this process's fallback cache, made on first need
+
+
+def _private_cache() -> Path:
+    if not _PRIVATE:
+        try:
+            path = Path(tempfile.mkdtemp(prefix="vggen-"))
+        except OSError as e:
+            raise VggenError(f"cannot create a temporary directory to compile the kernels in: "
+                             f"{e.strerror or e}") from None
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        _PRIVATE.append(path)
+    return _PRIVATE[0]
 
 
 def _load(path: Path, names: list[str]) -> ctypes.CDLL | None:
@@ -97,20 +223,23 @@ def _load(path: Path, names: list[str]) -> ctypes.CDLL | None:
         return None
 
 
-def build_library(sources: list[Path], names: list[str], cc: str | None = None,
-                  flags: tuple = FLAGS, cache: Path | None = None) -> tuple[ctypes.CDLL, Path]:
-    """The loaded library of ``sources`` (from the cache, or compiled now)."""
-    if not any(s.suffix == ".c" for s in sources):
-        raise VggenError("no C sources to compile: generate the kernels first (`vggen build`)")
-    cc_path = find_compiler(cc)
-    cache = cache or cache_dir()
-    path = cache / f"{library_key(sources, cc_path, tuple(flags))}.so"
-    if path.exists():
-        lib = _load(path, names)
-        if lib is not None:
-            return lib, path
-        path.unlink(missing_ok=True)       # corrupt or stale: rebuild
-    compile_library(sources, path, cc_path, tuple(flags))
+def _cached_or_built(directory: Path, key: str, sources: list[Path], names: list[str],
+                     cc_path: str, flags: tuple) -> tuple[ctypes.CDLL, Path]:
+    """The library ``key`` from ``directory``, verified, or compiled into it now.
+    OSError: ``directory`` cannot be created or written."""
+    path = directory / f"{key}.so"
+    remove_stale_temporaries(directory)
+    if path.is_file():
+        reason = library_damage(path, key)
+        if reason is None:
+            lib = _load(path, names)
+            if lib is not None:
+                return lib, path
+            reason = "it does not load, or lacks a kernel"
+        log.warning("compiled library %s is damaged (%s): rebuilding", path, reason)
+        path.unlink(missing_ok=True)
+        record_path(path).unlink(missing_ok=True)
+    compile_library(sources, path, cc_path, flags)
     lib = _load(path, names)
     if lib is None:
         try:
@@ -120,6 +249,30 @@ def build_library(sources: list[Path], names: list[str], cc: str | None = None,
             reason = str(e)
         raise VggenError(f"the compiled kernel library {path} cannot be loaded: {reason}")
     return lib, path
+
+
+def build_library(sources: list[Path], names: list[str], cc: str | None = None,
+                  flags: tuple = FLAGS, cache: Path | None = None) -> tuple[ctypes.CDLL, Path]:
+    """The loaded library of ``sources`` (from the cache, or compiled now); see
+    the module docstring for what the cache guarantees."""
+    if not any(s.suffix == ".c" for s in sources):
+        raise VggenError("no C sources to compile: generate the kernels first (`vggen build`)")
+    cc_path = find_compiler(cc)
+    flags = tuple(flags)
+    key = library_key(sources, cc_path, flags)
+    cache = cache or cache_dir()
+    try:
+        return _cached_or_built(cache, key, sources, names, cc_path, flags)
+    except OSError as e:
+        private = _private_cache()
+        reason = "not a directory" if cache.exists() and not cache.is_dir() else e.strerror or str(e)
+        log.warning("cache directory %s is unusable (%s): compiling the kernels in %s instead "
+                    "(removed at exit)", cache, reason, private)
+    try:
+        return _cached_or_built(private, key, sources, names, cc_path, flags)
+    except OSError as e:
+        raise VggenError(f"cannot write the compiled kernel library to {private}: "
+                         f"{e.strerror or e}") from None
 
 
 # --------------------------------------------------------------------------- the backend
@@ -136,8 +289,9 @@ class CBackend(KernelBackend):
     manifest_target = "c"
 
     def __init__(self, generated: str | Path | None = None, cc: str | None = None,
-                 flags: tuple = FLAGS, cache: str | Path | None = None):
-        super().__init__(generated)
+                 flags: tuple = FLAGS, cache: str | Path | None = None, *,
+                 allow_modified_kernels: bool = False):
+        super().__init__(generated, allow_modified_kernels=allow_modified_kernels)
         c_dir = self.generated / "c"
         sources = sorted(c_dir.glob("*.c")) + sorted(c_dir.glob("*.h"))
         self.lib, self.library = build_library(sources, [s.name for s in self.kernels], cc,
@@ -158,4 +312,5 @@ class CBackend(KernelBackend):
         call.fn(*(a.ctypes.data for a in arrays), *call.sizes)
 
 
-__all__ = ["CBackend", "build_library", "compile_library", "library_key", "find_compiler", "FLAGS"]
+__all__ = ["CBackend", "build_library", "compile_library", "library_damage", "library_key", "find_compiler",
+           "record_path", "remove_stale_temporaries", "FLAGS"]

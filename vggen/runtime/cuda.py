@@ -2,13 +2,15 @@
 
 Each ``generated/cuda/*.cu`` is self-contained (no ``#include``) and is
 loaded as one ``cupy.RawModule`` (options ``-std=c++17``), compiled by NVRTC
-on first use and cached by CuPy.  The kernels are ``extern "C"`` and looked
-up by the names in ``generated/manifest.json``.  Launch geometry comes from
-the manifest's ``launch`` entry: ``block`` (``VG_THREADS`` threads along x)
-and ``grid`` (Python expressions in the sizes: one thread per output element
-for a "thread" kernel, one block per output element for a "block" kernel);
-the kernels loop grid-stride over their outputs, so the grid is capped at
-MAX_BLOCKS without loss.
+on first use and cached by CuPy.  The sources are first held to the
+manifest's hashes (:class:`vggen.runtime.base.KernelBackend`): edited ones
+are refused unless ``allow_modified_kernels``.  The kernels are
+``extern "C"`` and looked up by the names in ``generated/manifest.json``.
+Launch geometry comes from the manifest's ``launch`` entry: ``block``
+(``VG_THREADS`` threads along x) and ``grid`` (Python expressions in the
+sizes: one thread per output element for a "thread" kernel, one block per
+output element for a "block" kernel); the kernels loop grid-stride over
+their outputs, so the grid is capped at MAX_BLOCKS without loss.
 
 Arguments are bound and checked by :class:`vggen.runtime.base.KernelProgram`
 as for every kernel target (here: CuPy arrays).  Without CuPy the backend
@@ -83,9 +85,9 @@ class CudaBackend(KernelBackend):
     manifest_target = "cuda"
     bound_call = Launch
 
-    def __init__(self, generated: str | Path | None = None):
+    def __init__(self, generated: str | Path | None = None, *, allow_modified_kernels: bool = False):
         cupy = _import_cupy()
-        super().__init__(generated)
+        super().__init__(generated, allow_modified_kernels=allow_modified_kernels)
         self.cupy = self.xp = cupy
         self.array_type = cupy.ndarray
         self.sources = sorted((self.generated / "cuda").glob("*.cu"))

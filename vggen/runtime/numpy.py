@@ -71,5 +71,9 @@ class NumpyProgram(Program):
 class NumpyBackend(Backend):
     name = "numpy"
 
+    def __init__(self, allow_modified_kernels: bool = False):
+        # no generated sources to hold to the manifest: the option is accepted, and moot
+        super().__init__()
+
     def _prepare(self, layer, sizes):
         return NumpyProgram(self, layer, sizes)
