@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vggen.data import datasets
 from vggen.data.augment import augment, batches
 from vggen.data.datasets import (
     BIN_DIR,
@@ -32,6 +33,12 @@ from vggen.errors import VggenError
 RECORDS = 7  # per batch file; the loader must not assume 10000
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 ALL_FILES = TRAIN_FILES + ["test_batch"]
+
+
+@pytest.fixture(autouse=True)
+def small_batches_on_purpose(monkeypatch):
+    """The files written here hold RECORDS images, not the official 10,000."""
+    monkeypatch.setenv("VGGEN_CIFAR_SUBSET", "1")
 
 
 def make_cifar(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -153,6 +160,29 @@ def test_truncated_binary_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(VggenError, match=r"data_batch_2\.bin.*not a whole number of 3073-byte records"):
         load_cifar10(tmp_path)
+
+
+@pytest.mark.parametrize("writer", [write_bin, write_py], ids=["bin", "py"])
+@pytest.mark.parametrize("value", [None, "0", "no"])
+def test_batch_of_fewer_than_10000_images_needs_the_subset_variable(tmp_path, monkeypatch, writer,
+                                                                    value):
+    if value is None:
+        monkeypatch.delenv("VGGEN_CIFAR_SUBSET")
+    else:
+        monkeypatch.setenv("VGGEN_CIFAR_SUBSET", value)
+    writer(tmp_path, make_cifar())
+    with pytest.raises(VggenError, match=r"data_batch_1(\.bin)?: 7 records.* has 10000.*"
+                                         r"set VGGEN_CIFAR_SUBSET=1"):
+        load_cifar10(tmp_path)
+
+
+@pytest.mark.parametrize("writer", [write_bin, write_py], ids=["bin", "py"])
+def test_official_count_needs_no_variable(tmp_path, monkeypatch, writer):
+    # Ten thousand real records would cost 600 MB of float32 images: lower the bar instead.
+    monkeypatch.delenv("VGGEN_CIFAR_SUBSET")
+    monkeypatch.setattr(datasets, "BATCH_RECORDS", RECORDS)
+    train, test = load_cifar10(writer(tmp_path, make_cifar()))
+    assert len(train) == 5 * RECORDS and len(test) == RECORDS
 
 
 @pytest.mark.parametrize("writer", [write_bin, write_py], ids=["bin", "py"])

@@ -5,6 +5,13 @@ Everything is plain NumPy so the generated C/CUDA kernels can be fed directly:
 images are float32 ``(N, 3, 32, 32)`` C-contiguous arrays, labels int32 ``(N,)``.
 Problems with user-supplied files raise :class:`VggenError` naming the file and
 what is wrong, because the CLI prints that message as its only output.
+
+Each official CIFAR-10 batch holds exactly 10,000 images, so a batch with any
+other count is refused: a binary file cut on a record boundary would otherwise
+train on fewer images without a word.  A smaller set made on purpose (a quick
+experiment, a test) is accepted with the environment variable
+``VGGEN_CIFAR_SUBSET=1``: then each batch may hold any number of images ≥ 1
+(a binary file must still be a whole number of records).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ CLASSES = 10
 CHANNELS, HEIGHT, WIDTH = 3, 32, 32
 PIXELS = CHANNELS * HEIGHT * WIDTH  # 3072 bytes per image, channel-major
 RECORD = 1 + PIXELS  # binary format: one label byte, then the pixels
+BATCH_RECORDS = 10_000  # images in every official batch file, train and test
+SUBSET_ENV = "VGGEN_CIFAR_SUBSET"  # set (to 1): accept batches of fewer images
 
 DATASETS = ("digits", "cifar10")
 DATA_SUBDIR = "data"  # under the cache directory, where datasets are fetched by default
@@ -120,6 +129,25 @@ def _existing_file(path: Path) -> Path:
     return path
 
 
+def _subset_allowed() -> bool:
+    return os.environ.get(SUBSET_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _check_count(path: Path, records: int, size: int | None = None) -> None:
+    """Refuse a batch that does not hold the official 10,000 images, unless
+    ``VGGEN_CIFAR_SUBSET`` says a smaller set is meant."""
+    if records == BATCH_RECORDS or _subset_allowed():
+        return
+    got, want = f"{records} records", f"{BATCH_RECORDS}"
+    if size is not None:
+        got, want = f"{got} ({size} bytes)", f"{want} ({BATCH_RECORDS * RECORD} bytes)"
+    why = "truncated download? " if records < BATCH_RECORDS else ""
+    raise VggenError(
+        f"{path}: {got}, but an official CIFAR-10 batch has {want}: {why}"
+        f"to train on a different number of images on purpose, set {SUBSET_ENV}=1"
+    )
+
+
 def _read_bin_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One binary batch: records of 1 label byte + 3072 channel-major pixels."""
     size = _existing_file(path).stat().st_size
@@ -128,6 +156,7 @@ def _read_bin_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: size {size} bytes is not a whole number of {RECORD}-byte records "
             "(truncated download?)"
         )
+    _check_count(path, size // RECORD, size)
     raw = np.fromfile(path, dtype=np.uint8).reshape(-1, RECORD)
     labels = _check_labels(raw[:, 0], path)
     return raw[:, 1:].reshape(-1, CHANNELS, HEIGHT, WIDTH), labels
@@ -180,6 +209,7 @@ def _read_py_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
         raise VggenError(f"{path}: b'labels' must be {len(data)} integers, got shape {labels.shape}")
+    _check_count(path, len(data))
     return data.reshape(-1, CHANNELS, HEIGHT, WIDTH), _check_labels(labels, path)
 
 
