@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -158,34 +159,72 @@ def test_resume_continues_exactly(env, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(config(epochs=3, checkpoint=str(tmp_path / "b"), metrics=str(tmp_path / "m")))
     monkeypatch.setattr(ckpt, "save", real_save)
-    first = [json.loads(s) for s in (tmp_path / "m").read_text().splitlines()]
-    rest = train(config(epochs=3, checkpoint=str(tmp_path / "b"), metrics=str(tmp_path / "m"),
-                        resume=str(tmp_path / "b" / "checkpoint.npz")))
+    # killed between the checkpoint and its metrics row: the row is not there yet
+    assert (tmp_path / "m").read_text() == ""
+    first = ckpt.load(tmp_path / "b").header["history"]
+    # resumed with no options repeated: the checkpoint's are the run's
+    rest = train(TrainConfig(resume=str(tmp_path / "b" / "checkpoint.npz"), progress=False))
     assert [r["epoch"] for r in first + rest] == [1, 2, 3]
     for a, b in zip(whole, first + rest):
         for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc"):
             assert a[k] == b[k], (k, a, b)
-    assert len((tmp_path / "m").read_text().splitlines()) == 3      # appended
+    rows = [json.loads(s) for s in (tmp_path / "m").read_text().splitlines()]
+    assert rows == first + rest          # the lost row restored from the checkpoint's history
     pa = ckpt.load(tmp_path / "a").params
     pb = ckpt.load(tmp_path / "b").params
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
 
 
-def test_resume_refuses_another_network(env, tmp_path):
-    train(config(epochs=1, checkpoint=str(tmp_path)))
-    with pytest.raises(VggenError, match="--width 4; resume it with the same value"):
-        train(config(epochs=2, width=8, resume=str(tmp_path / "checkpoint.npz")))
+def test_two_plus_one_epochs_equal_three(env, tmp_path):
+    whole = train(config(epochs=3))
+    train(config(epochs=2, schedule_epochs=3, checkpoint=str(tmp_path)))
+    rest = train(config(epochs=3, resume=str(tmp_path)))
+    assert [r["train_loss"] for r in rest] == [whole[2]["train_loss"]]
+    assert rest[0]["test_loss"] == whole[2]["test_loss"]
 
 
-def test_divergence_stops_and_keeps_the_last_checkpoint(env, tmp_path):
+@pytest.mark.parametrize("kw, words", [
+    ({"width": 8}, "--width 4; a resumed run keeps it (got --width 8)"),
+    ({"lr": 0.5}, "--lr 0.05; a resumed run keeps it"),
+    ({"batch_size": 16}, "--batch-size 32"),
+    ({"momentum": 0.5}, "--momentum 0.9"),
+    ({"augment": False}, "trained with augmentation"),
+    ({"epochs": 3}, "goes past the learning-rate schedule"),
+])
+def test_resume_refuses_a_changed_run(env, tmp_path, kw, words):
     train(config(epochs=1, checkpoint=str(tmp_path)))
+    before = (tmp_path / "checkpoint.npz").read_bytes()
+    with pytest.raises(VggenError, match=re.escape(words)):
+        train(config(**{"epochs": 2, **kw}, resume=str(tmp_path / "checkpoint.npz")))
+    assert (tmp_path / "checkpoint.npz").read_bytes() == before
+
+
+def test_resume_may_extend_with_a_new_schedule(env, tmp_path):
+    train(config(epochs=1, checkpoint=str(tmp_path)))
+    rows = train(config(epochs=2, schedule_epochs=4, resume=str(tmp_path)))
+    assert [r["epoch"] for r in rows] == [2]
+    assert ckpt.load(tmp_path).header["config"]["schedule_epochs"] == 4
+
+
+def test_a_fresh_run_never_overwrites_a_checkpoint_or_metrics(env, tmp_path):
+    train(config(epochs=1, checkpoint=str(tmp_path), metrics=str(tmp_path / "m.jsonl")))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(VggenError, match="already holds a checkpoint of another run"):
+        train(config(epochs=1, checkpoint=str(tmp_path)))
+    with pytest.raises(VggenError, match="already holds 1 epoch rows of another run"):
+        train(config(epochs=1, metrics=str(tmp_path / "m.jsonl")))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_divergence_stops_and_keeps_the_last_checkpoint(env, tmp_path, monkeypatch):
+    train(config(epochs=1, schedule_epochs=3, checkpoint=str(tmp_path)))
     path = tmp_path / "checkpoint.npz"
     before = path.read_bytes()
+    monkeypatch.setattr(T, "learning_rate", lambda base, step, total: 1e30)
     with pytest.raises(VggenError, match=r"training stopped .*(loss is|no longer finite).*"
                                          r"last good checkpoint is .*checkpoint.npz \(epoch 1\)"):
-        train(config(epochs=3, lr=1e30, momentum=0.0, checkpoint=str(tmp_path),
-                     resume=str(path)))
+        train(config(epochs=3, resume=str(path)))
     assert path.read_bytes() == before
     assert ckpt.load(path).epoch == 1
     assert sorted(f.name for f in tmp_path.iterdir()) == ["checkpoint.json", "checkpoint.npz"]
@@ -196,11 +235,12 @@ def test_divergence_stops_and_keeps_the_last_checkpoint(env, tmp_path):
 
 def test_checkpoint_roundtrip_and_bad_files(tmp_path):
     params = {"conv1.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    header = {"config": {"width": 4}, "epoch": 3, "rng": {"x": 2 ** 100}}
+    rng = np.random.default_rng(7).bit_generator.state          # 128-bit integers inside
+    header = {"config": {"width": 4}, "epoch": 3, "rng": rng}
     path = ckpt.save(tmp_path / "c.npz", header, params, {"conv1.w": params["conv1.w"] * 2},
                      {"bn1.running_mean": np.ones(3, np.float32)})
     c = ckpt.load(path)
-    assert c.epoch == 3 and c.header["rng"]["x"] == 2 ** 100
+    assert c.epoch == 3 and c.header["rng"] == rng
     np.testing.assert_array_equal(c.momentum["conv1.w"], params["conv1.w"] * 2)
     assert c.state["bn1.running_mean"].tolist() == [1, 1, 1]
     (tmp_path / "junk.npz").write_bytes(b"garbage")

@@ -53,6 +53,7 @@ from vggen.compiler.targets.cuda.constants import THREADS as CUDA_THREADS
 from vggen.compiler.targets.cuda.schedule import TUNING_FILE, Tuning, load_tuning
 from vggen.compiler.targets.cuda.target import CONTRACTIONS as CUDA_CONTRACTIONS
 from vggen.compiler.targets.cuda.target import CudaTarget
+from vggen.errors import VggenError
 from vggen.frontend.layers import BN_EPSILON
 from vggen.paths import templates_dir
 
@@ -228,7 +229,10 @@ def build(out_dir="generated", check: bool = False, *, cuda_contraction: str = C
             if not path.is_file() or path.read_bytes() != data:
                 write_atomic(path, data)
         for f in leftovers:
-            f.unlink()
+            try:
+                f.unlink()
+            except OSError as e:
+                raise VggenError(f"cannot remove the leftover kernel file {f}: {e.strerror or e}") from None
     return list(files)
 
 
@@ -247,7 +251,10 @@ def build_lock(out: Path):
     if fcntl is None:
         yield
         return
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VggenError(f"cannot create {out}: {e.strerror or e}") from None
     path = out / LOCK
     while True:
         try:

@@ -169,8 +169,8 @@ def _kernel_work(net: Network, batch: int, manifest_specs, target: str) -> dict:
 
 
 def _vggen_step(target: str, batch: int, width: int, steps: int, warmup: int, seed: int,
-                fuse: bool | None = None, graph: bool = False):
-    backend = get_backend(target)
+                fuse: bool | None = None, graph: bool = False, allow_modified_kernels: bool = False):
+    backend = get_backend(target, allow_modified_kernels=allow_modified_kernels)
     net = Network(backend, width=width, dropout=False, seed=seed, fuse=fuse)
     opt = SGD(net.params, net.grads, backend, MOMENTUM, WEIGHT_DECAY, flat=(net.flat_params, net.flat_grads))
     rng = np.random.default_rng(seed)
@@ -312,7 +312,7 @@ def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, se
 
 def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: int = 20,
           warmup: int = 3, seed: int = 0, torch: bool = True, fuse: bool | None = None,
-          graph: bool = False) -> BenchResult:
+          graph: bool = False, allow_modified_kernels: bool = False) -> BenchResult:
     if batch_size < 1:
         raise VggenError(f"--batch-size must be at least 1, got {batch_size}")
     if width < 1:
@@ -322,7 +322,8 @@ def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: in
     target = resolve_target(target)
     if target == "numpy":
         raise VggenError("vggen bench measures the generated kernels: use --target c or cuda")
-    seconds, kernels, device, fused = _vggen_step(target, batch_size, width, steps, warmup, seed, fuse, graph)
+    seconds, kernels, device, fused = _vggen_step(target, batch_size, width, steps, warmup, seed, fuse,
+                                                  graph, allow_modified_kernels)
     result = BenchResult(target, device, batch_size, width, seconds, batch_size / seconds,
                          kernels=kernels, fused=fused, graph=graph)
     if torch:

@@ -15,6 +15,7 @@ import os
 import sys
 
 from vggen import __version__
+from vggen.atomic import check_writable
 from vggen.errors import VggenError
 from vggen.paths import cache_dir, generated_dir, templates_dir
 from vggen.tools.progress import configure_logging, progress_bars_enabled, verbosity_level
@@ -26,6 +27,8 @@ def _cmd_check(args) -> int:
     from vggen.proof.verify import check_all
     from vggen.tools.report import write_markdown
 
+    if args.markdown:
+        check_writable(args.markdown, "--markdown ")
     rows = check_all()
     if args.markdown:
         write_markdown(args.markdown, rows)
@@ -66,7 +69,7 @@ def _cmd_train(args) -> int:
 
     config = TrainConfig(**{k: v for k, v in vars(args).items()
                             if k in TrainConfig.__dataclass_fields__})
-    train(config)
+    train(config, given=args.given)
     return 0
 
 
@@ -74,7 +77,8 @@ def _cmd_bench(args) -> int:
     from vggen.tools.bench import bench, format_table
 
     result = bench(args.target, args.batch_size, args.width, args.steps, args.warmup, args.seed,
-                   torch=not args.no_torch, fuse=args.fuse, graph=args.cuda_graph)
+                   torch=not args.no_torch, fuse=args.fuse, graph=args.cuda_graph,
+                   allow_modified_kernels=args.allow_modified_kernels)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -120,7 +124,7 @@ def _cmd_report(args) -> int:
     from vggen.tools.inspect import find_layer
     from vggen.tools.report import report
 
-    out = args.output or ("derivations.html" if args.html else "derivations.md")
+    out = check_writable(args.output or ("derivations.html" if args.html else "derivations.md"), "-o ")
     layers = [find_layer(name) for name in args.layer] if args.layer else generated_layers()
     layers = list({layer.name: layer for layer in layers}.values())
     path, rows = report(out, layers, args.generated, as_html=args.html)
@@ -143,6 +147,7 @@ def _cmd_inspect(args) -> int:
 def _cmd_plot(args) -> int:
     from vggen.tools.plot import plot
 
+    check_writable(args.output, "-o ")
     path = plot(args.metrics, args.output, args.title)
     print(f"wrote {path}")
     return 0
@@ -187,6 +192,9 @@ def _network_options(p: argparse.ArgumentParser) -> None:
                         "(default: on, but off on the c target, where it is slower)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="cuda: replay each training step as captured CUDA graphs")
+    p.add_argument("--allow-modified-kernels", action="store_true",
+                   help="run generated sources that differ from generated/manifest.json "
+                        "(hand edits); without it they are refused")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -214,7 +222,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", default="digits", choices=["digits", "cifar10"],
                    help="digits: scikit-learn's bundled digits at 32×32×3, no download (default)")
     t.add_argument("--data", metavar="DIR", help="CIFAR-10 directory (default: $VGGEN_DATA or the cache)")
-    t.add_argument("--epochs", type=int, default=10, help="epochs (default: 10)")
+    t.add_argument("--epochs", type=int, default=10,
+                   help="train until this epoch (default: 10; resuming: the checkpoint's)")
+    t.add_argument("--schedule-epochs", type=int, metavar="N",
+                   help="length of the cosine learning-rate schedule in epochs (default: --epochs; "
+                        "resuming: the checkpoint's). Set it beyond --epochs for a run "
+                        "you will extend with --resume")
     t.add_argument("--batch-size", type=int, default=32, help="mini-batch size (default: 32)")
     t.add_argument("--lr", type=float, default=0.01,
                    help="initial learning rate, cosine-annealed to 0 (default: 0.01)")
@@ -222,9 +235,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default: 5e-4)")
     _network_options(t)
     t.add_argument("--metrics", metavar="FILE",
-                   help="write one JSON line per epoch (appended to when resuming)")
-    t.add_argument("--checkpoint", metavar="DIR", help="write a checkpoint after every epoch")
-    t.add_argument("--resume", metavar="FILE", help="continue from a checkpoint")
+                   help="write one JSON line per epoch (resuming: the checkpoint's file, continued)")
+    t.add_argument("--checkpoint", metavar="DIR",
+                   help="write a checkpoint after every epoch (resuming: where it resumed from)")
+    t.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue a run from its checkpoint (the .npz, or its directory); its "
+                        "options are the run's: repeat them or leave them out")
     t.add_argument("--dropout", dest="dropout", action=argparse.BooleanOptionalAction, default=None,
                    help="dropout with the network's ratios (default: on for cifar10, off for digits)")
     t.add_argument("--no-augment", dest="augment", action="store_false",
@@ -307,14 +323,32 @@ def parser() -> argparse.ArgumentParser:
                        "$XDG_CACHE_HOME/vggen, else ~/.cache/vggen.")
     ksub = k.add_subparsers(dest="action", required=True, metavar="ACTION")
     ksub.add_parser("path", help="print the cache directory").set_defaults(func=_cmd_cache)
-    ksub.add_parser("clear", help="remove the compiled libraries (nothing else; datasets stay)"
+    ksub.add_parser("clear", help="remove the compiled libraries and their records (nothing else; datasets stay)"
                     ).set_defaults(func=_cmd_cache)
 
     return p
 
 
+def _without_defaults(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``p`` changed so that parsing yields only the options typed on the command line."""
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _without_defaults(sub)
+        else:
+            action.default = argparse.SUPPRESS
+    return p
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The destinations of the options ``argv`` sets (``--batch-size`` → ``batch_size``)."""
+    return set(vars(_without_defaults(parser()).parse_args(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.given = given_options(argv)
     configure_logging(verbosity_level(args.verbose, args.quiet))
     log.debug("vggen %s: templates in %s, kernels in %s, compiled libraries in %s",
               __version__, templates_dir(), generated_dir(), cache_dir())

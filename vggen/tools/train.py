@@ -11,8 +11,8 @@ epoch it ran.  The pieces:
   is the reference's plain ``p ← p − η·∂L/∂p``.
 * **Learning-rate schedule** — cosine annealing per step, from ``lr`` at the
   first step to 0 after the last: ``η_t = lr · ½ (1 + cos(π t / T))``, with T
-  the number of steps of all the epochs.  It depends only on the step index,
-  so a resumed run follows the same curve.
+  the steps of ``schedule_epochs`` epochs (default: ``epochs``).  It depends
+  only on the step index and T, so a resumed run follows the same curve.
 * **Data** — mini-batches drawn in a fresh random order each epoch, the
   incomplete last batch dropped (every step has the same batch size);
   augmentation (unless ``augment=False``) is a random crop from the image
@@ -25,7 +25,17 @@ epoch it ran.  The pieces:
   continues exactly where the uninterrupted run would be.
 * **Checkpoints** — ``<checkpoint>/checkpoint.npz`` after every epoch
   (:mod:`vggen.model.checkpoint`: parameters, velocities, BN statistics, config,
-  epoch, generator state, metrics so far), replaced atomically.
+  epoch, generator state, metrics so far), replaced atomically.  A fresh run
+  never overwrites an existing checkpoint.
+* **Resume** (:func:`resumed_config`) — the checkpoint's configuration is the
+  resumed run's: the options that define the trajectory (``RUN_DEFINING``)
+  may be repeated but not changed; ``--epochs`` may extend the run within its
+  schedule, and past it only with an explicit new ``--schedule-epochs``.  So a
+  run resumed from epoch k and run to its end is the run that was never
+  interrupted, to the last bit on the same target: ``--epochs 2
+  --schedule-epochs 3`` then ``--epochs 3 --resume`` equals ``--epochs 3``.
+  A resumed run writes its checkpoints where it resumed from unless
+  ``--checkpoint`` says otherwise.
 * **Divergence** — a NaN or infinite loss (or test loss, or parameter) stops
   training with a VggenError before anything is saved, so the last good
   checkpoint stays whole.
@@ -33,23 +43,28 @@ epoch it ran.  The pieces:
   someone watches, else one logged line per epoch
   (:mod:`vggen.tools.progress`); with
   ``metrics`` set, one JSON line per epoch: ``epoch, train_loss, train_acc,
-  test_loss, test_acc, images_per_s, seconds`` (a fresh run truncates the
-  file, a resumed one appends).
+  test_loss, test_acc, images_per_s, seconds``, appended after the epoch's
+  checkpoint, by one run at a time (:mod:`vggen.tools.metrics`).
+* **Paths first** — the checkpoint directory and the metrics file are checked
+  (and the metrics file locked) before the data, the kernels or the first
+  step, so a path that cannot be written costs no training.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 from tqdm import tqdm
 
 from vggen import __version__
+from vggen.atomic import check_directory
 from vggen.data.augment import augment, batches
 from vggen.data.datasets import DATASETS, load_dataset
 from vggen.errors import VggenError
@@ -58,6 +73,7 @@ from vggen.model.network import Network, NonFiniteLoss
 from vggen.model.optim import SGD
 from vggen.model.step import TrainStep
 from vggen.runtime import TARGETS, get_backend, resolve_target
+from vggen.tools.metrics import MetricsLog
 from vggen.tools.progress import progress_bars_enabled
 
 SCHEDULE = "cosine"
@@ -70,6 +86,7 @@ class TrainConfig:
     dataset: str = "digits"         # digits, cifar10
     data: str | None = None         # CIFAR-10 directory (None: $VGGEN_DATA or the cache)
     epochs: int = 10
+    schedule_epochs: int | None = None  # the cosine schedule's length in epochs (None: epochs)
     batch_size: int = 32
     lr: float = 0.01
     momentum: float = 0.9
@@ -84,6 +101,14 @@ class TrainConfig:
     fuse: bool | None = None        # BN → ReLU (→ dropout) as one layer; None: the target's default
     cuda_graph: bool = False        # cuda: replay each step as captured CUDA graphs (vggen.model.step)
     progress: bool = True           # tqdm bars where stderr is a terminal (the CLI leaves it on)
+    allow_modified_kernels: bool = False  # run generated sources that differ from the manifest
+
+
+# The options that define a run's trajectory: a resumed run keeps the checkpoint's.
+RUN_DEFINING = ("dataset", "width", "seed", "batch_size", "lr", "momentum", "weight_decay",
+                "augment", "dropout")
+# ...and those a resumed run takes from the checkpoint unless the command line names them.
+CARRIED = RUN_DEFINING + ("epochs", "schedule_epochs", "metrics", "data")
 
 
 # --------------------------------------------------------------------------- pieces
@@ -107,6 +132,11 @@ def validate(config: TrainConfig) -> None:
     integer("batch_size", 1)
     integer("width", 1)
     integer("seed", 0)
+    if config.schedule_epochs is not None:
+        integer("schedule_epochs", 1)
+        if config.schedule_epochs < config.epochs:
+            raise VggenError(f"--schedule-epochs {config.schedule_epochs} is shorter than --epochs "
+                             f"{config.epochs}: the learning rate would reach 0 before the end")
     if config.target not in TARGETS:
         raise VggenError(f"unknown target {config.target!r}: choose one of {', '.join(TARGETS)}")
     if config.dataset not in DATASETS:
@@ -119,12 +149,82 @@ def validate(config: TrainConfig) -> None:
         raise VggenError(f"--weight-decay must be a finite number ≥ 0, got {config.weight_decay}")
 
 
-def _check_resume(config: TrainConfig, header: dict, path) -> None:
-    saved = header["config"]
-    for key in ("dataset", "width", "seed"):
-        if saved.get(key) != getattr(config, key):
-            raise VggenError(f"checkpoint {path} was trained with --{key} {saved.get(key)}; "
-                             f"resume it with the same value (got {getattr(config, key)})")
+def given_options(config: TrainConfig) -> set[str]:
+    """The fields of ``config`` that differ from the defaults: what a caller of the
+    Python API asked for (the command line knows exactly which options were typed)."""
+    default = TrainConfig()
+    return {f.name for f in fields(TrainConfig) if getattr(config, f.name) != getattr(default, f.name)}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _as_option(key: str, value) -> str:
+    """How the command line says that ``key`` is ``value``."""
+    if key == "augment":
+        return "augmentation" if value else "--no-augment"
+    if key == "dropout":
+        return {True: "--dropout", False: "--no-dropout"}.get(value, "the dataset's default dropout")
+    return f"{_option(key)} {value}"
+
+
+def resumed_config(config: TrainConfig, saved: dict, given: Collection[str], path) -> TrainConfig:
+    """The configuration of a run resumed from a checkpoint whose config is ``saved``.
+
+    ``given`` names the options the user set.  See the module docstring."""
+    carried = {k: saved[k] for k in CARRIED if k in saved and k not in given}
+    merged = replace(config, **carried)
+    for key in RUN_DEFINING:
+        if key not in saved or key not in given:
+            continue
+        mine, theirs = getattr(config, key), saved[key]
+        if key == "dropout":           # compare what runs: None means the dataset's default
+            mine = use_dropout(merged)
+            theirs = use_dropout(replace(merged, dropout=theirs))
+        if mine != theirs:
+            raise VggenError(f"checkpoint {path} was trained with {_as_option(key, saved[key])}; "
+                             f"a resumed run keeps it (got {_as_option(key, getattr(config, key))}): "
+                             f"repeat it, or start a new run")
+    if "schedule_epochs" not in given:
+        schedule = saved.get("schedule_epochs") or saved.get("epochs") or merged.epochs
+        if merged.epochs > schedule:
+            raise VggenError(f"--epochs {merged.epochs} goes past the learning-rate schedule of "
+                             f"{path} (cosine to 0 over {schedule} epochs): pass --schedule-epochs N "
+                             f"(N ≥ {merged.epochs}) for a new schedule; a run meant to be extended "
+                             f"starts with --schedule-epochs")
+        merged = replace(merged, schedule_epochs=schedule)
+    if merged.checkpoint is None:      # keep checkpointing where the run resumed from
+        resumed = Path(path)
+        merged = replace(merged, checkpoint=str(resumed if resumed.is_dir() else resumed.parent))
+    return merged
+
+
+def _checkpoint_path(config: TrainConfig, resumed_from: str | None) -> Path | None:
+    """The checkpoint file this run writes, checked before any work: a directory
+    that can be written, and no other run's checkpoint to overwrite."""
+    if not config.checkpoint:
+        return None
+    path = check_directory(config.checkpoint, "--checkpoint ") / ckpt.FILENAME
+    if path.exists():
+        source = Path(resumed_from) if resumed_from else None
+        if source is not None and source.is_dir():
+            source = source / ckpt.FILENAME
+        if source is None or not (source.exists() and os.path.samefile(source, path)):
+            raise VggenError(f"--checkpoint {config.checkpoint} already holds a checkpoint of "
+                             f"another run ({path}): resume it with --resume {config.checkpoint}, "
+                             f"or name another directory")
+    return path
+
+
+def _saved_config(config: TrainConfig) -> dict:
+    """The config a checkpoint records: paths made absolute, so a resume from
+    another directory finds the same files."""
+    saved = asdict(config)
+    for key in ("metrics", "checkpoint", "data"):
+        if saved[key]:
+            saved[key] = os.path.abspath(saved[key])
+    return saved
 
 
 def _finite_params(net: Network) -> bool:
@@ -146,20 +246,48 @@ def use_dropout(config: TrainConfig) -> bool:
     return config.dataset == "cifar10" if config.dropout is None else config.dropout
 
 
-def train(config: TrainConfig) -> list[dict]:
-    """Train as ``config`` says; returns the metrics of each epoch run (see module doc)."""
+def train(config: TrainConfig, given: Collection[str] | None = None) -> list[dict]:
+    """Train as ``config`` says; returns the metrics of each epoch run (see module doc).
+
+    ``given`` names the options the user set (default: those that differ from
+    the defaults); it matters only for a resumed run."""
     validate(config)
+    resume = ckpt.load(config.resume) if config.resume else None
+    if resume is not None:
+        config = resumed_config(config, resume.header["config"],
+                                given_options(config) if given is None else set(given), config.resume)
+        validate(config)
+        start = resume.epoch
+    else:
+        start = 0
+    if start >= config.epochs:
+        log.info(f"nothing to do: {config.resume} has {start} epochs, {config.epochs} requested"
+                 if resume is not None else "nothing to do: 0 epochs requested")
+        return []
+    ck_path = _checkpoint_path(config, config.resume)
+    metrics = MetricsLog(config.metrics) if config.metrics else None
+    try:
+        if metrics is not None:
+            if resume is None:
+                metrics.start_fresh()
+            else:
+                metrics.start_resumed(list(resume.header.get("history", [])), config.resume)
+        return _train(config, resume, start, ck_path, metrics)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _train(config: TrainConfig, resume, start: int, ck_path: Path | None,
+           metrics: MetricsLog | None) -> list[dict]:
     target = resolve_target(config.target)
-    backend = get_backend(target)
+    backend = get_backend(target, allow_modified_kernels=config.allow_modified_kernels)
     train_set, test_set = load_dataset(config.dataset, config.data, config.seed)
     if config.batch_size > len(train_set):
         raise VggenError(f"--batch-size {config.batch_size} is larger than the training set "
                          f"({len(train_set)} images of {config.dataset})")
 
     dropout = use_dropout(config)
-    resume = ckpt.load(config.resume) if config.resume else None
-    if resume is not None:
-        _check_resume(config, resume.header, config.resume)
     net = Network(backend, width=config.width, classes=train_set.classes,
                   dropout=dropout, seed=config.seed,
                   image_shape=train_set.images.shape[1:], fuse=config.fuse)
@@ -168,7 +296,6 @@ def train(config: TrainConfig) -> list[dict]:
     step = TrainStep(net, opt, graph=config.cuda_graph)
     rng = np.random.default_rng((config.seed, 1))
     history: list[dict] = []
-    start = 0
     if resume is not None:
         net.load(resume.params, resume.state)
         opt.load(resume.momentum)
@@ -176,25 +303,16 @@ def train(config: TrainConfig) -> list[dict]:
             rng.bit_generator.state = resume.header["rng"]
         except (TypeError, ValueError, KeyError) as e:
             raise VggenError(f"checkpoint {config.resume}: bad generator state ({e})") from e
-        start = resume.epoch
         history = list(resume.header.get("history", []))
 
     steps = len(train_set) // config.batch_size
-    total_steps = config.epochs * steps
+    total_steps = (config.schedule_epochs or config.epochs) * steps
     flip = config.dataset == "cifar10"
-    ck_path = Path(config.checkpoint) / ckpt.FILENAME if config.checkpoint else None
-    metrics_file = Path(config.metrics) if config.metrics else None
-    if metrics_file is not None and resume is None and start < config.epochs:
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
-        metrics_file.write_text("")
 
     note = (f"resuming after epoch {start} of {config.resume}; " if resume is not None else "")
-    if start >= config.epochs:
-        note += f"nothing to do: {config.epochs} epochs requested"
-    else:
-        note += (f"training on {backend.name}: width {config.width}, {net.parameter_count():,} "
-                 f"parameters, {len(train_set)} training / {len(test_set)} test images, "
-                 f"{steps} steps of {config.batch_size} per epoch")
+    note += (f"training on {backend.name}: width {config.width}, {net.parameter_count():,} "
+             f"parameters, {len(train_set)} training / {len(test_set)} test images, "
+             f"{steps} steps of {config.batch_size} per epoch")
     log.info(note)
     bars = config.progress and progress_bars_enabled()
 
@@ -258,16 +376,15 @@ def train(config: TrainConfig) -> list[dict]:
                      row["seconds"])
         history.append(row)
         results.append(row)
-        if metrics_file is not None:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
         if ck_path is not None:
-            header = {"config": asdict(config), "epoch": epoch + 1, "target": target,
+            header = {"config": _saved_config(config), "epoch": epoch + 1, "target": target,
                       "rng": rng.bit_generator.state, "history": history,
                       "schedule": SCHEDULE, "vggen": __version__}
             ckpt.save(ck_path, header, net.host_params(), opt.host_state(), net.host_state())
+        if metrics is not None:        # after the checkpoint: the file never runs ahead of it
+            metrics.append(row)
     return results
 
 
-__all__ = ["TrainConfig", "train", "SGD", "learning_rate", "validate",
-           "SCHEDULE"]
+__all__ = ["TrainConfig", "train", "SGD", "learning_rate", "validate", "resumed_config",
+           "given_options", "RUN_DEFINING", "SCHEDULE"]
