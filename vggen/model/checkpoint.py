@@ -85,7 +85,7 @@ _BOOL_OR_NULL = "true, false or null", lambda v: v is None or isinstance(v, bool
 # vggen.tools (which imports it).  Keys not listed are accepted unchecked, so
 # a checkpoint from a newer vggen with more options still loads.
 CONFIG_SCHEMA = {
-    "target": _STRING, "dataset": _STRING, "data": _STRING_OR_NULL,
+    "target": _STRING, "model": _STRING, "dataset": _STRING, "data": _STRING_OR_NULL,
     "epochs": _integer(0), "schedule_epochs": ("an integer ≥ 1 or null",
                                                lambda v: v is None or (type(v) is int and v >= 1)),
     "batch_size": _integer(1), "width": _integer(1), "seed": _integer(0),

@@ -1,4 +1,5 @@
-"""The VGG of ``shared/vgg-network.md``, assembled from the generated layer kernels.
+"""The VGG of ``shared/vgg-network.md`` (or another model of
+:mod:`vggen.model.architecture`), assembled from the generated layer kernels.
 
 Thirteen blocks (Convolution2D without bias → BatchNormalization → ReLU) in
 five stages of width C1, 2C1, 4C1, 8C1, 8C1, each stage ending in a 2×2
@@ -61,21 +62,14 @@ from vggen.model.kinds import (
     NodeKind,
     running_statistics,
 )
+from vggen.model.architecture import DEFAULT, MODELS, Model, load_model
 from vggen.model.optim import flat_views
 from vggen.model.workspace import Workspace
 from vggen.runtime import get_backend
 from vggen.runtime.base import Backend
 
-# (entry, argument): "block" multiplies of C1, "dropout" ratios, "pool".
-ARCHITECTURE = (
-    ("block", 1), ("dropout", 0.3), ("block", 1), ("pool", None),
-    ("block", 2), ("dropout", 0.4), ("block", 2), ("pool", None),
-    ("block", 4), ("dropout", 0.4), ("block", 4), ("dropout", 0.4), ("block", 4), ("pool", None),
-    ("block", 8), ("dropout", 0.4), ("block", 8), ("dropout", 0.4), ("block", 8), ("pool", None),
-    ("block", 8), ("dropout", 0.4), ("block", 8), ("dropout", 0.4), ("block", 8), ("pool", None),
-    ("dropout", 0.5), ("linear", 8), ("bn", None), ("relu", None), ("dropout", 0.5),
-    ("linear", "classes"), ("loss", None),
-)
+# The seed's network, as entries of vggen.model.architecture (other models: MODELS).
+ARCHITECTURE = MODELS[DEFAULT]
 
 
 # Whether a target runs BN → ReLU (→ Dropout) fused unless told (``fuse=None``).
@@ -142,14 +136,18 @@ def _node(kind: str, name: str, sizes: dict, in_shape: tuple, out_shape: tuple, 
 
 
 def build_nodes(width: int, classes: int = 10, dropout: bool = True,
-                image_shape: tuple = (3, 32, 32), fuse: bool = False) -> list[Node]:
-    """The network's layers in order, with their concrete per-image sizes
-    (``fuse``: with :func:`fuse_nodes` applied)."""
+                image_shape: tuple = (3, 32, 32), fuse: bool = False,
+                model: Model | str = DEFAULT) -> list[Node]:
+    """The layers of ``model`` (:mod:`vggen.model.architecture`) in order, with
+    their concrete per-image sizes (``fuse``: with :func:`fuse_nodes` applied)."""
     if width < 1:
         raise VggenError(f"width must be a positive integer, got {width}")
+    model = load_model(model) if isinstance(model, str) else model
     c, h, w = image_shape
-    if h % 32 or w % 32:
-        raise VggenError(f"images must be a multiple of 32×32 for five 2×2 poolings, got {h}×{w}")
+    side = 2 ** model.poolings
+    if h % side or w % side:
+        raise VggenError(f"images must be a multiple of {side}×{side} for the {model.poolings} "
+                         f"2×2 poolings of model {model.name}, got {h}×{w}")
     nodes: list[Node] = []
     count: dict = {}
 
@@ -163,13 +161,14 @@ def build_nodes(width: int, classes: int = 10, dropout: bool = True,
     def per_channel(kind, prefix):           # bn, relu: (C, H, W) in and out
         add(kind, prefix, {"C": c, "H": h, "W": w}, (c, h, w), (c, h, w))
 
-    for entry, arg in ARCHITECTURE:
-        if entry == "block":
+    for entry, arg in model.entries:
+        if entry in ("block", "conv"):
             oc = arg * width
             add("conv", "conv", {"IC": c, "OC": oc, "H": h, "W": w}, (c, h, w), (oc, h, w))
             c = oc
-            per_channel("bn", "bn")
-            per_channel("relu", "relu")
+            if entry == "block":
+                per_channel("bn", "bn")
+                per_channel("relu", "relu")
         elif entry == "dropout":
             nm = name("drop")
             if dropout:
@@ -240,13 +239,14 @@ class Network:
 
     def __init__(self, backend: Backend | str = "auto", width: int = 64, classes: int = 10,
                  dropout: bool = True, seed: int = 0, image_shape: tuple = (3, 32, 32),
-                 fuse: bool | None = None):
+                 fuse: bool | None = None, model: Model | str = DEFAULT):
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
         if fuse is None:
             fuse = FUSE_BY_DEFAULT.get(self.backend.name, True)
         self.width, self.classes, self.dropout, self.fuse = width, classes, dropout, fuse
         self.image_shape = tuple(image_shape)
-        self.nodes = build_nodes(width, classes, dropout, self.image_shape, fuse=fuse)
+        self.model = load_model(model) if isinstance(model, str) else model
+        self.nodes = build_nodes(width, classes, dropout, self.image_shape, fuse=fuse, model=self.model)
         params, state = init_parameters(self.nodes, seed)
         be = self.backend
         # views into one flat buffer each, so that the optimizer is one kernel (optim.SGD)

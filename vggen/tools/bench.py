@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vggen.errors import VggenError
+from vggen.model.architecture import DEFAULT, load_model
 from vggen.model.network import BN_EPS, Network, build_nodes
 from vggen.model.optim import SGD
 from vggen.model.step import TrainStep
@@ -51,6 +52,7 @@ class BenchResult:
     kernels: list = field(default_factory=list)
     fused: bool = True                  # BN → ReLU (→ dropout) run as one layer
     graph: bool = False                 # steps replayed as CUDA graphs
+    model: str = DEFAULT                # vggen.model.architecture: a shipped name or a file
 
     @property
     def ratio(self) -> float | None:
@@ -58,7 +60,7 @@ class BenchResult:
 
     def as_dict(self) -> dict:
         return {"target": self.target, "device": self.device, "batch_size": self.batch_size,
-                "width": self.width, "fused": self.fused, "cuda_graph": self.graph,
+                "width": self.width, "model": self.model, "fused": self.fused, "cuda_graph": self.graph,
                 "step_seconds": self.step_seconds,
                 "images_per_s": self.images_per_s, "torch_step_seconds": self.torch_step_seconds,
                 "torch_images_per_s": self.torch_images_per_s, "ratio": self.ratio,
@@ -169,9 +171,10 @@ def _kernel_work(net: Network, batch: int, manifest_specs, target: str) -> dict:
 
 
 def _vggen_step(target: str, batch: int, width: int, steps: int, warmup: int, seed: int,
-                fuse: bool | None = None, graph: bool = False, allow_modified_kernels: bool = False):
+                fuse: bool | None = None, graph: bool = False, allow_modified_kernels: bool = False,
+                model: str = DEFAULT):
     backend = get_backend(target, allow_modified_kernels=allow_modified_kernels)
-    net = Network(backend, width=width, dropout=False, seed=seed, fuse=fuse)
+    net = Network(backend, width=width, dropout=False, seed=seed, fuse=fuse, model=model)
     opt = SGD(net.params, net.grads, backend, MOMENTUM, WEIGHT_DECAY, flat=(net.flat_params, net.flat_grads))
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
@@ -260,7 +263,8 @@ def torch_model(nodes):
     return nn.Sequential(*mods)
 
 
-def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, seed: int):
+def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, seed: int,
+                model: str = DEFAULT):
     try:
         import torch
     except ImportError:
@@ -276,15 +280,15 @@ def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, se
         torch.set_num_threads(os.cpu_count() or 1)
     dev = torch.device("cuda" if on_gpu else "cpu")
     torch.manual_seed(seed)
-    model = torch_model(build_nodes(width, dropout=False)).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    net = torch_model(build_nodes(width, dropout=False, model=model)).to(dev)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     x = torch.randn(batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(net(x), y)
         loss.backward()
         opt.step()
 
@@ -312,7 +316,8 @@ def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, se
 
 def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: int = 20,
           warmup: int = 3, seed: int = 0, torch: bool = True, fuse: bool | None = None,
-          graph: bool = False, allow_modified_kernels: bool = False) -> BenchResult:
+          graph: bool = False, allow_modified_kernels: bool = False,
+          model: str = DEFAULT) -> BenchResult:
     if batch_size < 1:
         raise VggenError(f"--batch-size must be at least 1, got {batch_size}")
     if width < 1:
@@ -322,12 +327,13 @@ def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: in
     target = resolve_target(target)
     if target == "numpy":
         raise VggenError("vggen bench measures the generated kernels: use --target c or cuda")
+    load_model(model)
     seconds, kernels, device, fused = _vggen_step(target, batch_size, width, steps, warmup, seed, fuse,
-                                                  graph, allow_modified_kernels)
+                                                  graph, allow_modified_kernels, model=model)
     result = BenchResult(target, device, batch_size, width, seconds, batch_size / seconds,
-                         kernels=kernels, fused=fused, graph=graph)
+                         kernels=kernels, fused=fused, graph=graph, model=model)
     if torch:
-        t, note = _torch_step(target, batch_size, width, steps, warmup, seed)
+        t, note = _torch_step(target, batch_size, width, steps, warmup, seed, model=model)
         result.torch_note = note
         if t is not None:
             result.torch_step_seconds = t
@@ -337,6 +343,7 @@ def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: in
 
 def format_table(r: BenchResult) -> str:
     lines = [f"vggen bench: {r.target} on {r.device}, batch {r.batch_size}, width {r.width}"
+             f"{'' if r.model == DEFAULT else f', model {r.model}'}"
              f"{'' if r.fused else ', unfused'}{', CUDA graphs' if r.graph else ''}",
              f"  vggen   {r.step_seconds * 1e3:9.2f} ms/step  {r.images_per_s:10.1f} images/s"]
     if r.torch_images_per_s:

@@ -78,7 +78,7 @@ def _cmd_bench(args) -> int:
 
     result = bench(args.target, args.batch_size, args.width, args.steps, args.warmup, args.seed,
                    torch=not args.no_torch, fuse=args.fuse, graph=args.cuda_graph,
-                   allow_modified_kernels=args.allow_modified_kernels)
+                   allow_modified_kernels=args.allow_modified_kernels, model=args.model)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -185,6 +185,10 @@ class _CommandParser(_Parser):
 
 def _network_options(p: argparse.ArgumentParser) -> None:
     """The network and step options ``train`` and ``bench`` share."""
+    p.add_argument("--model", default="vgg", metavar="NAME|FILE",
+                   help="the network: vgg (the default, shared/vgg-network.md), vgg11, vgg13, vgg16, "
+                        "vgg19, or a model file (one entry per line: block M, conv M, bn, relu, "
+                        "dropout P, pool, linear M|classes, loss)")
     p.add_argument("--width", type=int, default=64, help="channels of the first stage, C1 (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,

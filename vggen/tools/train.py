@@ -69,6 +69,7 @@ from vggen.data.augment import augment, batches
 from vggen.data.datasets import DATASETS, load_dataset
 from vggen.errors import VggenError
 from vggen.model import checkpoint as ckpt
+from vggen.model.architecture import MODELS, load_model
 from vggen.model.network import Network, NonFiniteLoss
 from vggen.model.optim import SGD
 from vggen.model.step import TrainStep
@@ -92,6 +93,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     width: int = 64                 # C1
+    model: str = "vgg"              # a shipped model (vggen.model.architecture.MODELS) or a model file
     seed: int = 0
     metrics: str | None = None      # JSON-lines file
     checkpoint: str | None = None   # directory
@@ -105,7 +107,7 @@ class TrainConfig:
 
 
 # The options that define a run's trajectory: a resumed run keeps the checkpoint's.
-RUN_DEFINING = ("dataset", "width", "seed", "batch_size", "lr", "momentum", "weight_decay",
+RUN_DEFINING = ("model", "dataset", "width", "seed", "batch_size", "lr", "momentum", "weight_decay",
                 "augment", "dropout")
 # ...and those a resumed run takes from the checkpoint unless the command line names them.
 CARRIED = RUN_DEFINING + ("epochs", "schedule_epochs", "metrics", "data")
@@ -137,6 +139,7 @@ def validate(config: TrainConfig) -> None:
         if config.schedule_epochs < config.epochs:
             raise VggenError(f"--schedule-epochs {config.schedule_epochs} is shorter than --epochs "
                              f"{config.epochs}: the learning rate would reach 0 before the end")
+    load_model(config.model)
     if config.target not in TARGETS:
         raise VggenError(f"unknown target {config.target!r}: choose one of {', '.join(TARGETS)}")
     if config.dataset not in DATASETS:
@@ -179,6 +182,8 @@ def resumed_config(config: TrainConfig, saved: dict, given: Collection[str], pat
         if key not in saved or key not in given:
             continue
         mine, theirs = getattr(config, key), saved[key]
+        if key == "model":             # a file is the same model by any path
+            mine, theirs = _model_id(mine), _model_id(theirs)
         if key == "dropout":           # compare what runs: None means the dataset's default
             mine = use_dropout(merged)
             theirs = use_dropout(replace(merged, dropout=theirs))
@@ -198,6 +203,10 @@ def resumed_config(config: TrainConfig, saved: dict, given: Collection[str], pat
         resumed = Path(path)
         merged = replace(merged, checkpoint=str(resumed if resumed.is_dir() else resumed.parent))
     return merged
+
+
+def _model_id(model: str) -> str:
+    return model if model in MODELS else os.path.abspath(model)
 
 
 def _checkpoint_path(config: TrainConfig, resumed_from: str | None) -> Path | None:
@@ -224,6 +233,7 @@ def _saved_config(config: TrainConfig) -> dict:
     for key in ("metrics", "checkpoint", "data"):
         if saved[key]:
             saved[key] = os.path.abspath(saved[key])
+    saved["model"] = _model_id(config.model)
     return saved
 
 
@@ -290,7 +300,7 @@ def _train(config: TrainConfig, resume, start: int, ck_path: Path | None,
     dropout = use_dropout(config)
     net = Network(backend, width=config.width, classes=train_set.classes,
                   dropout=dropout, seed=config.seed,
-                  image_shape=train_set.images.shape[1:], fuse=config.fuse)
+                  image_shape=train_set.images.shape[1:], fuse=config.fuse, model=config.model)
     opt = SGD(net.params, net.grads, backend, config.momentum, config.weight_decay,
               flat=(net.flat_params, net.flat_grads))
     step = TrainStep(net, opt, graph=config.cuda_graph)
