@@ -87,6 +87,19 @@ def test_cache_clear_of_a_missing_directory_removes_nothing(tmp_path):
     assert not (tmp_path / "absent").exists()
 
 
+def test_cache_clear_removes_compiled_ops_and_keeps_datasets(tmp_path):
+    op = tmp_path / "ops" / ("a" * 64)
+    op.mkdir(parents=True)
+    (op / "k.c").write_text("void k(void) {}")
+    (tmp_path / "ops" / "by-layer").mkdir()
+    (tmp_path / "ops" / "by-layer" / ("b" * 64)).write_text("a" * 64)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cifar.tar.gz").write_text("download")
+    cleared = clear_cache(tmp_path)
+    assert cleared.ops == 1 and cleared.summary().startswith("removed 0 compiled libraries and 1 compiled op")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
 # --------------------------------------------------------------------------- -q / -v
 
 

@@ -6,7 +6,9 @@ files vggen names itself (:mod:`vggen.runtime.c`): the compiled libraries
 ``<sha256>.so``, their records ``<sha256>.json``, and the temporary
 ``.<sha256>.<pid>.<hex>.so`` and ``.<sha256>.<pid>.<hex>.json`` a compile
 writes first (a killed one leaves them): clear between builds, since a build
-running meanwhile may lose its files.  The datasets under
+running meanwhile may lose its files.  It also removes ``ops/``, the layers
+``vggen.compile`` emitted (:mod:`vggen.ops`: every name in it is vggen's).
+The datasets under
 ``data/`` are kept: they are downloads, not a cache that rebuilds itself in
 seconds.
 """
@@ -14,6 +16,7 @@ seconds.
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +35,11 @@ class Cleared:
     directory: Path
     files: int
     bytes: int
+    ops: int = 0             # compiled ops (vggen.compile) removed
 
     def summary(self) -> str:
-        return (f"removed {self.files} compiled librar{'y' if self.files == 1 else 'ies'} "
+        ops = f" and {self.ops} compiled op{'' if self.ops == 1 else 's'}" if self.ops else ""
+        return (f"removed {self.files} compiled librar{'y' if self.files == 1 else 'ies'}{ops} "
                 f"({self.bytes / 2**20:.1f} MiB) from {self.directory}")
 
 
@@ -59,4 +64,22 @@ def clear_cache(directory: Path | None = None) -> Cleared:
         if library:
             files += 1
         size += length
-    return Cleared(directory, files, size)
+    ops, ops_bytes = _clear_ops(directory / OPS)
+    return Cleared(directory, files, size + ops_bytes, ops)
+
+
+OPS = "ops"      # vggen.ops.OPS (not imported: vggen.ops loads SymPy)
+
+
+def _clear_ops(ops: Path) -> tuple[int, int]:
+    """Remove ``ops/`` whole: (op directories, bytes)."""
+    if not ops.is_dir() or ops.is_symlink():
+        return 0, 0
+    count = sum(1 for p in ops.iterdir() if p.is_dir() and not p.name.startswith(".")
+                and p.name != "by-layer")
+    size = sum(f.stat().st_size for f in ops.rglob("*") if f.is_file() and not f.is_symlink())
+    try:
+        shutil.rmtree(ops)
+    except OSError as e:
+        raise VggenError(f"cannot remove {ops}: {e.strerror or e}") from None
+    return count, size
