@@ -1,18 +1,26 @@
 """Symbolic facts about index arithmetic that every stage of the compiler asks.
 
 Offsets (how a tensor access flattens to one row-major element offset),
-ranges (the inclusive interval an affine index expression spans over loop
+ranges (the inclusive interval an index expression spans over loop
 ranges), proofs (whether ``d ≥ 0`` holds everywhere there), and the shapes
 of index expressions and range guards.  Target-neutral: the printers, the
 lowering passes and the targets' schedules share these, so that each fact
-is decided in one place.
+is decided in one place.  Ranges and proofs are the front end's own
+(``vggen.frontend.lang``: ``affine_range``, ``proves_nonneg``): the layer
+checks, the derivation and the compiler share one range analysis.
 """
 
 from __future__ import annotations
 
 import sympy as sp
 
-from vggen.frontend.lang import ArgMax, affine_range, provably
+from vggen.frontend.lang import (
+    ArgMax,
+    affine_range,
+    integer_index,
+    nonneg,
+    proves_nonneg,
+)
 
 
 def row_major_offset(indices, t) -> sp.Expr:
@@ -40,17 +48,24 @@ def size_symbols(tensors: dict) -> set:
 
 
 def affine_index(e, loop_vars: set) -> bool:
-    """Affine in the loop indices, or floor/Mod of such by a positive constant or size."""
+    """Affine in the loop indices, where a term may be a multiple of floor/Mod
+    of such an expression by a positive constant or size (⌊(i + 1)/2⌋ − p,
+    2·p + (i + 1) mod 2)."""
+    e = sp.sympify(e)
     if isinstance(e, (sp.floor, sp.Mod)):
-        arg = e.args[0]
         if isinstance(e, sp.floor):
-            arg, den = sp.fraction(sp.together(arg))
+            arg, den = sp.fraction(sp.together(e.args[0]))
         else:
-            den = e.args[1]
-        return bool(den.is_positive and den.is_integer) and affine_index(arg, loop_vars)
-    if e.atoms(sp.floor, sp.Mod):
-        return all(affine_index(t, loop_vars) for t in sp.Add.make_args(e))
-    e = sp.expand(e)
+            arg, den = e.args
+        return bool(den.is_positive and den.is_integer) and not den.free_symbols & loop_vars \
+            and affine_index(arg, loop_vars)
+    nodes = {n for n in e.atoms(sp.floor, sp.Mod) if n.free_symbols & loop_vars}
+    outer = {n for n in nodes if not any(m != n and m.has(n) for m in nodes)}
+    if not all(affine_index(n, loop_vars) for n in outer):
+        return False
+    # each floor/Mod term is one more index to be affine in
+    subs = {n: sp.Dummy("t", integer=True) for n in outer}
+    e, loop_vars = sp.expand(e.xreplace(subs)), set(loop_vars) | set(subs.values())
     if not e.is_polynomial(*loop_vars):
         return False
     poly = sp.Poly(e, *loop_vars) if loop_vars else None
@@ -92,49 +107,14 @@ def is_index_relational(r) -> bool:
     return not r.atoms(sp.Indexed) and all(s.is_integer for s in r.free_symbols)
 
 
-def nonneg(rel):
-    """d with ``rel ⟺ d ≥ 0`` for an integer inequality (SymPy rewrites
-    ``Ge(d, 0)`` as it likes, e.g. ``H - i >= 2`` or ``-H + i <= -1``, so
-    relationals are compared by this, never by form); None otherwise."""
-    if not isinstance(rel, sp.core.relational.Relational) or not is_index_relational(rel):
-        return None
-    d = sp.expand(rel.lhs - rel.rhs)
-    if isinstance(rel, sp.GreaterThan):
-        return d
-    if isinstance(rel, sp.StrictGreaterThan):
-        return d - 1
-    if isinstance(rel, sp.LessThan):
-        return -d
-    if isinstance(rel, sp.StrictLessThan):
-        return -d - 1
-    return None
+# the front end's range analysis, under the name the compiler's passes use
+value_range = affine_range
 
 
-def value_range(e, ranges):
-    """Inclusive [lo, hi] of an affine expression whose terms may be floor/Mod of
-    affine ones (each such term becomes a fresh index with its own range)."""
-    ranges = dict(ranges)
-    subs = {}
-    for k, node in enumerate(sorted(e.atoms(sp.floor, sp.Mod), key=sp.default_sort_key)):
-        if isinstance(node, sp.floor):
-            rng = affine_range(node, ranges)
-        elif node.args[1].is_positive and node.args[1].is_integer:
-            rng = (sp.Integer(0), node.args[1] - 1)
-        else:
-            rng = None
-        if rng is None:
-            return None
-        subs[node] = sp.Dummy(f"t{k}", integer=True)
-        ranges[subs[node]] = rng
-    return affine_range(e.xreplace(subs), ranges)
-
-
-def proved(d, ranges) -> bool:
-    """``d >= 0`` holds for every value of the loops in ``ranges``."""
-    if d is None:
-        return False
-    rng = value_range(d, ranges)
-    return bool(rng) and provably(rng[0] >= 0)
+def proved(d, ranges, facts=()) -> bool:
+    """``d >= 0`` holds for every value of the loops in ``ranges`` (where each
+    fact f ≥ 0 of ``facts`` holds)."""
+    return d is not None and proves_nonneg(d, ranges, facts)
 
 
 def conjuncts(cond) -> list:
@@ -162,4 +142,4 @@ def guard_text(e) -> str:
 
 __all__ = ["row_major_offset", "flat_offset", "size_symbols", "affine_index", "unit_coeff_last",
            "int_valued", "is_index_relational", "nonneg", "value_range", "proved", "conjuncts",
-           "range_guards", "guard_text"]
+           "range_guards", "guard_text", "integer_index"]

@@ -8,8 +8,11 @@ the sum around the access), the chain rule gives the contribution
 — the scatter form (eq. 4 for the convolution).  Each Kronecker delta is then
 eliminated by solving ``a_k = e_k`` for one summed index (Halide/TVM-style
 inversion of a shifted access), which turns the scatter into a gather with
-an explicit range guard; a stride ``a = S·i + p`` with 0 ≤ p < S is inverted
-by Euclidean division, ``i = ⌊a/S⌋, p = a mod S``.  Intermediates' adjoints
+an explicit range guard.  A strided access ``a = s·i + d·p + c`` is inverted
+over exactly the window positions p that reach a (p ≡ d⁻¹(a − c) mod s: a
+loop of ⌈K/s⌉ steps of s, none where K ≤ s — max pooling's ``i = ⌊a/S⌋,
+p = a mod S``), and an index through floor or Mod over its preimage
+(⌊i/s⌋ = a: i = s·a + m, 0 ≤ m < s).  Intermediates' adjoints
 are inlined into their consumers; ``simplify.py`` then rewrites reductions
 the backward computes anyway (∂L/∂γ, ∂L/∂β, μ) by their names, which gives
 eq. 50's compact form.
@@ -33,7 +36,10 @@ from vggen.frontend.lang import (
     affine_range,
     gradient_tensor,
     iverson,
+    nonneg,
     provably,
+    proves_nonneg,
+    quotient,
 )
 
 
@@ -163,60 +169,212 @@ def _natural_indices(layer: Layer, t: Tensor) -> tuple:
 
 
 def _eliminate_deltas(term: _Term, ranges: dict) -> _Term:
-    """Solve each δ(a, e) for a summed index of e; what cannot be solved stays a guard."""
+    """Solve each δ(a, e) for a summed index of e; what cannot be solved stays a guard.
+
+    An index through floor or Mod is first rewritten as a linear δ over a new
+    summed index (its preimage); a linear δ is solved for the forward's
+    output position, by a stride inversion where that is scaled (see
+    :func:`_invert_stride`).  Every substituted index is held to its range by
+    a guard, dropped where ``lang.proves_nonneg`` shows it.
+    """
     while term.deltas:
         a, e = term.deltas.pop(0)
         summed = {v for v, _, _ in term.sums}
-        cands = [v for v in e.free_symbols & summed
-                 if not sp.diff(e, v).free_symbols & summed and not sp.diff(e, v).has(v)]
-        if not cands:
+        if _unwrap(term, a, e, summed, ranges):
+            continue
+        solved = _solve_linear(term, a, e, summed, ranges)
+        if solved is None:
             term.guards.append(sp.Eq(a, e))
             continue
-        # invert the forward's output position (i in i + i′), leaving the window summed
-        cands.sort(key=lambda v: (v not in term.outer, abs(sp.diff(e, v)) != 1, v.name))
-        v = cands[0]
-        coeff = sp.diff(e, v)
-        rest = sp.expand(e - coeff * v)
-        bounds = {s: (lo, hi) for s, lo, hi in term.sums}
-        window = _unit_window(rest, coeff, bounds)
-        if coeff in (1, -1):
-            subs = {v: sp.expand((a - rest) / coeff)}
-        elif window is not None:
-            # a = c·v + p + r with 0 ≤ p < c: Euclidean division fixes both
-            p = window
-            r = sp.expand(rest - p)
-            subs = {v: sp.floor((a - r) / coeff), p: sp.Mod(a - r, coeff)}
-        else:
-            subs = {v: (a - rest) / coeff}
-            term.guards.append(sp.Eq(sp.Mod(a - rest, coeff), 0))
-        new_ranges = dict(ranges)
-        new_ranges.update({s: (lo, hi) for s, lo, hi in term.sums if s not in subs})
-        for s, val in subs.items():
-            lo, hi = bounds[s]
-            if s is window:   # a residue is in range by construction
-                continue
-            rng = affine_range(val, new_ranges)
-            if not (rng and provably(rng[0] >= lo) and provably(rng[1] <= hi)):
-                term.guards += [val >= lo, val <= hi]
-        term.sums = [(s, lo, hi) for s, lo, hi in term.sums if s not in subs]
+        subs, new, guards = solved
+        sums = []
+        for s, lo, hi in term.sums:
+            if s in new:
+                sums.append(new[s])
+            elif s not in subs:
+                sums.append((s, lo, hi))
+        term.sums = sums
         term.factor = term.factor.xreplace(subs)
         term.deltas = [(x, y.xreplace(subs)) for x, y in term.deltas]
-        term.guards = [g.xreplace(subs) for g in term.guards]
+        term.guards = [g.xreplace(subs) for g in term.guards] + guards
     return term
 
 
-def _unit_window(rest, coeff, bounds):
-    """The summed index p in ``rest`` with coefficient 1 and range [0, coeff − 1], if any."""
-    for p in sorted(rest.free_symbols & set(bounds), key=lambda s: s.name):
+def _in_range(val, lo, hi, ranges: dict) -> list:
+    """lo ≤ val ≤ hi as guards, less the bounds ``ranges`` prove."""
+    out = []
+    # Ge/Le, not >=/<=: floor's operators would rewrite ⌊i/2⌋ ≤ H − 1 as i/2 < H
+    if not proves_nonneg(val - lo, ranges):
+        out.append(sp.Ge(val, lo))
+    if not proves_nonneg(hi - val, ranges):
+        out.append(sp.Le(val, hi))
+    return out
+
+
+def _summed_nodes(e, summed: set) -> list:
+    return [n for n in e.atoms(sp.floor, sp.Mod) if n.free_symbols & summed]
+
+
+def _unwrap(term: _Term, a, e, summed: set, ranges: dict) -> bool:
+    """δ(a, F + γ) with F = ⌊N/s⌋ or N mod s (N over summed indices) → a linear
+    δ over a new summed index m, which runs over F's preimage:
+
+    * ⌊N/s⌋ = A  ⟺  N = s·A + m for one m in [0, s − 1] (nearest upsampling:
+      each x element gathers its s×s block);
+    * N mod s = A  ⟺  0 ≤ A < s and N = A + s·m for one m in ⌊range(N)/s⌋.
+
+    False where ``e`` is not of that form (the δ is left to the linear solver)."""
+    nodes = _summed_nodes(e, summed)
+    if len(nodes) != 1 or not isinstance(nodes[0], (sp.floor, sp.Mod)):
+        return False
+    node = nodes[0]
+    gamma = sp.expand(e - node)
+    if gamma.free_symbols & summed or gamma.has(node):
+        return False
+    if isinstance(node, sp.floor):
+        q = quotient(node.args[0])
+        if q is None or q[1].free_symbols & summed:
+            return False
+        n, s = q
+        lo, hi = sp.Integer(0), s - 1
+    else:
+        n, s = node.args
+        if not (s.is_integer and s.is_positive) or s.free_symbols & summed:
+            return False
+        bounds = {**ranges, **{v: (l, h) for v, l, h in term.sums}}
+        rng = affine_range(n, bounds)
+        if rng is None:
+            return False
+        lo, hi = sp.floor(rng[0] / s), sp.floor(rng[1] / s)
+    inner = sorted(n.free_symbols & summed, key=lambda v: v.name)
+    if not inner:
+        return False
+    m = sp.Dummy(inner[0].name, integer=True)
+    at = 1 + max(k for k, (v, _, _) in enumerate(term.sums) if v in n.free_symbols)
+    term.sums.insert(at, (m, lo, hi))
+    target = sp.expand(a - gamma)
+    if isinstance(node, sp.floor):
+        term.deltas.insert(0, (s * target, sp.expand(n - m)))
+    else:
+        term.guards += _in_range(target, 0, s - 1, ranges)       # a residue, or nothing reads it
+        term.deltas.insert(0, (target, sp.expand(n - s * m)))
+    return True
+
+
+def _solve_linear(term: _Term, a, e, summed: set, ranges: dict):
+    """(substitutions, replaced sums, guards) solving δ(a, e) for one summed
+    index of e, or None where e is not linear in one with a coefficient free
+    of the others."""
+    if _summed_nodes(e, summed):
+        return None
+    cands = [v for v in e.free_symbols & summed
+             if not sp.diff(e, v).free_symbols & summed and not sp.diff(e, v).has(v)]
+    if not cands:
+        return None
+    # invert the forward's output position (i in i + i′), leaving the window summed
+    cands.sort(key=lambda v: (v not in term.outer, abs(sp.diff(e, v)) != 1, v.name))
+    v = cands[0]
+    coeff = sp.diff(e, v)
+    rest = sp.expand(e - coeff * v)
+    if coeff in (1, -1):
+        subs, new, guards = {v: sp.expand((a - rest) / coeff)}, {}, []
+    else:
+        solved = _invert_stride(term, a, v, coeff, rest, summed)
+        if solved is None:
+            return None
+        subs, new, guards = solved
+    after = dict(ranges)
+    after.update({s: (lo, hi) for s, lo, hi in term.sums if s not in subs})
+    after.update({m: (lo, hi) for m, lo, hi in new.values()})
+    bounds = {s: (lo, hi) for s, lo, hi in term.sums}
+    guards += _in_range(subs[v], *bounds[v], after)
+    return subs, new, [g for g in guards if not _proved_guard(g, after)]
+
+
+def _proved_guard(g, ranges: dict) -> bool:
+    d = nonneg(g)
+    return g is sp.true or (d is not None and proves_nonneg(d, ranges))
+
+
+def _invert_stride(term: _Term, a, v, s, rest, summed: set):
+    """Solve a = s·v + d·p + c (v the output position, s > 1 its stride, p a
+    window index over [lo, lo + K − 1] with dilation d, c free of v and p) as a
+    gather over exactly the window positions that reach a.
+
+    With g = gcd(s, d), only a ≡ c (mod g) is reached (a guard); dividing by g
+    leaves s′·v + d′·p̃ = A (p̃ = p − lo, A = (a − c − d·lo)/g, gcd(s′, d′) = 1),
+    so p̃ ≡ d′⁻¹·A (mod s′): p̃ = r + s′·m with r = (d′⁻¹·A) mod s′ and m over
+    [0, ⌈K/s′⌉ − 1], and v = (A − d′·r)/s′ − d′·m, an exact integer division
+    written as a floor.  A window no wider than the stride (K ≤ s′) leaves no
+    loop: max pooling's i = ⌊a/S⌋, p = a mod S.  Returns None for a stride
+    or a dilation it cannot reason about (not a positive integer, symbolic
+    with a gcd unknown)."""
+    if not (s.is_integer and s.is_positive):
+        return None
+    bounds = {x: (lo, hi) for x, lo, hi in term.sums}
+    p, d = _window(rest, summed - {v}, bounds)
+    c, lo, flip, K, fixed = rest, sp.Integer(0), False, sp.Integer(1), {}
+    if p is not None:
         lo, hi = bounds[p]
-        if sp.diff(rest, p) == 1 and lo == 0 and sp.simplify(hi - (coeff - 1)) == 0:
-            return p
-    return None
+        K = sp.expand(hi - lo + 1)
+        c = sp.expand(rest - d * p)
+        flip = bool(d.is_negative)
+        if flip:              # p = hi − p̃ runs the window backwards
+            c, d, lo = sp.expand(c + d * hi), -d, hi
+        else:
+            c = sp.expand(c + d * lo)
+        if K == 1:            # a single position: no window to solve for
+            fixed, p, d = {p: lo}, None, sp.Integer(0)
+    if d == 0:
+        g = s
+    elif d == 1:
+        g = sp.Integer(1)
+    elif s.is_Integer and d.is_Integer:
+        g = sp.igcd(s, d)
+    else:
+        return None
+    A = sp.expand(a - c)
+    guards, subs, new = [], dict(fixed), {}
+    if g != 1:
+        guards.append(sp.Eq(sp.Mod(A, g), 0))
+        A = sp.floor(A / g)
+    s1, d1 = sp.simplify(s / g), sp.simplify(d / g)
+    if p is None:
+        subs[v] = A if s1 == 1 else sp.floor(A / s1)
+        return subs, new, guards
+    inv = 1 if d1 == 1 or s1 == 1 else sp.mod_inverse(int(d1), int(s1))
+    r = sp.Mod(inv * A, s1)
+    if provably(sp.Le(K, s1)):
+        m = sp.Integer(0)
+    else:
+        m = sp.Dummy(p.name, integer=True)
+        last = sp.ceiling(K / s1) - 1 if (K.is_Integer and s1.is_Integer) else sp.floor((K - 1) / s1)
+        new[p] = (m, sp.Integer(0), last)
+    offset = r + s1 * m
+    subs[p] = lo - offset if flip else lo + offset
+    subs[v] = (sp.floor(A / s1) if d1 == 1 else sp.floor((A - d1 * r) / s1)) - d1 * m
+    guards.append(sp.Le(offset, K - 1))
+    return subs, new, guards
+
+
+def _window(rest, summed: set, bounds: dict):
+    """(p, d): the summed index of ``rest`` with a constant-width range and an
+    integer coefficient d free of summed indices (the window a strided access
+    slides over), or (None, 0)."""
+    for p in sorted(rest.free_symbols & summed, key=lambda x: x.name):
+        d = sp.diff(rest, p)
+        lo, hi = bounds[p]
+        width = sp.expand(hi - lo)
+        if d != 0 and d.is_integer and not d.free_symbols & summed and not width.free_symbols & summed:
+            return p, d
+    return None, sp.Integer(0)
 
 
 def _to_expr(term: _Term) -> sp.Expr:
     guards = [g for g in term.guards if g is not sp.true and not provably(g)]
-    body = term.factor * (iverson(sp.And(*guards)) if guards else 1)
+    # the guarded value, not value × [guard]: a read the guard keeps in range
+    # must sit inside it (a product would read it either way)
+    body = sp.Piecewise((term.factor, sp.And(*guards)), (0, True)) if guards else term.factor
     if not term.sums:
         return body
     return sp.Sum(body, *term.sums)

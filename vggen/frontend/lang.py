@@ -188,28 +188,94 @@ def reduction_limits(node) -> list[tuple]:
     return [tuple(lim) for lim in node.limits]
 
 
-def affine_range(expr, ranges: dict) -> tuple | None:
-    """Inclusive [lo, hi] of an affine index expression, or None if not affine.
+# --------------------------------------------------------------------------- index arithmetic
+#
+# The one range analysis of vggen: the front end's access checks, the
+# derivation's inversions and guards and the compiler's proofs
+# (vggen.compiler.symbolic) all ask these, so that a fact about an index is
+# decided the same way everywhere.
 
-    ``ranges`` maps index symbols to inclusive (lo, hi).  Coefficients may be
-    symbolic (a stride S) as long as their sign is known.
+
+def _positive_int(d, idx: set) -> bool:
+    """A divisor that is a positive integer and no index (2, S, 2·S)."""
+    d = sp.sympify(d)
+    return bool(d.is_integer and d.is_positive) and not (d.free_symbols & idx)
+
+
+def quotient(arg) -> tuple | None:
+    """(N, d) with ``arg = N/d``, d a positive integer and N free of fractions
+    (``floor`` keeps its argument as SymPy writes it: ``i/2 + 1/2``); else None."""
+    num, den = sp.fraction(sp.together(sp.sympify(arg)))
+    if not (den.is_integer and den.is_positive):
+        return None
+    return sp.expand(num), den
+
+
+def _outer_nodes(e, idx: set):
+    """floor/Mod nodes of ``e`` that involve an index, outermost only."""
+    if isinstance(e, (sp.floor, sp.Mod)) and e.free_symbols & idx:
+        yield e
+        return
+    for a in e.args:
+        yield from _outer_nodes(a, idx)
+
+
+def _node_range(node, ranges: dict):
+    idx = set(ranges)
+    if isinstance(node, sp.floor):
+        q = quotient(node.args[0])
+        if q is None or not _positive_int(q[1], idx):
+            return None
+        inner = affine_range(q[0], ranges)
+        # floor is monotone: it maps the numerator's range
+        return None if inner is None else tuple(sp.simplify(sp.floor(sp.expand(e / q[1]))) for e in inner)
+    n, d = node.args
+    if not _positive_int(d, idx):
+        return None
+    inner = affine_range(n, ranges)
+    if inner is not None and provably(inner[0] >= 0) and provably(inner[1] <= d - 1):
+        return inner                       # within one period: Mod is the identity
+    return sp.Integer(0), d - 1
+
+
+def affine_range(expr, ranges: dict) -> tuple | None:
+    """Inclusive [lo, hi] of an integer index expression, or None where it
+    cannot be bounded.
+
+    ``ranges`` maps index symbols to inclusive (lo, hi).  The expression is
+    affine in those indices (coefficients may be symbolic, a stride S, as
+    long as their sign is known), where a term may also be ``floor(N/d)`` or
+    ``Mod(N, d)`` of such an N by a positive integer d: floor maps N's range,
+    Mod spans [0, d − 1] (N's own range where that lies inside one period).
+    Each such term is bounded on its own, so the bound is safe, not always
+    tight (⌊N/2⌋ and N mod 2 are not correlated).
     """
-    if isinstance(expr, sp.floor):
-        inner = affine_range(expr.args[0], ranges)
-        return None if inner is None else tuple(sp.simplify(sp.floor(e)) for e in inner)
-    expr = sp.expand(expr)
+    expr = sp.sympify(expr)
+    idx = set(ranges)
+    nodes = sorted(set(_outer_nodes(expr, idx)), key=sp.default_sort_key)
+    if nodes:
+        ranges = dict(ranges)
+        subs = {}
+        for node in nodes:
+            rng = _node_range(node, ranges)
+            if rng is None:
+                return None
+            subs[node] = sp.Dummy("t", integer=True)
+            ranges[subs[node]] = rng
+        expr = expr.xreplace(subs)
+        idx = set(ranges)
     lo = hi = sp.Integer(0)
-    for term in sp.Add.make_args(expr):
-        vars_in = [v for v in term.free_symbols if v in ranges]
+    for term in sp.Add.make_args(sp.expand(expr)):
+        vars_in = term.free_symbols & idx
         if not vars_in:
             lo += term
             hi += term
             continue
         if len(vars_in) > 1:
             return None
-        v = vars_in[0]
-        coeff = sp.simplify(term / v)
-        if coeff.has(v):
+        (v,) = vars_in
+        coeff, rest = term.as_independent(v, as_Add=False)
+        if rest != v:
             return None
         vlo, vhi = ranges[v]
         if coeff.is_nonnegative:
@@ -237,6 +303,66 @@ def provably(cond) -> bool:
             return bool(diff.is_positive)
         if isinstance(cond, sp.StrictLessThan):
             return bool(diff.is_negative)
+    return False
+
+
+def nonneg(rel):
+    """d with ``rel ⟺ d ≥ 0`` for an inequality of index arithmetic (no tensor
+    data, integer symbols); None otherwise.  SymPy rewrites ``Ge(d, 0)`` as it
+    likes (``H - i >= 2``, ``-H + i <= -1``), so relationals are compared by
+    this, never by form."""
+    if not isinstance(rel, sp.core.relational.Relational) or rel.atoms(sp.Indexed) \
+            or not all(s.is_integer for s in rel.free_symbols):
+        return None
+    d = sp.expand(rel.lhs - rel.rhs)
+    if not integer_index(d):          # i/2 < H: the strict form's −1 would be wrong
+        return None
+    if isinstance(rel, sp.GreaterThan):
+        return d
+    if isinstance(rel, sp.StrictGreaterThan):
+        return d - 1
+    if isinstance(rel, sp.LessThan):
+        return -d
+    if isinstance(rel, sp.StrictLessThan):
+        return -d - 1
+    return None
+
+
+def facts_of(cond) -> tuple:
+    """The d ≥ 0 that a guard's conjuncts assert (what holds inside its branch)."""
+    parts = cond.args if isinstance(cond, sp.And) else (cond,)
+    return tuple(d for d in map(nonneg, parts) if d is not None)
+
+
+def proves_nonneg(d, ranges: dict, facts=()) -> bool:
+    """``d ≥ 0`` for every value of the indices in ``ranges`` where each fact
+    f ≥ 0 holds: d's range, or that of d − f for one fact f, is nonnegative."""
+    for f in (0, *facts):
+        rng = affine_range(sp.expand(d - f), ranges)
+        if rng is not None and provably(rng[0] >= 0):
+            return True
+    return False
+
+
+def integer_index(e) -> bool:
+    """Whether ``e`` is integer arithmetic that prints as such: integers and
+    integer symbols under +, ×, nonnegative powers, Max/Min, floor(N/d) and
+    Mod(N, d) by a positive integer d (a tensor read counts: whether data may
+    index is decided elsewhere).  ``i/2`` is not, however it is guarded."""
+    e = sp.sympify(e)
+    if e.is_Number:
+        return bool(e.is_Integer)
+    if isinstance(e, (sp.Symbol, sp.Indexed)):
+        return isinstance(e, sp.Indexed) or bool(e.is_integer)
+    if isinstance(e, (sp.Add, sp.Mul, sp.Max, sp.Min)):
+        return all(integer_index(a) for a in e.args)
+    if isinstance(e, sp.Pow):
+        return integer_index(e.base) and e.exp.is_Integer and e.exp >= 0
+    if isinstance(e, sp.floor):
+        q = quotient(e.args[0])
+        return q is not None and integer_index(q[0]) and integer_index(q[1])
+    if isinstance(e, sp.Mod):
+        return integer_index(e.args[0]) and integer_index(e.args[1]) and bool(e.args[1].is_positive)
     return False
 
 
@@ -350,39 +476,55 @@ class Layer:
             for s in t.shape + t.lower:
                 size_syms |= s.free_symbols
         size_syms |= set(self.constants)
-        self._check_expr(eq.rhs, ranges, size_syms, where)
+        self._check_expr(eq.rhs, ranges, size_syms, where, (), eq)
 
-    def _check_expr(self, expr, ranges, size_syms, where):
+    def _check_expr(self, expr, ranges, size_syms, where, facts=(), eq=None):
+        """``facts``: the d ≥ 0 that enclosing guards assert (a read they dominate
+        may rely on them); ``eq``: the equation, named where an index is bad."""
         if isinstance(expr, sp.Indexed):
-            self._check_access(expr, ranges, size_syms, where)
+            self._check_access(expr, ranges, size_syms, where, facts, eq)
             return
         if isinstance(expr, REDUCTIONS):
             inner = dict(ranges)
             for v, lo, hi in expr.limits:
+                for bound in (lo, hi):
+                    if not integer_index(bound):
+                        raise VggenError(f"the range of {v} in {expr} {where} has the bound {bound}, "
+                                         f"which is not provably an integer (in {eq})")
                 inner[v] = (lo, hi)
-            self._check_expr(expr.function, inner, size_syms, where)
+            self._check_expr(expr.function, inner, size_syms, where, facts, eq)
             return
         if isinstance(expr, sp.Symbol):
             if expr not in ranges and expr not in size_syms:
                 raise VggenError(f"symbol {expr} {where} is neither an index bound on the left "
                                  f"or by a sum, nor a size or constant of the layer")
             return
+        if isinstance(expr, sp.Piecewise):
+            for k, (val, cond) in enumerate(expr.args):
+                self._check_expr(cond, ranges, size_syms, where, facts, eq)
+                # only the first branch knows its condition holds (the others, its negation)
+                inside = facts + facts_of(cond) if k == 0 else facts
+                self._check_expr(val, ranges, size_syms, where, inside, eq)
+            return
         for arg in expr.args:
             if isinstance(arg, sp.Basic):
-                self._check_expr(arg, ranges, size_syms, where)
+                self._check_expr(arg, ranges, size_syms, where, facts, eq)
 
-    def _check_access(self, acc, ranges, size_syms, where):
+    def _check_access(self, acc, ranges, size_syms, where, facts=(), eq=None):
         t = self.by_name[str(acc.base.label)]
         for pos, (e, (first, last)) in enumerate(zip(acc.indices, t.index_ranges())):
             for s in sp.sympify(e).free_symbols:
                 if s not in ranges and s not in size_syms:
                     raise VggenError(f"access {acc} {where}: index {s} is bound neither on the "
                                      f"left-hand side nor by a sum")
+            if not integer_index(e):
+                raise VggenError(f"access {acc} {where}: index {e} is not provably an integer "
+                                 f"(a fraction or a division left in a subscript), in {eq}")
             if t.zero_outside:
                 continue
-            rng = affine_range(e, ranges)
-            inside = rng is not None and provably(rng[0] >= first) and provably(rng[1] <= last)
+            inside = proves_nonneg(e - first, ranges, facts) and proves_nonneg(last - e, ranges, facts)
             if not inside:
+                rng = affine_range(e, ranges)
                 span = f"[{rng[0]}, {rng[1]}]" if rng else "an unknown range"
                 raise VggenError(f"access {acc} {where} can leave the range of {t.name} in "
                                  f"dimension {pos}: {e} spans {span}, {t.name} has {first}..{last}; "
