@@ -13,7 +13,13 @@ Two rewrites, both by construction rather than by pattern for one layer:
   compact form, and Σ (x − μ) = 0 falls out of μ's definition.
 * **Saved intermediates.**  Where an elementwise saved tensor (x̂) can be
   solved for an input (x = μ + x̂·√(σ² + ε)), the input is replaced by it if
-  that leaves the kernel reading no more tensors.
+  that leaves the kernel reading no more tensors; where its definition (σ(x),
+  tanh(x)) occurs in a gradient, the gradient reads it instead.
+
+And one for stability: a backward is never less stable than its forward.
+Logistic expressions in exp become σ (``stabilise``), and ``tidy`` keeps
+SymPy's simplification only where it brings in no new function and no new
+exp (1 − tanh² stays; it does not become 1/cosh²).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import itertools
 
 import sympy as sp
 
-from vggen.frontend.lang import Layer, Role
+from vggen.frontend.functions import sigmoid
+from vggen.frontend.lang import REDUCTIONS, Layer, Role
 
 # --------------------------------------------------------------------------- atomic sums
 
@@ -166,10 +173,98 @@ def prefer_saved(layer: Layer, expr: sp.Expr, lhs_indices) -> sp.Expr:
 
 
 def tidy(expr: sp.Expr) -> sp.Expr:
-    """A compact, deterministic form: common factors pulled out."""
+    """A compact, deterministic form: common factors pulled out.
+
+    ``sp.simplify``'s result is kept only where it applies no function the
+    expression did not (1 − tanh² must not become 1/cosh², σ(1 − σ) not
+    1/(4 cosh²(x/2))) and no exp of an argument the expression had no exp of
+    (no e^{2x} where there was e^x): each would overflow where the forward
+    does not.  Otherwise common factors are pulled out of the expression as
+    it is."""
     if expr.has(sp.Sum) or expr.has(sp.Piecewise):
         return expr
-    return sp.factor_terms(sp.simplify(expr))
+    simple = sp.simplify(expr)
+    return sp.factor_terms(simple if _no_new_functions(expr, simple) else expr)
+
+
+def _functions(expr) -> set:
+    return {type(f) for f in expr.atoms(sp.Function)}
+
+
+def _exp_arguments(expr) -> set:
+    out = set()
+    for e in expr.atoms(sp.exp):
+        out |= {e.args[0], sp.expand(-e.args[0])}
+    return out
+
+
+def _no_new_functions(before, after) -> bool:
+    return _functions(after) <= _functions(before) \
+        and {e.args[0] for e in after.atoms(sp.exp)} <= _exp_arguments(before)
+
+
+# --------------------------------------------------------------------------- stability
+
+
+def stabilise(expr: sp.Expr) -> sp.Expr:
+    """Logistic expressions in exp written as σ (``functions.sigmoid``).
+
+    For each family e^{±u} of ``expr``, e^u = σ(u)/(1 − σ(u)) and
+    e^{−u} = (1 − σ(u))/σ(u) are substituted; where the result, as a
+    rational function of σ(u), has no σ left below the fraction line it
+    replaces the expression: 1/(1 + e^{−x}) → σ(x), e^x/(1 + e^x) → σ(x)
+    (softplus'), e^{−x}/(1 + e^{−x})² → σ(x)(1 − σ(x)) (σ'), whose helper
+    never overflows, where the exp form gives ∞/∞ for large |x|.  Elsewhere
+    (e^x alone, softmax's e^{x−m}/s, GELU's e^{−x²/2}) nothing changes."""
+    if not expr.has(sp.exp):
+        return expr
+    # a Piecewise's values one by one (cancel would hold each whole, as a symbol)
+    expr = expr.replace(lambda n: isinstance(n, sp.Piecewise),
+                        lambda n: sp.Piecewise(*[(stabilise(v), c) for v, c in n.args]))
+    families = []
+    for e in sorted(expr.atoms(sp.exp), key=sp.default_sort_key):
+        u = e.args[0]
+        u = sp.expand(-u) if u.could_extract_minus_sign() else u
+        if u not in families:
+            families.append(u)
+    for u in families:
+        s = sp.Dummy("s", positive=True)
+        plus, minus = sp.exp(u), sp.exp(sp.expand(-u))
+        cand = expr.xreplace({plus: s / (1 - s), minus: (1 - s) / s})
+        try:
+            num, den = sp.fraction(sp.cancel(sp.together(cand)))
+        except (sp.PolynomialError, TypeError, ValueError):
+            continue
+        out = num / den
+        if any(p.exp.is_negative and p.base.has(s) for p in out.atoms(sp.Pow)) or out.has(plus, minus):
+            continue            # σ below a fraction line: 1/(1 − σ) overflows where e^u did
+        expr = out.xreplace({s: sigmoid(u)})
+    return expr
+
+
+def reuse_saved(layer: Layer, expr: sp.Expr) -> sp.Expr:
+    """Read an elementwise saved tensor (σ(x), tanh(x)) instead of recomputing
+    its definition, wherever the definition occurs as written (after
+    ``stabilise``, so that 1/(1 + e^{−x}) and σ(x) are one form): the
+    backward then uses the forward's own value."""
+    for eq in layer.equations:
+        t = layer.tensor(eq.target)
+        if t.role is not Role.SAVED or eq.rhs.atoms(*REDUCTIONS):
+            continue
+        pattern = stabilise(eq.rhs)
+        if pattern.is_Atom or isinstance(pattern, sp.Indexed):
+            continue
+        sources = [a for a in pattern.atoms(sp.Indexed) if tuple(a.indices) == tuple(eq.lhs.indices)]
+        if not sources:
+            continue
+        src = sources[0]
+        for acc in sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key):
+            if acc.base != src.base:
+                continue
+            mapping = dict(zip(eq.lhs.indices, acc.indices))
+            here = pattern.xreplace(mapping)
+            expr = expr.xreplace({here: t.base[tuple(mapping[v] for v in eq.lhs.indices)]})
+    return expr
 
 
 # --------------------------------------------------------------------------- driver
@@ -181,11 +276,14 @@ def simplify_gradient(layer: Layer, gradients: list) -> list:
 
     out = []
     for g in gradients:
-        rhs = g.equation.rhs
+        # a step's derivative (sign', Heaviside') is 0 almost everywhere, as
+        # for ReLU's mask: no gradient, like PyTorch
+        rhs = g.equation.rhs.replace(lambda n: isinstance(n, sp.DiracDelta), lambda n: sp.Integer(0))
         if rhs.has(sp.Sum) and not is_pure_reduction(rhs):
             ranges = dict(zip(g.equation.lhs.indices, g.tensor.index_ranges()))
             rhs = match_known_sums(layer, rhs, _known_reductions(layer, gradients, g), ranges)
             rhs = prefer_saved(layer, rhs, g.equation.lhs.indices)
+        rhs = reuse_saved(layer, stabilise(rhs))
         rhs = tidy(rhs)
         g.equation = Equation(g.equation.lhs, rhs, g.equation.label)
         out.append(g)

@@ -12,7 +12,10 @@ import numpy as np
 import sympy as sp
 
 from vggen.errors import VggenError
-from vggen.frontend.lang import ArgMax, Equation, Layer, ReduceMax
+from vggen.frontend.functions import CONSTANT_TYPES, check_functions, spec
+from vggen.frontend.lang import ArgMax, Equation, Layer, ReduceMax, quotient
+
+POW = spec(sp.Pow(sp.Symbol("x"), sp.Symbol("y")))
 
 
 class _Axes:
@@ -55,9 +58,11 @@ class Evaluator:
         self.consts = consts
         self.lower = lower or {}
         self.dtype = dtype
+        self.where = ""          # the equation being evaluated, for errors
 
     def equation(self, eq: Equation, shape: tuple, first: tuple | None = None) -> np.ndarray:
         first = first or (0,) * len(shape)
+        self.where = str(eq)
         axes = _Axes().bind([(v, f, f + n - 1) for v, f, n in zip(eq.lhs.indices, first, shape)])
         out = self.expr(eq.rhs, axes)
         return np.broadcast_to(out, shape).copy()
@@ -74,7 +79,7 @@ class Evaluator:
             raise VggenError(f"no value for symbol {e}")
         if e.is_Integer:
             return int(e)
-        if e.is_Number:
+        if e.is_Number or isinstance(e, CONSTANT_TYPES):
             return float(e)
         if isinstance(e, (sp.Sum, ReduceMax, ArgMax)):
             lims = [(v, _int(lo, self.consts), _int(hi, self.consts)) for v, lo, hi in e.limits]
@@ -101,13 +106,9 @@ class Evaluator:
             return out
         if isinstance(e, sp.Pow):
             base, ex = ev(e.base), e.exp
-            if ex.is_Integer and int(ex) >= 0:
-                return base ** int(ex)
-            return np.asarray(base, dtype=self.dtype) ** float(ex)
-        if isinstance(e, sp.exp):
-            return np.exp(ev(e.args[0]))
-        if isinstance(e, sp.log):
-            return np.log(ev(e.args[0]))
+            if not (ex.is_Integer and int(ex) >= 0):
+                base = np.asarray(base, dtype=self.dtype)
+            return POW.numpy(base, int(ex) if ex.is_Integer else float(ex) if ex.is_Number else ev(ex))
         if isinstance(e, sp.Piecewise):
             out = None
             for val, cond in reversed(e.args):
@@ -119,11 +120,12 @@ class Evaluator:
         if isinstance(e, sp.Mod):
             return np.mod(ev(e.args[0]), ev(e.args[1]))
         if isinstance(e, sp.floor):
+            q = quotient(e.args[0])
+            if q is not None:
+                n, d = np.asarray(ev(q[0])), np.asarray(ev(q[1]))
+                if n.dtype.kind in "iu" and d.dtype.kind in "iu":
+                    return np.floor_divide(n, d)      # exact: floor(i/3 + 1/3) in floats is 0 at i = 2
             return np.floor(ev(e.args[0])).astype(np.int64)
-        if isinstance(e, sp.Max):
-            return np.maximum.reduce(np.broadcast_arrays(*[ev(a) for a in e.args]))
-        if isinstance(e, sp.Min):
-            return np.minimum.reduce(np.broadcast_arrays(*[ev(a) for a in e.args]))
         if e is sp.true:
             return True
         if e is sp.false:
@@ -139,7 +141,14 @@ class Evaluator:
                sp.Equality: np.equal, sp.Unequality: np.not_equal}
         if type(e) in rel:
             return rel[type(e)](ev(e.lhs), ev(e.rhs))
-        raise VggenError(f"the NumPy evaluator cannot evaluate {type(e).__name__}: {e}")
+        f = spec(e)
+        if f is not None:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                return f.numpy(*[ev(a) for a in e.args])
+        if isinstance(e, sp.Function):
+            check_functions(e, f"equation {self.where}" if self.where else "expression")
+        raise VggenError(f"the NumPy evaluator cannot evaluate {type(e).__name__}: {e}"
+                         + (f" (equation {self.where})" if self.where else ""))
 
     def _gather(self, acc: sp.Indexed, axes: _Axes):
         name = str(acc.base.label)

@@ -3,9 +3,11 @@
 An element written by two iterations (left-hand indices that are not
 distinct plain indices, or a right-hand index bound neither on the left nor
 by a declared reduction), a read of the tensor being written, a rank
-mismatch, a data-dependent or non-affine index, an out-of-range read of a
-tensor that is not zero outside, an unsupported SymPy node, a name that
-cannot be a C identifier.  Nothing is printed before this passes.
+mismatch, a data-dependent or non-affine index, an index or a loop bound
+that is not provably an integer (``i/2``: C would print a float subscript),
+an out-of-range read of a tensor that is not zero outside (a read inside a
+guarded branch may rely on the guard), an unsupported SymPy node, a name
+that cannot be a C identifier.  Nothing is printed before this passes.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import re
 
 import sympy as sp
 
-from vggen.compiler.symbolic import affine_index, int_valued
+from vggen.compiler.symbolic import affine_index, int_valued, integer_index, proved
 from vggen.errors import VggenError
+from vggen.frontend.functions import CONSTANT_TYPES, FUNCTION_TYPES
 from vggen.frontend.lang import (
     REDUCTIONS,
     ArgMax,
@@ -24,8 +27,7 @@ from vggen.frontend.lang import (
     ReduceMax,
     Role,
     Tensor,
-    affine_range,
-    provably,
+    facts_of,
 )
 
 # A constant window of at most this many positions is unrolled into the body
@@ -38,7 +40,7 @@ _C_KEYWORDS = set("""auto break case char const continue default do double else 
 goto if inline int long register restrict return short signed sizeof static struct switch typedef
 union unsigned void volatile while bool true false""".split())
 # Node types the printers can emit (besides numbers, symbols and accesses).
-_SUPPORTED = (sp.Add, sp.Mul, sp.Pow, sp.exp, sp.log, sp.tanh, sp.sin, sp.cos, sp.Abs, sp.Max, sp.Min,
+_SUPPORTED = (sp.Add, sp.Mul, *FUNCTION_TYPES, *CONSTANT_TYPES,
               sp.Piecewise, sp.functions.elementary.piecewise.ExprCondPair, sp.KroneckerDelta, sp.floor, sp.Mod, sp.core.relational.Relational,
               sp.And, sp.Or, sp.Not, sp.Sum, ReduceMax, ArgMax)
 
@@ -88,7 +90,7 @@ class EquationCheck:
             self.fail("an ArgMax must be the whole right-hand side")
         elif t.dtype == "int" and not int_valued(self.rhs, self.tensors):
             self.fail(f"{t.name} is an int tensor but the right-hand side is not integer-valued")
-        self.visit(self.rhs, ranges, nested=False)
+        self.visit(self.rhs, ranges, nested=False, facts=())
 
     def _tensor(self, acc) -> Tensor:
         name = str(acc.base.label)
@@ -97,11 +99,16 @@ class EquationCheck:
         t = self.tensors[name]
         if len(acc.indices) != t.rank:
             self.fail(f"access {acc} has {len(acc.indices)} indices; {name} has rank {t.rank}")
+        for n in t.shape + t.lower:          # loop bounds and offsets are printed from these
+            if not integer_index(n):
+                self.fail(f"{name}'s shape {t.shape} (first indices {t.lower}) holds {n}, "
+                          f"which is not provably an integer")
         return t
 
-    def visit(self, e, ranges, nested):
+    def visit(self, e, ranges, nested, facts):
+        """``facts``: the d ≥ 0 that the enclosing guards assert."""
         if isinstance(e, sp.Indexed):
-            return self.access(e, ranges)
+            return self.access(e, ranges, facts)
         if isinstance(e, sp.Symbol):
             if e in ranges or e in self.sizes:
                 return
@@ -119,21 +126,30 @@ class EquationCheck:
                     self.fail(f"reduction index {v} in {e} is already bound")
                 if (lo.free_symbols | hi.free_symbols) - self.sizes:
                     self.fail(f"the range of {v} in {e} depends on another index")
+                for bound in (lo, hi):
+                    if not integer_index(bound) or bound.atoms(sp.Indexed):
+                        self.fail(f"the loop bound {bound} of {v} in {e} is not provably an integer")
                 inner[v] = (lo, hi)
             if nested and not constant_window(e):
                 self.fail(f"nested reduction {e} over a run-time range")
             if isinstance(e, ArgMax) and not constant_window(e):
                 self.fail(f"ArgMax {e} needs a constant window of at most {UNROLL_LIMIT} positions "
                           f"(specialise its size)")
-            return self.visit(e.function, inner, nested=True)
+            return self.visit(e.function, inner, True, facts)
         if not isinstance(e, _SUPPORTED):
             self.fail(f"{type(e).__name__} ({e}) has no C/CUDA form")
-        if isinstance(e, sp.Piecewise) and e.args[-1].cond is not sp.true:
-            self.fail(f"{e} has no otherwise branch (add (0, True))")
+        if isinstance(e, sp.Piecewise):
+            if e.args[-1].cond is not sp.true:
+                self.fail(f"{e} has no otherwise branch (add (0, True))")
+            for k, (val, cond) in enumerate(e.args):
+                self.visit(cond, ranges, nested, facts)
+                # the first branch runs only where its condition holds (C's ?:)
+                self.visit(val, ranges, nested, facts + facts_of(cond) if k == 0 else facts)
+            return
         for a in e.args:
-            self.visit(a, ranges, nested)
+            self.visit(a, ranges, nested, facts)
 
-    def access(self, acc, ranges):
+    def access(self, acc, ranges, facts=()):
         t = self._tensor(acc)
         if t.name == self.eq.target and not (t.role is Role.STATE
                                               and tuple(acc.indices) == tuple(self.eq.lhs.indices)):
@@ -145,13 +161,15 @@ class EquationCheck:
                 self.fail(f"access {acc}: index {e} depends on tensor data")
             unbound = e.free_symbols - set(ranges) - self.sizes
             if unbound:
-                self.visit(sorted(unbound, key=lambda s: s.name)[0], ranges, False)
+                self.visit(sorted(unbound, key=lambda s: s.name)[0], ranges, False, facts)
+            if not integer_index(e):
+                self.fail(f"access {acc}: index {e} is not provably an integer (a fraction or a "
+                          f"division in a subscript)")
             if not affine_index(e, set(ranges)):
                 self.fail(f"access {acc}: index {e} is not affine in the loop indices")
             if t.zero_outside:
                 continue
-            rng = affine_range(e, ranges)
-            if not (rng and provably(rng[0] >= first) and provably(rng[1] <= last)):
+            if not (proved(e - first, ranges, facts) and proved(last - e, ranges, facts)):
                 self.fail(f"access {acc} can leave {t.name}'s range {first}..{last} in dimension {pos} "
                           f"and {t.name} is not zero outside")
 

@@ -19,6 +19,8 @@ import jinja2
 import sympy as sp
 
 from vggen.compiler.ir import Kernel
+from vggen.compiler.targets.names import identifier
+from vggen.frontend.functions import HELPERS, check_functions
 from vggen.paths import templates_dir
 
 
@@ -60,11 +62,43 @@ class Target(Protocol):
     def manifest(self, g: GeneratedKernel) -> dict: ...
 
 
+def _finalize(value):
+    """A symbol a template prints is a loop variable or a user's index: its
+    identifier (``names.identifier``), like every name the printers print."""
+    return identifier(value.name) if isinstance(value, sp.Symbol) else value
+
+
 def environment() -> jinja2.Environment:
-    """The templates' Jinja2 environment (strict: an undefined name is an error)."""
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())),
-                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                              trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    """The templates' Jinja2 environment (strict: an undefined name is an error).
+    ``{{ symbol }}`` prints the symbol's identifier; ``ident`` maps a name
+    given as a string (a tensor's) the same way."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=True, lstrip_blocks=True, autoescape=False, finalize=_finalize)
+    env.filters["ident"] = lambda name: identifier(str(name))
+    return env
+
+
+def function_helpers(used: set, qualifiers: str) -> list[str]:
+    """The definitions of the function table's ``vg_*`` helpers among ``used``,
+    each with the target's storage ``qualifiers``, in the table's order."""
+    out = []
+    for name, text in HELPERS.items():
+        if name in used:
+            *notes, definition = text.split("\n")
+            out.append("\n".join(notes + [f"{qualifiers} {definition}"]))
+    return out
+
+
+def check_kernel_functions(kernel: Kernel) -> None:
+    """VggenError naming the function and the equation where a kernel applies a
+    function outside the table (``vggen.frontend.functions``), before any of it
+    is printed."""
+    for stage in kernel.stages:
+        exprs = [stage.value] + [e for r in stage.reductions for e in [r.body, *[b for _, b in r.positions]]
+                                 if e is not None]
+        for e in exprs:
+            check_functions(e, f"kernel {kernel.name}, equation {stage.source}")
 
 
 def number(v):

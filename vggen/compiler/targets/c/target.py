@@ -5,7 +5,14 @@ from __future__ import annotations
 import jinja2
 
 from vggen.compiler.ir import Kernel
-from vggen.compiler.targets.base import GeneratedKernel, comment, helpers_used, tidy
+from vggen.compiler.targets.base import (
+    GeneratedKernel,
+    check_kernel_functions,
+    comment,
+    function_helpers,
+    helpers_used,
+    tidy,
+)
 from vggen.compiler.targets.c import schedule as c_schedule
 from vggen.compiler.targets.c.coalesce import coalesce_rows
 from vggen.compiler.targets.c.printer import CPrinter
@@ -36,6 +43,7 @@ class CTarget:
         return p
 
     def render_kernel(self, kernel: Kernel, env: jinja2.Environment) -> GeneratedKernel:
+        check_kernel_functions(kernel)
         sched = self.schedule(kernel)
         p = self.printer(kernel, sched)
         text = env.get_template(f"c/{kernel.cls.value}.c.j2").render(k=kernel, sched=sched, p=p,
@@ -45,8 +53,9 @@ class CTarget:
     def render_file(self, kernels: list[GeneratedKernel], what: str, env: jinja2.Environment) -> str:
         blocks = [", ".join(f"{k} = {v}" for k, v in list(C_GEMM_BLOCKS.items())[i:i + 5])
                   for i in range(0, len(C_GEMM_BLOCKS), 5)]
-        return env.get_template("c/file.c.j2").render(kernels=[g.text for g in kernels], what=what,
-                                                      used=helpers_used(kernels), blocks=blocks)
+        used = helpers_used(kernels)
+        return env.get_template("c/file.c.j2").render(kernels=[g.text for g in kernels], what=what, used=used,
+                                                      blocks=blocks, functions=function_helpers(used, "static inline"))
 
     def manifest(self, g: GeneratedKernel) -> dict:
         k, sched = g.ir, g.schedule

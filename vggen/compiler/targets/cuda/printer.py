@@ -12,3 +12,4 @@ class CudaPrinter(CPrinter):
     restrict = "__restrict__"
     int_type = "int"
     neg_inf = "__int_as_float(0xff800000)"
+    target = "cuda"

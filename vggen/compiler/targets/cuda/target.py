@@ -15,7 +15,14 @@ import jinja2
 import sympy as sp
 
 from vggen.compiler.ir import Kernel, KernelClass
-from vggen.compiler.targets.base import GeneratedKernel, comment, helpers_used, tidy
+from vggen.compiler.targets.base import (
+    GeneratedKernel,
+    check_kernel_functions,
+    comment,
+    function_helpers,
+    helpers_used,
+    tidy,
+)
 from vggen.compiler.targets.cuda import mapping
 from vggen.compiler.targets.cuda import schedule as tiled_schedule
 from vggen.compiler.targets.cuda.constants import RESIDENT_BLOCKS, THREADS
@@ -57,6 +64,7 @@ class CudaTarget:
     def render_kernel(self, kernel: Kernel, env: jinja2.Environment) -> GeneratedKernel:
         """One kernel's code; a tiled one as the tiled GEMM under the kernel's
         name, then its simple schedule as ``<name>_simple``."""
+        check_kernel_functions(kernel)
         tiled = self.tiled(kernel)
         if tiled is not None:
             p = CudaPrinter(kernel.tensors, {**kernel.ranges(), **tiled.ranges()})
@@ -75,9 +83,10 @@ class CudaTarget:
         return GeneratedKernel(kernel, self.name, tidy(text), schedule=sched, used=p.used)
 
     def render_file(self, kernels: list[GeneratedKernel], what: str, env: jinja2.Environment) -> str:
-        return env.get_template("cuda/file.cu.j2").render(kernels=[g.text for g in kernels], what=what,
-                                                          threads=THREADS, used=helpers_used(kernels),
-                                                          tiled=tiled_schedule)
+        used = helpers_used(kernels)
+        return env.get_template("cuda/file.cu.j2").render(
+            kernels=[g.text for g in kernels], what=what, threads=THREADS, used=used, tiled=tiled_schedule,
+            functions=function_helpers(used, "static __device__ __forceinline__"))
 
     def manifest(self, g: GeneratedKernel) -> dict:
         k = g.ir
