@@ -206,7 +206,11 @@ class Op:
         return computed
 
     def backward(self, **given) -> dict:
-        """``g_<input>`` for every differentiable input and parameter, by name."""
+        """``g_<input>`` for every differentiable input and parameter, by name.
+
+        ``given``: the seeds and the forward tensors the backward reads
+        (``backward_inputs``); any other forward tensor may be given too, and
+        is used for its shape only."""
         program, arrays = self.bind("backward", given)
         return program(arrays)
 
@@ -215,7 +219,11 @@ class Op:
         call the program with the arrays, and with arrays of its ``shapes`` and
         ``dtypes`` for the tensors it computes, to have it write into those."""
         layer, wanted = self._direction(which)
-        unknown = [n for n in arrays if n not in wanted]
+        # the backward may be given forward tensors it does not read: their
+        # shapes tell sizes its own arrays cannot (a pooling's H from x)
+        shape_only = [n for n in arrays if n not in wanted and which == "backward"
+                      and n in self._shape_of]
+        unknown = [n for n in arrays if n not in wanted and n not in shape_only]
         if unknown:
             raise VggenError(f"layer {self.name}: {which} takes {', '.join(wanted) or 'nothing'}; "
                              f"got unknown {', '.join(unknown)}")
@@ -224,7 +232,10 @@ class Op:
             raise VggenError(f"layer {self.name}: {which} needs {', '.join(wanted)}; "
                              f"missing {', '.join(missing)}")
         converted = {n: self._array(n, layer.tensor(n), arrays[n]) for n in wanted}
-        sizes = self.sizes_of(which, {n: tuple(a.shape) for n, a in converted.items()})
+        shapes = {n: tuple(a.shape) for n, a in converted.items()}
+        shapes.update({n: tuple(getattr(arrays[n], "shape", None) or np.shape(arrays[n]))
+                       for n in shape_only})
+        sizes = self.sizes_of(which, shapes)
         return self.backend.program(layer, sizes), converted
 
     def _direction(self, which: str) -> tuple[Layer, tuple]:

@@ -507,3 +507,27 @@ def test_import_vggen_stays_light_and_compile_is_exported():
 def test_vggen_torch_is_the_package_module_and_torch_is_still_torch():
     assert vggen.torch.__name__ == "vggen.torch"
     assert Path(torch.__file__).parent.name == "torch" and hasattr(torch, "autograd")
+
+
+def test_an_unseen_strided_pooling_matches_torch_given_x_for_its_shape():
+    """3×3 average pooling, stride 2, padding 1 (counting the padding, as
+    PyTorch's default): its backward reads only g_y, and x is given for H, W."""
+    torch = pytest.importorskip("torch")
+    B, C, H, W, HO, WO = sizes("B C H W HO WO")
+    b, c, i, j, p, q = indices("b c i j p q")
+    x = Tensor("x", (B, C, H, W), Role.INPUT, zero_outside=True)
+    y = Tensor("y", (B, C, HO, WO), Role.OUTPUT)
+    pool = Layer("AvgPool3x3s2", [x, y], [Equation(
+        y[b, c, i, j], Sum(x[b, c, 2 * i + p - 1, 2 * j + q - 1], (p, 0, 3), (q, 0, 3)) / 9)])
+    rng = np.random.default_rng(5)
+    xs = rng.standard_normal((2, 3, 9, 7)).astype(np.float32)
+    gy = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+    op = vggen.compile(pool, "c", sizes={"HO": 5, "WO": 4})      # the output's size is free
+    with pytest.raises(VggenError, match="do not tell H, W"):
+        op.backward(g_y=gy)
+    out, gx = op.forward(x=xs)["y"], op.backward(g_y=gy, x=xs)["g_x"]
+    t = torch.tensor(xs, dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.avg_pool2d(t, 3, 2, 1)
+    ref.backward(torch.tensor(gy, dtype=torch.float64))
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gx, t.grad.numpy(), rtol=1e-5, atol=1e-6)
