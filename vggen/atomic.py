@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import IO, Callable
 
@@ -43,8 +44,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_dead_writers(directory: Path, pattern: re.Pattern) -> list[Path]:
-    """Remove the files in ``directory`` whose names ``pattern`` matches and whose
-    writer, the pid in the pattern's first group, is no longer alive."""
+    """Remove the files (or directories) in ``directory`` whose names ``pattern``
+    matches and whose writer, the pid in the pattern's first group, is no longer alive."""
     removed = []
     try:
         entries = list(os.scandir(directory))
@@ -54,7 +55,10 @@ def remove_dead_writers(directory: Path, pattern: re.Pattern) -> list[Path]:
         m = pattern.fullmatch(entry.name)
         if m and not pid_alive(int(m.group(1))):
             try:
-                os.unlink(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
                 removed.append(Path(entry.path))
             except OSError:
                 pass                        # another writer removed it, or we may not: harmless

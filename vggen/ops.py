@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
-from vggen.atomic import fsync_directory, pid_alive, write_atomic
+from vggen.atomic import fsync_directory, remove_dead_writers, write_atomic
 from vggen.errors import VggenError
 from vggen.frontend.lang import Layer, Role, Tensor
 from vggen.paths import PACKAGE, cache_dir, templates_dir
@@ -510,17 +510,7 @@ def publish(root: Path, files: Mapping[str, str]) -> Path:
 
 def remove_dead_temporaries(root: Path) -> list[Path]:
     """Remove the temporary op directories of compiles whose process is gone."""
-    removed = []
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _TEMPORARY.fullmatch(entry.name)
-        if m and not pid_alive(int(m.group(1))):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(Path(entry.path))
-    return removed
+    return remove_dead_writers(root, _TEMPORARY)
 
 
 _PRIVATE: list[Path] = []
