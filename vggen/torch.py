@@ -67,6 +67,9 @@ def function(layer: Layer, target: str = "c", sizes: Mapping | None = None) -> t
             outputs = [computed[n] for n in op.outputs]
             keep = [n for n in op.backward_inputs if n not in op.seeds]
             ctx.vggen_saved = tuple(keep)
+            # the shapes of the inputs the backward does not read: they may tell
+            # sizes its own tensors cannot (a global pooling's H and W)
+            ctx.vggen_shapes = {n: tuple(given[n].shape) for n in names if n not in keep}
             ctx.save_for_backward(*[given[n] if n in given else computed[n] for n in keep])
             ctx.mark_non_differentiable(*[t for t in outputs if not t.is_floating_point()])
             return outputs[0] if len(outputs) == 1 else tuple(outputs)
@@ -79,7 +82,8 @@ def function(layer: Layer, target: str = "c", sizes: Mapping | None = None) -> t
                 return (None,) * len(names)
             given = dict(zip(ctx.vggen_saved, ctx.saved_tensors))
             given.update({s: g for s, g in zip(op.seeds, grads) if s in op.backward_inputs})
-            computed = runner.run("backward", given, skip=set(op.gradients) - wanted)
+            computed = runner.run("backward", given, skip=set(op.gradients) - wanted,
+                                  shapes=ctx.vggen_shapes)
             return tuple(computed.get(f"g_{n}") if f"g_{n}" in wanted else None for n in names)
 
     VggenFunction.__name__ = VggenFunction.__qualname__ = f"{_identifier(layer.name)}Function"
@@ -139,13 +143,15 @@ class _Runner:
     def __init__(self, vop: CompiledOp):
         self.op = vop
 
-    def run(self, which: str, given: dict, skip=()) -> dict:
+    def run(self, which: str, given: dict, skip=(), shapes: Mapping | None = None) -> dict:
+        """``shapes``: tensors given by their shape alone (read for sizes, never for values)."""
         vop = self.op
         device = self._device(which, given)
         float_dtype = self._float_dtype(which, given)
+        shape_only = {n: np.broadcast_to(np.float32(0), s) for n, s in (shapes or {}).items()}
         if vop.target == "cuda":
-            return self._run_cuda(which, given, device, skip)
-        arrays = {n: self._host(n, t) for n, t in given.items()}
+            return self._run_cuda(which, given, device, skip, shape_only)
+        arrays = {n: self._host(n, t) for n, t in given.items()} | shape_only
         program, arrays = vop.bind(which, arrays)
         out = {n: torch.empty(program.shapes[n], dtype=_NUMPY_OF[program.dtypes[n]]) for n in program.outputs}
         arrays.update({n: t.numpy() for n, t in out.items()})
@@ -190,7 +196,8 @@ class _Runner:
             raise VggenError(f"layer {self.op.name}: {name} is torch.bool; pass a float or an int tensor")
         return t.numpy()
 
-    def _run_cuda(self, which: str, given: dict, device: torch.device, skip) -> dict:
+    def _run_cuda(self, which: str, given: dict, device: torch.device, skip,
+                  shape_only: dict | None = None) -> dict:
         # Never run on a GPU in this repository's tests (none where they ran): written to the
         # DLPack and stream contracts of CuPy and PyTorch, import-safe without CuPy.
         try:
@@ -202,7 +209,7 @@ class _Runner:
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream)
         with cupy.cuda.Device(index), stream:
             # inside the stream: DLPack's exchange then orders nothing extra (same stream)
-            arrays = {n: cupy.from_dlpack(_contiguous(t.detach())) for n, t in given.items()}
+            arrays = {n: cupy.from_dlpack(_contiguous(t.detach())) for n, t in given.items()} | (shape_only or {})
             program, arrays = vop.bind(which, arrays)
             out = {n: torch.empty(program.shapes[n], dtype=_NUMPY_OF[program.dtypes[n]], device=device)
                    for n in program.outputs}

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from vggen.derive.indices import simplify_index, simplify_indices
 from vggen.derive.simplify import simplify_gradient
 from vggen.errors import VggenError
 from vggen.frontend.lang import (
@@ -50,7 +51,6 @@ class Gradient:
     of: Tensor
     tensor: Tensor
     equation: Equation
-    scatter: sp.Expr          # the chain rule's raw form, before delta elimination
 
     @property
     def name(self) -> str:
@@ -62,6 +62,8 @@ class Backward:
     layer: Layer
     seeds: list[Tensor]                   # ∂L/∂(output): given
     gradients: list[Gradient]             # in an order where each reads only earlier ones
+    # (tensor, equation) of each reduction a gradient reads, computed once before it
+    reductions: list = field(default_factory=list)
     program: Layer = field(init=False)    # the backward as a validated layer
 
     def __post_init__(self):
@@ -70,8 +72,9 @@ class Backward:
         tensors = [dataclasses.replace(t, role=Role.INPUT, differentiable=False)
                    for t in fwd.tensors if t.role is not Role.OUTPUT]
         tensors += [dataclasses.replace(t, role=Role.INPUT, differentiable=False) for t in self.seeds]
-        tensors += [g.tensor for g in self.gradients]
-        self.program = Layer(f"{fwd.name} backward", tensors, [g.equation for g in self.gradients],
+        tensors += [t for t, _ in self.reductions] + [g.tensor for g in self.gradients]
+        equations = [eq for _, eq in self.reductions] + [g.equation for g in self.gradients]
+        self.program = Layer(f"{fwd.name} backward", tensors, equations,
                              constants=fwd.constants, direction="backward")
 
     def gradient(self, of: str) -> Gradient:
@@ -93,6 +96,7 @@ class _Term:
     deltas: list          # [(target index, index expression)]
     guards: list = field(default_factory=list)
     outer: set = field(default_factory=set)   # dummies that were the forward's output indices
+    last_split: dict = field(default_factory=dict)   # _split_by_divisor's v → s·q + m
 
 
 class Mask(sp.Function):
@@ -151,8 +155,12 @@ def _partials(rhs: sp.Expr, acc: sp.Indexed):
 
 
 def _diff_access(expr, acc):
-    hole = sp.Dummy("v", real=True)
-    return sp.diff(expr.xreplace({acc: hole}), hole).xreplace({hole: acc})
+    """∂expr/∂acc with every tensor element real (so that ∂|x − t|/∂x is
+    sign(x − t), not an expression in re(t) and |x − t|)."""
+    holes = {a: sp.Dummy("v", real=True) for a in expr.atoms(sp.Indexed)}
+    holes.setdefault(acc, sp.Dummy("v", real=True))
+    back = {h: a for a, h in holes.items()}
+    return sp.diff(expr.xreplace(holes), holes[acc]).xreplace(back)
 
 
 def _natural_indices(layer: Layer, t: Tensor) -> tuple:
@@ -181,6 +189,9 @@ def _eliminate_deltas(term: _Term, ranges: dict) -> _Term:
         a, e = term.deltas.pop(0)
         summed = {v for v, _, _ in term.sums}
         if _unwrap(term, a, e, summed, ranges):
+            continue
+        if _split_by_divisor(term, e, summed, ranges):
+            term.deltas.insert(0, (a, simplify_index(e.xreplace(term.last_split), _bounds(term, ranges))))
             continue
         solved = _solve_linear(term, a, e, summed, ranges)
         if solved is None:
@@ -259,6 +270,44 @@ def _unwrap(term: _Term, a, e, summed: set, ranges: dict) -> bool:
         term.guards += _in_range(target, 0, s - 1, ranges)       # a residue, or nothing reads it
         term.deltas.insert(0, (target, sp.expand(n - s * m)))
     return True
+
+
+def _bounds(term: _Term, ranges: dict) -> dict:
+    return {**ranges, **{v: (lo, hi) for v, lo, hi in term.sums}}
+
+
+def _split_by_divisor(term: _Term, e, summed: set, ranges: dict) -> bool:
+    """A summed index v that ``e`` reads through ⌊v/s⌋ alongside other summed
+    indices (a grouped convolution's input channel CG·⌊o/OG⌋ + c) split as
+    v = s·q + m, m in [0, s − 1], everywhere in the term: ``e`` is then
+    linear in q, which the stride inversion solves (q = ⌊a/CG⌋), and the
+    gather runs over m alone, the s outputs of one group, not over every v.
+
+    False where ``e`` has no such ⌊v/s⌋ (v a plain summed index, s a positive
+    integer free of summed indices)."""
+    for node in sorted(_summed_nodes(e, summed), key=sp.default_sort_key):
+        if not isinstance(node, sp.floor):
+            continue
+        qt = quotient(node.args[0])
+        if qt is None or qt[0] not in summed or qt[1].free_symbols & summed:
+            continue
+        v, d = qt
+        (lo, hi), = [(l, h) for x, l, h in term.sums if x == v]
+        q, m = sp.Dummy(f"{v.name}_over_{d}", integer=True), sp.Dummy(v.name, integer=True)
+        bounds = _bounds(term, ranges)
+        q_range = [simplify_index(sp.floor(x / d), bounds) for x in (lo, hi)]
+        sums = []
+        for x, l, h in term.sums:
+            sums += [(q, *q_range), (m, sp.Integer(0), d - 1)] if x == v else [(x, l, h)]
+        term.sums = sums
+        term.last_split = {v: d * q + m}
+        after = _bounds(term, ranges)
+        term.factor = simplify_indices(term.factor.xreplace(term.last_split), after)
+        term.deltas = [(x, simplify_index(y.xreplace(term.last_split), after)) for x, y in term.deltas]
+        term.guards = [g.xreplace(term.last_split) for g in term.guards] + _in_range(d * q + m, lo, hi, after)
+        term.outer = (term.outer - {v}) | ({q, m} if v in term.outer else set())
+        return True
+    return False
 
 
 def _solve_linear(term: _Term, a, e, summed: set, ranges: dict):
@@ -380,6 +429,17 @@ def _to_expr(term: _Term) -> sp.Expr:
     return sp.Sum(body, *term.sums)
 
 
+def _fresh_bound(expr: sp.Expr) -> sp.Expr:
+    """Every sum's own indices made fresh dummies.  An inlined adjoint's sums
+    carry readable names (i, j) that the consuming equation may use for its
+    own window; renaming that window (xreplace) would otherwise capture them."""
+    def rebind(node: sp.Sum) -> sp.Sum:
+        mapping = {v: sp.Dummy(v.name, integer=True) for v, _, _ in node.limits}
+        return sp.Sum(node.function.xreplace(mapping),
+                      *[(mapping[v], lo, hi) for v, lo, hi in node.limits])
+    return expr.replace(lambda n: isinstance(n, sp.Sum), rebind)
+
+
 def _rename_readably(expr: sp.Expr, taken: set) -> sp.Expr:
     """Give summed dummies back their forward names (i′ → di), avoiding ``taken``."""
     mapping = {}
@@ -397,7 +457,6 @@ def derive(layer: Layer) -> Backward:
     """∂L/∂(every differentiable input and parameter) of ``layer``."""
     seeds = {t.name: gradient_tensor(t) for t in layer.outputs}
     adjoint: dict[str, list[sp.Expr]] = {}       # tensor -> contributions (in its index names)
-    scatter: dict[str, list[sp.Expr]] = {}
     index_names = {t.name: _natural_indices(layer, t) for t in layer.tensors}
 
     for eq in reversed(layer.equations):
@@ -408,7 +467,7 @@ def derive(layer: Layer) -> Backward:
             upstream = seeds[Y.name].base[eq.lhs.indices]
         elif Y.name in adjoint:
             own = index_names[Y.name]
-            upstream = sp.Add(*adjoint[Y.name]).xreplace(dict(zip(own, eq.lhs.indices)))
+            upstream = _fresh_bound(sp.Add(*adjoint[Y.name])).xreplace(dict(zip(own, eq.lhs.indices)))
         else:
             continue
         for acc in sorted(eq.rhs.atoms(sp.Indexed), key=sp.default_sort_key):
@@ -427,11 +486,9 @@ def derive(layer: Layer) -> Backward:
                 term = _Term(factor=(upstream * partial).xreplace(fresh), sums=sums,
                              deltas=[(ak, sp.sympify(e).xreplace(fresh)) for ak, e in zip(a, acc.indices)],
                              outer={fresh[v] for v in eq.lhs.indices})
-                scatter.setdefault(A.name, []).append(
-                    sp.Sum(term.factor * sp.Mul(*[sp.KroneckerDelta(x, y) for x, y in term.deltas]),
-                           *term.sums))
                 term = _eliminate_deltas(term, ranges)
-                adjoint.setdefault(A.name, []).append(_rename_readably(_to_expr(term), set(a)))
+                contribution = simplify_indices(_to_expr(term), ranges)
+                adjoint.setdefault(A.name, []).append(_rename_readably(contribution, set(a)))
 
     gradients = []
     for A in layer.differentiable_inputs:
@@ -439,10 +496,9 @@ def derive(layer: Layer) -> Backward:
             raise VggenError(f"layer {layer.name}: no equation reads {A.name}, so it has no gradient")
         g = gradient_tensor(A)
         lhs = g.base[index_names[A.name]]
-        gradients.append(Gradient(A, g, Equation(lhs, sp.Add(*adjoint[A.name]), f"∂L/∂{A.name}"),
-                                  sp.Add(*scatter[A.name])))
-    gradients = simplify_gradient(layer, gradients)
+        gradients.append(Gradient(A, g, Equation(lhs, sp.Add(*adjoint[A.name]), f"∂L/∂{A.name}")))
+    gradients, reductions = simplify_gradient(layer, gradients)
     for g in gradients:
         g.equation = Equation(g.equation.lhs, _unmask(g.equation.rhs), g.equation.label)
-        g.scatter = _unmask(g.scatter)
-    return Backward(layer, list(seeds.values()), gradients)
+    reductions = [(t, Equation(eq.lhs, _unmask(eq.rhs), eq.label)) for t, eq in reductions]
+    return Backward(layer, list(seeds.values()), gradients, reductions)

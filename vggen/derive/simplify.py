@@ -16,6 +16,16 @@ Two rewrites, both by construction rather than by pattern for one layer:
   that leaves the kernel reading no more tensors; where its definition (σ(x),
   tanh(x)) occurs in a gradient, the gradient reads it instead.
 
+* **Reductions of their own.**  A sum that is still left in an elementwise
+  gradient and does not depend on every one of its indices (per-sample
+  normalisation's Σ_{c,i,j} g_y·γ·x̂ in ∂L/∂x[b,c,i,j]) would be recomputed
+  for each element: O(n²) work.  Inputs are first read through the saved
+  tensor that inverts them, inside the sums too (x = μ + x̂·√(σ² + ε): the μ
+  terms then cancel exactly, where the expanded form cancelled in floating
+  point), and each such sum becomes a tensor of its own, indexed by the
+  indices it depends on, computed once by its own equation before the
+  gradient reads it (:func:`extract_reductions`).
+
 And one for stability: a backward is never less stable than its forward.
 Logistic expressions in exp become σ (``stabilise``), and ``tidy`` keeps
 SymPy's simplification only where it brings in no new function and no new
@@ -28,8 +38,9 @@ import itertools
 
 import sympy as sp
 
+from vggen.derive.indices import simplify_index, simplify_indices
 from vggen.frontend.functions import sigmoid
-from vggen.frontend.lang import REDUCTIONS, Layer, Role
+from vggen.frontend.lang import REDUCTIONS, Layer, Role, affine_range, quotient
 
 # --------------------------------------------------------------------------- atomic sums
 
@@ -267,26 +278,139 @@ def reuse_saved(layer: Layer, expr: sp.Expr) -> sp.Expr:
     return expr
 
 
+# --------------------------------------------------------------------------- reductions of their own
+
+
+def _reads(expr) -> set:
+    return {str(a.base.label) for a in expr.atoms(sp.Indexed)}
+
+
+def read_through_saved(layer: Layer, expr: sp.Expr, ranges: dict) -> sp.Expr:
+    """Every read of an input that an elementwise saved tensor can be solved
+    for (x = μ + x̂·√(σ² + ε)) replaced by that solution, inside sums too;
+    kept only if the input is then no longer read and no more tensors are."""
+    for eq in layer.equations:
+        t = layer.tensor(eq.target)
+        if t.role is not Role.SAVED or eq.rhs.has(sp.Sum):
+            continue
+        for src in eq.rhs.atoms(sp.Indexed):
+            if tuple(src.indices) != tuple(eq.lhs.indices) or not expr.has(src.base):
+                continue
+            hole = sp.Dummy("x")
+            sols = sp.solve(sp.Eq(eq.lhs, eq.rhs.xreplace({src: hole})), hole)
+            if len(sols) != 1:
+                continue
+            subs = {acc: sols[0].xreplace(dict(zip(eq.lhs.indices, acc.indices)))
+                    for acc in expr.atoms(sp.Indexed) if acc.base == src.base}
+            cand = sp.expand(split_sums(simplify_indices(expr.xreplace(subs), ranges)))
+            if str(src.base.label) not in _reads(cand) and len(_reads(cand)) <= len(_reads(expr)):
+                expr = cand
+    return expr
+
+
+def _free_indices(atom: sp.Sum, lhs_indices) -> tuple:
+    return tuple(v for v in lhs_indices if v in atom.free_symbols)
+
+
+def _readable_sum(atom: sp.Sum, lhs_indices) -> sp.Sum:
+    """The canonical sum's indices (_k0, _k1, …) named after the gradient's
+    own index at the same place of a same-rank access (g_y[b, _k0, _k1, _k2]
+    → c, i, j), where that name is free; else k0, k1, …."""
+    used = {v.name for v in atom.free_symbols}
+    names = {}
+    accesses = sorted(atom.function.atoms(sp.Indexed), key=sp.default_sort_key)
+    for n, (v, _, _) in enumerate(atom.limits):
+        name = next((lhs_indices[p].name for acc in accesses if len(acc.indices) == len(lhs_indices)
+                     for p, e in enumerate(acc.indices) if e == v), f"k{n}")
+        while name in used:
+            name += "2"
+        used.add(name)
+        names[v] = sp.Symbol(name, integer=True)
+    return atom.xreplace(names)
+
+
+def _coarsest_subscripts(atom: sp.Sum, free: tuple, ranges: dict) -> list[tuple]:
+    """Per free index v of ``atom``: (what the gradient reads it by, the
+    reduction's own index, its inclusive range).  Where v enters the sum only
+    through one ⌊v/s⌋ (a per-group statistic), the reduction is indexed by
+    that quotient: one value per group, not per channel."""
+    out = []
+    for v in free:
+        nodes = {n for n in atom.atoms(sp.floor) if v in n.free_symbols}
+        if len(nodes) == 1:
+            (node,) = nodes
+            hole = sp.Symbol(f"{v.name}_over_{quotient(node.args[0])[1]}", integer=True) \
+                if quotient(node.args[0]) else None
+            rng = affine_range(node, ranges)
+            if hole is not None and rng is not None and v not in atom.xreplace({node: hole}).free_symbols:
+                lo, hi = (simplify_index(r, {}) for r in rng)
+                if not (lo.has(sp.floor, sp.Mod) or hi.has(sp.floor, sp.Mod)):
+                    out.append((node, hole, (lo, hi)))
+                    continue
+        out.append((v, v, ranges[v]))
+    return out
+
+
+def extract_reductions(expr: sp.Expr, lhs_indices, ranges: dict, name: str, taken: set):
+    """(expr with each sum that leaves out some of ``lhs_indices`` read from a
+    tensor of its own, [(tensor, equation)] computing those tensors).
+
+    A sum that depends on every index of the gradient (a convolution's window)
+    stays where it is: there is nothing to share."""
+    from vggen.frontend.lang import Equation, Tensor
+
+    reductions, subs = [], {}
+    for atom in sorted(expr.atoms(sp.Sum), key=sp.default_sort_key):
+        free = _free_indices(atom, lhs_indices)
+        if len(free) == len(lhs_indices) or not free or any(
+                atom in other.atoms(sp.Sum) for other in expr.atoms(sp.Sum) if other is not atom):
+            continue
+        n = len(reductions) + 1
+        while f"{name}_sum{n}" in taken:
+            n += 1
+        subscripts = _coarsest_subscripts(atom, free, ranges)
+        body = atom.xreplace({read: own for read, own, _ in subscripts if read is not own})
+        own = tuple(o for _, o, _ in subscripts)
+        tensor = Tensor(f"{name}_sum{n}", tuple(hi - lo + 1 for *_, (lo, hi) in subscripts), Role.SAVED,
+                        lower=tuple(lo for *_, (lo, _) in subscripts),
+                        doc=f"Σ of ∂L/∂{name[2:]}, computed once per ({', '.join(map(str, own))})")
+        taken.add(tensor.name)
+        reductions.append((tensor, Equation(tensor.base[own], _readable_sum(body, lhs_indices),
+                                            f"a reduction of ∂L/∂{name[2:]}")))
+        subs[atom] = tensor.base[tuple(r for r, _, _ in subscripts)]
+    return expr.xreplace(subs), reductions
+
+
 # --------------------------------------------------------------------------- driver
 
 
-def simplify_gradient(layer: Layer, gradients: list) -> list:
-    """Simplify each gradient; order them so that each reads only earlier ones."""
+def simplify_gradient(layer: Layer, gradients: list) -> tuple[list, list]:
+    """Simplify each gradient; order them so that each reads only earlier ones.
+
+    Returns (gradients, reductions): the reductions (tensor, equation) that
+    the gradients read, to be computed before them."""
     from vggen.frontend.lang import Equation
 
-    out = []
+    out, reductions = [], []
+    taken = {t.name for t in layer.tensors} | {g.tensor.name for g in gradients}
     for g in gradients:
         # a step's derivative (sign', Heaviside') is 0 almost everywhere, as
         # for ReLU's mask: no gradient, like PyTorch
         rhs = g.equation.rhs.replace(lambda n: isinstance(n, sp.DiracDelta), lambda n: sp.Integer(0))
         if rhs.has(sp.Sum) and not is_pure_reduction(rhs):
-            ranges = dict(zip(g.equation.lhs.indices, g.tensor.index_ranges()))
+            lhs_indices = g.equation.lhs.indices
+            ranges = dict(zip(lhs_indices, g.tensor.index_ranges()))
             rhs = match_known_sums(layer, rhs, _known_reductions(layer, gradients, g), ranges)
-            rhs = prefer_saved(layer, rhs, g.equation.lhs.indices)
+            rhs = prefer_saved(layer, rhs, lhs_indices)
+            if any(len(_free_indices(a, lhs_indices)) < len(lhs_indices) for a in rhs.atoms(sp.Sum)):
+                rhs = read_through_saved(layer, split_sums(rhs), ranges)
+                rhs, own = extract_reductions(rhs, lhs_indices, ranges, g.tensor.name, taken)
+                reductions += [(t, Equation(eq.lhs, tidy(reuse_saved(layer, stabilise(eq.rhs))), eq.label))
+                               for t, eq in own]
         rhs = reuse_saved(layer, stabilise(rhs))
         rhs = tidy(rhs)
         g.equation = Equation(g.equation.lhs, rhs, g.equation.label)
         out.append(g)
     names = {g.tensor.name for g in out}
     reads = lambda g: {str(a.base.label) for a in g.equation.rhs.atoms(sp.Indexed)} & names  # noqa: E731
-    return sorted(out, key=lambda g: (len(reads(g)), ))
+    return sorted(out, key=lambda g: (len(reads(g)), )), reductions

@@ -186,13 +186,19 @@ def finite_difference_error(layer: Layer, bw: Backward, consts: dict, rng, h=1e-
 
 
 def _gradients(bw: Backward, env: dict, consts: dict) -> dict:
-    """Every gradient of ``bw`` evaluated on ``env`` (forward values and seeds)."""
+    """Every gradient of ``bw`` evaluated on ``env`` (forward values and seeds), with
+    the sums the program computes for them (a normalisation's reused Σ) in its order.
+    A gradient's equation is taken from ``bw.gradients``, so a test that alters it
+    is checked on what it altered."""
     env = dict(env)
     lower = concrete_lower(bw.program, consts)
     ev = Evaluator(env, consts, lower)
-    for g in bw.gradients:
-        env[g.tensor.name] = ev.equation(g.equation, concrete_shape(bw.program, g.tensor.name, consts),
-                                         lower[g.tensor.name])
+    by_target = {g.tensor.name: g.equation for g in bw.gradients}
+    order = [eq.target for eq in bw.program.equations]
+    order += [name for name in by_target if name not in order]
+    for name in order:
+        eq = by_target.get(name) or bw.program.definition(name)
+        env[name] = ev.equation(eq, concrete_shape(bw.program, name, consts), lower[name])
     return env
 
 
