@@ -22,3 +22,15 @@ def c_backend(tmp_path_factory):
         gen = tmp_path_factory.mktemp("generated")
         build(gen)
     return CBackend(generated=gen, cache=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def own_op_cache(tmp_path_factory):
+    """vggen.compile's cache of the module's own; the in-process memo emptied before and after."""
+    from vggen import ops
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VGGEN_CACHE_DIR", str(tmp_path_factory.mktemp("vggen-cache")))
+        ops._OPS.clear()
+        yield
+        ops._OPS.clear()

@@ -27,13 +27,13 @@ from vggen.frontend.layers import (
     K,
     S,
     W,
-    elementwise_activation,
 )
+from vggen.frontend.zoo import CG, G, OG, leaky_relu  # noqa: F401 - leaky_relu: the tests' LeakyReLU
 from vggen.proof.evaluate import Evaluator, run_forward
 
 REPO = Path(__file__).resolve().parent.parent
 CC = shutil.which("cc") or shutil.which("gcc")
-SIZE_SYMBOLS = {s.name: s for s in (B, C, IC, OC, H, W, HO, WO, K, S)}
+SIZE_SYMBOLS = {s.name: s for s in (B, C, IC, OC, H, W, HO, WO, K, S, G, CG, OG)}
 RTOL, ATOL = 1e-4, 1e-5
 
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
@@ -165,11 +165,7 @@ def check_layer_kernels(lib, kernels, layer, sizes, specialise=VGG_SPECIALISE, s
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-
-def leaky_relu():
-    return elementwise_activation("LeakyReLU", lambda v: sp.Piecewise((v, v >= 0), (0.1 * v, True)))
+# (LeakyReLU, imported above, is the zoo's: vggen.frontend.zoo.leaky_relu)
 
 
 def row_logsumexp():
@@ -182,3 +178,14 @@ def row_logsumexp():
         Equation(mx[b, c], Max(x[b, c, w], (w, 0, W))),
         Equation(y[b, c], sp.log(Sum(sp.exp(x[b, c, w] - mx[b, c]), (w, 0, W))) + mx[b, c]),
     ])
+
+
+def assert_close(got, want, what: str, rtol: float, atol: float) -> None:
+    """|got − want| ≤ rtol·|want| + atol·max(1, max|want|); integers exactly."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    if want.dtype.kind in "iu":
+        np.testing.assert_array_equal(got, want, err_msg=what)
+        return
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale, err_msg=what)

@@ -25,7 +25,6 @@ from tests.helpers import (
     call_c,
     check_layer_kernels,
     compile_c,
-    leaky_relu,
     needs_cc,
     reference,
 )
@@ -35,6 +34,7 @@ from vggen.compiler.targets.cuda.printer import CudaPrinter
 from vggen.compiler.targets.names import identifier
 from vggen.derive.autodiff import derive
 from vggen.errors import VggenError
+from vggen.frontend import zoo
 from vggen.frontend.functions import FUNCTIONS, sigmoid, softplus
 from vggen.frontend.lang import Equation, Layer, Role, Sum, Tensor, indices, sizes
 from vggen.frontend.layers import (
@@ -69,23 +69,18 @@ def saved(name, define, out) -> Layer:
     return Layer(name, [x, s, y], [Equation(S, define(X)), Equation(y[b, c, i, j], out(X, S))])
 
 
-def erf_gelu(v):
-    return v * (1 + sp.erf(v / sp.sqrt(2))) / 2
-
-
-# name → (layer, the same function in PyTorch)
+# name → (layer, the same function in PyTorch); the zoo's where it has the layer
 ACTIVATIONS = {
-    "Tanh": (lambda: elementwise_activation("Tanh", sp.tanh), torch.tanh),
-    "Sigmoid": (lambda: elementwise_activation("Sigmoid", sigmoid), torch.sigmoid),
+    "Tanh": (zoo.tanh, torch.tanh),
+    "Sigmoid": (zoo.sigmoid, torch.sigmoid),
     "SigmoidExp": (lambda: elementwise_activation("SigmoidExp", lambda v: 1 / (1 + sp.exp(-v))), torch.sigmoid),
     "SwishMul": (lambda: elementwise_activation("SwishMul", lambda v: v * sigmoid(v)), F.silu),
-    "SwishExp": (lambda: elementwise_activation("SwishExp", lambda v: v / (1 + sp.exp(-v))), F.silu),
-    "GELU": (lambda: elementwise_activation("GELU", erf_gelu), F.gelu),
-    "Softplus": (lambda: elementwise_activation("Softplus", softplus), F.softplus),
+    "SiLU": (zoo.silu, F.silu),                                  # x/(1 + e^−x)
+    "GELU": (zoo.gelu, F.gelu),
+    "Softplus": (zoo.softplus, F.softplus),
     "SoftplusLog": (lambda: elementwise_activation("SoftplusLog", lambda v: sp.log(1 + sp.exp(v))), F.softplus),
-    "ELU": (lambda: elementwise_activation("ELU", lambda v: sp.Piecewise((v, v > 0), (sp.exp(v) - 1, True))),
-            F.elu),
-    "LeakyReLU": (leaky_relu, lambda t: F.leaky_relu(t, 0.1)),
+    "ELU": (zoo.elu, F.elu),
+    "LeakyReLU": (zoo.leaky_relu, lambda t: F.leaky_relu(t, 0.1)),
     "CoshSinh": (lambda: elementwise_activation("CoshSinh", lambda v: sp.cosh(v) / 2 + sp.sinh(v)),
                  lambda t: torch.cosh(t) / 2 + torch.sinh(t)),
     "SwishSaved": (lambda: saved("SwishSaved", sigmoid, lambda x, s: x * s), F.silu),
@@ -204,7 +199,7 @@ def test_backwards_keep_to_the_forwards_functions():
     where the forward kept it."""
     g = {name: str(derive(make()).gradients[0].equation.rhs) for name, (make, _) in ACTIVATIONS.items()}
     assert g["Tanh"] == "(1 - tanh(x[b, c, i, j])**2)*g_y[b, c, i, j]"
-    for name in ("Sigmoid", "SigmoidExp", "SwishMul", "SwishExp", "Softplus", "SoftplusLog"):
+    for name in ("Sigmoid", "SigmoidExp", "SwishMul", "SiLU", "Softplus", "SoftplusLog"):
         assert "sigmoid(x[b, c, i, j])" in g[name] and "exp" not in g[name] and "cosh" not in g[name], g[name]
     assert g["SwishSaved"].count("s[b, c, i, j]") >= 2 and "sigmoid" not in g["SwishSaved"]
     assert g["TanhSaved"] == "(1 - s[b, c, i, j]**2)*g_y[b, c, i, j]"
@@ -308,7 +303,7 @@ def _stability(run, kernels):
         env, got = _run_layer32(run, kernels, layer, x)
         errors[layer.name] = _check_stable(layer.name, env, got, x)
         at = {float(v): float(g) for v, g in zip(x[0].ravel(), got[0].ravel())}
-        if layer.name.startswith("Swish"):
+        if layer.name.startswith("Swish") or layer.name == "SiLU":
             assert at[50.0] == pytest.approx(1.0, rel=1e-6) and at[-100.0] == pytest.approx(0.0, abs=1e-30)
         if layer.name.startswith("Tanh"):
             assert at[20.0] == pytest.approx(0.0, abs=1e-15) and at[-20.0] == pytest.approx(0.0, abs=1e-15)
@@ -443,7 +438,7 @@ def test_clashing_names_run_in_cuda_emulation(tmp_path):
 
 
 def layer_norm() -> Layer:
-    """Normalisation over (c, i, j) per sample: its backward divides by 2(CHW)²."""
+    """Normalisation over (c, i, j) per sample, no scale or shift."""
     x = Tensor("x", (B, C, H, W), Role.INPUT)
     mu = Tensor("mu", (B,), Role.SAVED)
     var = Tensor("var", (B,), Role.SAVED)
@@ -471,10 +466,11 @@ def test_size_products_that_can_pass_2_31_print_in_64_bits():
 
 @needs_cc
 def test_a_normalisation_over_33x32x32_matches_float64(tmp_path):
-    """C = 33, H = W = 32: 2(CHW)² passes 2³¹."""
+    """C = 33, H = W = 32: (CHW)² passes 2³¹, where the expanded backward divided by it;
+    the per-sample sums are now reductions of their own, computed once."""
     layer = layer_norm()
     text, kernels = generate([layer], "c", SPECIALISE)
-    assert "(long long)2*C*C*H*H*W*W" in text
+    assert "g_x_sum1[b]" in text and "C*C*H*H*W*W" not in text
     lib = compile_c(text, tmp_path)
     shape = dict(B=2, C=33, H=32, W=32)
     rng = np.random.default_rng(0)

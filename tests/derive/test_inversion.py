@@ -1,6 +1,7 @@
 """Strided, floor and Mod accesses inverted into gathers (``derive``'s δ elimination).
 
-Every layer here is written through the public front end only.  For each, the
+Every layer here is written through the public front end only (max pooling
+and nearest upsampling are the zoo's, vggen/frontend/zoo.py).  For each, the
 derived ∂L/∂x gathers over exactly the window positions (or the preimage)
 that reach an element: integer loops, no fraction in any subscript, no guard
 that sums over the whole plane.  It equals finite differences and a float64
@@ -36,7 +37,6 @@ from vggen.derive.autodiff import derive
 from vggen.errors import VggenError
 from vggen.frontend import lang
 from vggen.frontend.lang import (
-    Argmax,
     Equation,
     Layer,
     Role,
@@ -45,6 +45,7 @@ from vggen.frontend.lang import (
     indices,
     sizes,
 )
+from vggen.frontend.zoo import max_pooling, nearest_upsampling
 from vggen.proof.evaluate import run_forward
 from vggen.proof.verify import check_layer
 
@@ -64,27 +65,6 @@ def conv(k: int, s: int, pad: int, d: int = 1) -> Layer:
     body = w[o, c, p, q] * x[b, c, s * i + d * p - pad, s * j + d * q - pad]
     name = f"Conv{k}x{k}S{s}P{pad}" + (f"D{d}" if d != 1 else "")
     return Layer(name, [x, w, y], [Equation(y[b, o, i, j], Sum(body, (c, 0, C), (p, 0, k), (q, 0, k)))])
-
-
-def max_pool(k: int, s: int) -> Layer:
-    """Overlapping max pooling, the argmax form of ``layers.max_pooling2d``: a
-    k×k window every s positions, on an input just wide enough."""
-    x = Tensor("x", (B, C, s * (HO - 1) + k, s * (WO - 1) + k), Role.INPUT)
-    sel = Tensor("sel", (B, C, HO, WO), Role.SAVED, dtype="int")
-    y = Tensor("y", (B, C, HO, WO), Role.OUTPUT)
-    window = ((p, 0, k), (q, 0, k))
-    read = x[b, c, s * i + p, s * j + q]
-    return Layer(f"MaxPool{k}x{k}S{s}", [x, sel, y], [
-        Equation(sel[b, c, i, j], Argmax(read, *window)),
-        Equation(y[b, c, i, j], Sum(sp.KroneckerDelta(sel[b, c, i, j], k * p + q) * read, *window)),
-    ])
-
-
-def upsample(s: int) -> Layer:
-    """Nearest-neighbour upsampling: y(b,c,i,j) = x(b,c,⌊i/s⌋,⌊j/s⌋)."""
-    x = Tensor("x", (B, C, H, W), Role.INPUT)
-    y = Tensor("y", (B, C, s * H, s * W), Role.OUTPUT)
-    return Layer(f"Upsample{s}", [x, y], [Equation(y[b, c, i, j], x[b, c, sp.floor(i / s), sp.floor(j / s)])])
 
 
 def wrap(s: int) -> Layer:
@@ -152,9 +132,9 @@ CASES = {
                          conv_scatter(3, 2, 1, 2)),
     "conv3x3_s2_p1_d3": (lambda: conv(3, 2, 1, 3), conv_sizes(3, 2, 1, 3), [OC, 2, 2], 0,
                          conv_scatter(3, 2, 1, 3)),
-    "maxpool3x3_s2": (lambda: max_pool(3, 2), dict(B=2, C=3, HO=3, WO=4), [2, 2], 0, pool_scatter(3, 2)),
-    "upsample2": (lambda: upsample(2), dict(B=2, C=3, H=7, W=9), [2, 2], 0, upsample_scatter(2)),
-    "upsample3": (lambda: upsample(3), dict(B=2, C=3, H=7, W=9), [3, 3], 0, upsample_scatter(3)),
+    "maxpool3x3_s2": (lambda: max_pooling(3, 2), dict(B=2, C=3, HO=3, WO=4), [2, 2], 0, pool_scatter(3, 2)),
+    "upsample2": (lambda: nearest_upsampling(2), dict(B=2, C=3, H=7, W=9), [2, 2], 0, upsample_scatter(2)),
+    "upsample3": (lambda: nearest_upsampling(3), dict(B=2, C=3, H=7, W=9), [3, 3], 0, upsample_scatter(3)),
     "mod3": (lambda: wrap(3), dict(B=2, C=3, H=7), [sp.floor(H / 3) + 1], 0, wrap_scatter(3)),
 }
 
@@ -203,7 +183,7 @@ def test_the_gather_runs_over_the_window_positions_that_reach_an_element(name):
 
 
 def test_an_upsampling_gather_is_s_by_s_reads():
-    g = derive(upsample(2)).gradient("x").equation
+    g = derive(nearest_upsampling(2)).gradient("x").equation
     assert str(g) == "g_x[b, c, i, j] = Sum(g_y[b, c, 2*i + i2, 2*j + j2], (i2, 0, 1), (j2, 0, 1))"
 
 
@@ -364,7 +344,7 @@ def test_a_rational_subscript_or_bound_is_rejected_by_the_analysis_before_printi
 
 
 def test_a_derived_equation_with_a_rational_subscript_names_the_layer_and_the_equation():
-    program = derive(upsample(2)).program
+    program = derive(nearest_upsampling(2)).program
     (g,) = program.equations
     g_y = program.tensor("g_y").base
     program.equations[0] = Equation(g.lhs, g_y[b, c, i / 2, j / 2], g.label)

@@ -1,6 +1,7 @@
 """``vggen.compile`` and ``vggen.torch``: layers written through the front end
-(VGG's own, and new ones written here: two activations, average pooling, an
-MSE loss, a depthwise convolution, a residual add), compiled in one call.
+(VGG's own, and from the zoo, vggen/frontend/zoo.py: two activations, average
+pooling, an MSE loss, a depthwise convolution, a residual add), compiled in
+one call.
 
 What is asserted, per layer, at odd shapes:
 
@@ -31,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sympy as sp
 
 import vggen
+from tests import helpers
 from tests.helpers import REPO
 from vggen import ops
 from vggen.errors import VggenError
@@ -43,11 +44,18 @@ from vggen.frontend.layers import (
     batch_normalization_relu,
     convolution2d,
     dropout,
-    elementwise_activation,
     linear,
     max_pooling2d,
     relu,
     softmax_cross_entropy,
+)
+from vggen.frontend.zoo import (
+    average_pooling2x2,
+    depthwise_convolution3x3,
+    leaky_relu,
+    mse_loss,
+    residual_add,
+    silu,
 )
 
 torch = pytest.importorskip("torch")
@@ -58,50 +66,11 @@ import vggen.torch  # noqa: E402
 RTOL, ATOL = 1e-4, 1e-5
 needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
 
-B, C, H, W, HO, WO = sizes("B C H W HO WO")
-b, c, i, j, p, q, di, dj, o = indices("b c i j p q di dj o")
+B, C = sizes("B C")
+b, c, i = indices("b c i")
 
 
-# --------------------------------------------------------------------------- layers written here
-
-
-def leaky_relu() -> Layer:
-    return elementwise_activation("LeakyReLU", lambda v: sp.Piecewise((v, v >= 0), (v / 10, True)))
-
-
-def silu() -> Layer:
-    """x·σ(x), written as x·eˣ/(1 + eˣ) (x/(1 + e⁻ˣ) derives to a cosh that no target prints)."""
-    return elementwise_activation("SiLU", lambda v: v * sp.exp(v) / (1 + sp.exp(v)))
-
-
-def average_pooling2d() -> Layer:
-    x = Tensor("x", (B, C, 2 * HO, 2 * WO), Role.INPUT)
-    y = Tensor("y", (B, C, HO, WO), Role.OUTPUT)
-    return Layer("AveragePooling2D", [x, y], [
-        Equation(y[b, c, i, j], Sum(x[b, c, 2 * i + p, 2 * j + q], (p, 0, 2), (q, 0, 2)) / 4)])
-
-
-def mse_loss() -> Layer:
-    x = Tensor("x", (B, C), Role.INPUT)
-    t = Tensor("t", (B, C), Role.INPUT)
-    loss = Tensor("L", (1,), Role.OUTPUT)
-    return Layer("MSELoss", [x, t, loss], [
-        Equation(loss[o], Sum((x[b, c] - t[b, c]) ** 2, (b, 0, B), (c, 0, C)) / (B * C))])
-
-
-def depthwise_conv() -> Layer:
-    x = Tensor("x", (B, C, H, W), Role.INPUT, zero_outside=True)
-    w = Tensor("w", (C, 3, 3), Role.PARAMETER, lower=(0, -1, -1))
-    y = Tensor("y", (B, C, H, W), Role.OUTPUT)
-    return Layer("DepthwiseConv3x3", [x, w, y], [
-        Equation(y[b, c, i, j], Sum(w[c, di, dj] * x[b, c, i + di, j + dj], (di, -1, 2), (dj, -1, 2)))])
-
-
-def residual_add() -> Layer:
-    x = Tensor("x", (B, C, H, W), Role.INPUT)
-    r = Tensor("r", (B, C, H, W), Role.INPUT)
-    y = Tensor("y", (B, C, H, W), Role.OUTPUT)
-    return Layer("ResidualAdd", [x, r, y], [Equation(y[b, c, i, j], x[b, c, i, j] + r[b, c, i, j])])
+# --------------------------------------------------------------------------- a layer written here (the others: the zoo)
 
 
 def repeat() -> Layer:
@@ -149,11 +118,11 @@ CASES = {
     "leaky_relu": Case(leaky_relu, dict(x=(2, 3, 5, 7)), dict(x=(1, 3, 1, 5)),
                        lambda x: (F.leaky_relu(x, 0.1),)),
     "silu": Case(silu, dict(x=(2, 3, 5, 7)), dict(x=(1, 3, 1, 5)), lambda x: (F.silu(x),)),
-    "avgpool": Case(average_pooling2d, dict(x=(3, 5, 6, 10)), dict(x=(1, 3, 4, 6)),
+    "avgpool": Case(average_pooling2x2, dict(x=(3, 5, 6, 10)), dict(x=(1, 3, 4, 6)),
                     lambda x: (F.avg_pool2d(x, 2),)),
     "mse": Case(mse_loss, dict(x=(5, 7), t=(5, 7)), dict(x=(3, 5), t=(3, 5)),
                 lambda x, t: (F.mse_loss(x, t).reshape(1),)),
-    "depthwise": Case(depthwise_conv, dict(x=(2, 3, 5, 7), w=(3, 3, 3)), dict(x=(1, 2, 3, 4), w=(2, 3, 3)),
+    "depthwise": Case(depthwise_convolution3x3, dict(x=(2, 3, 5, 7), w=(3, 3, 3)), dict(x=(1, 2, 3, 4), w=(2, 3, 3)),
                       lambda x, w: (F.conv2d(x, w[:, None], padding=1, groups=w.shape[0]),)),
     "residual": Case(residual_add, dict(x=(2, 3, 5, 7), r=(2, 3, 5, 7)), dict(x=(1, 3, 1, 5), r=(1, 3, 1, 5)),
                      lambda x, r: (x + r,)),
@@ -174,23 +143,10 @@ def data(case: Case, shapes: dict, seed: int, dtype=np.float32) -> dict:
 
 
 def assert_close(got, want, what: str) -> None:
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, what
-    if want.dtype.kind in "iu":
-        np.testing.assert_array_equal(got, want, err_msg=what)
-        return
-    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL * scale, err_msg=what)
+    helpers.assert_close(got, want, what, RTOL, ATOL)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def own_cache(tmp_path_factory):
-    """A cache of this module's own; the in-process memo emptied before and after."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VGGEN_CACHE_DIR", str(tmp_path_factory.mktemp("vggen-cache")))
-        ops._OPS.clear()
-        yield
-        ops._OPS.clear()
+pytestmark = pytest.mark.usefixtures("own_op_cache")
 
 
 # --------------------------------------------------------------------------- c against numpy
@@ -350,11 +306,11 @@ def test_without_cupy_the_cuda_target_is_one_line_and_vggen_torch_still_imports(
 @needs_cc
 def test_a_second_compile_runs_no_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("VGGEN_CACHE_DIR", str(tmp_path))
-    layer = depthwise_conv()
+    layer = depthwise_convolution3x3()
     start = time.perf_counter()
     first = vggen.compile(layer, "c")
     cold = time.perf_counter() - start
-    assert vggen.compile(depthwise_conv(), "c") is first       # the same equations: the same op
+    assert vggen.compile(depthwise_convolution3x3(), "c") is first       # the same equations: the same op
     ops._OPS.clear()                                           # as a new process would start
 
     def refuse(*args, **kwargs):
@@ -366,7 +322,7 @@ def test_a_second_compile_runs_no_compiler(monkeypatch, tmp_path):
     monkeypatch.setattr(emit, "outputs", refuse)
     monkeypatch.setattr(c_runtime, "compile_library", refuse)
     start = time.perf_counter()
-    second = vggen.compile(depthwise_conv(), "c")
+    second = vggen.compile(depthwise_convolution3x3(), "c")
     warm = time.perf_counter() - start
     assert second is not first and second.directory == first.directory
     inputs = data(CASES["depthwise"], CASES["depthwise"].shapes, seed=6)
@@ -448,14 +404,14 @@ def test_sizes_are_read_from_the_shapes_compound_dimensions_included():
 
 @pytest.mark.parametrize("target", ["numpy", pytest.param("c", marks=needs_cc)])
 def test_sizes_the_shapes_do_not_tell_and_other_mistakes_are_one_line(target):
-    pool = vggen.compile(average_pooling2d(), target)
+    pool = vggen.compile(average_pooling2x2(), target)
     x = np.zeros((1, 2, 5, 4), np.float32)
     messages = []
     for call in (lambda: pool.forward(x=x),
                  lambda: vggen.compile(repeat(), target).forward(x=x[:, :, 0, 0]),
                  lambda: pool.forward(x=x[:, :, :4], y=x),
                  lambda: pool.backward(g_y=np.zeros((1, 2, 3), np.float32)),
-                 lambda: vggen.compile(average_pooling2d(), target, sizes={"K": 3}),
+                 lambda: vggen.compile(average_pooling2x2(), target, sizes={"K": 3}),
                  lambda: pool.forward(x=x[:, :, :4].astype(np.int64))):
         with pytest.raises(VggenError) as err:
             call()
