@@ -294,6 +294,15 @@ class Op:
         return found
 
 
+class UntoldSizes(VggenError):
+    """Sizes that the given shapes do not tell (``names``): a caller with its own
+    way of fixing them (a model file's NAME=VALUE) words its own advice."""
+
+    def __init__(self, message: str, names: list[str]):
+        super().__init__(message)
+        self.names = names
+
+
 def infer_sizes(layer: str, given: list[tuple[str, tuple, tuple]], fixed: dict, needed: set) -> dict:
     """Size name -> value from ``given`` (tensor name, symbolic shape, array shape).
 
@@ -355,9 +364,10 @@ def infer_sizes(layer: str, given: list[tuple[str, tuple, tuple]], fixed: dict, 
                      | {s.name for s in needed if s not in known})
     if unknown:
         example = ", ".join(f"'{u}': ..." for u in unknown)
-        raise VggenError(f"layer {layer}: the shapes of {', '.join(n for n, _, _ in given) or 'nothing'} "
-                         f"do not tell {', '.join(unknown)}: fix "
-                         f"{'it' if len(unknown) == 1 else 'them'} with vggen.compile(..., sizes={{{example}}})")
+        raise UntoldSizes(f"layer {layer}: the shapes of {', '.join(n for n, _, _ in given) or 'nothing'} "
+                          f"do not tell {', '.join(unknown)}: fix "
+                          f"{'it' if len(unknown) == 1 else 'them'} with vggen.compile(..., sizes={{{example}}})",
+                          unknown)
     out = {s.name: int(v) for s, v in known.items()}
     out.update({s.name: v for s, v in fixed.items()})
     return out
@@ -528,5 +538,5 @@ def _private_root() -> Path:
     return _PRIVATE[0]
 
 
-__all__ = ["compile", "Op", "TARGETS", "infer_sizes", "layer_key", "files_hash", "publish", "emitted",
-           "remove_dead_temporaries"]
+__all__ = ["compile", "Op", "TARGETS", "infer_sizes", "UntoldSizes", "layer_key", "files_hash", "publish",
+           "emitted", "remove_dead_temporaries"]

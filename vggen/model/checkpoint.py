@@ -4,7 +4,11 @@ A checkpoint holds the parameters (``param/<name>``), the optimizer state
 (``momentum/<name>``, the SGD velocity), the BatchNormalization running
 statistics (``state/<name>``) and a JSON header (``header``, UTF-8 bytes):
 format version, the training config, the number of epochs completed, the
-state of the random generator, and the metrics of every epoch so far.  The
+state of the random generator, the metrics of every epoch so far, and, for a
+model with layers of the user's own, the SHA-256 of each layer file
+(``layer_files``: a resumed run refuses one that has changed since,
+:func:`check_layer_files`, as the same parameters in another layer would
+continue another run without a word).  The
 header is also written beside it as ``<name>.json`` for people to read;
 :func:`load` trusts only the copy inside the ``.npz``, and refuses the
 ``.json`` copy with a pointer to the ``.npz``.
@@ -16,8 +20,8 @@ any point leaves the previous checkpoint whole.
 :func:`load` checks everything a resumed run would act on before training
 starts: the header field by field (``format``, ``version``, ``epoch``, the
 types of the known ``config`` keys, ``rng`` as a state numpy accepts,
-``history``, ``schedule``), and every array — float, finite, a momentum per
-parameter with its shape.  Each problem is one :class:`VggenError` naming the
+``history``, ``schedule``, ``layer_files``), and every array — float,
+finite, a momentum per parameter with its shape.  Each problem is one :class:`VggenError` naming the
 file and the field or array: a damaged file is never half-loaded.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -95,6 +100,7 @@ CONFIG_SCHEMA = {
     "cuda_graph": _BOOL, "progress": _BOOL, "allow_modified_kernels": _BOOL,
 }
 OPTIONAL_STRINGS = ("schedule", "target", "vggen")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _show(value) -> str:
@@ -170,6 +176,31 @@ def _check_header(where: str, header) -> None:
     for key in OPTIONAL_STRINGS:
         if key in header and not isinstance(header[key], str):
             raise VggenError(f"{where}: header field {key!r} must be a string, not {_show(header[key])}")
+    files = header.get("layer_files", {})
+    if not (isinstance(files, dict) and all(isinstance(v, str) and _SHA256.fullmatch(v)
+                                            for v in files.values())):
+        raise VggenError(f"{where}: header field 'layer_files' must map each layer file to the "
+                         f"SHA-256 of its bytes (64 hex digits), not {_show(files)}")
+
+
+def check_layer_files(where: str, header: dict, current: dict) -> None:
+    """Refuse to resume when the model's layer files (``current``, file -> SHA-256,
+    :attr:`vggen.model.architecture.Model.layer_files`) are not those the
+    checkpoint was trained with (its header's ``layer_files``; a checkpoint
+    without the field predates it and is not checked)."""
+    if "layer_files" not in header:
+        return
+    saved = header["layer_files"]
+    for file in sorted(saved.keys() | current.keys()):
+        if file not in current:
+            raise VggenError(f"{where} was trained with layer file {file}, which the model no "
+                             f"longer names: restore the model file, or start a new run")
+        if file not in saved:
+            raise VggenError(f"{where} was trained without layer file {file}, which the model now "
+                             f"names: restore the model file, or start a new run")
+        if saved[file] != current[file]:
+            raise VggenError(f"{where} was trained with another {file} (SHA-256 {saved[file][:12]}…, "
+                             f"now {current[file][:12]}…): restore it, or start a new run")
 
 
 # --------------------------------------------------------------------------- loading
@@ -273,4 +304,4 @@ def load(path: str | Path) -> Checkpoint:
     return Checkpoint(header, groups["param"], groups["momentum"], groups["state"])
 
 
-__all__ = ["Checkpoint", "save", "load", "FILENAME"]
+__all__ = ["Checkpoint", "save", "load", "check_layer_files", "FILENAME"]

@@ -6,6 +6,12 @@ trained parameters and their initialisation, whether the node keeps
 BatchNormalization's running statistics, how it runs in evaluation mode, and,
 for a fused kind, the run of kinds it replaces.  ``KINDS`` is the registry,
 by name; :class:`vggen.model.network.Node` refers to its kind by name.
+
+A user's layer (the ``layer`` entry of :mod:`vggen.model.architecture`) is a
+kind of its own, made per node by :func:`user_kind` and held by its node
+rather than registered: its layer is the user's, its kernels those of
+``vggen.compile`` for the network's target, its sizes read from the
+activations it receives (:func:`fit_user_layer`).
 """
 
 from __future__ import annotations
@@ -13,13 +19,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 
 import numpy as np
+import sympy as sp
 
 from vggen.derive.autodiff import derive
+from vggen.errors import VggenError
 from vggen.frontend import layers
 from vggen.frontend.lang import Layer
+from vggen.runtime.base import size_values, tensor_shapes
 
 BN_EPS = layers.BN_EPSILON
 BN_MOMENTUM = 0.9
@@ -42,8 +51,13 @@ class NodeKind:
     # the identity in evaluation mode (dropout): no kernel, y is x
     identity_in_evaluation: bool = False
     reads_labels: bool = False         # the loss: its t is the batch's labels
+    input: str = "x"                   # the tensor the previous node's output feeds
     output: str = "y"                  # the tensor the next node reads
+    batch: str = "B"                   # the batch size's name
     parts: tuple[str, ...] = ()        # a fused kind: the run of kinds it replaces
+    # a user's layer (vggen.model.architecture.UserLayer): compiled by
+    # vggen.compile for the network's target, never fused
+    user: object = None
 
     @cached_property
     def layer(self) -> Layer:
@@ -62,7 +76,17 @@ class NodeKind:
     @property
     def has_mask(self) -> bool:
         """Whether the layer applies a dropout mask R (drawn per training step)."""
-        return "R" in self.layer.by_name
+        return self.user is None and "R" in self.layer.by_name
+
+    def compile(self, target: str):
+        """A user's layer as a ``vggen.compile`` op for ``target`` (from its cache
+        when compiled before); a failure names the model file's line."""
+        from vggen.ops import compile as compile_layer
+
+        try:
+            return compile_layer(self.layer, target, sizes=self.user.sizes)
+        except VggenError as e:
+            raise VggenError(f"{self.user.where}: {e}") from None
 
 
 def _convolution_filters(sizes: dict, rng: np.random.Generator) -> dict:
@@ -122,5 +146,99 @@ def running_weights(n: int) -> np.ndarray:
     return np.array([m, 1 - m, (1 - m) * (n / (n - 1) if n > 1 else 1.0)], np.float32)
 
 
+# --------------------------------------------------------------------------- a user's layer
+
+
+def default_initialisation(shapes: dict, rng: np.random.Generator) -> dict:
+    """A user's parameters when its layer file defines no ``initialise_<FUNCTION>``:
+    rank ≤ 1 ones, others N(0, σ = 1/√fan_in) with fan_in = size / shape[0].
+
+    A rank-1 parameter is most often a per-channel scale (γ, a slope β):
+    ones start the layer as its unscaled function, where zeros would start
+    it as the zero map.  A larger one is most often a weight whose first
+    dimension is its outputs (OC×IC×K×K, C×K×K), and 1/√fan_in keeps the
+    activations' scale through it, as the shipped convolutions' N(0, 1/√(9·IC))
+    does.  A layer that wants otherwise (a bias at 0, a (IC, OC) matrix)
+    defines its initialiser."""
+    out = {}
+    for name, shape in shapes.items():
+        if len(shape) <= 1:
+            out[name] = np.ones(shape, np.float32)
+        else:
+            fan_in = math.prod(shape) // shape[0]
+            out[name] = (rng.standard_normal(shape) / math.sqrt(fan_in)).astype(np.float32)
+    return out
+
+
+def _user_parameters(user, sizes: dict, rng: np.random.Generator) -> dict:
+    """The initial host arrays of a user's parameters at ``sizes``, checked."""
+    shapes = tensor_shapes(user.layer, size_values(user.layer, {user.batch: 1, **sizes}))
+    wanted = {name: shapes[name] for name in user.parameters}
+    own = user.initialise
+    what = f"{user.where}: initialise_{user.function} of {user.path.name}"
+    if own is None:
+        return default_initialisation(wanted, rng)
+    try:
+        given = own(dict(wanted), rng)
+    except Exception as e:
+        from vggen.model.architecture import exception_line
+
+        raise VggenError(f"{what} raised {exception_line(e, user.path)}") from None
+    if not isinstance(given, dict) or set(given) != set(wanted):
+        got = ", ".join(sorted(map(str, given))) if isinstance(given, dict) else type(given).__name__
+        raise VggenError(f"{what} must return a dict of {', '.join(wanted) or 'nothing'}, got {got}")
+    out = {}
+    for name, shape in wanted.items():
+        try:
+            a = np.asarray(given[name], dtype=np.float32)
+        except (TypeError, ValueError):
+            raise VggenError(f"{what}: {name} is no array of numbers") from None
+        if a.shape != shape or not np.isfinite(a).all():
+            raise VggenError(f"{what}: {name} must be a finite array of shape {shape}, "
+                             f"got {'shape ' + str(a.shape) if a.shape != shape else 'non-finite values'}")
+        out[name] = np.ascontiguousarray(a)
+    return out
+
+
+def user_kind(user) -> NodeKind:
+    """The kind of a node running ``user`` (a :class:`vggen.model.architecture.UserLayer`)."""
+    return NodeKind("layer", lambda: user.layer, parameters=user.parameters,
+                    initialise=partial(_user_parameters, user) if user.parameters else None,
+                    input=user.input, output=user.output, batch=user.batch, user=user)
+
+
+def fit_user_layer(user, activations: tuple) -> tuple[dict, tuple, tuple]:
+    """(sizes but the batch, input shape, output shape per image) of ``user``'s
+    layer reading ``activations`` (C, H, W) per image: its sizes read from them
+    (flattened when the input is (B, features)) and from the fixed ones."""
+    from vggen.ops import UntoldSizes, infer_sizes
+
+    layer = user.layer
+    x = layer.tensor(user.input)
+    in_shape = tuple(activations) if x.rank == 4 else (math.prod(activations),)
+    symbols = {s.name: s for s in layer.size_symbols | set(layer.constants)}
+    fixed = {symbols[name]: value for name, value in user.sizes.items()}
+    shown = "(B, " + ", ".join(map(str, in_shape)) + ")"
+    needed = {s for s in layer.size_symbols if s not in layer.constants}
+    try:
+        found = infer_sizes(layer.name, [(x.name, x.shape, (1,) + in_shape)], fixed, needed)
+    except UntoldSizes as e:
+        # the sizes that are no tensor's whole dimension (a stride) are those to give
+        whole = {d.name for t in layer.tensors for d in t.shape if isinstance(d, sp.Symbol)}
+        hint = next((name for name in e.names if name not in whole), e.names[0])
+        raise VggenError(f"{user.where}: the input {shown} does not tell {', '.join(e.names)} of "
+                         f"{user}: give {'it' if len(e.names) == 1 else 'what fixes them'} on the "
+                         f"line as NAME=VALUE ({hint}=...)") from None
+    except VggenError as e:
+        raise VggenError(f"{user.where}: {user} does not fit its input {shown}: {e}") from None
+    found.pop(user.batch, None)
+    try:
+        shapes = tensor_shapes(layer, size_values(layer, {user.batch: 1, **found}))
+    except VggenError as e:
+        raise VggenError(f"{user.where}: {user} with input {shown}: {e}") from None
+    return found, in_shape, shapes[user.output][1:]
+
+
 __all__ = ["NodeKind", "KINDS", "BN_KINDS", "FUSED_KINDS", "BN_EPS", "BN_MOMENTUM",
-           "running_statistics", "running_weights"]
+           "running_statistics", "running_weights", "user_kind", "fit_user_layer",
+           "default_initialisation"]

@@ -7,6 +7,13 @@ node is ∂L/∂x of the next, so only two activation-sized gradients are ever
 alive.  Parameter gradients are the network's own arrays (``Network.grads``).
 Because every step of one batch size reads and writes these same buffers,
 a step's launches can be captured and replayed (``vggen.model.step``).
+
+Each node's programs come from the backend that runs it
+(``Network.backend_for``: a user's layer's op's), so its arrays have the
+shapes and dtypes of those kernels; every backend of one network makes the
+same kind of array, so one node's output is the next one's input as is.
+A node's input and output are its kind's (``x`` and ``y`` but for a user's
+layer), its seed ``g_<output>`` and the gradient it hands back ``g_<input>``.
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ class Workspace:
         x = self.images
         for node in net.nodes:
             kind = node.node_kind
-            prog = be.program(node.layer, node.all_sizes(batch))
-            arrays = {"x": x.reshape(prog.shapes["x"])}
+            prog = net.backend_for(node).program(node.layer, node.all_sizes(batch))
+            arrays = {node.input: x.reshape(prog.shapes[node.input])}
             if kind.reads_labels:
                 arrays["t"] = self.labels
             if kind.identity_in_evaluation and not train:
@@ -73,16 +80,19 @@ class Workspace:
         self.backward = [None] * len(net.nodes)
         for k in range(len(net.nodes) - 1, -1, -1):
             node = net.nodes[k]
-            prog = be.program(node.backward, node.all_sizes(batch))
+            prog = net.backend_for(node).program(node.backward, node.all_sizes(batch))
             arrays = dict(self.forward[k])
-            seed_name = f"g_{node.output}"
+            seed_name, g_x = f"g_{node.output}", f"g_{node.input}"
             arrays[seed_name] = g_y.reshape(prog.shapes[seed_name])
-            n = math.prod(prog.shapes["g_x"])
-            arrays["g_x"] = flat[turn][:n].reshape(prog.shapes["g_x"])
+            n = math.prod(prog.shapes[g_x])
+            arrays[g_x] = flat[turn][:n].reshape(prog.shapes[g_x])
             for tname, key in node.params.items():
                 arrays[f"g_{tname}"] = net.grads[key]
+            for out in prog.outputs:         # reductions the gradients read (derive.simplify)
+                if out not in arrays:
+                    arrays[out] = net.backend_for(node).zeros(prog.shapes[out], prog.dtypes[out])
             self.backward[k] = arrays
-            g_y, turn = arrays["g_x"], 1 - turn
+            g_y, turn = arrays[g_x], 1 - turn
 
 
 __all__ = ["Workspace"]

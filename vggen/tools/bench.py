@@ -197,14 +197,18 @@ def _vggen_step(target: str, batch: int, width: int, steps: int, warmup: int, se
     backend.synchronize()
 
     prof = _Profiler(cupy)
-    backend.profiler = prof
+    # every backend the nodes run on: a user's layer runs on its own op's
+    backends = list({id(b): b for b in [backend, *map(net.backend_for, net.nodes)]}.values())
+    for b in backends:
+        b.profiler = prof
     profiled = max(3, steps // 4)
     eager = TrainStep(net, opt)                          # per-kernel times need the launches
     for _ in range(profiled):
         eager(images, labels, LR)
     backend.synchronize()
     prof.collect()
-    backend.profiler = None
+    for b in backends:
+        b.profiler = None
     work = _kernel_work(net, batch, backend.specs, backend.manifest_target
                         if hasattr(backend, "manifest_target") else "cuda")
     kernels = [KernelTime(name, calls // profiled, sec / profiled, work[name][0], work[name][1])
@@ -278,9 +282,12 @@ def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, se
         torch.backends.cudnn.benchmark = True
     else:
         torch.set_num_threads(os.cpu_count() or 1)
+    nodes = build_nodes(width, dropout=False, model=model)
+    if any(node.kind == "layer" for node in nodes):
+        return None, "the model has layers of the user's own (`layer`), which have no PyTorch twin here"
     dev = torch.device("cuda" if on_gpu else "cpu")
     torch.manual_seed(seed)
-    net = torch_model(build_nodes(width, dropout=False, model=model)).to(dev)
+    net = torch_model(nodes).to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     x = torch.randn(batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
