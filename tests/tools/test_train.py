@@ -55,6 +55,11 @@ def config(tmp_path=None, **kw) -> TrainConfig:
     ({"momentum": 1.0}, r"--momentum must be in \[0, 1\)"),
     ({"lr": float("nan")}, "--lr must be a finite number"),
     ({"width": 0}, "--width must be an integer ≥ 1"),
+    ({"accumulate": 0}, "--accumulate must be an integer ≥ 1"),
+    ({"check_every": 0}, "--check-every must be an integer ≥ 1"),
+    ({"batch_size": 96, "accumulate": 2}, "the global batch, 1 rank × --accumulate 2 × --batch-size 96 = "
+                                          "192 images, is larger than the training set"),
+    ({"cuda_graph": True, "accumulate": 2}, "--cuda-graph with --accumulate is not supported yet"),
 ])
 def test_bad_configs(env, kw, message):
     with pytest.raises(VggenError, match=message):
@@ -108,13 +113,13 @@ def test_sgd_momentum_and_weight_decay():
 
 def test_digits_are_cropped_but_never_flipped(env, monkeypatch):
     seen = []
-    real = T.augment
+    real = T.draw_crops
 
-    def spy(images, rng, pad=4, flip=True):
+    def spy(n, rng, pad=4, flip=True):
         seen.append((pad, flip))
-        return real(images, rng, pad=pad, flip=flip)
+        return real(n, rng, pad=pad, flip=flip)
 
-    monkeypatch.setattr(T, "augment", spy)
+    monkeypatch.setattr(T, "draw_crops", spy)
     train(config(epochs=1))
     assert seen and set(seen) == {(4, False)}
     seen.clear()
@@ -190,6 +195,7 @@ def test_two_plus_one_epochs_equal_three(env, tmp_path):
     ({"batch_size": 16}, "--batch-size 32"),
     ({"momentum": 0.5}, "--momentum 0.9"),
     ({"augment": False}, "trained with augmentation"),
+    ({"accumulate": 2}, "--accumulate 1; a resumed run keeps it (got --accumulate 2)"),
     ({"epochs": 3}, "goes past the learning-rate schedule"),
 ])
 def test_resume_refuses_a_changed_run(env, tmp_path, kw, words):
@@ -198,6 +204,17 @@ def test_resume_refuses_a_changed_run(env, tmp_path, kw, words):
     with pytest.raises(VggenError, match=re.escape(words)):
         train(config(**{"epochs": 2, **kw}, resume=str(tmp_path / "checkpoint.npz")))
     assert (tmp_path / "checkpoint.npz").read_bytes() == before
+
+
+def test_accumulated_micro_batches_resume_exactly(env, tmp_path):
+    whole = train(config(epochs=2, batch_size=16, accumulate=2))
+    train(config(epochs=1, schedule_epochs=2, batch_size=16, accumulate=2, checkpoint=str(tmp_path)))
+    header = ckpt.load(tmp_path).header
+    assert (header["ranks"], header["config"]["accumulate"]) == (1, 2)
+    rest = train(config(epochs=2, resume=str(tmp_path)))              # --accumulate 2 carried over
+    assert [r["epoch"] for r in rest] == [2]
+    for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert rest[0][k] == whole[1][k], k
 
 
 def test_resume_may_extend_with_a_new_schedule(env, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,17 +22,45 @@ def augment(
     """
     if images.ndim != 4:
         raise ValueError(f"augment expects (N, C, H, W) images, got shape {images.shape}")
+    return apply_crops(images, draw_crops(len(images), rng, pad, flip))
+
+
+@dataclass(frozen=True)
+class Crops:
+    """The random crops (and flips) of ``len(top)`` images, drawn before any image is read,
+    so that a data-parallel rank can draw those of the whole global batch and apply its part."""
+
+    pad: int
+    top: np.ndarray             # (N,) first padded row of each crop
+    left: np.ndarray            # (N,) first padded column
+    mirrored: np.ndarray | None  # (N,) bool, None when flips are off
+
+    def __getitem__(self, part: slice) -> "Crops":
+        return Crops(self.pad, self.top[part], self.left[part],
+                     None if self.mirrored is None else self.mirrored[part])
+
+
+def draw_crops(n: int, rng: np.random.Generator, pad: int = 4, flip: bool = True) -> Crops:
+    """The crops of :func:`augment` for ``n`` images, drawn from ``rng`` in its order."""
     if pad < 0:
         raise ValueError(f"pad must be >= 0, got {pad}")
-    n, c, h, w = images.shape
-    padded = np.pad(images.astype(np.float32, copy=False), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     top = rng.integers(0, 2 * pad + 1, size=n)
     left = rng.integers(0, 2 * pad + 1, size=n)
-    rows = top[:, None] + np.arange(h)  # (N, H)
-    cols = left[:, None] + np.arange(w)  # (N, W)
-    if flip:
-        mirrored = rng.random(n) < 0.5
-        cols = np.where(mirrored[:, None], cols[:, ::-1], cols)
+    mirrored = rng.random(n) < 0.5 if flip else None
+    return Crops(pad, top, left, mirrored)
+
+
+def apply_crops(images: np.ndarray, crops: Crops) -> np.ndarray:
+    """``images`` cropped (and flipped) as ``crops`` says, one per image."""
+    n, c, h, w = images.shape
+    if len(crops.top) != n:
+        raise ValueError(f"{len(crops.top)} crops for {n} images")
+    pad = crops.pad
+    padded = np.pad(images.astype(np.float32, copy=False), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    rows = crops.top[:, None] + np.arange(h)  # (N, H)
+    cols = crops.left[:, None] + np.arange(w)  # (N, W)
+    if crops.mirrored is not None:
+        cols = np.where(crops.mirrored[:, None], cols[:, ::-1], cols)
     return padded[
         np.arange(n)[:, None, None, None],
         np.arange(c)[None, :, None, None],

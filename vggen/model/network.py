@@ -17,6 +17,13 @@ free (reshapes of contiguous buffers).
 Each node is of one kind of :mod:`vggen.model.kinds` (its layers,
 parameters, initialisation and evaluation-mode rule).
 
+A user's layer (a model file's ``layer`` entry) is a node of its own kind:
+its sizes are read from the activations it receives, its kernels are those
+of ``vggen.compile`` for the network's target (``Node.op``), and it runs on
+that op's backend (:meth:`Network.backend_for`), whose arrays are the
+network's own kind (NumPy on c, CuPy on cuda), so it reads and writes the
+same workspace.  Its parameters sit in the flat buffers like the others.
+
 Memory: per batch size, one :class:`vggen.model.workspace.Workspace`
 preallocates every activation and saved intermediate the backward reads, the
 dropout masks, and two flat gradient buffers that the backward pass
@@ -47,6 +54,7 @@ gradient is ∂(mean)/∂L(b) = 1/B.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,7 +68,9 @@ from vggen.model.kinds import (
     FUSED_KINDS,
     KINDS,
     NodeKind,
+    fit_user_layer,
     running_statistics,
+    user_kind,
 )
 from vggen.model.architecture import DEFAULT, MODELS, Model, load_model
 from vggen.model.optim import flat_views
@@ -85,17 +95,21 @@ class Node:
     """One layer of the network."""
 
     kind: str                   # a name of KINDS: conv, bn, relu, dropout, pool, linear, loss; bn_relu, …
-    name: str                   # conv1, bn1, relu1, drop1, pool1, fc1, loss (a fused node: its bn's)
+                                # or "layer", a user's layer
+    name: str                   # conv1, bn1, relu1, drop1, pool1, fc1, loss (a fused node: its bn's);
+                                # a user's layer: its function's name and a count (swish1)
     sizes: dict                 # every size but B
     in_shape: tuple             # per image, as the layer sees x
     out_shape: tuple            # per image, as the layer sees its output
     params: dict = field(default_factory=dict)   # layer tensor name -> parameter key
     ratio: float = 0.0          # dropout
     members: tuple = ()         # a fused node: the unfused nodes' (kind, name), in order
+    user_kind: NodeKind | None = None   # a user's layer: its own kind (not in KINDS)
+    op: object = None           # a user's layer: its vggen.compile op, bound by the Network for its target
 
     @property
     def node_kind(self) -> NodeKind:
-        return KINDS[self.kind]
+        return self.user_kind or KINDS[self.kind]
 
     @property
     def layer(self) -> Layer:
@@ -103,7 +117,13 @@ class Node:
 
     @property
     def backward(self) -> Layer:
-        return self.node_kind.backward
+        """The derived backward program (a bound user's layer: its op's)."""
+        return self.op.backward_layer if self.op is not None else self.node_kind.backward
+
+    @property
+    def input(self) -> str:
+        """The layer's input tensor, which the previous node's output feeds."""
+        return self.node_kind.input
 
     @property
     def output(self) -> str:
@@ -126,7 +146,7 @@ class Node:
         return f"{self.name}.running_mean", f"{self.name}.running_var"
 
     def all_sizes(self, batch: int) -> dict:
-        return {"B": batch, **self.sizes}
+        return {self.node_kind.batch: batch, **self.sizes}
 
 
 def _node(kind: str, name: str, sizes: dict, in_shape: tuple, out_shape: tuple, **kw) -> Node:
@@ -161,6 +181,11 @@ def build_nodes(width: int, classes: int = 10, dropout: bool = True,
     def per_channel(kind, prefix):           # bn, relu: (C, H, W) in and out
         add(kind, prefix, {"C": c, "H": h, "W": w}, (c, h, w), (c, h, w))
 
+    def pool_fits(h, w):                     # a user's layer before may have made them odd
+        if h % 2 or w % 2:
+            raise VggenError(f"model {model.name}: pool {count.get('pool', 0) + 1} receives "
+                             f"{h}×{w} activations; a 2×2 pooling needs even sides")
+
     for entry, arg in model.entries:
         if entry in ("block", "conv"):
             oc = arg * width
@@ -175,6 +200,7 @@ def build_nodes(width: int, classes: int = 10, dropout: bool = True,
                 nodes.append(_node("dropout", nm, {"C": c, "H": h, "W": w}, (c, h, w), (c, h, w),
                                    ratio=arg))
         elif entry == "pool":
+            pool_fits(h, w)
             add("pool", "pool", {"C": c, "HO": h // 2, "WO": w // 2}, (c, h, w), (c, h // 2, w // 2))
             h, w = h // 2, w // 2
         elif entry == "linear":
@@ -184,6 +210,13 @@ def build_nodes(width: int, classes: int = 10, dropout: bool = True,
             c, h, w = oc, 1, 1
         elif entry in ("bn", "relu"):          # after a Linear: (B, C) viewed as (B, C, 1, 1)
             per_channel(entry, entry)
+        elif entry == "layer":
+            sizes, in_shape, out_shape = fit_user_layer(arg, (c, h, w))
+            kind = user_kind(arg)
+            nm = name(arg.function)
+            nodes.append(Node("layer", nm, sizes, in_shape, out_shape,
+                              params={t: f"{nm}.{t}" for t in kind.parameters}, user_kind=kind))
+            c, h, w = out_shape if len(out_shape) == 3 else (out_shape[0], 1, 1)
         elif entry == "loss":
             nodes.append(_node("loss", "loss", {"C": c}, (c,), ()))
     return fuse_nodes(nodes) if fuse else nodes
@@ -191,7 +224,8 @@ def build_nodes(width: int, classes: int = 10, dropout: bool = True,
 
 def fuse_nodes(nodes: list[Node]) -> list[Node]:
     """Replace each run of a fused kind's parts by one node of that kind: the
-    first node's name, sizes and parameters, the dropout's ratio."""
+    first node's name, sizes and parameters, the dropout's ratio.  A user's
+    layer (kind ``layer``, in no fused kind's parts) is left as it is."""
     out, k = [], 0
     while k < len(nodes):
         for fused in FUSED_KINDS:
@@ -247,6 +281,9 @@ class Network:
         self.image_shape = tuple(image_shape)
         self.model = load_model(model) if isinstance(model, str) else model
         self.nodes = build_nodes(width, classes, dropout, self.image_shape, fuse=fuse, model=self.model)
+        for node in self.nodes:
+            if node.node_kind.user is not None:
+                node.op = node.node_kind.compile(self.backend.name)
         params, state = init_parameters(self.nodes, seed)
         be = self.backend
         # views into one flat buffer each, so that the optimizer is one kernel (optim.SGD)
@@ -284,6 +321,15 @@ class Network:
             missing = set(group) - set(values)
             if values and missing:
                 raise VggenError(f"missing parameters: {', '.join(sorted(missing))}")
+
+    def backend_for(self, node: Node) -> Backend:
+        """The backend that runs ``node``'s kernels: a user's layer's op's on c and
+        cuda; the network's own for every other node, and on numpy, where the op's
+        backend takes float64 arrays and the network's evaluates the same
+        equations on the network's float32 arrays."""
+        if node.op is not None and node.op.target != "numpy":
+            return node.op.backend
+        return self.backend
 
     def workspace(self, batch: int, train: bool) -> Workspace:
         key = (batch, train)
@@ -360,7 +406,7 @@ class Network:
             if not train and kind.statistics:
                 self._evaluate_with_running_statistics(node, arrays)
                 continue
-            be.run(node.layer, node.all_sizes(batch), arrays)
+            self.backend_for(node).run(node.layer, node.all_sizes(batch), arrays)
             if kind.statistics:
                 be.run(running_statistics(), {"C": node.sizes["C"]}, ws.running[k])
 
@@ -371,15 +417,20 @@ class Network:
         self.backend.run(node.node_kind.evaluation_layer, node.all_sizes(len(arrays["x"])),
                          {**arrays, **given})
 
-    def backward(self, ws: Workspace) -> None:
-        """Fill ``grads`` with ∂(mean loss)/∂(parameter) for the last forward on ``ws``."""
+    def backward(self, ws: Workspace, after_node: Callable[[int], None] | None = None) -> None:
+        """Fill ``grads`` with ∂(mean loss)/∂(parameter) for the last forward on ``ws``.
+
+        ``after_node(k)`` is called once node k's backward kernels are launched, its
+        parameter gradients then final (last node first): a data-parallel step starts
+        reducing them there, while the backward goes on (vggen.distributed.gradients)."""
         if not ws.train:
             raise VggenError("backward needs a training-mode forward pass")
-        be = self.backend
         for k in range(len(self.nodes) - 1, -1, -1):
             node = self.nodes[k]
-            skip = ("g_x",) if k == 0 else ()
-            be.run(node.backward, node.all_sizes(ws.batch), ws.backward[k], skip=skip)
+            skip = (f"g_{node.input}",) if k == 0 else ()
+            self.backend_for(node).run(node.backward, node.all_sizes(ws.batch), ws.backward[k], skip=skip)
+            if after_node is not None:
+                after_node(k)
 
     def loss_and_correct(self, ws: Workspace, labels: np.ndarray) -> tuple[float, int]:
         """(sum of the per-image losses, images whose largest logit is their

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def _cmd_check(args) -> int:
+    if args.layers == "zoo":
+        return _check_zoo(args)
     from vggen.proof.verify import check_all
     from vggen.tools.report import write_markdown
 
@@ -46,6 +48,20 @@ def _cmd_check(args) -> int:
     return 1 if any(r.verdict != "pass" for r in rows) else 0
 
 
+def _check_zoo(args) -> int:
+    """The zoo's layers derived and checked: one row per layer (no document to prove against)."""
+    from vggen.proof.zoo_check import check_zoo, format_rows
+
+    if args.markdown:
+        raise VggenError("--markdown writes the document's derivations: it goes with --layers vgg, not zoo")
+    rows = check_zoo()
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2, ensure_ascii=False))
+    else:
+        sys.stdout.write(format_rows(rows))
+    return 1 if any(r.verdict != "pass" for r in rows) else 0
+
+
 def _cmd_build(args) -> int:
     from vggen.compiler.emit import build
 
@@ -65,15 +81,23 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from vggen.distributed.failure import run_ranks
     from vggen.tools.train import TrainConfig, train
 
     config = TrainConfig(**{k: v for k, v in vars(args).items()
                             if k in TrainConfig.__dataclass_fields__})
-    train(config, given=args.given)
+    # one process, or one rank of `mpiexec -n N vggen train` (vggen.distributed)
+    run_ranks(lambda comm: train(config, given=args.given, comm=comm))
     return 0
 
 
 def _cmd_bench(args) -> int:
+    if args.layer:
+        from vggen.tools.layer_bench import format_scaling, layer_scaling
+
+        target = "c" if args.target == "auto" else args.target
+        print(format_scaling(args.layer, layer_scaling(args.layer, target)))
+        return 0
     from vggen.tools.bench import bench, format_table
 
     result = bench(args.target, args.batch_size, args.width, args.steps, args.warmup, args.seed,
@@ -188,7 +212,8 @@ def _network_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="vgg", metavar="NAME|FILE",
                    help="the network: vgg (the default, shared/vgg-network.md), vgg11, vgg13, vgg16, "
                         "vgg19, or a model file (one entry per line: block M, conv M, bn, relu, "
-                        "dropout P, pool, linear M|classes, loss)")
+                        "dropout P, pool, linear M|classes, loss, and layer FILE.py:FUNCTION "
+                        "[NAME=VALUE ...] for a layer of one's own)")
     p.add_argument("--width", type=int, default=64, help="channels of the first stage, C1 (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
@@ -210,8 +235,13 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
 
     c = sub.add_parser("check", help="derive every backward and prove it against the document")
+    c.add_argument("--layers", choices=["vgg", "zoo"], default="vgg",
+                   help="vgg (default): VGG's layers, each derived gradient proved against the document's "
+                        "equation and checked numerically; zoo: the layers of vggen/frontend/zoo.py, each "
+                        "derived and checked by finite differences, one row per layer")
     c.add_argument("--json", action="store_true", help="print the rows as a JSON list")
-    c.add_argument("--markdown", metavar="FILE", help="also write the derivations as Markdown (LaTeX math)")
+    c.add_argument("--markdown", metavar="FILE",
+                   help="also write the derivations as Markdown (LaTeX math; --layers vgg only)")
     c.set_defaults(func=_cmd_check)
 
     b = sub.add_parser("build", help="regenerate the C and CUDA kernels into generated/")
@@ -249,6 +279,12 @@ def parser() -> argparse.ArgumentParser:
                    help="dropout with the network's ratios (default: on for cifar10, off for digits)")
     t.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no random crops or flips")
+    t.add_argument("--accumulate", type=int, default=1, metavar="K",
+                   help="add the gradients of K micro-batches of --batch-size per step (per rank): "
+                        "one process with --accumulate N runs the steps of N ranks (default: 1)")
+    t.add_argument("--check-every", type=int, default=100, metavar="STEPS",
+                   help="under mpiexec: compare the ranks' parameters every STEPS steps, and after "
+                        "every epoch (default: 100)")
     t.set_defaults(func=_cmd_train)
 
     r = sub.add_parser("report", help="write the derivation document (Math for VGG, regenerated)",
@@ -302,6 +338,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     m.add_argument("--json", action="store_true",
                    help="print one JSON object (images_per_s, torch_images_per_s, ratio, kernels)")
+    m.add_argument("--layer", metavar="NAME",
+                   help="instead: time one zoo layer's forward and backward at doubling sizes "
+                        "(e.g. sample_norm: whether its backward's work is linear)")
     m.set_defaults(func=_cmd_bench)
 
     u = sub.add_parser("tune", help="time the tiled CUDA kernels' schedules on the GPU; record the fastest",

@@ -48,6 +48,20 @@ epoch it ran.  The pieces:
 * **Paths first** — the checkpoint directory and the metrics file are checked
   (and the metrics file locked) before the data, the kernels or the first
   step, so a path that cannot be written costs no training.
+* **Several ranks** (``mpiexec -n N vggen train``, :mod:`vggen.distributed`)
+  and **gradient accumulation** (``accumulate`` K) — a step reads a global
+  batch of N·K·``batch_size`` images, the next slice of the epoch's order,
+  cut into N·K micro-batches; rank r trains on micro-batches r·K … r·K+K−1
+  with its own BatchNormalization batch statistics, and the gradients are
+  averaged over all micro-batches (:mod:`vggen.distributed.gradients`).  Each
+  rank draws from the one generator what one process would for the whole
+  global batch (:mod:`vggen.distributed.shard`), so N ranks and one process
+  with ``accumulate`` N read the same data.  Before any step the ranks compare
+  their configurations and kernels; every ``check_every`` steps and after
+  every epoch, their parameters.  Evaluation is shared round-robin by batch.
+  Rank 0 alone reads the checkpoint it resumes from (the others receive it),
+  writes checkpoints and metrics, and shows progress; a checkpoint records
+  the number of ranks, and a resumed run keeps it.
 """
 
 from __future__ import annotations
@@ -65,8 +79,14 @@ from tqdm import tqdm
 
 from vggen import __version__
 from vggen.atomic import check_directory
-from vggen.data.augment import augment, batches
+from vggen.data.augment import draw_crops
 from vggen.data.datasets import DATASETS, load_dataset
+from vggen.distributed.checks import check_identical, check_same_kernels, check_same_run
+from vggen.distributed.comm import Comm, SingleComm
+from vggen.distributed.failure import CollectiveError, agree
+from vggen.distributed.launch import select_device
+from vggen.distributed.nccl import NcclComm, nccl_module
+from vggen.distributed.shard import Split, dropout_generators, my_micro_batches, my_test_batches
 from vggen.errors import VggenError
 from vggen.model import checkpoint as ckpt
 from vggen.model.architecture import MODELS, load_model
@@ -104,11 +124,13 @@ class TrainConfig:
     cuda_graph: bool = False        # cuda: replay each step as captured CUDA graphs (vggen.model.step)
     progress: bool = True           # tqdm bars where stderr is a terminal (the CLI leaves it on)
     allow_modified_kernels: bool = False  # run generated sources that differ from the manifest
+    accumulate: int = 1             # micro-batches of batch_size per rank and step (gradients added)
+    check_every: int = 100          # several ranks: compare the ranks' parameters every N steps
 
 
 # The options that define a run's trajectory: a resumed run keeps the checkpoint's.
 RUN_DEFINING = ("model", "dataset", "width", "seed", "batch_size", "lr", "momentum", "weight_decay",
-                "augment", "dropout")
+                "augment", "dropout", "accumulate")
 # ...and those a resumed run takes from the checkpoint unless the command line names them.
 CARRIED = RUN_DEFINING + ("epochs", "schedule_epochs", "metrics", "data")
 
@@ -132,6 +154,8 @@ def validate(config: TrainConfig) -> None:
 
     integer("epochs", 0)
     integer("batch_size", 1)
+    integer("accumulate", 1)
+    integer("check_every", 1)
     integer("width", 1)
     integer("seed", 0)
     if config.schedule_epochs is not None:
@@ -140,6 +164,8 @@ def validate(config: TrainConfig) -> None:
             raise VggenError(f"--schedule-epochs {config.schedule_epochs} is shorter than --epochs "
                              f"{config.epochs}: the learning rate would reach 0 before the end")
     load_model(config.model)
+    if config.cuda_graph and config.accumulate > 1:
+        raise VggenError("--cuda-graph with --accumulate is not supported yet: leave out --cuda-graph")
     if config.target not in TARGETS:
         raise VggenError(f"unknown target {config.target!r}: choose one of {', '.join(TARGETS)}")
     if config.dataset not in DATASETS:
@@ -176,6 +202,7 @@ def resumed_config(config: TrainConfig, saved: dict, given: Collection[str], pat
     """The configuration of a run resumed from a checkpoint whose config is ``saved``.
 
     ``given`` names the options the user set.  See the module docstring."""
+    saved = {"accumulate": 1, **saved}      # checkpoints from before --accumulate: one micro-batch
     carried = {k: saved[k] for k in CARRIED if k in saved and k not in given}
     merged = replace(config, **carried)
     for key in RUN_DEFINING:
@@ -256,54 +283,114 @@ def use_dropout(config: TrainConfig) -> bool:
     return config.dataset == "cifar10" if config.dropout is None else config.dropout
 
 
-def train(config: TrainConfig, given: Collection[str] | None = None) -> list[dict]:
+def train(config: TrainConfig, given: Collection[str] | None = None,
+          comm: Comm | None = None) -> list[dict]:
     """Train as ``config`` says; returns the metrics of each epoch run (see module doc).
 
     ``given`` names the options the user set (default: those that differ from
-    the defaults); it matters only for a resumed run."""
-    validate(config)
-    resume = ckpt.load(config.resume) if config.resume else None
-    if resume is not None:
-        config = resumed_config(config, resume.header["config"],
-                                given_options(config) if given is None else set(given), config.resume)
-        validate(config)
-        start = resume.epoch
-    else:
-        start = 0
+    the defaults); it matters only for a resumed run.  ``comm``: this process's
+    rank of a data-parallel run (default: the only one)."""
+    comm = SingleComm() if comm is None else comm
+    given = given_options(config) if given is None else set(given)
+    check_same_run(comm, config)
+    agree(comm, lambda: validate(config))
+    # rank 0 alone reads the checkpoint and opens the files it writes; the others get its result
+    prepared = agree(comm, (lambda: _prepare(config, given, comm)) if comm.rank == 0 else (lambda: None))
+    if comm.size > 1:
+        shared = comm.broadcast_object(prepared[:3] if comm.rank == 0 else None)
+        prepared = prepared if comm.rank == 0 else (*shared, None, None)
+    config, resume, start, ck_path, metrics = prepared
     if start >= config.epochs:
         log.info(f"nothing to do: {config.resume} has {start} epochs, {config.epochs} requested"
                  if resume is not None else "nothing to do: 0 epochs requested")
         return []
-    ck_path = _checkpoint_path(config, config.resume)
-    metrics = MetricsLog(config.metrics) if config.metrics else None
     try:
-        if metrics is not None:
-            if resume is None:
-                metrics.start_fresh()
-            else:
-                metrics.start_resumed(list(resume.header.get("history", [])), config.resume)
-        return _train(config, resume, start, ck_path, metrics)
+        return _train(config, resume, start, ck_path, metrics, comm)
     finally:
         if metrics is not None:
             metrics.close()
 
 
-def _train(config: TrainConfig, resume, start: int, ck_path: Path | None,
-           metrics: MetricsLog | None) -> list[dict]:
-    target = resolve_target(config.target)
-    backend = get_backend(target, allow_modified_kernels=config.allow_modified_kernels)
+def _prepare(config: TrainConfig, given: set[str], comm: Comm) -> tuple:
+    """(config, checkpoint or None, first epoch, checkpoint path, metrics log): the
+    resumed run's configuration, and the files this run writes, checked and opened."""
+    resume = ckpt.load(config.resume) if config.resume else None
+    if resume is not None:
+        config = resumed_config(config, resume.header["config"], given, config.resume)
+        validate(config)
+        ckpt.check_layer_files(f"checkpoint {config.resume}", resume.header,
+                               load_model(config.model).layer_files)
+        _check_ranks(resume.header, config.resume, comm)
+        start = resume.epoch
+    else:
+        start = 0
+    if start >= config.epochs:
+        return config, resume, start, None, None
+    ck_path = _checkpoint_path(config, config.resume)
+    metrics = MetricsLog(config.metrics) if config.metrics else None
+    if metrics is not None:
+        if resume is None:
+            metrics.start_fresh()
+        else:
+            metrics.start_resumed(list(resume.header.get("history", [])), config.resume)
+    return config, resume, start, ck_path, metrics
+
+
+def _check_ranks(header: dict, path, comm: Comm) -> None:
+    """A run resumes on as many ranks as it was trained on (a checkpoint without
+    the field was written by one process)."""
+    ranks = header.get("ranks", 1)
+    if type(ranks) is not int or ranks < 1:
+        raise VggenError(f"checkpoint {path}: header field 'ranks' must be an integer ≥ 1, not {ranks!r}")
+    if ranks != comm.size:
+        how = "as one process" if ranks == 1 else f"with mpiexec -n {ranks}"
+        raise VggenError(f"checkpoint {path} was trained on {ranks} rank{'s' if ranks > 1 else ''}; a "
+                         f"resumed run keeps them (this one has {comm.size}): run it {how}")
+
+
+def _setup_backend(target: str, config: TrainConfig, comm: Comm):
+    if target == "cuda" and comm.size > 1:
+        select_device(comm)
+    return get_backend(target, allow_modified_kernels=config.allow_modified_kernels)
+
+
+def _load_data(config: TrainConfig, split: Split):
     train_set, test_set = load_dataset(config.dataset, config.data, config.seed)
-    if config.batch_size > len(train_set):
-        raise VggenError(f"--batch-size {config.batch_size} is larger than the training set "
+    if split.global_batch > len(train_set):
+        if split.micro_batches == 1:
+            raise VggenError(f"--batch-size {config.batch_size} is larger than the training set "
+                             f"({len(train_set)} images of {config.dataset})")
+        raise VggenError(f"the global batch, {split.ranks} rank{'s' if split.ranks > 1 else ''} × "
+                         f"--accumulate {split.accumulate} × --batch-size {split.batch} = "
+                         f"{split.global_batch} images, is larger than the training set "
                          f"({len(train_set)} images of {config.dataset})")
+    return train_set, test_set
+
+
+def _train(config: TrainConfig, resume, start: int, ck_path: Path | None,
+           metrics: MetricsLog | None, comm: Comm) -> list[dict]:
+    target = agree(comm, lambda: resolve_target(config.target))
+    backend = agree(comm, lambda: _setup_backend(target, config, comm))
+    check_same_kernels(comm, backend)
+    gradient_comm = comm
+    if target == "cuda" and comm.size > 1:
+        gradient_comm = NcclComm(comm, agree(comm, nccl_module))
+    split = Split(comm.rank, comm.size, config.accumulate, config.batch_size)
+    train_set, test_set = agree(comm, lambda: _load_data(config, split))
 
     dropout = use_dropout(config)
-    net = Network(backend, width=config.width, classes=train_set.classes,
-                  dropout=dropout, seed=config.seed,
-                  image_shape=train_set.images.shape[1:], fuse=config.fuse, model=config.model)
-    opt = SGD(net.params, net.grads, backend, config.momentum, config.weight_decay,
-              flat=(net.flat_params, net.flat_grads))
-    step = TrainStep(net, opt, graph=config.cuda_graph)
+
+    def build():
+        net = Network(backend, width=config.width, classes=train_set.classes,
+                      dropout=dropout, seed=config.seed,
+                      image_shape=train_set.images.shape[1:], fuse=config.fuse, model=config.model)
+        opt = SGD(net.params, net.grads, backend, config.momentum, config.weight_decay,
+                  flat=(net.flat_params, net.flat_grads))
+        step = TrainStep(net, opt, graph=config.cuda_graph, comm=gradient_comm,
+                         accumulate=config.accumulate)
+        return net, opt, step
+
+    net, opt, step = agree(comm, build)
     rng = np.random.default_rng((config.seed, 1))
     history: list[dict] = []
     if resume is not None:
@@ -315,16 +402,24 @@ def _train(config: TrainConfig, resume, start: int, ck_path: Path | None,
             raise VggenError(f"checkpoint {config.resume}: bad generator state ({e})") from e
         history = list(resume.header.get("history", []))
 
-    steps = len(train_set) // config.batch_size
+    batch = split.global_batch
+    steps = len(train_set) // batch
     total_steps = (config.schedule_epochs or config.epochs) * steps
     flip = config.dataset == "cifar10"
 
     note = (f"resuming after epoch {start} of {config.resume}; " if resume is not None else "")
     note += (f"training on {backend.name}: width {config.width}, {net.parameter_count():,} "
              f"parameters, {len(train_set)} training / {len(test_set)} test images, "
-             f"{steps} steps of {config.batch_size} per epoch")
+             f"{steps} steps of {batch} per epoch")
+    if split.micro_batches > 1:
+        note += (f" ({split.ranks} rank{'s' if split.ranks > 1 else ''} × {split.accumulate} "
+                 f"micro-batch{'es' if split.accumulate > 1 else ''} of {config.batch_size})")
     log.info(note)
-    bars = config.progress and progress_bars_enabled()
+    bars = config.progress and progress_bars_enabled() and comm.rank == 0
+
+    def last_good(epoch: int) -> str:
+        return (f"; the last good checkpoint is {ck_path} (epoch {epoch})"
+                if ck_path is not None and ck_path.exists() else "")
 
     results = []
     for epoch in range(start, config.epochs):
@@ -333,39 +428,46 @@ def _train(config: TrainConfig, resume, start: int, ck_path: Path | None,
                    disable=not bars, dynamic_ncols=True, leave=True)
         loss_sum, correct, seen = 0.0, 0, 0
         try:
-            for k, (images, labels) in enumerate(
-                    batches(train_set, config.batch_size, rng, drop_last=True)):
-                if config.augment:
-                    images = augment(images, rng, pad=4, flip=flip)
+            order = rng.permutation(len(train_set))        # the epoch's order, as data.augment.batches
+            for k in range(steps):
+                indices = order[k * batch:(k + 1) * batch]
+                crops = draw_crops(batch, rng, pad=4, flip=flip) if config.augment else None
+                generators = dropout_generators(rng, split) if dropout else None
+                micro = my_micro_batches(train_set.images, train_set.labels, indices, crops,
+                                         generators, split)
                 try:
-                    res = step(images, labels, learning_rate(config.lr, epoch * steps + k, total_steps),
-                               rng=rng if dropout else None)
-                except NonFiniteLoss as e:
-                    last = (f"; the last good checkpoint is {ck_path} (epoch {epoch})"
-                            if ck_path is not None and ck_path.exists() else "")
-                    raise VggenError(f"training stopped at epoch {epoch + 1}, batch {k + 1}: "
-                                     f"the loss is {e.value}{last}") from None
+                    res = step.run(micro, learning_rate(config.lr, epoch * steps + k, total_steps))
+                except NonFiniteLoss as e:            # every rank saw the same global loss
+                    raise CollectiveError(f"training stopped at epoch {epoch + 1}, batch {k + 1}: "
+                                          f"the loss is {e.value}{last_good(epoch)}") from None
                 loss_sum += res.loss * res.batch
                 correct += res.correct
                 seen += res.batch
+                if comm.size > 1 and (epoch * steps + k + 1) % config.check_every == 0:
+                    check_identical(comm, net, opt, f"after step {epoch * steps + k + 1} "
+                                                    f"(epoch {epoch + 1})")
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
                                 img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
                 bar.update(1)
             backend.synchronize()
             train_seconds = time.perf_counter() - t0
+            # before evaluation and the checkpoint: only a state every rank holds is written
+            check_identical(comm, net, opt, f"after epoch {epoch + 1}")
 
-            test_loss, test_correct = 0.0, 0
-            for images, labels in batches(test_set, config.batch_size, None, drop_last=False):
-                lsum, c = net.evaluate(images, labels)
-                test_loss += lsum
-                test_correct += c
+            per_batch = np.zeros((2, -(-len(test_set) // config.batch_size)))
+            for i, part in my_test_batches(len(test_set), config.batch_size, comm.rank, comm.size):
+                per_batch[:, i] = net.evaluate(test_set.images[part], test_set.labels[part])
+            if comm.size > 1:                # one rank's sum per batch, the others' zeros
+                per_batch = comm.allgather(per_batch).sum(axis=0)
+            test_loss = 0.0
+            for value in per_batch[0]:       # in batch order, as one process adds them
+                test_loss += float(value)
+            test_correct = int(per_batch[1].sum())
             test_loss /= len(test_set)
             if not math.isfinite(test_loss) or not _finite_params(net):
-                last = (f"; the last good checkpoint is {ck_path} (epoch {epoch})"
-                        if ck_path is not None and ck_path.exists() else "")
-                raise VggenError(f"training stopped after epoch {epoch + 1}: the parameters are "
-                                 f"no longer finite (test loss {test_loss}){last}")
+                raise CollectiveError(f"training stopped after epoch {epoch + 1}: the parameters are "
+                                      f"no longer finite (test loss {test_loss}){last_good(epoch)}")
             row = {
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / seen,
@@ -386,10 +488,11 @@ def _train(config: TrainConfig, resume, start: int, ck_path: Path | None,
                      row["seconds"])
         history.append(row)
         results.append(row)
-        if ck_path is not None:
+        if ck_path is not None:             # rank 0's alone
             header = {"config": _saved_config(config), "epoch": epoch + 1, "target": target,
                       "rng": rng.bit_generator.state, "history": history,
-                      "schedule": SCHEDULE, "vggen": __version__}
+                      "schedule": SCHEDULE, "vggen": __version__,
+                      "layer_files": net.model.layer_files, "ranks": comm.size}
             ckpt.save(ck_path, header, net.host_params(), opt.host_state(), net.host_state())
         if metrics is not None:        # after the checkpoint: the file never runs ahead of it
             metrics.append(row)
