@@ -96,6 +96,8 @@ HEADERS = {
     "rng-float-state": (bad_rng, ["'rng'", "not a valid PCG64 state"]),
     "rng-unknown": (edit(rng={"bit_generator": "Nope", "state": {}}), ["'rng'", "'Nope'"]),
     "history-dict": (edit(history={"epoch": 1}), ["'history'", "must be a list"]),
+    "accumulate-zero": (edit_config(accumulate=0), ["'config.accumulate'", "integer ≥ 1"]),
+    "ranks-string": (edit(ranks="2"), ["'ranks'", "integer ≥ 1"]),
 }
 
 

@@ -98,6 +98,7 @@ CONFIG_SCHEMA = {
     "metrics": _STRING_OR_NULL, "checkpoint": _STRING_OR_NULL, "resume": _STRING_OR_NULL,
     "dropout": _BOOL_OR_NULL, "augment": _BOOL, "fuse": _BOOL_OR_NULL,
     "cuda_graph": _BOOL, "progress": _BOOL, "allow_modified_kernels": _BOOL,
+    "accumulate": _integer(1), "check_every": _integer(1),
 }
 OPTIONAL_STRINGS = ("schedule", "target", "vggen")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -176,6 +177,9 @@ def _check_header(where: str, header) -> None:
     for key in OPTIONAL_STRINGS:
         if key in header and not isinstance(header[key], str):
             raise VggenError(f"{where}: header field {key!r} must be a string, not {_show(header[key])}")
+    ranks = header.get("ranks", 1)
+    if type(ranks) is not int or ranks < 1:
+        raise VggenError(f"{where}: header field 'ranks' must be an integer ≥ 1, not {_show(ranks)}")
     files = header.get("layer_files", {})
     if not (isinstance(files, dict) and all(isinstance(v, str) and _SHA256.fullmatch(v)
                                             for v in files.values())):
