@@ -37,6 +37,8 @@ class SyncBatchNormalization:
                 raise VggenError(f"--sync-bn runs BatchNormalization unfused; {node.name} is fused "
                                  f"({node.kind}): add --no-fuse")
         target = net.backend.name
+        if target == "cuda":     # the statistics go through host arrays, which NCCL does not sum
+            raise VggenError("--sync-bn runs on --target c or numpy for now: leave it out with --target cuda")
         # (backend, layer) per stage; on numpy the network's float32 backend evaluates the equations
         self._runners = {}
         for name, make in (("partial_sum", stages.partial_sum), ("mean", stages.mean),
