@@ -39,18 +39,19 @@ class SyncBatchNormalization:
         target = net.backend.name
         if target == "cuda":     # the statistics go through host arrays, which NCCL does not sum
             raise VggenError("--sync-bn runs on --target c or numpy for now: leave it out with --target cuda")
+        from vggen.ops import compile as compile_layer     # vggen.ops imports the model
         # (backend, layer) per stage; on numpy the network's float32 backend evaluates the equations
         self._runners = {}
         for name, make in (("partial_sum", stages.partial_sum), ("mean", stages.mean),
                            ("partial_squares", stages.partial_squares), ("variance", stages.variance),
                            ("normalise", stages.normalise), ("input_gradient", stages.input_gradient)):
-            from vggen.ops import compile as compile_layer
             op = compile_layer(make(), target)
             backend = net.backend if target == "numpy" else op.backend
             self._runners[name] = (backend, op.layer)
             if name == "normalise":
                 self._runners["normalise_backward"] = (backend, op.backward_layer)
         self._buffers: dict = {}
+        self._running = running_statistics()
 
     def _buffer(self, key, shape):
         buf = self._buffers.get(key)
@@ -94,7 +95,7 @@ class SyncBatchNormalization:
         running = ws.running[k]
         weights = self._buffer(("k", n), (3,))
         self.net.backend.copy_in(weights, running_weights(n))
-        self.net.backend.run(running_statistics(), {"C": c}, {**running, "k": weights})
+        self.net.backend.run(self._running, {"C": c}, {**running, "k": weights})
 
     def backward(self, k: int, node, arrays: dict, ws) -> None:
         sizes = node.all_sizes(ws.batch)
@@ -104,7 +105,7 @@ class SyncBatchNormalization:
         mine = {"g_y": arrays["g_y"], "x": fwd["x"], "gamma": fwd["gamma"], "beta": fwd["beta"],
                 "mu": fwd["mu"], "var": fwd["var"], "xhat": fwd["xhat"],
                 "g_gamma": arrays["g_gamma"], "g_beta": arrays["g_beta"],
-                "g_x": self._buffer(("direct", ws.batch, k), fwd["x"].shape)}
+                "g_x": arrays["g_x"]}          # skipped here: eq. 50 below writes it
         _, layer = self._runners["normalise_backward"]
         self._run("normalise_backward", sizes, {t.name: mine[t.name] for t in layer.tensors},
                   skip=("g_x",))
