@@ -71,3 +71,9 @@ def test_two_ranks_with_sync_bn_equal_one_process_at_the_global_batch(stages_com
 def test_sync_bn_with_accumulate_is_refused(stages_compiled, tmp_path):
     res = run(ranks(2, *VGGEN, *SAME, "--batch-size", "8", "--accumulate", "2", "--sync-bn"))
     assert one_line(res).startswith("vggen: error: --sync-bn with --accumulate is not supported")
+
+
+def test_sync_bn_with_a_fused_batch_normalization_is_refused(stages_compiled, tmp_path):
+    res = run(ranks(2, *VGGEN, *SAME, "--batch-size", "16", "--fuse", "--sync-bn"))
+    assert one_line(res) == ("vggen: error: --sync-bn runs BatchNormalization unfused; bn1 is fused "
+                             "(bn_relu): add --no-fuse")
