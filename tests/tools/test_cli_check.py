@@ -25,7 +25,9 @@ def test_check_json_and_markdown(tmp_path):
         assert {"layer", "gradient", "equation", "method", "verdict"} <= set(row)
         assert row["verdict"] == "pass"
     proved = {r["equation"] for r in rows if r["equation"]}
-    assert proved == {"4", "8", "11", "14", "16", "18", "24", "25", "50", "53", "55"}
+    assert proved == {"4", "8", "11", "14", "16", "18", "19", "20", "24", "25", "50", "53", "55"}
+    sync_bn = {r["equation"] for r in rows if r["layer"] == "BatchNormalization (--sync-bn)"}
+    assert sync_bn == {"19", "20", "24", "25", "50"}
     softmax = [r for r in rows if r["layer"] == "SoftmaxCrossEntropy"]
     assert softmax and softmax[0]["equation"] is None and softmax[0]["fd_error"] < 1e-6
     text = md.read_text()

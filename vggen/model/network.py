@@ -294,6 +294,8 @@ class Network:
             be.copy_in(self.params[k], v)
         self.state = {k: be.asarray(v) for k, v in state.items()}
         self._workspaces: dict = {}
+        # --sync-bn over several ranks: a vggen.distributed.syncbn.SyncBatchNormalization, set by TrainStep
+        self.sync_batch_norm = None
 
     # ---- parameters
     def parameter_count(self) -> int:
@@ -406,6 +408,9 @@ class Network:
             if not train and kind.statistics:
                 self._evaluate_with_running_statistics(node, arrays)
                 continue
+            if kind.statistics and self.sync_batch_norm is not None:
+                self.sync_batch_norm.forward(k, node, arrays, ws)     # global μ, σ² (--sync-bn)
+                continue
             self.backend_for(node).run(node.layer, node.all_sizes(batch), arrays)
             if kind.statistics:
                 be.run(running_statistics(), {"C": node.sizes["C"]}, ws.running[k])
@@ -428,7 +433,10 @@ class Network:
         for k in range(len(self.nodes) - 1, -1, -1):
             node = self.nodes[k]
             skip = (f"g_{node.input}",) if k == 0 else ()
-            self.backend_for(node).run(node.backward, node.all_sizes(ws.batch), ws.backward[k], skip=skip)
+            if node.node_kind.statistics and self.sync_batch_norm is not None:
+                self.sync_batch_norm.backward(k, node, ws.backward[k], ws)
+            else:
+                self.backend_for(node).run(node.backward, node.all_sizes(ws.batch), ws.backward[k], skip=skip)
             if after_node is not None:
                 after_node(k)
 

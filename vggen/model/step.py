@@ -42,6 +42,7 @@ from vggen.distributed.batchnorm import RunningStatistics
 from vggen.distributed.comm import Comm, SingleComm
 from vggen.distributed.gradients import GradientReduction
 from vggen.distributed.shard import MicroBatch
+from vggen.distributed.syncbn import SyncBatchNormalization
 from vggen.errors import VggenError
 from vggen.model.network import Network, NonFiniteLoss, StepResult
 from vggen.model.optim import SGD
@@ -53,7 +54,7 @@ class TrainStep:
     this rank's micro-batches of a global batch over ``comm``'s ranks (``accumulate`` each)."""
 
     def __init__(self, net: Network, opt: SGD, graph: bool = False, comm: Comm | None = None,
-                 accumulate: int = 1):
+                 accumulate: int = 1, sync_bn: bool = False):
         self.net, self.opt, self.graph = net, opt, graph
         self.comm = SingleComm() if comm is None else comm
         self.accumulate = accumulate
@@ -65,6 +66,12 @@ class TrainStep:
         self._recorder = StepGraphs(net.backend) if graph else None
         self._reduction = GradientReduction(self.comm, net, accumulate) if self.parallel else None
         self._statistics = RunningStatistics(net) if self.comm.size > 1 else None
+        if sync_bn and self.comm.size > 1:       # with one rank, per-rank statistics are the global ones
+            if accumulate > 1:
+                raise VggenError("--sync-bn with --accumulate is not supported: "
+                                 "BatchNormalization would need the statistics of micro-batches not yet run")
+            net.sync_batch_norm = SyncBatchNormalization(net, self.comm)
+            self._statistics = None              # every rank already holds the global running statistics
 
     @property
     def stream(self):

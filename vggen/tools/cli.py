@@ -282,6 +282,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--accumulate", type=int, default=1, metavar="K",
                    help="add the gradients of K micro-batches of --batch-size per step (per rank): "
                         "one process with --accumulate N runs the steps of N ranks (default: 1)")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="under mpiexec: BatchNormalization with the global batch's statistics and "
+                        "∂L/∂γ, ∂L/∂β (default: each rank's own, as DistributedDataParallel)")
     t.add_argument("--check-every", type=int, default=100, metavar="STEPS",
                    help="under mpiexec: compare the ranks' parameters every STEPS steps, and after "
                         "every epoch (default: 100)")

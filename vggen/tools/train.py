@@ -126,11 +126,12 @@ class TrainConfig:
     allow_modified_kernels: bool = False  # run generated sources that differ from the manifest
     accumulate: int = 1             # micro-batches of batch_size per rank and step (gradients added)
     check_every: int = 100          # several ranks: compare the ranks' parameters every N steps
+    sync_bn: bool = False           # several ranks: BatchNormalization over the global batch (vggen.distributed.syncbn)
 
 
 # The options that define a run's trajectory: a resumed run keeps the checkpoint's.
 RUN_DEFINING = ("model", "dataset", "width", "seed", "batch_size", "lr", "momentum", "weight_decay",
-                "augment", "dropout", "accumulate")
+                "augment", "dropout", "accumulate", "sync_bn")
 # ...and those a resumed run takes from the checkpoint unless the command line names them.
 CARRIED = RUN_DEFINING + ("epochs", "schedule_epochs", "metrics", "data")
 
@@ -202,7 +203,8 @@ def resumed_config(config: TrainConfig, saved: dict, given: Collection[str], pat
     """The configuration of a run resumed from a checkpoint whose config is ``saved``.
 
     ``given`` names the options the user set.  See the module docstring."""
-    saved = {"accumulate": 1, **saved}      # checkpoints from before --accumulate: one micro-batch
+    # checkpoints from before --accumulate and --sync-bn: one micro-batch, per-rank statistics
+    saved = {"accumulate": 1, "sync_bn": False, **saved}
     carried = {k: saved[k] for k in CARRIED if k in saved and k not in given}
     merged = replace(config, **carried)
     for key in RUN_DEFINING:
@@ -387,7 +389,7 @@ def _train(config: TrainConfig, resume, start: int, ck_path: Path | None,
         opt = SGD(net.params, net.grads, backend, config.momentum, config.weight_decay,
                   flat=(net.flat_params, net.flat_grads))
         step = TrainStep(net, opt, graph=config.cuda_graph, comm=gradient_comm,
-                         accumulate=config.accumulate)
+                         accumulate=config.accumulate, sync_bn=config.sync_bn)
         return net, opt, step
 
     net, opt, step = agree(comm, build)
