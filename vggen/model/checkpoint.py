@@ -98,7 +98,7 @@ CONFIG_SCHEMA = {
     "metrics": _STRING_OR_NULL, "checkpoint": _STRING_OR_NULL, "resume": _STRING_OR_NULL,
     "dropout": _BOOL_OR_NULL, "augment": _BOOL, "fuse": _BOOL_OR_NULL,
     "cuda_graph": _BOOL, "progress": _BOOL, "allow_modified_kernels": _BOOL,
-    "accumulate": _integer(1), "check_every": _integer(1),
+    "accumulate": _integer(1), "check_every": _integer(1), "sync_bn": _BOOL,
 }
 OPTIONAL_STRINGS = ("schedule", "target", "vggen")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
