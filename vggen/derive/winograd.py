@@ -17,24 +17,27 @@ scaled to coprime integers (so the data transform, run once per tile and
 channel, multiplies by small integers only) and G takes the factor (it runs once
 per filter).
 
-Points (:data:`POINTS`): 0, ±1 first, then ±2 and ±½ as m grows.  Small points
+Points (:data:`POINTS`): 0, ±1 for m = 2, then ½ and −2 for m = 4.  Small points
 keep the Vandermonde matrices' entries (powers up to n − 1) near 1; a point and
 its reciprocal together balance the growth of Bᵀ's entries against G's.  The
-float32 error of each choice, measured by ``python -m vggen.runtime.winograd``
-against a float64 direct convolution on the network's shapes (B = 8, ±1
-uniform inputs, Kaiming-scaled filters), relative to max |y|:
+float32 error of each choice, max |y₃₂ − y₆₄| / max |y₆₄| with y₆₄ the float64
+direct convolution, measured by ``python -m vggen.runtime.winograd`` (numpy,
+float32 throughout) on the network's 3×3 convolutions at --width 64 (B = 8,
+uniform ±1 data, Kaiming-scaled filters; worst over the five layer shapes
+32×32×64 … 2×2×512):
 
-    ======================  ================  =====================  =========================
-    algorithm               points            32×32, 64 → 64 ch.     4×4, 512 → 512 ch.
-    ======================  ================  =====================  =========================
-    direct (float32)        —                 (see README)           (see README)
-    F(2×2, 3×3)             0, ±1, ∞          (see README)           (see README)
-    F(4×4, 3×3)             0, ±1, ½, −2, ∞   (see README)           (see README)
-    F(4×4, 3×3)             0, ±1, ±2, ∞      (see README)           (see README)
-    ======================  ================  =====================  =========================
+    ====================  ==================  =========  =========  =========
+    algorithm             points              forward    ∂L/∂x      ∂L/∂w
+    ====================  ==================  =========  =========  =========
+    direct, float32       —                   3.5e-07    4.2e-07    5.2e-07
+    F(2×2, 3×3)           0, ±1, ∞            7.0e-07    6.5e-07    7.5e-07
+    F(4×4, 3×3)           0, ±1, ½, −2, ∞     4.6e-06    4.5e-06    2.9e-06
+    F(4×4, 3×3)           0, ±1, ±2, ∞        1.3e-05    1.6e-05    8.5e-06
+    ====================  ==================  =========  =========  =========
 
-(The numbers are in the README's "Winograd transforms" paragraph, written from
-the same run.)
+F(2×2) costs 2× the direct error; F(4×4) with ½, −2 about 10×, and 2.5–3× less
+than Lavin and Gray's 0, ±1, ±2 (:data:`POINTS_INTEGER_4`), which is why it is
+the default.  ∂L/∂w uses F(3×3, m×m) on the same points.
 """
 
 from __future__ import annotations
@@ -51,9 +54,7 @@ R = sp.Rational
 # has the same n = m + 2 and uses the same points.
 POINTS: dict[int, tuple] = {
     2: (0, 1, -1),
-    3: (0, 1, -1, 2),
     4: (0, 1, -1, R(1, 2), -2),
-    6: (0, 1, -1, 2, -2, R(1, 2), R(-1, 2)),
 }
 # Lavin and Gray's F(4×4, 3×3) points, kept for the error comparison.
 POINTS_INTEGER_4 = (0, 1, -1, 2, -2)
