@@ -45,7 +45,8 @@ def forward(tmp_path_factory):
 
 def test_transforms_are_printed_from_the_matrices():
     source = forward_source(2)
-    assert "v[0] = d[0] - d[2] - d[8] + d[10];" in source          # (Bᵀ d B)₀₀ with Bᵀ's first row 1, 0, −1, 0
+    # (Bᵀ d B)₀₀ with Bᵀ's first row 1, 0, −1, 0
+    assert "v[0] = d[0] - d[2] - d[8] + d[10];" in source
     assert "u[3] = -g[2];" in source                              # G's last row 0, 0, −1
 
 

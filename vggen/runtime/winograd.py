@@ -110,7 +110,8 @@ NETWORK_SHAPES = [(32, 64, 64), (16, 128, 128), (8, 256, 256), (4, 512, 512), (2
 
 
 def float32_errors(batch: int = 8, seed: int = 0, shapes=NETWORK_SHAPES, algorithms=None) -> list[dict]:
-    """max |y₃₂ − y₆₄| / max |y₆₄| per shape, direction and algorithm, y₆₄ the float64 direct convolution."""
+    """max |y₃₂ − y₆₄| / max |y₆₄| per shape, direction and algorithm, y₆₄ the
+    float64 direct convolution."""
     from vggen.derive.winograd import POINTS_INTEGER_4, toom_cook
 
     algorithms = algorithms or {"F(2×2, 3×3)": (forward_transforms(2), weight_gradient_transforms(2)),
