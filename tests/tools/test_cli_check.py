@@ -24,6 +24,8 @@ def test_check_json_and_markdown(tmp_path):
     for row in rows:
         assert {"layer", "gradient", "equation", "method", "verdict"} <= set(row)
         assert row["verdict"] == "pass"
+    winograd = [(r["gradient"], r["method"]) for r in rows if r["method"].startswith("winograd")]
+    assert len(winograd) == 6 and {g for g, _ in winograd} == {"forward", "∂L/∂x", "∂L/∂w"}
     proved = {r["equation"] for r in rows if r["equation"]}
     assert proved == {"4", "8", "11", "14", "16", "18", "19", "20", "24", "25", "50", "53", "55"}
     sync_bn = {r["equation"] for r in rows if r["layer"] == "BatchNormalization (--sync-bn)"}

@@ -27,6 +27,7 @@ def _cmd_check(args) -> int:
     if args.layers == "zoo":
         return _check_zoo(args)
     from vggen.proof.verify import check_all
+    from vggen.proof.winograd import winograd_rows
     from vggen.tools.report import write_markdown
 
     if args.markdown:
@@ -34,12 +35,13 @@ def _cmd_check(args) -> int:
     rows = check_all()
     if args.markdown:
         write_markdown(args.markdown, rows)
+    rows += winograd_rows()      # the fast algorithms' forms, proved exactly (no finite differences)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2, ensure_ascii=False))
     else:
         header = ("layer", "gradient", "eq.", "method", "verdict", "finite diff.", "detail")
         table = [(r.layer, r.gradient, r.equation or "—", r.method, r.verdict,
-                  f"{r.fd_error:.1e}", r.detail) for r in rows]
+                  f"{r.fd_error:.1e}" if r.fd_error is not None else "—", r.detail) for r in rows]
         widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
         for line in [header] + table:
             print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
