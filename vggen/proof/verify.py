@@ -352,13 +352,8 @@ def check_layer(layer: Layer, docs: list[DocEquation], seed: int = 0) -> list[Ro
 
 
 def check_all(layers: list[Layer] | None = None, docs: list[DocEquation] | None = None) -> list[Row]:
-    """Every layer's rows; by default the network's layers and then ``--sync-bn``'s
-    split BatchNormalization, proved equal to eqs. 19–20, 24–25 and 50 over the global batch."""
-    sync_bn = layers is None and docs is None
+    """Every layer's rows (by default the network's layers against the document)."""
     layers = layers if layers is not None else network_layers()
     docs = docs if docs is not None else document_equations()
     rows = [row for layer in layers for row in check_layer(layer, docs)]
-    if sync_bn:
-        from vggen.proof.syncbn import sync_batch_normalization_rows   # it imports this module
-        rows += sync_batch_normalization_rows()
     return rows

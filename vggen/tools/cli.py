@@ -26,13 +26,16 @@ log = logging.getLogger(__name__)
 def _cmd_check(args) -> int:
     if args.layers == "zoo":
         return _check_zoo(args)
+    from vggen.proof.syncbn import sync_batch_normalization_rows
     from vggen.proof.verify import check_all
     from vggen.proof.winograd import winograd_rows
     from vggen.tools.report import write_markdown
 
     if args.markdown:
         check_writable(args.markdown, "--markdown ")
-    rows = check_all()
+    # the document's equations, then --sync-bn's split BatchNormalization proved
+    # equal to eqs. 19–20, 24–25 and 50 over the global batch
+    rows = check_all() + sync_batch_normalization_rows()
     if args.markdown:
         write_markdown(args.markdown, rows)
     rows += winograd_rows()      # the fast algorithms' forms, proved exactly (no finite differences)
