@@ -14,6 +14,7 @@ import sympy as sp
 
 from vggen.compiler.emit import VGG_SPECIALISE
 from vggen.derive.autodiff import derive
+from vggen.derive.winograd import FLOAT32_BOUND
 from vggen.frontend.lang import Equation, Layer, Max, Role, Sum, Tensor, indices
 from vggen.frontend.layers import (
     EPS,
@@ -158,6 +159,9 @@ def check_layer_kernels(lib, kernels, layer, sizes, specialise=VGG_SPECIALISE, s
         for name, arr in got.items():
             if arr.dtype.kind == "i":
                 np.testing.assert_array_equal(arr, want[name], err_msg=f"{gk.name}: {name}")
+            elif gk.algorithm is not None:       # Winograd: its float32 error, relative to the output's scale
+                bound = FLOAT32_BOUND[gk.algorithm["tile"]] * np.max(np.abs(want[name]))
+                np.testing.assert_allclose(arr, want[name], rtol=0, atol=bound, err_msg=f"{gk.name}: {name}")
             else:
                 np.testing.assert_allclose(arr, want[name], rtol=RTOL, atol=ATOL, err_msg=f"{gk.name}: {name}")
         checked.append(gk.name)

@@ -62,6 +62,18 @@ class KernelSpec:
     def reads(self) -> list[str]:
         return [a.name for a in self.args if a.access == "read"]
 
+    @property
+    def algorithm(self) -> str:
+        """How it computes: "direct", or the name of another algorithm (``winograd4``)."""
+        alg = self.entry.get("algorithm")
+        return str(alg.get("name", "?")) if isinstance(alg, dict) else "direct"
+
+    @property
+    def replaces(self) -> str | None:
+        """For another algorithm's kernel: the direct kernel it stands in for."""
+        alg = self.entry.get("algorithm")
+        return str(alg.get("replaces")) if isinstance(alg, dict) and alg.get("replaces") else None
+
 
 def _arg(raw, kernel: str) -> ArgSpec:
     if isinstance(raw, dict):
@@ -105,6 +117,11 @@ class Manifest:
     def kernels_for(self, target: str, layer: Layer) -> list[KernelSpec]:
         """See :func:`kernels_for`."""
         return kernels_for(self.kernels, target, layer)
+
+    def alternatives(self, spec: KernelSpec) -> list[KernelSpec]:
+        """The kernels computing what ``spec`` computes by another algorithm
+        (their entries' ``algorithm.replaces`` names it), in file order."""
+        return [k for k in self.kernels if k.target == spec.target and k.replaces == spec.name]
 
     def verify_sources(self, target: str, allow_modified: bool = False) -> list[Path]:
         """Hold ``target``'s generated sources to the manifest's ``files`` hashes.
@@ -204,7 +221,7 @@ def kernels_for(specs: list[KernelSpec], target: str, layer: Layer) -> list[Kern
     # are given (``Layer.with_given``) runs the rest of the generated kernels
     computed = {t.name for t in layer.tensors if t.role.is_written}
     mine = [k for k in specs if k.target == target and k.direction == direction
-            and set(k.writes) <= computed]
+            and set(k.writes) <= computed and k.replaces is None]
     exact = [k for k in mine if k.layer == name]
     if exact:
         return exact

@@ -58,6 +58,65 @@ static inline int vg_threads(void)
 #endif
 }
 
+
+static inline int vg_thread(void)
+{
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+// A kernel's buffer kept between its calls (*buf, *size bytes), grown to at least
+// bytes: its pages are touched once, not at every call.
+static float *vg_keep(float **buf, size_t *size, size_t bytes)
+{
+    if (*size < bytes)
+    {
+        free(*buf);
+        *buf = vg_alloc(bytes);
+        *size = bytes;
+    }
+    return *buf;
+}
+
+
+// dst[i] = base[off[i]] where off[i] >= 0, else 0 (the padding reads nothing), for
+// i < count, a multiple of 16.  AVX-512: masked gathers (compilers leave a conditional
+// load like this one scalar).
+static inline void vg_gather(const float *restrict base, const int *restrict off, float *restrict dst, int count)
+{
+#if defined(__AVX512F__) && defined(__GNUC__)
+    for (int i = 0; i < count; i += 16)
+    {
+        const __m512i o = _mm512_loadu_si512((const void *)(off + i));
+        const __mmask16 live = _mm512_cmpge_epi32_mask(o, _mm512_setzero_si512());
+        _mm512_storeu_ps(dst + i, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, o, base, 4));
+    }
+#else
+    for (int i = 0; i < count; ++i)
+        dst[i] = off[i] >= 0 ? base[off[i]] : 0.0f;
+#endif
+}
+
+// base[off[i]] = src[i] where off[i] >= 0 (distinct offsets), for i < count, a multiple of 16
+static inline void vg_scatter(float *restrict base, const int *restrict off, const float *restrict src, int count)
+{
+#if defined(__AVX512F__) && defined(__GNUC__)
+    for (int i = 0; i < count; i += 16)
+    {
+        const __m512i o = _mm512_loadu_si512((const void *)(off + i));
+        const __mmask16 live = _mm512_cmpge_epi32_mask(o, _mm512_setzero_si512());
+        _mm512_mask_i32scatter_ps(base, live, o, _mm512_loadu_ps(src + i), 4);
+    }
+#else
+    for (int i = 0; i < count; ++i)
+        if (off[i] >= 0)
+            base[off[i]] = src[i];
+#endif
+}
+
 // the size of the most equal blocks of at most most that cover total, rounded up to a multiple of unit
 static inline int vg_block(int total, int most, int unit)
 {
@@ -355,6 +414,486 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
     }
 }
 
+// convolution2d_forward_y_winograd2: contraction (Convolution2D, forward)
+//   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j], (ic, 0, IC - 1), (di, -K, K), (dj, -K, K))  (eq. 1)
+//   specialised: K=1
+//   as Winograd F(2×2, 3×3) (points 0, 1, -1, ∞; vggen.derive.winograd), proved equal by `vggen check`
+// V = Bᵀ d B for 4×4 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_forward_y_winograd2_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
+        const float vg_y2_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
+        const float vg_y2_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
+        const float vg_y2_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
+        const float vg_y2_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
+        const float vg_y3_0 = vg_src[4 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t];
+        const float vg_y3_1 = vg_src[5 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t];
+        const float vg_y3_2 = vg_src[6 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t];
+        const float vg_y3_3 = vg_src[7 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 - vg_y0_2;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2;
+        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2;
+        vg_dst[3 * vg_ds + vg_t] = vg_y0_1 - vg_y0_3;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_0 - vg_y1_2;
+        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2;
+        vg_dst[6 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2;
+        vg_dst[7 * vg_ds + vg_t] = vg_y1_1 - vg_y1_3;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_0 - vg_y2_2;
+        vg_dst[9 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2;
+        vg_dst[10 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2;
+        vg_dst[11 * vg_ds + vg_t] = vg_y2_1 - vg_y2_3;
+        vg_dst[12 * vg_ds + vg_t] = vg_y3_0 - vg_y3_2;
+        vg_dst[13 * vg_ds + vg_t] = vg_y3_1 + vg_y3_2;
+        vg_dst[14 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2;
+        vg_dst[15 * vg_ds + vg_t] = vg_y3_1 - vg_y3_3;
+    }
+}
+// U = G g Gᵀ for 3×3 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_forward_y_winograd2_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t];
+        const float vg_y1_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[6 * vg_ss + vg_t];
+        const float vg_y1_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[4 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[7 * vg_ss + vg_t];
+        const float vg_y1_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[5 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[8 * vg_ss + vg_t];
+        const float vg_y2_0 = -(1.0f/2.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[6 * vg_ss + vg_t];
+        const float vg_y2_1 = -(1.0f/2.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[4 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[7 * vg_ss + vg_t];
+        const float vg_y2_2 = -(1.0f/2.0f)*vg_src[2 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[5 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[8 * vg_ss + vg_t];
+        const float vg_y3_0 = -vg_src[6 * vg_ss + vg_t];
+        const float vg_y3_1 = -vg_src[7 * vg_ss + vg_t];
+        const float vg_y3_2 = -vg_src[8 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0;
+        vg_dst[1 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 + ((1.0f/2.0f))*vg_y0_2;
+        vg_dst[2 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 - (1.0f/2.0f)*vg_y0_2;
+        vg_dst[3 * vg_ds + vg_t] = -vg_y0_2;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_0;
+        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 + ((1.0f/2.0f))*vg_y1_2;
+        vg_dst[6 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 - (1.0f/2.0f)*vg_y1_2;
+        vg_dst[7 * vg_ds + vg_t] = -vg_y1_2;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_0;
+        vg_dst[9 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 + ((1.0f/2.0f))*vg_y2_2;
+        vg_dst[10 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 - (1.0f/2.0f)*vg_y2_2;
+        vg_dst[11 * vg_ds + vg_t] = -vg_y2_2;
+        vg_dst[12 * vg_ds + vg_t] = vg_y3_0;
+        vg_dst[13 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 + ((1.0f/2.0f))*vg_y3_2;
+        vg_dst[14 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 - (1.0f/2.0f)*vg_y3_2;
+        vg_dst[15 * vg_ds + vg_t] = -vg_y3_2;
+    }
+}
+// Y = Aᵀ M A, 2×2 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_forward_y_winograd2_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + vg_y0_3;
+        vg_dst[2 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2;
+        vg_dst[3 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + vg_y1_3;
+    }
+}
+void convolution2d_forward_y_winograd2(const float *restrict w, const float *restrict x, float *restrict y, int B, int H, int IC, int OC, int W)
+{
+    const int vg_TH = (H + 1) / 2, vg_TW = (W + 1) / 2;
+    const long vg_T = (long)(B) * vg_TH * vg_TW;              // tiles
+    const long vg_blocks = (vg_T + VG_NR - 1) / VG_NR;                   // of VG_NR tiles
+    const int vg_OP = (OC + VG_MR - 1) / VG_MR;               // panels of VG_MR channels o
+    const size_t vg_usize = (size_t)16 * vg_OP * VG_MR * (IC);   // U, panels [k][o / VG_MR][c][o % VG_MR]
+    const size_t vg_each = (size_t)16 * (IC) * VG_NR           // per thread: V [k][c][tile]
+                         + (size_t)16 * vg_OP * VG_MR * VG_NR             //   M = U·V [k][o][tile]
+                         + (size_t)2 * 16 * VG_NR;                        //   a tile set and its transform
+    static float *vg_kept;
+    static size_t vg_kept_size;
+    float *vg_u = vg_keep(&vg_kept, &vg_kept_size, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
+    #pragma omp parallel
+    {
+        float *vg_v = vg_u + vg_usize + (size_t)vg_thread() * vg_each;
+        float *vg_m = vg_v + (size_t)16 * (IC) * VG_NR;
+        float *vg_d = vg_m + (size_t)16 * vg_OP * VG_MR * VG_NR;
+        float *vg_e = vg_d + 16 * VG_NR;
+        // U = G g Gᵀ for VG_NR channels c of filter o at a time, into its packed panel
+        #pragma omp for schedule(static)
+        for (int vg_wo = 0; vg_wo < vg_OP * VG_MR; ++vg_wo)
+            for (int vg_c0 = 0; vg_c0 < IC; vg_c0 += VG_NR)
+            {
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wc = vg_c0 + vg_q;
+                    const int vg_live = vg_wo < OC && vg_wc < IC;
+                    vg_d[0 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc] : 0.0f;
+                    vg_d[1 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 1] : 0.0f;
+                    vg_d[2 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 2] : 0.0f;
+                    vg_d[3 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 3] : 0.0f;
+                    vg_d[4 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 4] : 0.0f;
+                    vg_d[5 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 5] : 0.0f;
+                    vg_d[6 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 6] : 0.0f;
+                    vg_d[7 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 7] : 0.0f;
+                    vg_d[8 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 8] : 0.0f;
+                }
+                convolution2d_forward_y_winograd2_filter(vg_d, VG_NR, vg_e, VG_NR);
+                for (int vg_k = 0; vg_k < 16; ++vg_k)
+                    for (int vg_q = 0; vg_q < VG_NR && vg_c0 + vg_q < IC; ++vg_q)
+                        vg_u[(((size_t)vg_k * vg_OP + vg_wo / VG_MR) * (IC) + vg_c0 + vg_q) * VG_MR + vg_wo % VG_MR]
+                            = vg_e[vg_k * VG_NR + vg_q];
+            }
+        #pragma omp for schedule(static)
+        for (long vg_blk = 0; vg_blk < vg_blocks; ++vg_blk)
+        {
+            const long vg_t0 = vg_blk * VG_NR;
+            const int vg_nt = vg_T - vg_t0 < VG_NR ? (int)(vg_T - vg_t0) : VG_NR;
+            int vg_tb[VG_NR], vg_tr[VG_NR], vg_tc[VG_NR];
+            for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+            {
+                const long vg_tt = vg_t0 + (vg_q < vg_nt ? vg_q : 0);
+                const int vg_rest = (int)(vg_tt % ((long)vg_TH * vg_TW));
+                vg_tb[vg_q] = (int)(vg_tt / ((long)vg_TH * vg_TW));
+                vg_tr[vg_q] = vg_rest / vg_TW * 2;
+                vg_tc[vg_q] = vg_rest % vg_TW * 2;
+            }
+            // V = Bᵀ d B per channel: the 4×4 data tiles start one row and column before the outputs
+            int vg_off[16 * VG_NR];
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q] - 1 + vg_k / 4, vg_ws = vg_tc[vg_q] - 1 + vg_k % 4;
+                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*IC*vg_wb + vg_wr) + vg_ws : -1;
+                }
+            for (int vg_wc = 0; vg_wc < IC; ++vg_wc)
+            {
+                vg_gather(x + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 16 * VG_NR);
+                convolution2d_forward_y_winograd2_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(IC) * VG_NR);
+            }
+            // M[k] = U[k]·V[k]: the channel sums, one product per transform position k
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                    vg_tile_outer(IC, vg_u + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * (IC),
+                                  vg_v + (size_t)vg_k * (IC) * VG_NR, VG_NR,
+                                  vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+            // Y = Aᵀ M A per channel o, cropped to the output
+            for (int vg_k = 0; vg_k < 4; ++vg_k)
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q]  + vg_k / 2, vg_ws = vg_tc[vg_q]  + vg_k % 2;
+                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr < H && vg_ws < W) ? W*(H*OC*vg_wb + vg_wr) + vg_ws : -1;
+                }
+            for (int vg_wo = 0; vg_wo < OC; ++vg_wo)
+            {
+                convolution2d_forward_y_winograd2_output(vg_m + (size_t)vg_wo * VG_NR, (long)vg_OP * VG_MR * VG_NR, vg_e, VG_NR);
+                vg_scatter(y + (size_t)vg_wo * (H*W), vg_off, vg_e, 4 * VG_NR);
+            }
+        }
+    }
+}
+
+// convolution2d_forward_y_winograd4: contraction (Convolution2D, forward)
+//   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j], (ic, 0, IC - 1), (di, -K, K), (dj, -K, K))  (eq. 1)
+//   specialised: K=1
+//   as Winograd F(4×4, 3×3) (points 0, 1, -1, 1/2, -2, ∞; vggen.derive.winograd), proved equal by `vggen check`
+// V = Bᵀ d B for 6×6 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_forward_y_winograd4_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = 2*vg_src[0 * vg_ss + vg_t] - 3*vg_src[6 * vg_ss + vg_t] - 4*vg_src[12 * vg_ss + vg_t] + 3*vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y0_1 = 2*vg_src[1 * vg_ss + vg_t] - 3*vg_src[7 * vg_ss + vg_t] - 4*vg_src[13 * vg_ss + vg_t] + 3*vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y0_2 = 2*vg_src[2 * vg_ss + vg_t] - 3*vg_src[8 * vg_ss + vg_t] - 4*vg_src[14 * vg_ss + vg_t] + 3*vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y0_3 = 2*vg_src[3 * vg_ss + vg_t] - 3*vg_src[9 * vg_ss + vg_t] - 4*vg_src[15 * vg_ss + vg_t] + 3*vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y0_4 = 2*vg_src[4 * vg_ss + vg_t] - 3*vg_src[10 * vg_ss + vg_t] - 4*vg_src[16 * vg_ss + vg_t] + 3*vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y0_5 = 2*vg_src[5 * vg_ss + vg_t] - 3*vg_src[11 * vg_ss + vg_t] - 4*vg_src[17 * vg_ss + vg_t] + 3*vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y1_0 = 2*vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] - 5*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y1_1 = 2*vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] - 5*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y1_2 = 2*vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] - 5*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y1_3 = 2*vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] - 5*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y1_4 = 2*vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] - 5*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y1_5 = 2*vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] - 5*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y2_0 = 2*vg_src[6 * vg_ss + vg_t] - 5*vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y2_1 = 2*vg_src[7 * vg_ss + vg_t] - 5*vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y2_2 = 2*vg_src[8 * vg_ss + vg_t] - 5*vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y2_3 = 2*vg_src[9 * vg_ss + vg_t] - 5*vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y2_4 = 2*vg_src[10 * vg_ss + vg_t] - 5*vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y2_5 = 2*vg_src[11 * vg_ss + vg_t] - 5*vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y3_0 = 2*vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] - 2*vg_src[18 * vg_ss + vg_t] - vg_src[24 * vg_ss + vg_t];
+        const float vg_y3_1 = 2*vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] - 2*vg_src[19 * vg_ss + vg_t] - vg_src[25 * vg_ss + vg_t];
+        const float vg_y3_2 = 2*vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] - 2*vg_src[20 * vg_ss + vg_t] - vg_src[26 * vg_ss + vg_t];
+        const float vg_y3_3 = 2*vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] - 2*vg_src[21 * vg_ss + vg_t] - vg_src[27 * vg_ss + vg_t];
+        const float vg_y3_4 = 2*vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] - 2*vg_src[22 * vg_ss + vg_t] - vg_src[28 * vg_ss + vg_t];
+        const float vg_y3_5 = 2*vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] - 2*vg_src[23 * vg_ss + vg_t] - vg_src[29 * vg_ss + vg_t];
+        const float vg_y4_0 = vg_src[6 * vg_ss + vg_t] - 2*vg_src[12 * vg_ss + vg_t] - vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y4_1 = vg_src[7 * vg_ss + vg_t] - 2*vg_src[13 * vg_ss + vg_t] - vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y4_2 = vg_src[8 * vg_ss + vg_t] - 2*vg_src[14 * vg_ss + vg_t] - vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y4_3 = vg_src[9 * vg_ss + vg_t] - 2*vg_src[15 * vg_ss + vg_t] - vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y4_4 = vg_src[10 * vg_ss + vg_t] - 2*vg_src[16 * vg_ss + vg_t] - vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y4_5 = vg_src[11 * vg_ss + vg_t] - 2*vg_src[17 * vg_ss + vg_t] - vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y5_0 = 2*vg_src[6 * vg_ss + vg_t] - 3*vg_src[12 * vg_ss + vg_t] - 4*vg_src[18 * vg_ss + vg_t] + 3*vg_src[24 * vg_ss + vg_t] + 2*vg_src[30 * vg_ss + vg_t];
+        const float vg_y5_1 = 2*vg_src[7 * vg_ss + vg_t] - 3*vg_src[13 * vg_ss + vg_t] - 4*vg_src[19 * vg_ss + vg_t] + 3*vg_src[25 * vg_ss + vg_t] + 2*vg_src[31 * vg_ss + vg_t];
+        const float vg_y5_2 = 2*vg_src[8 * vg_ss + vg_t] - 3*vg_src[14 * vg_ss + vg_t] - 4*vg_src[20 * vg_ss + vg_t] + 3*vg_src[26 * vg_ss + vg_t] + 2*vg_src[32 * vg_ss + vg_t];
+        const float vg_y5_3 = 2*vg_src[9 * vg_ss + vg_t] - 3*vg_src[15 * vg_ss + vg_t] - 4*vg_src[21 * vg_ss + vg_t] + 3*vg_src[27 * vg_ss + vg_t] + 2*vg_src[33 * vg_ss + vg_t];
+        const float vg_y5_4 = 2*vg_src[10 * vg_ss + vg_t] - 3*vg_src[16 * vg_ss + vg_t] - 4*vg_src[22 * vg_ss + vg_t] + 3*vg_src[28 * vg_ss + vg_t] + 2*vg_src[34 * vg_ss + vg_t];
+        const float vg_y5_5 = 2*vg_src[11 * vg_ss + vg_t] - 3*vg_src[17 * vg_ss + vg_t] - 4*vg_src[23 * vg_ss + vg_t] + 3*vg_src[29 * vg_ss + vg_t] + 2*vg_src[35 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = 2*vg_y0_0 - 3*vg_y0_1 - 4*vg_y0_2 + 3*vg_y0_3 + 2*vg_y0_4;
+        vg_dst[1 * vg_ds + vg_t] = 2*vg_y0_1 - vg_y0_2 - 5*vg_y0_3 - 2*vg_y0_4;
+        vg_dst[2 * vg_ds + vg_t] = 2*vg_y0_1 - 5*vg_y0_2 + vg_y0_3 + 2*vg_y0_4;
+        vg_dst[3 * vg_ds + vg_t] = 2*vg_y0_1 + vg_y0_2 - 2*vg_y0_3 - vg_y0_4;
+        vg_dst[4 * vg_ds + vg_t] = vg_y0_1 - 2*vg_y0_2 - vg_y0_3 + 2*vg_y0_4;
+        vg_dst[5 * vg_ds + vg_t] = 2*vg_y0_1 - 3*vg_y0_2 - 4*vg_y0_3 + 3*vg_y0_4 + 2*vg_y0_5;
+        vg_dst[6 * vg_ds + vg_t] = 2*vg_y1_0 - 3*vg_y1_1 - 4*vg_y1_2 + 3*vg_y1_3 + 2*vg_y1_4;
+        vg_dst[7 * vg_ds + vg_t] = 2*vg_y1_1 - vg_y1_2 - 5*vg_y1_3 - 2*vg_y1_4;
+        vg_dst[8 * vg_ds + vg_t] = 2*vg_y1_1 - 5*vg_y1_2 + vg_y1_3 + 2*vg_y1_4;
+        vg_dst[9 * vg_ds + vg_t] = 2*vg_y1_1 + vg_y1_2 - 2*vg_y1_3 - vg_y1_4;
+        vg_dst[10 * vg_ds + vg_t] = vg_y1_1 - 2*vg_y1_2 - vg_y1_3 + 2*vg_y1_4;
+        vg_dst[11 * vg_ds + vg_t] = 2*vg_y1_1 - 3*vg_y1_2 - 4*vg_y1_3 + 3*vg_y1_4 + 2*vg_y1_5;
+        vg_dst[12 * vg_ds + vg_t] = 2*vg_y2_0 - 3*vg_y2_1 - 4*vg_y2_2 + 3*vg_y2_3 + 2*vg_y2_4;
+        vg_dst[13 * vg_ds + vg_t] = 2*vg_y2_1 - vg_y2_2 - 5*vg_y2_3 - 2*vg_y2_4;
+        vg_dst[14 * vg_ds + vg_t] = 2*vg_y2_1 - 5*vg_y2_2 + vg_y2_3 + 2*vg_y2_4;
+        vg_dst[15 * vg_ds + vg_t] = 2*vg_y2_1 + vg_y2_2 - 2*vg_y2_3 - vg_y2_4;
+        vg_dst[16 * vg_ds + vg_t] = vg_y2_1 - 2*vg_y2_2 - vg_y2_3 + 2*vg_y2_4;
+        vg_dst[17 * vg_ds + vg_t] = 2*vg_y2_1 - 3*vg_y2_2 - 4*vg_y2_3 + 3*vg_y2_4 + 2*vg_y2_5;
+        vg_dst[18 * vg_ds + vg_t] = 2*vg_y3_0 - 3*vg_y3_1 - 4*vg_y3_2 + 3*vg_y3_3 + 2*vg_y3_4;
+        vg_dst[19 * vg_ds + vg_t] = 2*vg_y3_1 - vg_y3_2 - 5*vg_y3_3 - 2*vg_y3_4;
+        vg_dst[20 * vg_ds + vg_t] = 2*vg_y3_1 - 5*vg_y3_2 + vg_y3_3 + 2*vg_y3_4;
+        vg_dst[21 * vg_ds + vg_t] = 2*vg_y3_1 + vg_y3_2 - 2*vg_y3_3 - vg_y3_4;
+        vg_dst[22 * vg_ds + vg_t] = vg_y3_1 - 2*vg_y3_2 - vg_y3_3 + 2*vg_y3_4;
+        vg_dst[23 * vg_ds + vg_t] = 2*vg_y3_1 - 3*vg_y3_2 - 4*vg_y3_3 + 3*vg_y3_4 + 2*vg_y3_5;
+        vg_dst[24 * vg_ds + vg_t] = 2*vg_y4_0 - 3*vg_y4_1 - 4*vg_y4_2 + 3*vg_y4_3 + 2*vg_y4_4;
+        vg_dst[25 * vg_ds + vg_t] = 2*vg_y4_1 - vg_y4_2 - 5*vg_y4_3 - 2*vg_y4_4;
+        vg_dst[26 * vg_ds + vg_t] = 2*vg_y4_1 - 5*vg_y4_2 + vg_y4_3 + 2*vg_y4_4;
+        vg_dst[27 * vg_ds + vg_t] = 2*vg_y4_1 + vg_y4_2 - 2*vg_y4_3 - vg_y4_4;
+        vg_dst[28 * vg_ds + vg_t] = vg_y4_1 - 2*vg_y4_2 - vg_y4_3 + 2*vg_y4_4;
+        vg_dst[29 * vg_ds + vg_t] = 2*vg_y4_1 - 3*vg_y4_2 - 4*vg_y4_3 + 3*vg_y4_4 + 2*vg_y4_5;
+        vg_dst[30 * vg_ds + vg_t] = 2*vg_y5_0 - 3*vg_y5_1 - 4*vg_y5_2 + 3*vg_y5_3 + 2*vg_y5_4;
+        vg_dst[31 * vg_ds + vg_t] = 2*vg_y5_1 - vg_y5_2 - 5*vg_y5_3 - 2*vg_y5_4;
+        vg_dst[32 * vg_ds + vg_t] = 2*vg_y5_1 - 5*vg_y5_2 + vg_y5_3 + 2*vg_y5_4;
+        vg_dst[33 * vg_ds + vg_t] = 2*vg_y5_1 + vg_y5_2 - 2*vg_y5_3 - vg_y5_4;
+        vg_dst[34 * vg_ds + vg_t] = vg_y5_1 - 2*vg_y5_2 - vg_y5_3 + 2*vg_y5_4;
+        vg_dst[35 * vg_ds + vg_t] = 2*vg_y5_1 - 3*vg_y5_2 - 4*vg_y5_3 + 3*vg_y5_4 + 2*vg_y5_5;
+    }
+}
+// U = G g Gᵀ for 3×3 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_forward_y_winograd4_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t];
+        const float vg_y0_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t];
+        const float vg_y0_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
+        const float vg_y1_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[3 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[6 * vg_ss + vg_t];
+        const float vg_y1_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[7 * vg_ss + vg_t];
+        const float vg_y1_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t];
+        const float vg_y2_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[3 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[6 * vg_ss + vg_t];
+        const float vg_y2_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[7 * vg_ss + vg_t];
+        const float vg_y2_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t];
+        const float vg_y3_0 = ((16.0f/15.0f))*vg_src[0 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[3 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[6 * vg_ss + vg_t];
+        const float vg_y3_1 = ((16.0f/15.0f))*vg_src[1 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[4 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[7 * vg_ss + vg_t];
+        const float vg_y3_2 = ((16.0f/15.0f))*vg_src[2 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[5 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[8 * vg_ss + vg_t];
+        const float vg_y4_0 = ((1.0f/30.0f))*vg_src[0 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[3 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[6 * vg_ss + vg_t];
+        const float vg_y4_1 = ((1.0f/30.0f))*vg_src[1 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[4 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[7 * vg_ss + vg_t];
+        const float vg_y4_2 = ((1.0f/30.0f))*vg_src[2 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[5 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[8 * vg_ss + vg_t];
+        const float vg_y5_0 = ((1.0f/2.0f))*vg_src[6 * vg_ss + vg_t];
+        const float vg_y5_1 = ((1.0f/2.0f))*vg_src[7 * vg_ss + vg_t];
+        const float vg_y5_2 = ((1.0f/2.0f))*vg_src[8 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0;
+        vg_dst[1 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 - (1.0f/6.0f)*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
+        vg_dst[2 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 + ((1.0f/6.0f))*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
+        vg_dst[3 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y0_0 + ((8.0f/15.0f))*vg_y0_1 + ((4.0f/15.0f))*vg_y0_2;
+        vg_dst[4 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y0_0 - (1.0f/15.0f)*vg_y0_1 + ((2.0f/15.0f))*vg_y0_2;
+        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_2;
+        vg_dst[6 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0;
+        vg_dst[7 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 - (1.0f/6.0f)*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
+        vg_dst[8 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 + ((1.0f/6.0f))*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
+        vg_dst[9 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y1_0 + ((8.0f/15.0f))*vg_y1_1 + ((4.0f/15.0f))*vg_y1_2;
+        vg_dst[10 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y1_0 - (1.0f/15.0f)*vg_y1_1 + ((2.0f/15.0f))*vg_y1_2;
+        vg_dst[11 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_2;
+        vg_dst[12 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0;
+        vg_dst[13 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 - (1.0f/6.0f)*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
+        vg_dst[14 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 + ((1.0f/6.0f))*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
+        vg_dst[15 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y2_0 + ((8.0f/15.0f))*vg_y2_1 + ((4.0f/15.0f))*vg_y2_2;
+        vg_dst[16 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y2_0 - (1.0f/15.0f)*vg_y2_1 + ((2.0f/15.0f))*vg_y2_2;
+        vg_dst[17 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_2;
+        vg_dst[18 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0;
+        vg_dst[19 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 - (1.0f/6.0f)*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
+        vg_dst[20 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 + ((1.0f/6.0f))*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
+        vg_dst[21 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y3_0 + ((8.0f/15.0f))*vg_y3_1 + ((4.0f/15.0f))*vg_y3_2;
+        vg_dst[22 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y3_0 - (1.0f/15.0f)*vg_y3_1 + ((2.0f/15.0f))*vg_y3_2;
+        vg_dst[23 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_2;
+        vg_dst[24 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_0;
+        vg_dst[25 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 - (1.0f/6.0f)*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
+        vg_dst[26 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 + ((1.0f/6.0f))*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
+        vg_dst[27 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y4_0 + ((8.0f/15.0f))*vg_y4_1 + ((4.0f/15.0f))*vg_y4_2;
+        vg_dst[28 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y4_0 - (1.0f/15.0f)*vg_y4_1 + ((2.0f/15.0f))*vg_y4_2;
+        vg_dst[29 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_2;
+        vg_dst[30 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_0;
+        vg_dst[31 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 - (1.0f/6.0f)*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
+        vg_dst[32 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 + ((1.0f/6.0f))*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
+        vg_dst[33 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y5_0 + ((8.0f/15.0f))*vg_y5_1 + ((4.0f/15.0f))*vg_y5_2;
+        vg_dst[34 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y5_0 - (1.0f/15.0f)*vg_y5_1 + ((2.0f/15.0f))*vg_y5_2;
+        vg_dst[35 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_2;
+    }
+}
+// Y = Aᵀ M A, 4×4 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_forward_y_winograd4_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + vg_src[24 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + vg_src[25 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + vg_src[26 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + vg_src[27 * vg_ss + vg_t];
+        const float vg_y0_4 = vg_src[4 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + vg_src[28 * vg_ss + vg_t];
+        const float vg_y0_5 = vg_src[5 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + vg_src[29 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y1_4 = vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y1_5 = vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y2_0 = vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[18 * vg_ss + vg_t] + 4*vg_src[24 * vg_ss + vg_t];
+        const float vg_y2_1 = vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[19 * vg_ss + vg_t] + 4*vg_src[25 * vg_ss + vg_t];
+        const float vg_y2_2 = vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[20 * vg_ss + vg_t] + 4*vg_src[26 * vg_ss + vg_t];
+        const float vg_y2_3 = vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[21 * vg_ss + vg_t] + 4*vg_src[27 * vg_ss + vg_t];
+        const float vg_y2_4 = vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[22 * vg_ss + vg_t] + 4*vg_src[28 * vg_ss + vg_t];
+        const float vg_y2_5 = vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[23 * vg_ss + vg_t] + 4*vg_src[29 * vg_ss + vg_t];
+        const float vg_y3_0 = vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[18 * vg_ss + vg_t] - 8*vg_src[24 * vg_ss + vg_t] + vg_src[30 * vg_ss + vg_t];
+        const float vg_y3_1 = vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[19 * vg_ss + vg_t] - 8*vg_src[25 * vg_ss + vg_t] + vg_src[31 * vg_ss + vg_t];
+        const float vg_y3_2 = vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[20 * vg_ss + vg_t] - 8*vg_src[26 * vg_ss + vg_t] + vg_src[32 * vg_ss + vg_t];
+        const float vg_y3_3 = vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[21 * vg_ss + vg_t] - 8*vg_src[27 * vg_ss + vg_t] + vg_src[33 * vg_ss + vg_t];
+        const float vg_y3_4 = vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[22 * vg_ss + vg_t] - 8*vg_src[28 * vg_ss + vg_t] + vg_src[34 * vg_ss + vg_t];
+        const float vg_y3_5 = vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[23 * vg_ss + vg_t] - 8*vg_src[29 * vg_ss + vg_t] + vg_src[35 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2 + vg_y0_3 + vg_y0_4;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + ((1.0f/2.0f))*vg_y0_3 - 2*vg_y0_4;
+        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2 + ((1.0f/4.0f))*vg_y0_3 + 4*vg_y0_4;
+        vg_dst[3 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + ((1.0f/8.0f))*vg_y0_3 - 8*vg_y0_4 + vg_y0_5;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2 + vg_y1_3 + vg_y1_4;
+        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + ((1.0f/2.0f))*vg_y1_3 - 2*vg_y1_4;
+        vg_dst[6 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2 + ((1.0f/4.0f))*vg_y1_3 + 4*vg_y1_4;
+        vg_dst[7 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + ((1.0f/8.0f))*vg_y1_3 - 8*vg_y1_4 + vg_y1_5;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_0 + vg_y2_1 + vg_y2_2 + vg_y2_3 + vg_y2_4;
+        vg_dst[9 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2 + ((1.0f/2.0f))*vg_y2_3 - 2*vg_y2_4;
+        vg_dst[10 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2 + ((1.0f/4.0f))*vg_y2_3 + 4*vg_y2_4;
+        vg_dst[11 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2 + ((1.0f/8.0f))*vg_y2_3 - 8*vg_y2_4 + vg_y2_5;
+        vg_dst[12 * vg_ds + vg_t] = vg_y3_0 + vg_y3_1 + vg_y3_2 + vg_y3_3 + vg_y3_4;
+        vg_dst[13 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2 + ((1.0f/2.0f))*vg_y3_3 - 2*vg_y3_4;
+        vg_dst[14 * vg_ds + vg_t] = vg_y3_1 + vg_y3_2 + ((1.0f/4.0f))*vg_y3_3 + 4*vg_y3_4;
+        vg_dst[15 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2 + ((1.0f/8.0f))*vg_y3_3 - 8*vg_y3_4 + vg_y3_5;
+    }
+}
+void convolution2d_forward_y_winograd4(const float *restrict w, const float *restrict x, float *restrict y, int B, int H, int IC, int OC, int W)
+{
+    const int vg_TH = (H + 3) / 4, vg_TW = (W + 3) / 4;
+    const long vg_T = (long)(B) * vg_TH * vg_TW;              // tiles
+    const long vg_blocks = (vg_T + VG_NR - 1) / VG_NR;                   // of VG_NR tiles
+    const int vg_OP = (OC + VG_MR - 1) / VG_MR;               // panels of VG_MR channels o
+    const size_t vg_usize = (size_t)36 * vg_OP * VG_MR * (IC);   // U, panels [k][o / VG_MR][c][o % VG_MR]
+    const size_t vg_each = (size_t)36 * (IC) * VG_NR           // per thread: V [k][c][tile]
+                         + (size_t)36 * vg_OP * VG_MR * VG_NR             //   M = U·V [k][o][tile]
+                         + (size_t)2 * 36 * VG_NR;                        //   a tile set and its transform
+    static float *vg_kept;
+    static size_t vg_kept_size;
+    float *vg_u = vg_keep(&vg_kept, &vg_kept_size, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
+    #pragma omp parallel
+    {
+        float *vg_v = vg_u + vg_usize + (size_t)vg_thread() * vg_each;
+        float *vg_m = vg_v + (size_t)36 * (IC) * VG_NR;
+        float *vg_d = vg_m + (size_t)36 * vg_OP * VG_MR * VG_NR;
+        float *vg_e = vg_d + 36 * VG_NR;
+        // U = G g Gᵀ for VG_NR channels c of filter o at a time, into its packed panel
+        #pragma omp for schedule(static)
+        for (int vg_wo = 0; vg_wo < vg_OP * VG_MR; ++vg_wo)
+            for (int vg_c0 = 0; vg_c0 < IC; vg_c0 += VG_NR)
+            {
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wc = vg_c0 + vg_q;
+                    const int vg_live = vg_wo < OC && vg_wc < IC;
+                    vg_d[0 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc] : 0.0f;
+                    vg_d[1 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 1] : 0.0f;
+                    vg_d[2 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 2] : 0.0f;
+                    vg_d[3 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 3] : 0.0f;
+                    vg_d[4 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 4] : 0.0f;
+                    vg_d[5 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 5] : 0.0f;
+                    vg_d[6 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 6] : 0.0f;
+                    vg_d[7 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 7] : 0.0f;
+                    vg_d[8 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 8] : 0.0f;
+                }
+                convolution2d_forward_y_winograd4_filter(vg_d, VG_NR, vg_e, VG_NR);
+                for (int vg_k = 0; vg_k < 36; ++vg_k)
+                    for (int vg_q = 0; vg_q < VG_NR && vg_c0 + vg_q < IC; ++vg_q)
+                        vg_u[(((size_t)vg_k * vg_OP + vg_wo / VG_MR) * (IC) + vg_c0 + vg_q) * VG_MR + vg_wo % VG_MR]
+                            = vg_e[vg_k * VG_NR + vg_q];
+            }
+        #pragma omp for schedule(static)
+        for (long vg_blk = 0; vg_blk < vg_blocks; ++vg_blk)
+        {
+            const long vg_t0 = vg_blk * VG_NR;
+            const int vg_nt = vg_T - vg_t0 < VG_NR ? (int)(vg_T - vg_t0) : VG_NR;
+            int vg_tb[VG_NR], vg_tr[VG_NR], vg_tc[VG_NR];
+            for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+            {
+                const long vg_tt = vg_t0 + (vg_q < vg_nt ? vg_q : 0);
+                const int vg_rest = (int)(vg_tt % ((long)vg_TH * vg_TW));
+                vg_tb[vg_q] = (int)(vg_tt / ((long)vg_TH * vg_TW));
+                vg_tr[vg_q] = vg_rest / vg_TW * 4;
+                vg_tc[vg_q] = vg_rest % vg_TW * 4;
+            }
+            // V = Bᵀ d B per channel: the 6×6 data tiles start one row and column before the outputs
+            int vg_off[36 * VG_NR];
+            for (int vg_k = 0; vg_k < 36; ++vg_k)
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q] - 1 + vg_k / 6, vg_ws = vg_tc[vg_q] - 1 + vg_k % 6;
+                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*IC*vg_wb + vg_wr) + vg_ws : -1;
+                }
+            for (int vg_wc = 0; vg_wc < IC; ++vg_wc)
+            {
+                vg_gather(x + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 36 * VG_NR);
+                convolution2d_forward_y_winograd4_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(IC) * VG_NR);
+            }
+            // M[k] = U[k]·V[k]: the channel sums, one product per transform position k
+            for (int vg_k = 0; vg_k < 36; ++vg_k)
+                for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                    vg_tile_outer(IC, vg_u + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * (IC),
+                                  vg_v + (size_t)vg_k * (IC) * VG_NR, VG_NR,
+                                  vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+            // Y = Aᵀ M A per channel o, cropped to the output
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q]  + vg_k / 4, vg_ws = vg_tc[vg_q]  + vg_k % 4;
+                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr < H && vg_ws < W) ? W*(H*OC*vg_wb + vg_wr) + vg_ws : -1;
+                }
+            for (int vg_wo = 0; vg_wo < OC; ++vg_wo)
+            {
+                convolution2d_forward_y_winograd4_output(vg_m + (size_t)vg_wo * VG_NR, (long)vg_OP * VG_MR * VG_NR, vg_e, VG_NR);
+                vg_scatter(y + (size_t)vg_wo * (H*W), vg_off, vg_e, 16 * VG_NR);
+            }
+        }
+    }
+}
+
 // convolution2d_backward_g_x: contraction (Convolution2D, backward)
 //   g_x[b, ic, i, j] = Sum(Piecewise((g_y[b, oc, -di + i, -dj + j]*w[oc, ic, di, dj], (di - i <= 0) & (dj - j <= 0) & (H >= -di + i + 1) & (W >= -dj + j + 1)), (0, True)), (oc, 0, OC - 1), (di, -K, K), (dj, -K, K))  (∂L/∂x)
 //   specialised: K=1
@@ -532,6 +1071,486 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
             free(vg_c);
         }
         free(vg_a);
+    }
+}
+
+// convolution2d_backward_g_x_winograd2: contraction (Convolution2D, backward)
+//   g_x[b, ic, i, j] = Sum(Piecewise((g_y[b, oc, -di + i, -dj + j]*w[oc, ic, di, dj], (di - i <= 0) & (dj - j <= 0) & (H >= -di + i + 1) & (W >= -dj + j + 1)), (0, True)), (oc, 0, OC - 1), (di, -K, K), (dj, -K, K))  (∂L/∂x)
+//   specialised: K=1
+//   as Winograd F(2×2, 3×3) (points 0, 1, -1, ∞; vggen.derive.winograd), proved equal by `vggen check`
+// V = Bᵀ d B for 4×4 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_backward_g_x_winograd2_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
+        const float vg_y2_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
+        const float vg_y2_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
+        const float vg_y2_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
+        const float vg_y2_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
+        const float vg_y3_0 = vg_src[4 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t];
+        const float vg_y3_1 = vg_src[5 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t];
+        const float vg_y3_2 = vg_src[6 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t];
+        const float vg_y3_3 = vg_src[7 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 - vg_y0_2;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2;
+        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2;
+        vg_dst[3 * vg_ds + vg_t] = vg_y0_1 - vg_y0_3;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_0 - vg_y1_2;
+        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2;
+        vg_dst[6 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2;
+        vg_dst[7 * vg_ds + vg_t] = vg_y1_1 - vg_y1_3;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_0 - vg_y2_2;
+        vg_dst[9 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2;
+        vg_dst[10 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2;
+        vg_dst[11 * vg_ds + vg_t] = vg_y2_1 - vg_y2_3;
+        vg_dst[12 * vg_ds + vg_t] = vg_y3_0 - vg_y3_2;
+        vg_dst[13 * vg_ds + vg_t] = vg_y3_1 + vg_y3_2;
+        vg_dst[14 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2;
+        vg_dst[15 * vg_ds + vg_t] = vg_y3_1 - vg_y3_3;
+    }
+}
+// U = G g Gᵀ for 3×3 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_backward_g_x_winograd2_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t];
+        const float vg_y1_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[6 * vg_ss + vg_t];
+        const float vg_y1_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[4 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[7 * vg_ss + vg_t];
+        const float vg_y1_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[5 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[8 * vg_ss + vg_t];
+        const float vg_y2_0 = -(1.0f/2.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[6 * vg_ss + vg_t];
+        const float vg_y2_1 = -(1.0f/2.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[4 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[7 * vg_ss + vg_t];
+        const float vg_y2_2 = -(1.0f/2.0f)*vg_src[2 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[5 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[8 * vg_ss + vg_t];
+        const float vg_y3_0 = -vg_src[6 * vg_ss + vg_t];
+        const float vg_y3_1 = -vg_src[7 * vg_ss + vg_t];
+        const float vg_y3_2 = -vg_src[8 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0;
+        vg_dst[1 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 + ((1.0f/2.0f))*vg_y0_2;
+        vg_dst[2 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 - (1.0f/2.0f)*vg_y0_2;
+        vg_dst[3 * vg_ds + vg_t] = -vg_y0_2;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_0;
+        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 + ((1.0f/2.0f))*vg_y1_2;
+        vg_dst[6 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 - (1.0f/2.0f)*vg_y1_2;
+        vg_dst[7 * vg_ds + vg_t] = -vg_y1_2;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_0;
+        vg_dst[9 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 + ((1.0f/2.0f))*vg_y2_2;
+        vg_dst[10 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 - (1.0f/2.0f)*vg_y2_2;
+        vg_dst[11 * vg_ds + vg_t] = -vg_y2_2;
+        vg_dst[12 * vg_ds + vg_t] = vg_y3_0;
+        vg_dst[13 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 + ((1.0f/2.0f))*vg_y3_2;
+        vg_dst[14 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 - (1.0f/2.0f)*vg_y3_2;
+        vg_dst[15 * vg_ds + vg_t] = -vg_y3_2;
+    }
+}
+// Y = Aᵀ M A, 2×2 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_backward_g_x_winograd2_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + vg_y0_3;
+        vg_dst[2 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2;
+        vg_dst[3 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + vg_y1_3;
+    }
+}
+void convolution2d_backward_g_x_winograd2(const float *restrict g_y, const float *restrict w, float *restrict g_x, int B, int H, int IC, int OC, int W)
+{
+    const int vg_TH = (H + 1) / 2, vg_TW = (W + 1) / 2;
+    const long vg_T = (long)(B) * vg_TH * vg_TW;              // tiles
+    const long vg_blocks = (vg_T + VG_NR - 1) / VG_NR;                   // of VG_NR tiles
+    const int vg_OP = (IC + VG_MR - 1) / VG_MR;               // panels of VG_MR channels o
+    const size_t vg_usize = (size_t)16 * vg_OP * VG_MR * (OC);   // U, panels [k][o / VG_MR][c][o % VG_MR]
+    const size_t vg_each = (size_t)16 * (OC) * VG_NR           // per thread: V [k][c][tile]
+                         + (size_t)16 * vg_OP * VG_MR * VG_NR             //   M = U·V [k][o][tile]
+                         + (size_t)2 * 16 * VG_NR;                        //   a tile set and its transform
+    static float *vg_kept;
+    static size_t vg_kept_size;
+    float *vg_u = vg_keep(&vg_kept, &vg_kept_size, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
+    #pragma omp parallel
+    {
+        float *vg_v = vg_u + vg_usize + (size_t)vg_thread() * vg_each;
+        float *vg_m = vg_v + (size_t)16 * (OC) * VG_NR;
+        float *vg_d = vg_m + (size_t)16 * vg_OP * VG_MR * VG_NR;
+        float *vg_e = vg_d + 16 * VG_NR;
+        // U = G g Gᵀ for VG_NR channels c of filter o at a time, into its packed panel
+        #pragma omp for schedule(static)
+        for (int vg_wo = 0; vg_wo < vg_OP * VG_MR; ++vg_wo)
+            for (int vg_c0 = 0; vg_c0 < OC; vg_c0 += VG_NR)
+            {
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wc = vg_c0 + vg_q;
+                    const int vg_live = vg_wo < IC && vg_wc < OC;
+                    vg_d[0 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 8] : 0.0f;
+                    vg_d[1 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 7] : 0.0f;
+                    vg_d[2 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 6] : 0.0f;
+                    vg_d[3 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 5] : 0.0f;
+                    vg_d[4 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 4] : 0.0f;
+                    vg_d[5 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 3] : 0.0f;
+                    vg_d[6 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 2] : 0.0f;
+                    vg_d[7 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 1] : 0.0f;
+                    vg_d[8 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo] : 0.0f;
+                }
+                convolution2d_backward_g_x_winograd2_filter(vg_d, VG_NR, vg_e, VG_NR);
+                for (int vg_k = 0; vg_k < 16; ++vg_k)
+                    for (int vg_q = 0; vg_q < VG_NR && vg_c0 + vg_q < OC; ++vg_q)
+                        vg_u[(((size_t)vg_k * vg_OP + vg_wo / VG_MR) * (OC) + vg_c0 + vg_q) * VG_MR + vg_wo % VG_MR]
+                            = vg_e[vg_k * VG_NR + vg_q];
+            }
+        #pragma omp for schedule(static)
+        for (long vg_blk = 0; vg_blk < vg_blocks; ++vg_blk)
+        {
+            const long vg_t0 = vg_blk * VG_NR;
+            const int vg_nt = vg_T - vg_t0 < VG_NR ? (int)(vg_T - vg_t0) : VG_NR;
+            int vg_tb[VG_NR], vg_tr[VG_NR], vg_tc[VG_NR];
+            for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+            {
+                const long vg_tt = vg_t0 + (vg_q < vg_nt ? vg_q : 0);
+                const int vg_rest = (int)(vg_tt % ((long)vg_TH * vg_TW));
+                vg_tb[vg_q] = (int)(vg_tt / ((long)vg_TH * vg_TW));
+                vg_tr[vg_q] = vg_rest / vg_TW * 2;
+                vg_tc[vg_q] = vg_rest % vg_TW * 2;
+            }
+            // V = Bᵀ d B per channel: the 4×4 data tiles start one row and column before the outputs
+            int vg_off[16 * VG_NR];
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q] - 1 + vg_k / 4, vg_ws = vg_tc[vg_q] - 1 + vg_k % 4;
+                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*OC*vg_wb + vg_wr) + vg_ws : -1;
+                }
+            for (int vg_wc = 0; vg_wc < OC; ++vg_wc)
+            {
+                vg_gather(g_y + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 16 * VG_NR);
+                convolution2d_backward_g_x_winograd2_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(OC) * VG_NR);
+            }
+            // M[k] = U[k]·V[k]: the channel sums, one product per transform position k
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                    vg_tile_outer(OC, vg_u + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * (OC),
+                                  vg_v + (size_t)vg_k * (OC) * VG_NR, VG_NR,
+                                  vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+            // Y = Aᵀ M A per channel o, cropped to the output
+            for (int vg_k = 0; vg_k < 4; ++vg_k)
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q]  + vg_k / 2, vg_ws = vg_tc[vg_q]  + vg_k % 2;
+                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr < H && vg_ws < W) ? W*(H*IC*vg_wb + vg_wr) + vg_ws : -1;
+                }
+            for (int vg_wo = 0; vg_wo < IC; ++vg_wo)
+            {
+                convolution2d_backward_g_x_winograd2_output(vg_m + (size_t)vg_wo * VG_NR, (long)vg_OP * VG_MR * VG_NR, vg_e, VG_NR);
+                vg_scatter(g_x + (size_t)vg_wo * (H*W), vg_off, vg_e, 4 * VG_NR);
+            }
+        }
+    }
+}
+
+// convolution2d_backward_g_x_winograd4: contraction (Convolution2D, backward)
+//   g_x[b, ic, i, j] = Sum(Piecewise((g_y[b, oc, -di + i, -dj + j]*w[oc, ic, di, dj], (di - i <= 0) & (dj - j <= 0) & (H >= -di + i + 1) & (W >= -dj + j + 1)), (0, True)), (oc, 0, OC - 1), (di, -K, K), (dj, -K, K))  (∂L/∂x)
+//   specialised: K=1
+//   as Winograd F(4×4, 3×3) (points 0, 1, -1, 1/2, -2, ∞; vggen.derive.winograd), proved equal by `vggen check`
+// V = Bᵀ d B for 6×6 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_backward_g_x_winograd4_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = 2*vg_src[0 * vg_ss + vg_t] - 3*vg_src[6 * vg_ss + vg_t] - 4*vg_src[12 * vg_ss + vg_t] + 3*vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y0_1 = 2*vg_src[1 * vg_ss + vg_t] - 3*vg_src[7 * vg_ss + vg_t] - 4*vg_src[13 * vg_ss + vg_t] + 3*vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y0_2 = 2*vg_src[2 * vg_ss + vg_t] - 3*vg_src[8 * vg_ss + vg_t] - 4*vg_src[14 * vg_ss + vg_t] + 3*vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y0_3 = 2*vg_src[3 * vg_ss + vg_t] - 3*vg_src[9 * vg_ss + vg_t] - 4*vg_src[15 * vg_ss + vg_t] + 3*vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y0_4 = 2*vg_src[4 * vg_ss + vg_t] - 3*vg_src[10 * vg_ss + vg_t] - 4*vg_src[16 * vg_ss + vg_t] + 3*vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y0_5 = 2*vg_src[5 * vg_ss + vg_t] - 3*vg_src[11 * vg_ss + vg_t] - 4*vg_src[17 * vg_ss + vg_t] + 3*vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y1_0 = 2*vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] - 5*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y1_1 = 2*vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] - 5*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y1_2 = 2*vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] - 5*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y1_3 = 2*vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] - 5*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y1_4 = 2*vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] - 5*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y1_5 = 2*vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] - 5*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y2_0 = 2*vg_src[6 * vg_ss + vg_t] - 5*vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y2_1 = 2*vg_src[7 * vg_ss + vg_t] - 5*vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y2_2 = 2*vg_src[8 * vg_ss + vg_t] - 5*vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y2_3 = 2*vg_src[9 * vg_ss + vg_t] - 5*vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y2_4 = 2*vg_src[10 * vg_ss + vg_t] - 5*vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y2_5 = 2*vg_src[11 * vg_ss + vg_t] - 5*vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y3_0 = 2*vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] - 2*vg_src[18 * vg_ss + vg_t] - vg_src[24 * vg_ss + vg_t];
+        const float vg_y3_1 = 2*vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] - 2*vg_src[19 * vg_ss + vg_t] - vg_src[25 * vg_ss + vg_t];
+        const float vg_y3_2 = 2*vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] - 2*vg_src[20 * vg_ss + vg_t] - vg_src[26 * vg_ss + vg_t];
+        const float vg_y3_3 = 2*vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] - 2*vg_src[21 * vg_ss + vg_t] - vg_src[27 * vg_ss + vg_t];
+        const float vg_y3_4 = 2*vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] - 2*vg_src[22 * vg_ss + vg_t] - vg_src[28 * vg_ss + vg_t];
+        const float vg_y3_5 = 2*vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] - 2*vg_src[23 * vg_ss + vg_t] - vg_src[29 * vg_ss + vg_t];
+        const float vg_y4_0 = vg_src[6 * vg_ss + vg_t] - 2*vg_src[12 * vg_ss + vg_t] - vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y4_1 = vg_src[7 * vg_ss + vg_t] - 2*vg_src[13 * vg_ss + vg_t] - vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y4_2 = vg_src[8 * vg_ss + vg_t] - 2*vg_src[14 * vg_ss + vg_t] - vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y4_3 = vg_src[9 * vg_ss + vg_t] - 2*vg_src[15 * vg_ss + vg_t] - vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y4_4 = vg_src[10 * vg_ss + vg_t] - 2*vg_src[16 * vg_ss + vg_t] - vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y4_5 = vg_src[11 * vg_ss + vg_t] - 2*vg_src[17 * vg_ss + vg_t] - vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y5_0 = 2*vg_src[6 * vg_ss + vg_t] - 3*vg_src[12 * vg_ss + vg_t] - 4*vg_src[18 * vg_ss + vg_t] + 3*vg_src[24 * vg_ss + vg_t] + 2*vg_src[30 * vg_ss + vg_t];
+        const float vg_y5_1 = 2*vg_src[7 * vg_ss + vg_t] - 3*vg_src[13 * vg_ss + vg_t] - 4*vg_src[19 * vg_ss + vg_t] + 3*vg_src[25 * vg_ss + vg_t] + 2*vg_src[31 * vg_ss + vg_t];
+        const float vg_y5_2 = 2*vg_src[8 * vg_ss + vg_t] - 3*vg_src[14 * vg_ss + vg_t] - 4*vg_src[20 * vg_ss + vg_t] + 3*vg_src[26 * vg_ss + vg_t] + 2*vg_src[32 * vg_ss + vg_t];
+        const float vg_y5_3 = 2*vg_src[9 * vg_ss + vg_t] - 3*vg_src[15 * vg_ss + vg_t] - 4*vg_src[21 * vg_ss + vg_t] + 3*vg_src[27 * vg_ss + vg_t] + 2*vg_src[33 * vg_ss + vg_t];
+        const float vg_y5_4 = 2*vg_src[10 * vg_ss + vg_t] - 3*vg_src[16 * vg_ss + vg_t] - 4*vg_src[22 * vg_ss + vg_t] + 3*vg_src[28 * vg_ss + vg_t] + 2*vg_src[34 * vg_ss + vg_t];
+        const float vg_y5_5 = 2*vg_src[11 * vg_ss + vg_t] - 3*vg_src[17 * vg_ss + vg_t] - 4*vg_src[23 * vg_ss + vg_t] + 3*vg_src[29 * vg_ss + vg_t] + 2*vg_src[35 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = 2*vg_y0_0 - 3*vg_y0_1 - 4*vg_y0_2 + 3*vg_y0_3 + 2*vg_y0_4;
+        vg_dst[1 * vg_ds + vg_t] = 2*vg_y0_1 - vg_y0_2 - 5*vg_y0_3 - 2*vg_y0_4;
+        vg_dst[2 * vg_ds + vg_t] = 2*vg_y0_1 - 5*vg_y0_2 + vg_y0_3 + 2*vg_y0_4;
+        vg_dst[3 * vg_ds + vg_t] = 2*vg_y0_1 + vg_y0_2 - 2*vg_y0_3 - vg_y0_4;
+        vg_dst[4 * vg_ds + vg_t] = vg_y0_1 - 2*vg_y0_2 - vg_y0_3 + 2*vg_y0_4;
+        vg_dst[5 * vg_ds + vg_t] = 2*vg_y0_1 - 3*vg_y0_2 - 4*vg_y0_3 + 3*vg_y0_4 + 2*vg_y0_5;
+        vg_dst[6 * vg_ds + vg_t] = 2*vg_y1_0 - 3*vg_y1_1 - 4*vg_y1_2 + 3*vg_y1_3 + 2*vg_y1_4;
+        vg_dst[7 * vg_ds + vg_t] = 2*vg_y1_1 - vg_y1_2 - 5*vg_y1_3 - 2*vg_y1_4;
+        vg_dst[8 * vg_ds + vg_t] = 2*vg_y1_1 - 5*vg_y1_2 + vg_y1_3 + 2*vg_y1_4;
+        vg_dst[9 * vg_ds + vg_t] = 2*vg_y1_1 + vg_y1_2 - 2*vg_y1_3 - vg_y1_4;
+        vg_dst[10 * vg_ds + vg_t] = vg_y1_1 - 2*vg_y1_2 - vg_y1_3 + 2*vg_y1_4;
+        vg_dst[11 * vg_ds + vg_t] = 2*vg_y1_1 - 3*vg_y1_2 - 4*vg_y1_3 + 3*vg_y1_4 + 2*vg_y1_5;
+        vg_dst[12 * vg_ds + vg_t] = 2*vg_y2_0 - 3*vg_y2_1 - 4*vg_y2_2 + 3*vg_y2_3 + 2*vg_y2_4;
+        vg_dst[13 * vg_ds + vg_t] = 2*vg_y2_1 - vg_y2_2 - 5*vg_y2_3 - 2*vg_y2_4;
+        vg_dst[14 * vg_ds + vg_t] = 2*vg_y2_1 - 5*vg_y2_2 + vg_y2_3 + 2*vg_y2_4;
+        vg_dst[15 * vg_ds + vg_t] = 2*vg_y2_1 + vg_y2_2 - 2*vg_y2_3 - vg_y2_4;
+        vg_dst[16 * vg_ds + vg_t] = vg_y2_1 - 2*vg_y2_2 - vg_y2_3 + 2*vg_y2_4;
+        vg_dst[17 * vg_ds + vg_t] = 2*vg_y2_1 - 3*vg_y2_2 - 4*vg_y2_3 + 3*vg_y2_4 + 2*vg_y2_5;
+        vg_dst[18 * vg_ds + vg_t] = 2*vg_y3_0 - 3*vg_y3_1 - 4*vg_y3_2 + 3*vg_y3_3 + 2*vg_y3_4;
+        vg_dst[19 * vg_ds + vg_t] = 2*vg_y3_1 - vg_y3_2 - 5*vg_y3_3 - 2*vg_y3_4;
+        vg_dst[20 * vg_ds + vg_t] = 2*vg_y3_1 - 5*vg_y3_2 + vg_y3_3 + 2*vg_y3_4;
+        vg_dst[21 * vg_ds + vg_t] = 2*vg_y3_1 + vg_y3_2 - 2*vg_y3_3 - vg_y3_4;
+        vg_dst[22 * vg_ds + vg_t] = vg_y3_1 - 2*vg_y3_2 - vg_y3_3 + 2*vg_y3_4;
+        vg_dst[23 * vg_ds + vg_t] = 2*vg_y3_1 - 3*vg_y3_2 - 4*vg_y3_3 + 3*vg_y3_4 + 2*vg_y3_5;
+        vg_dst[24 * vg_ds + vg_t] = 2*vg_y4_0 - 3*vg_y4_1 - 4*vg_y4_2 + 3*vg_y4_3 + 2*vg_y4_4;
+        vg_dst[25 * vg_ds + vg_t] = 2*vg_y4_1 - vg_y4_2 - 5*vg_y4_3 - 2*vg_y4_4;
+        vg_dst[26 * vg_ds + vg_t] = 2*vg_y4_1 - 5*vg_y4_2 + vg_y4_3 + 2*vg_y4_4;
+        vg_dst[27 * vg_ds + vg_t] = 2*vg_y4_1 + vg_y4_2 - 2*vg_y4_3 - vg_y4_4;
+        vg_dst[28 * vg_ds + vg_t] = vg_y4_1 - 2*vg_y4_2 - vg_y4_3 + 2*vg_y4_4;
+        vg_dst[29 * vg_ds + vg_t] = 2*vg_y4_1 - 3*vg_y4_2 - 4*vg_y4_3 + 3*vg_y4_4 + 2*vg_y4_5;
+        vg_dst[30 * vg_ds + vg_t] = 2*vg_y5_0 - 3*vg_y5_1 - 4*vg_y5_2 + 3*vg_y5_3 + 2*vg_y5_4;
+        vg_dst[31 * vg_ds + vg_t] = 2*vg_y5_1 - vg_y5_2 - 5*vg_y5_3 - 2*vg_y5_4;
+        vg_dst[32 * vg_ds + vg_t] = 2*vg_y5_1 - 5*vg_y5_2 + vg_y5_3 + 2*vg_y5_4;
+        vg_dst[33 * vg_ds + vg_t] = 2*vg_y5_1 + vg_y5_2 - 2*vg_y5_3 - vg_y5_4;
+        vg_dst[34 * vg_ds + vg_t] = vg_y5_1 - 2*vg_y5_2 - vg_y5_3 + 2*vg_y5_4;
+        vg_dst[35 * vg_ds + vg_t] = 2*vg_y5_1 - 3*vg_y5_2 - 4*vg_y5_3 + 3*vg_y5_4 + 2*vg_y5_5;
+    }
+}
+// U = G g Gᵀ for 3×3 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_backward_g_x_winograd4_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t];
+        const float vg_y0_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t];
+        const float vg_y0_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
+        const float vg_y1_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[3 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[6 * vg_ss + vg_t];
+        const float vg_y1_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[7 * vg_ss + vg_t];
+        const float vg_y1_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t];
+        const float vg_y2_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[3 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[6 * vg_ss + vg_t];
+        const float vg_y2_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[7 * vg_ss + vg_t];
+        const float vg_y2_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t];
+        const float vg_y3_0 = ((16.0f/15.0f))*vg_src[0 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[3 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[6 * vg_ss + vg_t];
+        const float vg_y3_1 = ((16.0f/15.0f))*vg_src[1 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[4 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[7 * vg_ss + vg_t];
+        const float vg_y3_2 = ((16.0f/15.0f))*vg_src[2 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[5 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[8 * vg_ss + vg_t];
+        const float vg_y4_0 = ((1.0f/30.0f))*vg_src[0 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[3 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[6 * vg_ss + vg_t];
+        const float vg_y4_1 = ((1.0f/30.0f))*vg_src[1 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[4 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[7 * vg_ss + vg_t];
+        const float vg_y4_2 = ((1.0f/30.0f))*vg_src[2 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[5 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[8 * vg_ss + vg_t];
+        const float vg_y5_0 = ((1.0f/2.0f))*vg_src[6 * vg_ss + vg_t];
+        const float vg_y5_1 = ((1.0f/2.0f))*vg_src[7 * vg_ss + vg_t];
+        const float vg_y5_2 = ((1.0f/2.0f))*vg_src[8 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0;
+        vg_dst[1 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 - (1.0f/6.0f)*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
+        vg_dst[2 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 + ((1.0f/6.0f))*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
+        vg_dst[3 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y0_0 + ((8.0f/15.0f))*vg_y0_1 + ((4.0f/15.0f))*vg_y0_2;
+        vg_dst[4 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y0_0 - (1.0f/15.0f)*vg_y0_1 + ((2.0f/15.0f))*vg_y0_2;
+        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_2;
+        vg_dst[6 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0;
+        vg_dst[7 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 - (1.0f/6.0f)*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
+        vg_dst[8 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 + ((1.0f/6.0f))*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
+        vg_dst[9 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y1_0 + ((8.0f/15.0f))*vg_y1_1 + ((4.0f/15.0f))*vg_y1_2;
+        vg_dst[10 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y1_0 - (1.0f/15.0f)*vg_y1_1 + ((2.0f/15.0f))*vg_y1_2;
+        vg_dst[11 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_2;
+        vg_dst[12 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0;
+        vg_dst[13 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 - (1.0f/6.0f)*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
+        vg_dst[14 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 + ((1.0f/6.0f))*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
+        vg_dst[15 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y2_0 + ((8.0f/15.0f))*vg_y2_1 + ((4.0f/15.0f))*vg_y2_2;
+        vg_dst[16 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y2_0 - (1.0f/15.0f)*vg_y2_1 + ((2.0f/15.0f))*vg_y2_2;
+        vg_dst[17 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_2;
+        vg_dst[18 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0;
+        vg_dst[19 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 - (1.0f/6.0f)*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
+        vg_dst[20 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 + ((1.0f/6.0f))*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
+        vg_dst[21 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y3_0 + ((8.0f/15.0f))*vg_y3_1 + ((4.0f/15.0f))*vg_y3_2;
+        vg_dst[22 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y3_0 - (1.0f/15.0f)*vg_y3_1 + ((2.0f/15.0f))*vg_y3_2;
+        vg_dst[23 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_2;
+        vg_dst[24 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_0;
+        vg_dst[25 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 - (1.0f/6.0f)*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
+        vg_dst[26 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 + ((1.0f/6.0f))*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
+        vg_dst[27 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y4_0 + ((8.0f/15.0f))*vg_y4_1 + ((4.0f/15.0f))*vg_y4_2;
+        vg_dst[28 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y4_0 - (1.0f/15.0f)*vg_y4_1 + ((2.0f/15.0f))*vg_y4_2;
+        vg_dst[29 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_2;
+        vg_dst[30 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_0;
+        vg_dst[31 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 - (1.0f/6.0f)*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
+        vg_dst[32 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 + ((1.0f/6.0f))*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
+        vg_dst[33 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y5_0 + ((8.0f/15.0f))*vg_y5_1 + ((4.0f/15.0f))*vg_y5_2;
+        vg_dst[34 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y5_0 - (1.0f/15.0f)*vg_y5_1 + ((2.0f/15.0f))*vg_y5_2;
+        vg_dst[35 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_2;
+    }
+}
+// Y = Aᵀ M A, 4×4 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_backward_g_x_winograd4_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + vg_src[24 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + vg_src[25 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + vg_src[26 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + vg_src[27 * vg_ss + vg_t];
+        const float vg_y0_4 = vg_src[4 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + vg_src[28 * vg_ss + vg_t];
+        const float vg_y0_5 = vg_src[5 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + vg_src[29 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y1_4 = vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y1_5 = vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y2_0 = vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[18 * vg_ss + vg_t] + 4*vg_src[24 * vg_ss + vg_t];
+        const float vg_y2_1 = vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[19 * vg_ss + vg_t] + 4*vg_src[25 * vg_ss + vg_t];
+        const float vg_y2_2 = vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[20 * vg_ss + vg_t] + 4*vg_src[26 * vg_ss + vg_t];
+        const float vg_y2_3 = vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[21 * vg_ss + vg_t] + 4*vg_src[27 * vg_ss + vg_t];
+        const float vg_y2_4 = vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[22 * vg_ss + vg_t] + 4*vg_src[28 * vg_ss + vg_t];
+        const float vg_y2_5 = vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[23 * vg_ss + vg_t] + 4*vg_src[29 * vg_ss + vg_t];
+        const float vg_y3_0 = vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[18 * vg_ss + vg_t] - 8*vg_src[24 * vg_ss + vg_t] + vg_src[30 * vg_ss + vg_t];
+        const float vg_y3_1 = vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[19 * vg_ss + vg_t] - 8*vg_src[25 * vg_ss + vg_t] + vg_src[31 * vg_ss + vg_t];
+        const float vg_y3_2 = vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[20 * vg_ss + vg_t] - 8*vg_src[26 * vg_ss + vg_t] + vg_src[32 * vg_ss + vg_t];
+        const float vg_y3_3 = vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[21 * vg_ss + vg_t] - 8*vg_src[27 * vg_ss + vg_t] + vg_src[33 * vg_ss + vg_t];
+        const float vg_y3_4 = vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[22 * vg_ss + vg_t] - 8*vg_src[28 * vg_ss + vg_t] + vg_src[34 * vg_ss + vg_t];
+        const float vg_y3_5 = vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[23 * vg_ss + vg_t] - 8*vg_src[29 * vg_ss + vg_t] + vg_src[35 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2 + vg_y0_3 + vg_y0_4;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + ((1.0f/2.0f))*vg_y0_3 - 2*vg_y0_4;
+        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2 + ((1.0f/4.0f))*vg_y0_3 + 4*vg_y0_4;
+        vg_dst[3 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + ((1.0f/8.0f))*vg_y0_3 - 8*vg_y0_4 + vg_y0_5;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2 + vg_y1_3 + vg_y1_4;
+        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + ((1.0f/2.0f))*vg_y1_3 - 2*vg_y1_4;
+        vg_dst[6 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2 + ((1.0f/4.0f))*vg_y1_3 + 4*vg_y1_4;
+        vg_dst[7 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + ((1.0f/8.0f))*vg_y1_3 - 8*vg_y1_4 + vg_y1_5;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_0 + vg_y2_1 + vg_y2_2 + vg_y2_3 + vg_y2_4;
+        vg_dst[9 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2 + ((1.0f/2.0f))*vg_y2_3 - 2*vg_y2_4;
+        vg_dst[10 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2 + ((1.0f/4.0f))*vg_y2_3 + 4*vg_y2_4;
+        vg_dst[11 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2 + ((1.0f/8.0f))*vg_y2_3 - 8*vg_y2_4 + vg_y2_5;
+        vg_dst[12 * vg_ds + vg_t] = vg_y3_0 + vg_y3_1 + vg_y3_2 + vg_y3_3 + vg_y3_4;
+        vg_dst[13 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2 + ((1.0f/2.0f))*vg_y3_3 - 2*vg_y3_4;
+        vg_dst[14 * vg_ds + vg_t] = vg_y3_1 + vg_y3_2 + ((1.0f/4.0f))*vg_y3_3 + 4*vg_y3_4;
+        vg_dst[15 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2 + ((1.0f/8.0f))*vg_y3_3 - 8*vg_y3_4 + vg_y3_5;
+    }
+}
+void convolution2d_backward_g_x_winograd4(const float *restrict g_y, const float *restrict w, float *restrict g_x, int B, int H, int IC, int OC, int W)
+{
+    const int vg_TH = (H + 3) / 4, vg_TW = (W + 3) / 4;
+    const long vg_T = (long)(B) * vg_TH * vg_TW;              // tiles
+    const long vg_blocks = (vg_T + VG_NR - 1) / VG_NR;                   // of VG_NR tiles
+    const int vg_OP = (IC + VG_MR - 1) / VG_MR;               // panels of VG_MR channels o
+    const size_t vg_usize = (size_t)36 * vg_OP * VG_MR * (OC);   // U, panels [k][o / VG_MR][c][o % VG_MR]
+    const size_t vg_each = (size_t)36 * (OC) * VG_NR           // per thread: V [k][c][tile]
+                         + (size_t)36 * vg_OP * VG_MR * VG_NR             //   M = U·V [k][o][tile]
+                         + (size_t)2 * 36 * VG_NR;                        //   a tile set and its transform
+    static float *vg_kept;
+    static size_t vg_kept_size;
+    float *vg_u = vg_keep(&vg_kept, &vg_kept_size, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
+    #pragma omp parallel
+    {
+        float *vg_v = vg_u + vg_usize + (size_t)vg_thread() * vg_each;
+        float *vg_m = vg_v + (size_t)36 * (OC) * VG_NR;
+        float *vg_d = vg_m + (size_t)36 * vg_OP * VG_MR * VG_NR;
+        float *vg_e = vg_d + 36 * VG_NR;
+        // U = G g Gᵀ for VG_NR channels c of filter o at a time, into its packed panel
+        #pragma omp for schedule(static)
+        for (int vg_wo = 0; vg_wo < vg_OP * VG_MR; ++vg_wo)
+            for (int vg_c0 = 0; vg_c0 < OC; vg_c0 += VG_NR)
+            {
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wc = vg_c0 + vg_q;
+                    const int vg_live = vg_wo < IC && vg_wc < OC;
+                    vg_d[0 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 8] : 0.0f;
+                    vg_d[1 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 7] : 0.0f;
+                    vg_d[2 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 6] : 0.0f;
+                    vg_d[3 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 5] : 0.0f;
+                    vg_d[4 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 4] : 0.0f;
+                    vg_d[5 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 3] : 0.0f;
+                    vg_d[6 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 2] : 0.0f;
+                    vg_d[7 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 1] : 0.0f;
+                    vg_d[8 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo] : 0.0f;
+                }
+                convolution2d_backward_g_x_winograd4_filter(vg_d, VG_NR, vg_e, VG_NR);
+                for (int vg_k = 0; vg_k < 36; ++vg_k)
+                    for (int vg_q = 0; vg_q < VG_NR && vg_c0 + vg_q < OC; ++vg_q)
+                        vg_u[(((size_t)vg_k * vg_OP + vg_wo / VG_MR) * (OC) + vg_c0 + vg_q) * VG_MR + vg_wo % VG_MR]
+                            = vg_e[vg_k * VG_NR + vg_q];
+            }
+        #pragma omp for schedule(static)
+        for (long vg_blk = 0; vg_blk < vg_blocks; ++vg_blk)
+        {
+            const long vg_t0 = vg_blk * VG_NR;
+            const int vg_nt = vg_T - vg_t0 < VG_NR ? (int)(vg_T - vg_t0) : VG_NR;
+            int vg_tb[VG_NR], vg_tr[VG_NR], vg_tc[VG_NR];
+            for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+            {
+                const long vg_tt = vg_t0 + (vg_q < vg_nt ? vg_q : 0);
+                const int vg_rest = (int)(vg_tt % ((long)vg_TH * vg_TW));
+                vg_tb[vg_q] = (int)(vg_tt / ((long)vg_TH * vg_TW));
+                vg_tr[vg_q] = vg_rest / vg_TW * 4;
+                vg_tc[vg_q] = vg_rest % vg_TW * 4;
+            }
+            // V = Bᵀ d B per channel: the 6×6 data tiles start one row and column before the outputs
+            int vg_off[36 * VG_NR];
+            for (int vg_k = 0; vg_k < 36; ++vg_k)
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q] - 1 + vg_k / 6, vg_ws = vg_tc[vg_q] - 1 + vg_k % 6;
+                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*OC*vg_wb + vg_wr) + vg_ws : -1;
+                }
+            for (int vg_wc = 0; vg_wc < OC; ++vg_wc)
+            {
+                vg_gather(g_y + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 36 * VG_NR);
+                convolution2d_backward_g_x_winograd4_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(OC) * VG_NR);
+            }
+            // M[k] = U[k]·V[k]: the channel sums, one product per transform position k
+            for (int vg_k = 0; vg_k < 36; ++vg_k)
+                for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                    vg_tile_outer(OC, vg_u + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * (OC),
+                                  vg_v + (size_t)vg_k * (OC) * VG_NR, VG_NR,
+                                  vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+            // Y = Aᵀ M A per channel o, cropped to the output
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q]  + vg_k / 4, vg_ws = vg_tc[vg_q]  + vg_k % 4;
+                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr < H && vg_ws < W) ? W*(H*IC*vg_wb + vg_wr) + vg_ws : -1;
+                }
+            for (int vg_wo = 0; vg_wo < IC; ++vg_wo)
+            {
+                convolution2d_backward_g_x_winograd4_output(vg_m + (size_t)vg_wo * VG_NR, (long)vg_OP * VG_MR * VG_NR, vg_e, VG_NR);
+                vg_scatter(g_x + (size_t)vg_wo * (H*W), vg_off, vg_e, 16 * VG_NR);
+            }
+        }
     }
 }
 
@@ -874,6 +1893,550 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
             free(vg_c);
         }
         free(vg_a);
+    }
+}
+
+// convolution2d_backward_g_w_winograd2: contraction (Convolution2D, backward)
+//   g_w[oc, ic, di, dj] = Sum(g_y[b, oc, i, j]*x[b, ic, di + i, dj + j], (b, 0, B - 1), (i, 0, H - 1), (j, 0, W - 1))  (∂L/∂w)
+//   specialised: K=1
+//   as Winograd F(3×3, 2×2) (points 0, 1, -1, ∞; vggen.derive.winograd), proved equal by `vggen check`
+// V = Bᵀ d B for 4×4 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_backward_g_w_winograd2_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
+        const float vg_y2_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
+        const float vg_y2_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
+        const float vg_y2_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
+        const float vg_y2_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
+        const float vg_y3_0 = vg_src[4 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t];
+        const float vg_y3_1 = vg_src[5 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t];
+        const float vg_y3_2 = vg_src[6 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t];
+        const float vg_y3_3 = vg_src[7 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 - vg_y0_2;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2;
+        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2;
+        vg_dst[3 * vg_ds + vg_t] = vg_y0_1 - vg_y0_3;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_0 - vg_y1_2;
+        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2;
+        vg_dst[6 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2;
+        vg_dst[7 * vg_ds + vg_t] = vg_y1_1 - vg_y1_3;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_0 - vg_y2_2;
+        vg_dst[9 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2;
+        vg_dst[10 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2;
+        vg_dst[11 * vg_ds + vg_t] = vg_y2_1 - vg_y2_3;
+        vg_dst[12 * vg_ds + vg_t] = vg_y3_0 - vg_y3_2;
+        vg_dst[13 * vg_ds + vg_t] = vg_y3_1 + vg_y3_2;
+        vg_dst[14 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2;
+        vg_dst[15 * vg_ds + vg_t] = vg_y3_1 - vg_y3_3;
+    }
+}
+// U = G g Gᵀ for 2×2 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_backward_g_w_winograd2_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t];
+        const float vg_y1_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
+        const float vg_y1_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t];
+        const float vg_y2_0 = -(1.0f/2.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
+        const float vg_y2_1 = -(1.0f/2.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t];
+        const float vg_y3_0 = -vg_src[2 * vg_ss + vg_t];
+        const float vg_y3_1 = -vg_src[3 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0;
+        vg_dst[1 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1;
+        vg_dst[2 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1;
+        vg_dst[3 * vg_ds + vg_t] = -vg_y0_1;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_0;
+        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1;
+        vg_dst[6 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1;
+        vg_dst[7 * vg_ds + vg_t] = -vg_y1_1;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_0;
+        vg_dst[9 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1;
+        vg_dst[10 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1;
+        vg_dst[11 * vg_ds + vg_t] = -vg_y2_1;
+        vg_dst[12 * vg_ds + vg_t] = vg_y3_0;
+        vg_dst[13 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1;
+        vg_dst[14 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1;
+        vg_dst[15 * vg_ds + vg_t] = -vg_y3_1;
+    }
+}
+// Y = Aᵀ M A, 3×3 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_backward_g_w_winograd2_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
+        const float vg_y2_0 = vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t];
+        const float vg_y2_1 = vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t];
+        const float vg_y2_2 = vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t];
+        const float vg_y2_3 = vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2;
+        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2 + vg_y0_3;
+        vg_dst[3 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2;
+        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2 + vg_y1_3;
+        vg_dst[6 * vg_ds + vg_t] = vg_y2_0 + vg_y2_1 + vg_y2_2;
+        vg_dst[7 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2 + vg_y2_3;
+    }
+}
+void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float *restrict x, float *restrict g_w, int B, int H, int IC, int OC, int W)
+{
+    const int vg_TH = (H + 1) / 2, vg_TW = (W + 1) / 2;
+    const long vg_T = (long)(B) * vg_TH * vg_TW;              // tiles
+    const long vg_blocks = (vg_T + VG_NR - 1) / VG_NR;                   // of VG_NR tiles
+    const int vg_OP = (OC + VG_MR - 1) / VG_MR;               // panels of VG_MR channels o
+    const int vg_CP = (IC + VG_NR - 1) / VG_NR;               // column blocks of channels c
+    const long vg_ldx = (long)vg_CP * VG_NR;
+    const size_t vg_gsize = (size_t)16 * vg_OP * VG_MR * vg_T;    // G's tiles, panels [k][o / VG_MR][tile][o % VG_MR]
+    const size_t vg_xsize = (size_t)16 * vg_T * vg_ldx;           // D's tiles, rows [k][tile][c]
+    const size_t vg_msize = (size_t)16 * vg_OP * VG_MR * vg_ldx;  // M = Σ_tiles, [k][o][c]
+    const size_t vg_each = (size_t)(16 + VG_NR * 16) * VG_NR;  // per thread: a tile set, VG_NR transforms
+    static float *vg_kept;
+    static size_t vg_kept_size;
+    float *vg_g = vg_keep(&vg_kept, &vg_kept_size,
+                          sizeof(float) * (vg_gsize + vg_xsize + vg_msize + (size_t)vg_threads() * vg_each));
+    float *vg_x = vg_g + vg_gsize;
+    float *vg_m = vg_x + vg_xsize;
+    #pragma omp parallel
+    {
+        float *vg_d = vg_m + vg_msize + (size_t)vg_thread() * vg_each;
+        float *vg_e = vg_d + 16 * VG_NR;
+        #pragma omp for schedule(static)
+        for (long vg_blk = 0; vg_blk < vg_blocks; ++vg_blk)
+        {
+            const long vg_t0 = vg_blk * VG_NR;
+            const int vg_nt = vg_T - vg_t0 < VG_NR ? (int)(vg_T - vg_t0) : VG_NR;
+            int vg_tb[VG_NR], vg_tr[VG_NR], vg_tc[VG_NR];
+            for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+            {
+                const long vg_tt = vg_t0 + (vg_q < vg_nt ? vg_q : 0);
+                const int vg_rest = (int)(vg_tt % ((long)vg_TH * vg_TW));
+                vg_tb[vg_q] = (int)(vg_tt / ((long)vg_TH * vg_TW));
+                vg_tr[vg_q] = vg_rest / vg_TW * 2;
+                vg_tc[vg_q] = vg_rest % vg_TW * 2;
+            }
+            int vg_off[16 * VG_NR];
+            // G's 2×2 tiles (the filters of F(3×3, 2×2)), a panel of VG_MR channels o
+            // at a time, stored VG_MR-contiguous
+            for (int vg_k = 0; vg_k < 4; ++vg_k)
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q]  + vg_k / 2, vg_ws = vg_tc[vg_q]  + vg_k % 2;
+                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*OC*vg_wb + vg_wr) + vg_ws : -1;
+                }
+            for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+            {
+                for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                {
+                    const int vg_wo = vg_p * VG_MR + vg_r;
+                    if (vg_wo < OC)
+                        vg_gather(g_y + (size_t)(vg_wo) * (H*W), vg_off, vg_d, 4 * VG_NR);
+                    else
+                        for (int vg_k = 0; vg_k < 4 * VG_NR; ++vg_k)
+                            vg_d[vg_k] = 0.0f;
+                    convolution2d_backward_g_w_winograd2_filter(vg_d, VG_NR, vg_e + (size_t)vg_r * 16 * VG_NR, VG_NR);
+                }
+                for (int vg_k = 0; vg_k < 16; ++vg_k)
+                    for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
+                        for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                            vg_g[(((size_t)vg_k * vg_OP + vg_p) * vg_T + vg_t0 + vg_q) * VG_MR + vg_r]
+                                = vg_e[((size_t)vg_r * 16 + vg_k) * VG_NR + vg_q];
+            }
+            // D's 4×4 tiles under them (one row and column before), VG_NR channels c at a time,
+            // stored channel-contiguous as rows of B (channels past the last: 0)
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q] - 1 + vg_k / 4, vg_ws = vg_tc[vg_q] - 1 + vg_k % 4;
+                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*IC*vg_wb + vg_wr) + vg_ws : -1;
+                }
+            for (int vg_c0 = 0; vg_c0 < vg_ldx; vg_c0 += VG_NR)
+            {
+                for (int vg_r = 0; vg_r < VG_NR; ++vg_r)
+                {
+                    const int vg_wc = vg_c0 + vg_r;
+                    if (vg_wc < IC)
+                        vg_gather(x + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 16 * VG_NR);
+                    else
+                        for (int vg_k = 0; vg_k < 16 * VG_NR; ++vg_k)
+                            vg_d[vg_k] = 0.0f;
+                    convolution2d_backward_g_w_winograd2_data(vg_d, VG_NR, vg_e + (size_t)vg_r * 16 * VG_NR, VG_NR);
+                }
+                for (int vg_k = 0; vg_k < 16; ++vg_k)
+                    for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
+                        for (int vg_r = 0; vg_r < VG_NR; ++vg_r)
+                            vg_x[((size_t)vg_k * vg_T + vg_t0 + vg_q) * vg_ldx + vg_c0 + vg_r]
+                                = vg_e[((size_t)vg_r * 16 + vg_k) * VG_NR + vg_q];
+            }
+        }
+        // M[k] = Σ_tiles G'[k]·D'[k], per (k, column block), the tiles in blocks of VG_KC, in order
+        #pragma omp for collapse(2) schedule(static)
+        for (int vg_k = 0; vg_k < 16; ++vg_k)
+            for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
+                for (long vg_k0 = 0; vg_k0 < vg_T; vg_k0 += VG_KC)
+                {
+                    const int vg_kc = vg_T - vg_k0 < VG_KC ? (int)(vg_T - vg_k0) : VG_KC;
+                    for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                        vg_tile_outer(vg_kc, vg_g + (((size_t)vg_k * vg_OP + vg_p) * vg_T + vg_k0) * VG_MR,
+                                      vg_x + ((size_t)vg_k * vg_T + vg_k0) * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
+                                      vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
+                                      vg_k0 > 0);
+                }
+        // Y = Aᵀ M A: the 3×3 taps of VG_NR channels c at a time
+        #pragma omp for schedule(static)
+        for (int vg_wo = 0; vg_wo < OC; ++vg_wo)
+            for (int vg_c0 = 0; vg_c0 < IC; vg_c0 += VG_NR)
+            {
+                convolution2d_backward_g_w_winograd2_output(vg_m + (size_t)vg_wo * vg_ldx + vg_c0, (long)vg_OP * VG_MR * vg_ldx, vg_e, VG_NR);
+                for (int vg_q = 0; vg_q < VG_NR && vg_c0 + vg_q < IC; ++vg_q)
+                {
+                    const int vg_wc = vg_c0 + vg_q;
+                    g_w[9*IC*vg_wo + 9*vg_wc] = vg_e[0 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 1] = vg_e[1 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 2] = vg_e[2 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 3] = vg_e[3 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 4] = vg_e[4 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 5] = vg_e[5 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 6] = vg_e[6 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 7] = vg_e[7 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 8] = vg_e[8 * VG_NR + vg_q];
+                }
+            }
+    }
+}
+
+// convolution2d_backward_g_w_winograd4: contraction (Convolution2D, backward)
+//   g_w[oc, ic, di, dj] = Sum(g_y[b, oc, i, j]*x[b, ic, di + i, dj + j], (b, 0, B - 1), (i, 0, H - 1), (j, 0, W - 1))  (∂L/∂w)
+//   specialised: K=1
+//   as Winograd F(3×3, 4×4) (points 0, 1, -1, 1/2, -2, ∞; vggen.derive.winograd), proved equal by `vggen check`
+// V = Bᵀ d B for 6×6 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_backward_g_w_winograd4_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = 2*vg_src[0 * vg_ss + vg_t] - 3*vg_src[6 * vg_ss + vg_t] - 4*vg_src[12 * vg_ss + vg_t] + 3*vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y0_1 = 2*vg_src[1 * vg_ss + vg_t] - 3*vg_src[7 * vg_ss + vg_t] - 4*vg_src[13 * vg_ss + vg_t] + 3*vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y0_2 = 2*vg_src[2 * vg_ss + vg_t] - 3*vg_src[8 * vg_ss + vg_t] - 4*vg_src[14 * vg_ss + vg_t] + 3*vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y0_3 = 2*vg_src[3 * vg_ss + vg_t] - 3*vg_src[9 * vg_ss + vg_t] - 4*vg_src[15 * vg_ss + vg_t] + 3*vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y0_4 = 2*vg_src[4 * vg_ss + vg_t] - 3*vg_src[10 * vg_ss + vg_t] - 4*vg_src[16 * vg_ss + vg_t] + 3*vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y0_5 = 2*vg_src[5 * vg_ss + vg_t] - 3*vg_src[11 * vg_ss + vg_t] - 4*vg_src[17 * vg_ss + vg_t] + 3*vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y1_0 = 2*vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] - 5*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y1_1 = 2*vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] - 5*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y1_2 = 2*vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] - 5*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y1_3 = 2*vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] - 5*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y1_4 = 2*vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] - 5*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y1_5 = 2*vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] - 5*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y2_0 = 2*vg_src[6 * vg_ss + vg_t] - 5*vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y2_1 = 2*vg_src[7 * vg_ss + vg_t] - 5*vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y2_2 = 2*vg_src[8 * vg_ss + vg_t] - 5*vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y2_3 = 2*vg_src[9 * vg_ss + vg_t] - 5*vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y2_4 = 2*vg_src[10 * vg_ss + vg_t] - 5*vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y2_5 = 2*vg_src[11 * vg_ss + vg_t] - 5*vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y3_0 = 2*vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] - 2*vg_src[18 * vg_ss + vg_t] - vg_src[24 * vg_ss + vg_t];
+        const float vg_y3_1 = 2*vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] - 2*vg_src[19 * vg_ss + vg_t] - vg_src[25 * vg_ss + vg_t];
+        const float vg_y3_2 = 2*vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] - 2*vg_src[20 * vg_ss + vg_t] - vg_src[26 * vg_ss + vg_t];
+        const float vg_y3_3 = 2*vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] - 2*vg_src[21 * vg_ss + vg_t] - vg_src[27 * vg_ss + vg_t];
+        const float vg_y3_4 = 2*vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] - 2*vg_src[22 * vg_ss + vg_t] - vg_src[28 * vg_ss + vg_t];
+        const float vg_y3_5 = 2*vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] - 2*vg_src[23 * vg_ss + vg_t] - vg_src[29 * vg_ss + vg_t];
+        const float vg_y4_0 = vg_src[6 * vg_ss + vg_t] - 2*vg_src[12 * vg_ss + vg_t] - vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y4_1 = vg_src[7 * vg_ss + vg_t] - 2*vg_src[13 * vg_ss + vg_t] - vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y4_2 = vg_src[8 * vg_ss + vg_t] - 2*vg_src[14 * vg_ss + vg_t] - vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y4_3 = vg_src[9 * vg_ss + vg_t] - 2*vg_src[15 * vg_ss + vg_t] - vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y4_4 = vg_src[10 * vg_ss + vg_t] - 2*vg_src[16 * vg_ss + vg_t] - vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y4_5 = vg_src[11 * vg_ss + vg_t] - 2*vg_src[17 * vg_ss + vg_t] - vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y5_0 = 2*vg_src[6 * vg_ss + vg_t] - 3*vg_src[12 * vg_ss + vg_t] - 4*vg_src[18 * vg_ss + vg_t] + 3*vg_src[24 * vg_ss + vg_t] + 2*vg_src[30 * vg_ss + vg_t];
+        const float vg_y5_1 = 2*vg_src[7 * vg_ss + vg_t] - 3*vg_src[13 * vg_ss + vg_t] - 4*vg_src[19 * vg_ss + vg_t] + 3*vg_src[25 * vg_ss + vg_t] + 2*vg_src[31 * vg_ss + vg_t];
+        const float vg_y5_2 = 2*vg_src[8 * vg_ss + vg_t] - 3*vg_src[14 * vg_ss + vg_t] - 4*vg_src[20 * vg_ss + vg_t] + 3*vg_src[26 * vg_ss + vg_t] + 2*vg_src[32 * vg_ss + vg_t];
+        const float vg_y5_3 = 2*vg_src[9 * vg_ss + vg_t] - 3*vg_src[15 * vg_ss + vg_t] - 4*vg_src[21 * vg_ss + vg_t] + 3*vg_src[27 * vg_ss + vg_t] + 2*vg_src[33 * vg_ss + vg_t];
+        const float vg_y5_4 = 2*vg_src[10 * vg_ss + vg_t] - 3*vg_src[16 * vg_ss + vg_t] - 4*vg_src[22 * vg_ss + vg_t] + 3*vg_src[28 * vg_ss + vg_t] + 2*vg_src[34 * vg_ss + vg_t];
+        const float vg_y5_5 = 2*vg_src[11 * vg_ss + vg_t] - 3*vg_src[17 * vg_ss + vg_t] - 4*vg_src[23 * vg_ss + vg_t] + 3*vg_src[29 * vg_ss + vg_t] + 2*vg_src[35 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = 2*vg_y0_0 - 3*vg_y0_1 - 4*vg_y0_2 + 3*vg_y0_3 + 2*vg_y0_4;
+        vg_dst[1 * vg_ds + vg_t] = 2*vg_y0_1 - vg_y0_2 - 5*vg_y0_3 - 2*vg_y0_4;
+        vg_dst[2 * vg_ds + vg_t] = 2*vg_y0_1 - 5*vg_y0_2 + vg_y0_3 + 2*vg_y0_4;
+        vg_dst[3 * vg_ds + vg_t] = 2*vg_y0_1 + vg_y0_2 - 2*vg_y0_3 - vg_y0_4;
+        vg_dst[4 * vg_ds + vg_t] = vg_y0_1 - 2*vg_y0_2 - vg_y0_3 + 2*vg_y0_4;
+        vg_dst[5 * vg_ds + vg_t] = 2*vg_y0_1 - 3*vg_y0_2 - 4*vg_y0_3 + 3*vg_y0_4 + 2*vg_y0_5;
+        vg_dst[6 * vg_ds + vg_t] = 2*vg_y1_0 - 3*vg_y1_1 - 4*vg_y1_2 + 3*vg_y1_3 + 2*vg_y1_4;
+        vg_dst[7 * vg_ds + vg_t] = 2*vg_y1_1 - vg_y1_2 - 5*vg_y1_3 - 2*vg_y1_4;
+        vg_dst[8 * vg_ds + vg_t] = 2*vg_y1_1 - 5*vg_y1_2 + vg_y1_3 + 2*vg_y1_4;
+        vg_dst[9 * vg_ds + vg_t] = 2*vg_y1_1 + vg_y1_2 - 2*vg_y1_3 - vg_y1_4;
+        vg_dst[10 * vg_ds + vg_t] = vg_y1_1 - 2*vg_y1_2 - vg_y1_3 + 2*vg_y1_4;
+        vg_dst[11 * vg_ds + vg_t] = 2*vg_y1_1 - 3*vg_y1_2 - 4*vg_y1_3 + 3*vg_y1_4 + 2*vg_y1_5;
+        vg_dst[12 * vg_ds + vg_t] = 2*vg_y2_0 - 3*vg_y2_1 - 4*vg_y2_2 + 3*vg_y2_3 + 2*vg_y2_4;
+        vg_dst[13 * vg_ds + vg_t] = 2*vg_y2_1 - vg_y2_2 - 5*vg_y2_3 - 2*vg_y2_4;
+        vg_dst[14 * vg_ds + vg_t] = 2*vg_y2_1 - 5*vg_y2_2 + vg_y2_3 + 2*vg_y2_4;
+        vg_dst[15 * vg_ds + vg_t] = 2*vg_y2_1 + vg_y2_2 - 2*vg_y2_3 - vg_y2_4;
+        vg_dst[16 * vg_ds + vg_t] = vg_y2_1 - 2*vg_y2_2 - vg_y2_3 + 2*vg_y2_4;
+        vg_dst[17 * vg_ds + vg_t] = 2*vg_y2_1 - 3*vg_y2_2 - 4*vg_y2_3 + 3*vg_y2_4 + 2*vg_y2_5;
+        vg_dst[18 * vg_ds + vg_t] = 2*vg_y3_0 - 3*vg_y3_1 - 4*vg_y3_2 + 3*vg_y3_3 + 2*vg_y3_4;
+        vg_dst[19 * vg_ds + vg_t] = 2*vg_y3_1 - vg_y3_2 - 5*vg_y3_3 - 2*vg_y3_4;
+        vg_dst[20 * vg_ds + vg_t] = 2*vg_y3_1 - 5*vg_y3_2 + vg_y3_3 + 2*vg_y3_4;
+        vg_dst[21 * vg_ds + vg_t] = 2*vg_y3_1 + vg_y3_2 - 2*vg_y3_3 - vg_y3_4;
+        vg_dst[22 * vg_ds + vg_t] = vg_y3_1 - 2*vg_y3_2 - vg_y3_3 + 2*vg_y3_4;
+        vg_dst[23 * vg_ds + vg_t] = 2*vg_y3_1 - 3*vg_y3_2 - 4*vg_y3_3 + 3*vg_y3_4 + 2*vg_y3_5;
+        vg_dst[24 * vg_ds + vg_t] = 2*vg_y4_0 - 3*vg_y4_1 - 4*vg_y4_2 + 3*vg_y4_3 + 2*vg_y4_4;
+        vg_dst[25 * vg_ds + vg_t] = 2*vg_y4_1 - vg_y4_2 - 5*vg_y4_3 - 2*vg_y4_4;
+        vg_dst[26 * vg_ds + vg_t] = 2*vg_y4_1 - 5*vg_y4_2 + vg_y4_3 + 2*vg_y4_4;
+        vg_dst[27 * vg_ds + vg_t] = 2*vg_y4_1 + vg_y4_2 - 2*vg_y4_3 - vg_y4_4;
+        vg_dst[28 * vg_ds + vg_t] = vg_y4_1 - 2*vg_y4_2 - vg_y4_3 + 2*vg_y4_4;
+        vg_dst[29 * vg_ds + vg_t] = 2*vg_y4_1 - 3*vg_y4_2 - 4*vg_y4_3 + 3*vg_y4_4 + 2*vg_y4_5;
+        vg_dst[30 * vg_ds + vg_t] = 2*vg_y5_0 - 3*vg_y5_1 - 4*vg_y5_2 + 3*vg_y5_3 + 2*vg_y5_4;
+        vg_dst[31 * vg_ds + vg_t] = 2*vg_y5_1 - vg_y5_2 - 5*vg_y5_3 - 2*vg_y5_4;
+        vg_dst[32 * vg_ds + vg_t] = 2*vg_y5_1 - 5*vg_y5_2 + vg_y5_3 + 2*vg_y5_4;
+        vg_dst[33 * vg_ds + vg_t] = 2*vg_y5_1 + vg_y5_2 - 2*vg_y5_3 - vg_y5_4;
+        vg_dst[34 * vg_ds + vg_t] = vg_y5_1 - 2*vg_y5_2 - vg_y5_3 + 2*vg_y5_4;
+        vg_dst[35 * vg_ds + vg_t] = 2*vg_y5_1 - 3*vg_y5_2 - 4*vg_y5_3 + 3*vg_y5_4 + 2*vg_y5_5;
+    }
+}
+// U = G g Gᵀ for 4×4 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_backward_g_w_winograd4_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t];
+        const float vg_y0_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t];
+        const float vg_y0_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
+        const float vg_y0_3 = ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t];
+        const float vg_y1_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[12 * vg_ss + vg_t];
+        const float vg_y1_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[9 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[13 * vg_ss + vg_t];
+        const float vg_y1_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[6 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[10 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[14 * vg_ss + vg_t];
+        const float vg_y1_3 = -(1.0f/6.0f)*vg_src[3 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[7 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[11 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[15 * vg_ss + vg_t];
+        const float vg_y2_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[12 * vg_ss + vg_t];
+        const float vg_y2_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[9 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[13 * vg_ss + vg_t];
+        const float vg_y2_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[6 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[10 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[14 * vg_ss + vg_t];
+        const float vg_y2_3 = -(1.0f/6.0f)*vg_src[3 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[7 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[11 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[15 * vg_ss + vg_t];
+        const float vg_y3_0 = ((16.0f/15.0f))*vg_src[0 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[4 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[8 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[12 * vg_ss + vg_t];
+        const float vg_y3_1 = ((16.0f/15.0f))*vg_src[1 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[5 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[9 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[13 * vg_ss + vg_t];
+        const float vg_y3_2 = ((16.0f/15.0f))*vg_src[2 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[6 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[10 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[14 * vg_ss + vg_t];
+        const float vg_y3_3 = ((16.0f/15.0f))*vg_src[3 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[7 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[11 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[15 * vg_ss + vg_t];
+        const float vg_y4_0 = ((1.0f/30.0f))*vg_src[0 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[4 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[8 * vg_ss + vg_t] - (4.0f/15.0f)*vg_src[12 * vg_ss + vg_t];
+        const float vg_y4_1 = ((1.0f/30.0f))*vg_src[1 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[5 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[9 * vg_ss + vg_t] - (4.0f/15.0f)*vg_src[13 * vg_ss + vg_t];
+        const float vg_y4_2 = ((1.0f/30.0f))*vg_src[2 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[6 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[10 * vg_ss + vg_t] - (4.0f/15.0f)*vg_src[14 * vg_ss + vg_t];
+        const float vg_y4_3 = ((1.0f/30.0f))*vg_src[3 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[7 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[11 * vg_ss + vg_t] - (4.0f/15.0f)*vg_src[15 * vg_ss + vg_t];
+        const float vg_y5_0 = ((1.0f/2.0f))*vg_src[12 * vg_ss + vg_t];
+        const float vg_y5_1 = ((1.0f/2.0f))*vg_src[13 * vg_ss + vg_t];
+        const float vg_y5_2 = ((1.0f/2.0f))*vg_src[14 * vg_ss + vg_t];
+        const float vg_y5_3 = ((1.0f/2.0f))*vg_src[15 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0;
+        vg_dst[1 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 - (1.0f/6.0f)*vg_y0_1 - (1.0f/6.0f)*vg_y0_2 - (1.0f/6.0f)*vg_y0_3;
+        vg_dst[2 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 + ((1.0f/6.0f))*vg_y0_1 - (1.0f/6.0f)*vg_y0_2 + ((1.0f/6.0f))*vg_y0_3;
+        vg_dst[3 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y0_0 + ((8.0f/15.0f))*vg_y0_1 + ((4.0f/15.0f))*vg_y0_2 + ((2.0f/15.0f))*vg_y0_3;
+        vg_dst[4 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y0_0 - (1.0f/15.0f)*vg_y0_1 + ((2.0f/15.0f))*vg_y0_2 - (4.0f/15.0f)*vg_y0_3;
+        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_3;
+        vg_dst[6 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0;
+        vg_dst[7 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 - (1.0f/6.0f)*vg_y1_1 - (1.0f/6.0f)*vg_y1_2 - (1.0f/6.0f)*vg_y1_3;
+        vg_dst[8 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 + ((1.0f/6.0f))*vg_y1_1 - (1.0f/6.0f)*vg_y1_2 + ((1.0f/6.0f))*vg_y1_3;
+        vg_dst[9 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y1_0 + ((8.0f/15.0f))*vg_y1_1 + ((4.0f/15.0f))*vg_y1_2 + ((2.0f/15.0f))*vg_y1_3;
+        vg_dst[10 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y1_0 - (1.0f/15.0f)*vg_y1_1 + ((2.0f/15.0f))*vg_y1_2 - (4.0f/15.0f)*vg_y1_3;
+        vg_dst[11 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_3;
+        vg_dst[12 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0;
+        vg_dst[13 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 - (1.0f/6.0f)*vg_y2_1 - (1.0f/6.0f)*vg_y2_2 - (1.0f/6.0f)*vg_y2_3;
+        vg_dst[14 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 + ((1.0f/6.0f))*vg_y2_1 - (1.0f/6.0f)*vg_y2_2 + ((1.0f/6.0f))*vg_y2_3;
+        vg_dst[15 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y2_0 + ((8.0f/15.0f))*vg_y2_1 + ((4.0f/15.0f))*vg_y2_2 + ((2.0f/15.0f))*vg_y2_3;
+        vg_dst[16 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y2_0 - (1.0f/15.0f)*vg_y2_1 + ((2.0f/15.0f))*vg_y2_2 - (4.0f/15.0f)*vg_y2_3;
+        vg_dst[17 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_3;
+        vg_dst[18 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0;
+        vg_dst[19 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 - (1.0f/6.0f)*vg_y3_1 - (1.0f/6.0f)*vg_y3_2 - (1.0f/6.0f)*vg_y3_3;
+        vg_dst[20 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 + ((1.0f/6.0f))*vg_y3_1 - (1.0f/6.0f)*vg_y3_2 + ((1.0f/6.0f))*vg_y3_3;
+        vg_dst[21 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y3_0 + ((8.0f/15.0f))*vg_y3_1 + ((4.0f/15.0f))*vg_y3_2 + ((2.0f/15.0f))*vg_y3_3;
+        vg_dst[22 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y3_0 - (1.0f/15.0f)*vg_y3_1 + ((2.0f/15.0f))*vg_y3_2 - (4.0f/15.0f)*vg_y3_3;
+        vg_dst[23 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_3;
+        vg_dst[24 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_0;
+        vg_dst[25 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 - (1.0f/6.0f)*vg_y4_1 - (1.0f/6.0f)*vg_y4_2 - (1.0f/6.0f)*vg_y4_3;
+        vg_dst[26 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 + ((1.0f/6.0f))*vg_y4_1 - (1.0f/6.0f)*vg_y4_2 + ((1.0f/6.0f))*vg_y4_3;
+        vg_dst[27 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y4_0 + ((8.0f/15.0f))*vg_y4_1 + ((4.0f/15.0f))*vg_y4_2 + ((2.0f/15.0f))*vg_y4_3;
+        vg_dst[28 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y4_0 - (1.0f/15.0f)*vg_y4_1 + ((2.0f/15.0f))*vg_y4_2 - (4.0f/15.0f)*vg_y4_3;
+        vg_dst[29 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_3;
+        vg_dst[30 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_0;
+        vg_dst[31 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 - (1.0f/6.0f)*vg_y5_1 - (1.0f/6.0f)*vg_y5_2 - (1.0f/6.0f)*vg_y5_3;
+        vg_dst[32 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 + ((1.0f/6.0f))*vg_y5_1 - (1.0f/6.0f)*vg_y5_2 + ((1.0f/6.0f))*vg_y5_3;
+        vg_dst[33 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y5_0 + ((8.0f/15.0f))*vg_y5_1 + ((4.0f/15.0f))*vg_y5_2 + ((2.0f/15.0f))*vg_y5_3;
+        vg_dst[34 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y5_0 - (1.0f/15.0f)*vg_y5_1 + ((2.0f/15.0f))*vg_y5_2 - (4.0f/15.0f)*vg_y5_3;
+        vg_dst[35 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_3;
+    }
+}
+// Y = Aᵀ M A, 3×3 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void convolution2d_backward_g_w_winograd4_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + vg_src[24 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + vg_src[25 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + vg_src[26 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + vg_src[27 * vg_ss + vg_t];
+        const float vg_y0_4 = vg_src[4 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + vg_src[28 * vg_ss + vg_t];
+        const float vg_y0_5 = vg_src[5 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + vg_src[29 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y1_4 = vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y1_5 = vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y2_0 = vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[18 * vg_ss + vg_t] + 4*vg_src[24 * vg_ss + vg_t] + vg_src[30 * vg_ss + vg_t];
+        const float vg_y2_1 = vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[19 * vg_ss + vg_t] + 4*vg_src[25 * vg_ss + vg_t] + vg_src[31 * vg_ss + vg_t];
+        const float vg_y2_2 = vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[20 * vg_ss + vg_t] + 4*vg_src[26 * vg_ss + vg_t] + vg_src[32 * vg_ss + vg_t];
+        const float vg_y2_3 = vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[21 * vg_ss + vg_t] + 4*vg_src[27 * vg_ss + vg_t] + vg_src[33 * vg_ss + vg_t];
+        const float vg_y2_4 = vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[22 * vg_ss + vg_t] + 4*vg_src[28 * vg_ss + vg_t] + vg_src[34 * vg_ss + vg_t];
+        const float vg_y2_5 = vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[23 * vg_ss + vg_t] + 4*vg_src[29 * vg_ss + vg_t] + vg_src[35 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2 + vg_y0_3 + vg_y0_4;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + ((1.0f/2.0f))*vg_y0_3 - 2*vg_y0_4;
+        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2 + ((1.0f/4.0f))*vg_y0_3 + 4*vg_y0_4 + vg_y0_5;
+        vg_dst[3 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2 + vg_y1_3 + vg_y1_4;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + ((1.0f/2.0f))*vg_y1_3 - 2*vg_y1_4;
+        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2 + ((1.0f/4.0f))*vg_y1_3 + 4*vg_y1_4 + vg_y1_5;
+        vg_dst[6 * vg_ds + vg_t] = vg_y2_0 + vg_y2_1 + vg_y2_2 + vg_y2_3 + vg_y2_4;
+        vg_dst[7 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2 + ((1.0f/2.0f))*vg_y2_3 - 2*vg_y2_4;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2 + ((1.0f/4.0f))*vg_y2_3 + 4*vg_y2_4 + vg_y2_5;
+    }
+}
+void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float *restrict x, float *restrict g_w, int B, int H, int IC, int OC, int W)
+{
+    const int vg_TH = (H + 3) / 4, vg_TW = (W + 3) / 4;
+    const long vg_T = (long)(B) * vg_TH * vg_TW;              // tiles
+    const long vg_blocks = (vg_T + VG_NR - 1) / VG_NR;                   // of VG_NR tiles
+    const int vg_OP = (OC + VG_MR - 1) / VG_MR;               // panels of VG_MR channels o
+    const int vg_CP = (IC + VG_NR - 1) / VG_NR;               // column blocks of channels c
+    const long vg_ldx = (long)vg_CP * VG_NR;
+    const size_t vg_gsize = (size_t)36 * vg_OP * VG_MR * vg_T;    // G's tiles, panels [k][o / VG_MR][tile][o % VG_MR]
+    const size_t vg_xsize = (size_t)36 * vg_T * vg_ldx;           // D's tiles, rows [k][tile][c]
+    const size_t vg_msize = (size_t)36 * vg_OP * VG_MR * vg_ldx;  // M = Σ_tiles, [k][o][c]
+    const size_t vg_each = (size_t)(36 + VG_NR * 36) * VG_NR;  // per thread: a tile set, VG_NR transforms
+    static float *vg_kept;
+    static size_t vg_kept_size;
+    float *vg_g = vg_keep(&vg_kept, &vg_kept_size,
+                          sizeof(float) * (vg_gsize + vg_xsize + vg_msize + (size_t)vg_threads() * vg_each));
+    float *vg_x = vg_g + vg_gsize;
+    float *vg_m = vg_x + vg_xsize;
+    #pragma omp parallel
+    {
+        float *vg_d = vg_m + vg_msize + (size_t)vg_thread() * vg_each;
+        float *vg_e = vg_d + 36 * VG_NR;
+        #pragma omp for schedule(static)
+        for (long vg_blk = 0; vg_blk < vg_blocks; ++vg_blk)
+        {
+            const long vg_t0 = vg_blk * VG_NR;
+            const int vg_nt = vg_T - vg_t0 < VG_NR ? (int)(vg_T - vg_t0) : VG_NR;
+            int vg_tb[VG_NR], vg_tr[VG_NR], vg_tc[VG_NR];
+            for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+            {
+                const long vg_tt = vg_t0 + (vg_q < vg_nt ? vg_q : 0);
+                const int vg_rest = (int)(vg_tt % ((long)vg_TH * vg_TW));
+                vg_tb[vg_q] = (int)(vg_tt / ((long)vg_TH * vg_TW));
+                vg_tr[vg_q] = vg_rest / vg_TW * 4;
+                vg_tc[vg_q] = vg_rest % vg_TW * 4;
+            }
+            int vg_off[36 * VG_NR];
+            // G's 4×4 tiles (the filters of F(3×3, 4×4)), a panel of VG_MR channels o
+            // at a time, stored VG_MR-contiguous
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q]  + vg_k / 4, vg_ws = vg_tc[vg_q]  + vg_k % 4;
+                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*OC*vg_wb + vg_wr) + vg_ws : -1;
+                }
+            for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+            {
+                for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                {
+                    const int vg_wo = vg_p * VG_MR + vg_r;
+                    if (vg_wo < OC)
+                        vg_gather(g_y + (size_t)(vg_wo) * (H*W), vg_off, vg_d, 16 * VG_NR);
+                    else
+                        for (int vg_k = 0; vg_k < 16 * VG_NR; ++vg_k)
+                            vg_d[vg_k] = 0.0f;
+                    convolution2d_backward_g_w_winograd4_filter(vg_d, VG_NR, vg_e + (size_t)vg_r * 36 * VG_NR, VG_NR);
+                }
+                for (int vg_k = 0; vg_k < 36; ++vg_k)
+                    for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
+                        for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                            vg_g[(((size_t)vg_k * vg_OP + vg_p) * vg_T + vg_t0 + vg_q) * VG_MR + vg_r]
+                                = vg_e[((size_t)vg_r * 36 + vg_k) * VG_NR + vg_q];
+            }
+            // D's 6×6 tiles under them (one row and column before), VG_NR channels c at a time,
+            // stored channel-contiguous as rows of B (channels past the last: 0)
+            for (int vg_k = 0; vg_k < 36; ++vg_k)
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                {
+                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q] - 1 + vg_k / 6, vg_ws = vg_tc[vg_q] - 1 + vg_k % 6;
+                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*IC*vg_wb + vg_wr) + vg_ws : -1;
+                }
+            for (int vg_c0 = 0; vg_c0 < vg_ldx; vg_c0 += VG_NR)
+            {
+                for (int vg_r = 0; vg_r < VG_NR; ++vg_r)
+                {
+                    const int vg_wc = vg_c0 + vg_r;
+                    if (vg_wc < IC)
+                        vg_gather(x + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 36 * VG_NR);
+                    else
+                        for (int vg_k = 0; vg_k < 36 * VG_NR; ++vg_k)
+                            vg_d[vg_k] = 0.0f;
+                    convolution2d_backward_g_w_winograd4_data(vg_d, VG_NR, vg_e + (size_t)vg_r * 36 * VG_NR, VG_NR);
+                }
+                for (int vg_k = 0; vg_k < 36; ++vg_k)
+                    for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
+                        for (int vg_r = 0; vg_r < VG_NR; ++vg_r)
+                            vg_x[((size_t)vg_k * vg_T + vg_t0 + vg_q) * vg_ldx + vg_c0 + vg_r]
+                                = vg_e[((size_t)vg_r * 36 + vg_k) * VG_NR + vg_q];
+            }
+        }
+        // M[k] = Σ_tiles G'[k]·D'[k], per (k, column block), the tiles in blocks of VG_KC, in order
+        #pragma omp for collapse(2) schedule(static)
+        for (int vg_k = 0; vg_k < 36; ++vg_k)
+            for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
+                for (long vg_k0 = 0; vg_k0 < vg_T; vg_k0 += VG_KC)
+                {
+                    const int vg_kc = vg_T - vg_k0 < VG_KC ? (int)(vg_T - vg_k0) : VG_KC;
+                    for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                        vg_tile_outer(vg_kc, vg_g + (((size_t)vg_k * vg_OP + vg_p) * vg_T + vg_k0) * VG_MR,
+                                      vg_x + ((size_t)vg_k * vg_T + vg_k0) * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
+                                      vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
+                                      vg_k0 > 0);
+                }
+        // Y = Aᵀ M A: the 3×3 taps of VG_NR channels c at a time
+        #pragma omp for schedule(static)
+        for (int vg_wo = 0; vg_wo < OC; ++vg_wo)
+            for (int vg_c0 = 0; vg_c0 < IC; vg_c0 += VG_NR)
+            {
+                convolution2d_backward_g_w_winograd4_output(vg_m + (size_t)vg_wo * vg_ldx + vg_c0, (long)vg_OP * VG_MR * vg_ldx, vg_e, VG_NR);
+                for (int vg_q = 0; vg_q < VG_NR && vg_c0 + vg_q < IC; ++vg_q)
+                {
+                    const int vg_wc = vg_c0 + vg_q;
+                    g_w[9*IC*vg_wo + 9*vg_wc] = vg_e[0 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 1] = vg_e[1 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 2] = vg_e[2 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 3] = vg_e[3 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 4] = vg_e[4 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 5] = vg_e[5 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 6] = vg_e[6 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 7] = vg_e[7 * VG_NR + vg_q];
+                    g_w[9*IC*vg_wo + 9*vg_wc + 8] = vg_e[8 * VG_NR + vg_q];
+                }
+            }
     }
 }
 

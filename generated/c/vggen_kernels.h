@@ -13,11 +13,29 @@ extern "C" {
 // convolution2d_forward_y: contraction (Convolution2D, forward)
 void convolution2d_forward_y(const float *w, const float *x, float *y, int B, int H, int IC, int OC, int W);
 
+// convolution2d_forward_y_winograd2: contraction (Convolution2D, forward)
+void convolution2d_forward_y_winograd2(const float *w, const float *x, float *y, int B, int H, int IC, int OC, int W);
+
+// convolution2d_forward_y_winograd4: contraction (Convolution2D, forward)
+void convolution2d_forward_y_winograd4(const float *w, const float *x, float *y, int B, int H, int IC, int OC, int W);
+
 // convolution2d_backward_g_x: contraction (Convolution2D, backward)
 void convolution2d_backward_g_x(const float *g_y, const float *w, float *g_x, int B, int H, int IC, int OC, int W);
 
+// convolution2d_backward_g_x_winograd2: contraction (Convolution2D, backward)
+void convolution2d_backward_g_x_winograd2(const float *g_y, const float *w, float *g_x, int B, int H, int IC, int OC, int W);
+
+// convolution2d_backward_g_x_winograd4: contraction (Convolution2D, backward)
+void convolution2d_backward_g_x_winograd4(const float *g_y, const float *w, float *g_x, int B, int H, int IC, int OC, int W);
+
 // convolution2d_backward_g_w: contraction (Convolution2D, backward)
 void convolution2d_backward_g_w(const float *g_y, const float *x, float *g_w, int B, int H, int IC, int OC, int W);
+
+// convolution2d_backward_g_w_winograd2: contraction (Convolution2D, backward)
+void convolution2d_backward_g_w_winograd2(const float *g_y, const float *x, float *g_w, int B, int H, int IC, int OC, int W);
+
+// convolution2d_backward_g_w_winograd4: contraction (Convolution2D, backward)
+void convolution2d_backward_g_w_winograd4(const float *g_y, const float *x, float *g_w, int B, int H, int IC, int OC, int W);
 
 // linear_forward_y: contraction (Linear, forward)
 void linear_forward_y(const float *w, const float *x, float *y, int B, int C, int IC);

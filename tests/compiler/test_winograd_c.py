@@ -1,77 +1,171 @@
-"""The printed C of the F(2×2, 3×3) forward, compiled with cc, against the direct
-convolution on odd shapes."""
+"""Winograd variants of 3×3 correlations: which kernels get them (the IR match),
+what their C looks like, and that each equals its direct kernel on odd shapes,
+forward, ∂L/∂x and ∂L/∂w, run through the runtime's public path."""
 
-import ctypes
-import shutil
-import subprocess
+from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
+import sympy as sp
 
-from vggen.compiler.targets.c.winograd import forward_source
-from vggen.runtime.winograd import direct_conv2d, winograd_conv2d
+from tests.helpers import REPO
+from vggen.compiler.emit import generate
+from vggen.compiler.passes.winograd import match
+from vggen.compiler.pipeline import lower_network
+from vggen.derive.autodiff import derive
+from vggen.derive.winograd import FLOAT32_BOUND
+from vggen.frontend import zoo
+from vggen.frontend.layers import convolution2d
+from vggen.runtime.algorithms import ALGORITHMS, choose, predicted_ms
+from vggen.runtime.winograd import direct_conv2d, direct_conv2d_weight_gradient
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+# (B, IC, OC, H, W): sizes that are no multiple of any tile, a 1×1 image, one channel,
+# channel counts past a panel (8) and a lane block (32)
+SHAPES = [(3, 5, 7, 9, 11), (1, 1, 1, 1, 1), (2, 3, 4, 6, 13), (1, 33, 9, 5, 3), (2, 8, 40, 4, 7)]
 
-# (B, IC, OC, H, W): H, W odd, or even but not tiles of 2, and 1
-SHAPES = [(2, 3, 5, 7, 9), (1, 1, 1, 1, 1), (3, 4, 2, 6, 11), (1, 16, 8, 13, 3)]
+
+def _kernels(layer):
+    return {k.name: k for k in lower_network([layer], {"K": 1})}
+
+
+# --------------------------------------------------------------------------- the match
+
+
+def test_the_convolution_kernels_match_in_their_forms():
+    ks = _kernels(convolution2d())
+    assert match(ks["convolution2d_forward_y"]).form == "data"
+    assert match(ks["convolution2d_backward_g_x"]).form == "data"
+    assert match(ks["convolution2d_backward_g_w"]).form == "filter"
+
+
+def test_the_input_gradient_reads_the_filter_turned_and_transposed():
+    found = match(_kernels(convolution2d())["convolution2d_backward_g_x"])
+    # tap (0, 0) of ∂L/∂x's filter is w[c, o, 1, 1]: the flip, and o, c swapped
+    assert str(found.taps[0][0]) == "w[vg_wc, vg_wo, 1, 1]"
+    assert str(found.taps[2][2]) == "w[vg_wc, vg_wo, -1, -1]"
+
+
+@pytest.mark.parametrize("name", ["conv3x3_s2", "conv5x5_s2", "conv2x2_s2", "conv3x3_dilated"])
+def test_other_windows_keep_their_direct_kernels(name):
+    entry = zoo.ZOO[name]
+    for k in lower_network([entry.layer()], entry.sizes):
+        assert match(k) is None, k.name
+
+
+def test_a_mutated_correlation_is_not_matched():
+    """A coefficient in the summand, or a guard the zero padding does not explain."""
+    k = _kernels(convolution2d())["convolution2d_forward_y"]
+    r = k.stages[0].reductions[0]
+    for term in (2 * r.term, r.term.xreplace({sp.Symbol("H", integer=True, positive=True): 5})):
+        r_mut = type(r)(**{**r.__dict__, "term": term})
+        stage = type(k.stages[0])(**{**k.stages[0].__dict__, "reductions": [r_mut]})
+        mutated = type(k)(**{**k.__dict__, "stages": [stage]})
+        assert match(mutated) is None
+
+
+# --------------------------------------------------------------------------- the C
 
 
 @pytest.fixture(scope="module")
-def forward(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("winograd_c")
-    source = directory / "winograd_f2x3.c"
-    source.write_text(forward_source(2))
-    library = directory / "winograd_f2x3.so"
-    subprocess.run(["cc", "-O2", "-std=c99", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
-                    "-o", str(library), str(source)], check=True, capture_output=True, text=True)
-    fn = ctypes.CDLL(str(library)).winograd_f2x3_forward
-    fn.restype = None
-    fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 6
-
-    def run(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        b, ic, h, wd = x.shape
-        oc = w.shape[0]
-        tiles = b * -(-h // 2) * -(-wd // 2)
-        y = np.full((b, oc, h, wd), np.nan, dtype=np.float32)
-        U = np.empty(16 * oc * ic, np.float32)
-        V = np.empty(16 * ic * tiles, np.float32)
-        M = np.empty(16 * oc * tiles, np.float32)
-        x, w = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(w, np.float32)
-        fn(b, ic, oc, h, wd, *(a.ctypes.data for a in (x, w, y, U, V, M)))
-        return y
-    return run
+def source():
+    text, kernels = generate([convolution2d()], "c")
+    return text, {g.name: g for g in kernels}
 
 
-def test_transforms_are_printed_from_the_matrices():
-    source = forward_source(2)
-    # (Bᵀ d B)₀₀ with Bᵀ's first row 1, 0, −1, 0
-    assert "v[0] = d[0] - d[2] - d[8] + d[10];" in source
-    assert "u[3] = -g[2];" in source                              # G's last row 0, 0, −1
+def test_each_convolution_kernel_has_two_winograd_variants(source):
+    _, kernels = source
+    for base in ("convolution2d_forward_y", "convolution2d_backward_g_x", "convolution2d_backward_g_w"):
+        for m in (2, 4):
+            g = kernels[f"{base}_winograd{m}"]
+            assert g.algorithm["replaces"] == base and g.algorithm["tile"] == m
+            assert [a.name for a in g.ir.args] == [a.name for a in kernels[base].ir.args]   # same signature
 
 
+def test_variant_structure(source):
+    """Transforms printed as functions over VG_NR lanes, the channel sums through the
+    contractions' micro-kernel, the source equation in the comment."""
+    text, kernels = source
+    code = kernels["convolution2d_forward_y_winograd4"].text
+    assert "//   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j]" in code
+    assert "F(4×4, 3×3) (points 0, 1, -1, 1/2, -2, ∞" in code
+    for part in ("data", "filter", "output"):
+        assert f"static inline void convolution2d_forward_y_winograd4_{part}(" in code
+    assert code.count("vg_tile_outer(") == 1 and "vg_gather(x + " in code and "vg_scatter(y + " in code
+    # Bᵀ's first row for 0, ±1, ½, −2 is 2, 0, −3, −4... times d's column: the printed statement
+    assert re.search(r"const float vg_y0_0 = 2\*vg_src\[0 \* vg_ss \+ vg_t\] - 3\*vg_src\[6 \* vg_ss", code)
+    g_w = kernels["convolution2d_backward_g_w_winograd2"].text
+    assert g_w.count("vg_tile_outer(") == 1 and "vg_k0 > 0);" in g_w      # Σ over tiles in k blocks, in order
+
+
+def test_the_template_holds_no_arithmetic():
+    """Numbers in the Winograd template are loop bounds and offsets of ±1 only:
+    every coefficient comes printed from the transform matrices."""
+    template = (REPO / "templates" / "c" / "winograd.c.j2").read_text()
+    code = re.sub(r"\{#.*?#\}", "", template, flags=re.S)            # template comments
+    code = re.sub(r"//[^\n]*|indent\(\d+(, true)?\)", "", code)         # C comments, layout
+    literals = set(re.findall(r"(?<![\w.])\d+\.\d*f?|(?<![\w.])\d+(?![\w.])", code))
+    assert literals <= {"0", "1", "2", "16", "0.0f"}, literals
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+@pytest.mark.parametrize("algorithm", ["winograd2", "winograd4"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_c_forward_equals_direct_on_odd_shapes(forward, shape):
-    b, ic, oc, h, wd = shape
+def test_variants_equal_the_direct_kernels(c_backend, algorithm, shape):
+    """Forward, ∂L/∂x and ∂L/∂w of the convolution run by the runtime with the
+    algorithm forced, against the direct kernels and float64."""
+    b, ic, oc, h, w = shape
+    conv = convolution2d(1)
+    sizes = {"B": b, "IC": ic, "OC": oc, "H": h, "W": w}
     rng = np.random.default_rng(sum(shape))
-    x = rng.standard_normal((b, ic, h, wd))
-    w = rng.standard_normal((oc, ic, 3, 3))
-    y = forward(x, w)
-    want = direct_conv2d(x, w)
-    assert np.max(np.abs(y - want)) / np.max(np.abs(want)) < 2e-6        # the numpy F(2×2)'s float32 bound
-    np.testing.assert_allclose(y, winograd_conv2d(x.astype(np.float32), w.astype(np.float32), 2),
-                               rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
+    x = rng.standard_normal((b, ic, h, w)).astype(np.float32)
+    wt = rng.standard_normal((oc, ic, 3, 3)).astype(np.float32)
+    gy = rng.standard_normal((b, oc, h, w)).astype(np.float32)
+    back = derive(conv).program
+    results = {}
+    for policy in ("direct", algorithm):
+        c_backend.conv_algorithm = policy
+        c_backend._programs.clear()
+        try:
+            y = c_backend.run(conv, sizes, {"x": x, "w": wt})["y"]
+            grads = c_backend.run(back, sizes, {"x": x, "w": wt, "g_y": gy})
+        finally:
+            c_backend.conv_algorithm = "auto"
+            c_backend._programs.clear()
+        results[policy] = (y, grads["g_x"], grads["g_w"])
+    ref = (direct_conv2d(x.astype(np.float64), wt.astype(np.float64)),
+           direct_conv2d(gy.astype(np.float64), np.ascontiguousarray(wt[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+                         .astype(np.float64)),
+           direct_conv2d_weight_gradient(x.astype(np.float64), gy.astype(np.float64)))
+    bound = FLOAT32_BOUND[int(algorithm[-1])]      # the transforms' float32 error (vggen.derive.winograd)
+    for got, direct, want, what in zip(results[algorithm], results["direct"], ref, ("y", "g_x", "g_w")):
+        scale = np.max(np.abs(want))
+        assert np.max(np.abs(got - want)) / scale < bound, what
+        assert np.max(np.abs(got - direct)) / scale < bound, what
 
 
-def test_c_forward_equals_the_direct_c_kernel(forward, own_op_cache):
-    """Against vggen's own direct convolution kernel (eq. 1 compiled for c), both float32."""
-    import vggen
-    from vggen.frontend.layers import convolution2d
+# --------------------------------------------------------------------------- the choice
 
-    direct = vggen.compile(convolution2d(1), "c")
-    for b, ic, oc, h, wd in SHAPES:
-        rng = np.random.default_rng(h * wd)
-        x = rng.standard_normal((b, ic, h, wd)).astype(np.float32)
-        w = rng.standard_normal((oc, ic, 3, 3)).astype(np.float32)
-        want = direct.forward(x=x, w=w)["y"]
-        assert np.max(np.abs(forward(x, w) - want)) / np.max(np.abs(want)) < 2e-6
+
+def test_the_cost_model_picks_winograd_for_wide_layers_and_direct_for_the_image():
+    wide = dict(B=64, C=64, O=64, H=32, W=32)
+    assert min(ALGORITHMS, key=lambda a: predicted_ms("data", a, **wide)) == "winograd4"
+    image = dict(B=64, C=3, O=64, H=32, W=32)
+    assert min(ALGORITHMS, key=lambda a: predicted_ms("filter", a, **image)) == "direct"
+
+
+def test_choose_takes_the_forced_then_the_recorded_then_the_model(c_backend):
+    spec = next(s for s in c_backend.kernels if s.name == "convolution2d_forward_y")
+    alts = c_backend.manifest.alternatives(spec)
+    assert sorted(a.algorithm for a in alts) == ["winograd2", "winograd4"]
+    sizes = {"B": 64, "H": 32, "IC": 64, "OC": 64, "W": 32}
+    assert choose(spec, alts, sizes, "direct") is spec
+    assert choose(spec, alts, sizes, "winograd2").algorithm == "winograd2"
+    assert choose(spec, alts, sizes).algorithm == "winograd4"                 # the model
+    recorded = type(spec)(**{**spec.__dict__, "entry": {**spec.entry, "measured": [
+        {"sizes": sizes, "algorithm": "winograd2", "ms": {}}]}})
+    assert choose(recorded, alts, sizes).algorithm == "winograd2"
+    assert choose(recorded, alts, {**sizes, "B": 8}).algorithm == "winograd4"  # other sizes: the model

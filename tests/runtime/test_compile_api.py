@@ -20,6 +20,8 @@ one-line errors, and a small model trained through a vggen op.
 
 from __future__ import annotations
 
+import re
+
 import os
 import shutil
 import subprocess
@@ -253,7 +255,9 @@ def test_only_the_gradients_autograd_asks_for_are_computed():
     finally:
         fn.op.backend.profiler = None
     assert g.shape == w.shape
-    assert launched.names == ["convolution2d_forward_y", "convolution2d_backward_g_w"]
+    # each by whichever algorithm runs it (direct or Winograd: the runtime's choice)
+    assert [re.sub(r"_winograd\d$", "", n) for n in launched.names] == \
+        ["convolution2d_forward_y", "convolution2d_backward_g_w"]
 
 
 @needs_cc

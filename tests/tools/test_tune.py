@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import os
 import subprocess
 import sys
 
@@ -135,5 +136,34 @@ def test_tune_without_a_gpu_is_one_line(tmp_path):
 
     if cuda_available():
         pytest.skip("a GPU is present")
-    res = subprocess.run([sys.executable, "-m", "vggen", "tune"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "vggen", "tune", "--target", "cuda"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "needs CuPy and a GPU" in res.stderr
+
+
+def test_tune_on_c_records_each_convolutions_fastest_algorithm(tmp_path):
+    """`vggen tune --target c` into a copy of generated/: algorithms.json, then the
+    manifest lists the records beside the direct kernels, and the build is current."""
+    import shutil
+
+    from tests.helpers import REPO
+    from vggen.compiler.emit import build
+
+    gen = tmp_path / "generated"
+    shutil.copytree(REPO / "generated", gen)
+    res = subprocess.run([sys.executable, "-m", "vggen", "tune", "--target", "c", "--width", "2",
+                          "--batch-size", "2", "--generated", str(gen)], capture_output=True, text=True,
+                         env={**os.environ, "VGGEN_CACHE_DIR": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr
+    assert "measured choices" in res.stdout
+    record = json.loads((gen / "algorithms.json").read_text())
+    assert set(record["kernels"]) == {"convolution2d_forward_y", "convolution2d_backward_g_x",
+                                      "convolution2d_backward_g_w"}
+    for recs in record["kernels"].values():
+        for r in recs:
+            assert set(r["ms"]) == {"direct", "winograd2", "winograd4"}
+            assert r["ms"][r["algorithm"]] == min(r["ms"].values())      # rounding keeps the order
+    manifest = json.loads((gen / "manifest.json").read_text())
+    listed = {e["name"]: e.get("measured") for e in manifest["kernels"] if e["target"] == "c"}
+    assert listed["convolution2d_forward_y"] == record["kernels"]["convolution2d_forward_y"]
+    assert manifest["algorithms"]["file"] == "algorithms.json"
+    assert build(gen, check=True) == []

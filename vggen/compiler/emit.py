@@ -48,6 +48,7 @@ from vggen.atomic import write_atomic
 from vggen.compiler.ir import Kernel, layer_slug
 from vggen.compiler.pipeline import lower_network
 from vggen.compiler.targets.base import GeneratedKernel, Target, environment, number
+from vggen.compiler.targets.c.measured import ALGORITHMS_FILE, load_records
 from vggen.compiler.targets.c.target import CTarget
 from vggen.compiler.targets.cuda.constants import THREADS as CUDA_THREADS
 from vggen.compiler.targets.cuda.schedule import TUNING_FILE, Tuning, load_tuning
@@ -102,7 +103,10 @@ def render(kernels: list[Kernel], target_name: str, env: jinja2.Environment | No
     tgt = get_target(target_name, cuda_contraction=cuda_contraction, tuning=tuning)
     env = env or environment()
     kernels = tgt.prepare(kernels)
-    out = [tgt.render_kernel(k, env) for k in kernels]
+    out = []
+    for k in kernels:
+        out.append(tgt.render_kernel(k, env))
+        out += tgt.variants(k, env)
     what = ", ".join(dict.fromkeys(k.layer for k in kernels))
     return tgt.render_file(out, what, env), out
 
@@ -132,6 +136,8 @@ def manifest_entry(g: GeneratedKernel, file: str) -> dict:
         "specialise": {str(s): number(v) for s, v in sorted(k.specialise.items(), key=lambda kv: str(kv[0]))},
         "sha256": g.sha256,
     }
+    if g.algorithm is not None:
+        entry["algorithm"] = g.algorithm
     entry.update(get_target(g.target).manifest(g))
     return entry
 
@@ -157,9 +163,12 @@ def generated_layers() -> list:
 
 
 def outputs(layers=None, specialise: dict | None = None, *,
-            cuda_contraction: str = CUDA_CONTRACTION, tuning: Tuning | None = None) -> dict[str, str]:
+            cuda_contraction: str = CUDA_CONTRACTION, tuning: Tuning | None = None,
+            measured: dict | None = None) -> dict[str, str]:
     """Every file ``build`` writes: path relative to the output dir → text
-    (``tuning``: the measured tile choices compiled into the CUDA kernels)."""
+    (``tuning``: the measured tile choices compiled into the CUDA kernels;
+    ``measured``: the C algorithm choices ``vggen tune --target c`` recorded,
+    listed in the manifest beside the kernels they are for)."""
     layers = generated_layers() if layers is None else list(layers)
     specialise = VGG_SPECIALISE if specialise is None else specialise
     files: dict[str, str] = {}
@@ -170,6 +179,9 @@ def outputs(layers=None, specialise: dict | None = None, *,
     files[C_SOURCE] = c_text
     files[C_HEADER] = CTarget().header(c_kernels, env)
     entries += [manifest_entry(g, C_SOURCE) for g in c_kernels]
+    for entry in entries:
+        if measured and measured["kernels"].get(entry["name"]):
+            entry["measured"] = measured["kernels"][entry["name"]]
     for layer in layers:
         path = f"cuda/{layer_slug(layer.name)}.cu"
         if path in files:
@@ -185,6 +197,8 @@ def outputs(layers=None, specialise: dict | None = None, *,
         "cuda_contraction": cuda_contraction,
         "tuning": ({"file": TUNING_FILE, "device": tuning.device} if tuning is not None and tuning.kernels
                    else None),
+        "algorithms": ({"file": ALGORITHMS_FILE, "device": measured["device"]}
+                       if measured and measured["kernels"] else None),
         "files": {path: hashlib.sha256(text.encode()).hexdigest() for path, text in files.items()},
         "kernels": entries,
     }
@@ -211,13 +225,18 @@ def build(out_dir="generated", check: bool = False, *, cuda_contraction: str = C
     missing, differing from what a build would write, or left over.  Empty
     means up to date.  ``cuda_contraction``: see ``CUDA_CONTRACTION``.
     ``out_dir/tuning.json`` (``vggen tune``), where present, is an input:
-    its measured tile choices are compiled into the tiled CUDA kernels.
+    its measured tile choices are compiled into the tiled CUDA kernels;
+    ``out_dir/algorithms.json`` (``vggen tune --target c``) likewise lists the
+    measured algorithm choices in the manifest.
     """
     out = Path(out_dir)
     options = {} if cuda_contraction == CUDA_CONTRACTION else {"cuda_contraction": cuda_contraction}
     tuning = load_tuning(out / TUNING_FILE)
     if tuning is not None:
         options["tuning"] = tuning
+    measured = load_records(out / ALGORITHMS_FILE)
+    if measured["kernels"]:
+        options["measured"] = measured
     files = {out / rel: text.encode() for rel, text in outputs(**options).items()}
     if check:
         leftovers = [f for f in _ours(out) if f not in files]

@@ -49,6 +49,7 @@ import sympy as sp
 from vggen.errors import VggenError
 from vggen.frontend.lang import Layer
 from vggen.manifest import ArgSpec, KernelSpec, check_manifest_shape, read_manifest
+from vggen.runtime.algorithms import choose as choose_algorithm
 
 DTYPES = {"float": np.dtype(np.float32), "int": np.dtype(np.int32)}
 
@@ -236,7 +237,8 @@ class KernelProgram(Program):
         if not specs:
             raise VggenError(f"no {backend.manifest_target} kernels for layer {layer.name} in "
                              f"{backend.manifest.path}: regenerate the kernels (`vggen build`)")
-        self.calls = [self._bind(spec) for spec in specs]
+        specs = [backend.algorithm_for(spec, self.sizes) for spec in specs]
+        self.calls = [self.bind(spec) for spec in specs]
         # tensor -> the kernels of this program that read it: a skipped
         # gradient another kernel reads must still be computed
         self.readers: dict = {}
@@ -245,7 +247,8 @@ class KernelProgram(Program):
                 if name not in call.writes:
                     self.readers.setdefault(name, set()).add(call.name)
 
-    def _bind(self, spec: KernelSpec) -> KernelCall:
+    def bind(self, spec: KernelSpec) -> KernelCall:
+        """``spec`` bound to this program's layer and sizes (checked)."""
         tensors, sizes = [], []
         for a in spec.args:
             if a.kind == "size":
@@ -372,6 +375,9 @@ class KernelBackend(Backend):
 
     manifest_target = "?"
     bound_call: type = BoundCall        # what KernelProgram.launches returns
+    # which algorithm runs a kernel that has several (vggen.runtime.algorithms):
+    # "auto" (measured, else the cost model's), or one forced where a kernel has it
+    conv_algorithm = "auto"
 
     def __init__(self, generated: str | Path | None = None, *, allow_modified_kernels: bool = False):
         super().__init__()
@@ -392,6 +398,11 @@ class KernelBackend(Backend):
 
     def _prepare(self, layer: Layer, sizes: Mapping[str, int]) -> KernelProgram:
         return KernelProgram(self, layer, sizes)
+
+    def algorithm_for(self, spec: KernelSpec, sizes: Mapping[str, int]) -> KernelSpec:
+        """The kernel that runs ``spec``'s work at ``sizes`` (``spec`` or another
+        algorithm's kernel, see :mod:`vggen.runtime.algorithms`)."""
+        return choose_algorithm(spec, self.manifest.alternatives(spec), sizes, self.conv_algorithm)
 
     # ---- the target's hooks
     def function(self, spec: KernelSpec):       # pragma: no cover - abstract

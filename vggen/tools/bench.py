@@ -53,6 +53,7 @@ class BenchResult:
     fused: bool = True                  # BN → ReLU (→ dropout) run as one layer
     graph: bool = False                 # steps replayed as CUDA graphs
     model: str = DEFAULT                # vggen.model.architecture: a shipped name or a file
+    conv_algorithm: str = "auto"        # vggen.runtime.algorithms: how 3×3 convolutions run
 
     @property
     def ratio(self) -> float | None:
@@ -61,6 +62,7 @@ class BenchResult:
     def as_dict(self) -> dict:
         return {"target": self.target, "device": self.device, "batch_size": self.batch_size,
                 "width": self.width, "model": self.model, "fused": self.fused, "cuda_graph": self.graph,
+                "conv_algorithm": self.conv_algorithm,
                 "step_seconds": self.step_seconds,
                 "images_per_s": self.images_per_s, "torch_step_seconds": self.torch_step_seconds,
                 "torch_images_per_s": self.torch_images_per_s, "ratio": self.ratio,
@@ -143,9 +145,11 @@ class _Profiler:
 # --------------------------------------------------------------------------- vggen
 
 
-def _kernel_work(net: Network, batch: int, manifest_specs, target: str) -> dict:
+def _kernel_work(net: Network, batch: int, manifest_specs, target: str, backend=None) -> dict:
     """FLOPs and bytes per generated kernel name, summed over the network's calls
-    (the layers', forward and backward, then the running statistics and the update)."""
+    (the layers', forward and backward, then the running statistics and the update).
+    A kernel run by another algorithm (``backend.algorithm_for``: Winograd) is
+    credited with the direct kernel's FLOPs: its GFLOP/s are effective ones."""
     from vggen.frontend.layers import batch_normalization_running
     from vggen.frontend.updates import sgd_momentum
     from vggen.manifest import kernels_for
@@ -161,19 +165,23 @@ def _kernel_work(net: Network, batch: int, manifest_specs, target: str) -> dict:
         consts = size_values(layer, sizes)
         shapes = tensor_shapes(layer, consts)
         for spec in kernels_for(manifest_specs, target, layer):
+            name = spec.name
+            if backend is not None and hasattr(backend, "algorithm_for"):
+                name = backend.algorithm_for(spec, {s.name: v for s, v in consts.items()}).name
             for eq in layer.equations:
                 if eq.target not in spec.writes:
                     continue
                 out = int(np.prod(shapes[eq.target]))
-                work[spec.name][0] += 2.0 * out * reduction_extent(eq, consts)
-            work[spec.name][1] += 4.0 * sum(int(np.prod(shapes[a.name])) for a in spec.tensors)
+                work[name][0] += 2.0 * out * reduction_extent(eq, consts)
+            work[name][1] += 4.0 * sum(int(np.prod(shapes[a.name])) for a in spec.tensors)
     return work
 
 
 def _vggen_step(target: str, batch: int, width: int, steps: int, warmup: int, seed: int,
                 fuse: bool | None = None, graph: bool = False, allow_modified_kernels: bool = False,
-                model: str = DEFAULT):
+                model: str = DEFAULT, conv_algorithm: str = "auto"):
     backend = get_backend(target, allow_modified_kernels=allow_modified_kernels)
+    backend.conv_algorithm = conv_algorithm
     net = Network(backend, width=width, dropout=False, seed=seed, fuse=fuse, model=model)
     opt = SGD(net.params, net.grads, backend, MOMENTUM, WEIGHT_DECAY, flat=(net.flat_params, net.flat_grads))
     rng = np.random.default_rng(seed)
@@ -210,7 +218,7 @@ def _vggen_step(target: str, batch: int, width: int, steps: int, warmup: int, se
     for b in backends:
         b.profiler = None
     work = _kernel_work(net, batch, backend.specs, backend.manifest_target
-                        if hasattr(backend, "manifest_target") else "cuda")
+                        if hasattr(backend, "manifest_target") else "cuda", backend)
     kernels = [KernelTime(name, calls // profiled, sec / profiled, work[name][0], work[name][1])
                for name, (calls, sec) in prof.totals.items()]
     kernels.sort(key=lambda k: -k.seconds)
@@ -324,7 +332,7 @@ def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, se
 def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: int = 20,
           warmup: int = 3, seed: int = 0, torch: bool = True, fuse: bool | None = None,
           graph: bool = False, allow_modified_kernels: bool = False,
-          model: str = DEFAULT) -> BenchResult:
+          model: str = DEFAULT, conv_algorithm: str = "auto") -> BenchResult:
     if batch_size < 1:
         raise VggenError(f"--batch-size must be at least 1, got {batch_size}")
     if width < 1:
@@ -336,9 +344,10 @@ def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: in
         raise VggenError("vggen bench measures the generated kernels: use --target c or cuda")
     load_model(model)
     seconds, kernels, device, fused = _vggen_step(target, batch_size, width, steps, warmup, seed, fuse,
-                                                  graph, allow_modified_kernels, model=model)
+                                                  graph, allow_modified_kernels, model=model,
+                                                  conv_algorithm=conv_algorithm)
     result = BenchResult(target, device, batch_size, width, seconds, batch_size / seconds,
-                         kernels=kernels, fused=fused, graph=graph, model=model)
+                         kernels=kernels, fused=fused, graph=graph, model=model, conv_algorithm=conv_algorithm)
     if torch:
         t, note = _torch_step(target, batch_size, width, steps, warmup, seed, model=model)
         result.torch_note = note
@@ -351,7 +360,8 @@ def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: in
 def format_table(r: BenchResult) -> str:
     lines = [f"vggen bench: {r.target} on {r.device}, batch {r.batch_size}, width {r.width}"
              f"{'' if r.model == DEFAULT else f', model {r.model}'}"
-             f"{'' if r.fused else ', unfused'}{', CUDA graphs' if r.graph else ''}",
+             f"{'' if r.fused else ', unfused'}{', CUDA graphs' if r.graph else ''}"
+             f"{'' if r.conv_algorithm == 'auto' else f', convolutions {r.conv_algorithm}'}",
              f"  vggen   {r.step_seconds * 1e3:9.2f} ms/step  {r.images_per_s:10.1f} images/s"]
     if r.torch_images_per_s:
         lines.append(f"  PyTorch {r.torch_step_seconds * 1e3:9.2f} ms/step  "
@@ -367,4 +377,6 @@ def format_table(r: BenchResult) -> str:
         lines.append(f"  {k.name:45s} {k.calls:5d} {k.seconds * 1e3:9.3f} {k.seconds / total:6.1%} "
                      f"{gflops:9.1f} {gbs:8.1f}")
     lines.append(f"  {'(kernels, total)':45s} {'':5s} {total * 1e3:9.3f}")
+    if any("_winograd" in k.name for k in r.kernels):
+        lines.append("  (a _winograd kernel's GFLOP/s count the direct convolution's work: effective)")
     return "\n".join(lines)

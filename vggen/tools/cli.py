@@ -107,7 +107,8 @@ def _cmd_bench(args) -> int:
 
     result = bench(args.target, args.batch_size, args.width, args.steps, args.warmup, args.seed,
                    torch=not args.no_torch, fuse=args.fuse, graph=args.cuda_graph,
-                   allow_modified_kernels=args.allow_modified_kernels, model=args.model)
+                   allow_modified_kernels=args.allow_modified_kernels, model=args.model,
+                   conv_algorithm=args.conv_algorithm)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -116,17 +117,35 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from vggen.runtime import cuda_available
+    from vggen.runtime import cuda_available, resolve_target
+
+    target = resolve_target(args.target)
+    if target == "c":
+        return _tune_c(args)
+    if target != "cuda":
+        raise VggenError("vggen tune times generated kernels: use --target c or cuda")
     from vggen.tools.tune import tune
 
     if not cuda_available():
-        raise VggenError("vggen tune times the CUDA kernels: it needs CuPy and a GPU")
+        raise VggenError("vggen tune --target cuda times the CUDA kernels: it needs CuPy and a GPU")
     path, record, summary = tune(args.batch_size, args.width, args.generated)
     model = sum(m for m, _ in summary.values())
     best = sum(b for _, b in summary.values())
     kept = sum(len(v) for v in record.kernels.values())
     print(f"wrote {path} ({kept} measured choices, {record.device}) and rebuilt the kernels; "
           f"the {len(summary)} products take {best:.2f} ms with them, {model:.2f} ms with the model's choices")
+    return 0
+
+
+def _tune_c(args) -> int:
+    from vggen.tools.tune_algorithms import tune
+
+    path, record, summary = tune(args.batch_size, args.width, args.generated)
+    direct = sum(d for d, _ in summary.values())
+    best = sum(b for _, b in summary.values())
+    print(f"wrote {path} ({sum(len(v) for v in record['kernels'].values())} measured choices, "
+          f"{record['device']}) and rebuilt the kernels; the {len(summary)} convolution kernels take "
+          f"{best:.1f} ms with the fastest algorithms, {direct:.1f} ms direct")
     return 0
 
 
@@ -229,6 +248,10 @@ def _network_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-modified-kernels", action="store_true",
                    help="run generated sources that differ from generated/manifest.json "
                         "(hand edits); without it they are refused")
+    p.add_argument("--conv-algorithm", choices=("auto", "direct", "winograd2", "winograd4"), default="auto",
+                   help="c: how the 3×3 convolutions run: direct, or Winograd F(2×2, 3×3) / F(4×4, 3×3); "
+                        "auto (the default) takes what `vggen tune --target c` measured, else a cost model's "
+                        "choice, per layer")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -351,10 +374,15 @@ def parser() -> argparse.ArgumentParser:
                         "(e.g. sample_norm: whether its backward's work is linear)")
     m.set_defaults(func=_cmd_bench)
 
-    u = sub.add_parser("tune", help="time the tiled CUDA kernels' schedules on the GPU; record the fastest",
-                       description="Replay every tiled product of a training step under each candidate "
-                                   "tile configuration and split count, record the fastest in "
-                                   "generated/tuning.json, and rebuild the kernels with them.")
+    u = sub.add_parser("tune", help="time the kernels' schedules (cuda) or algorithms (c); record the fastest",
+                       description="cuda: replay every tiled product of a training step under each "
+                                   "candidate tile configuration and split count, record the fastest in "
+                                   "generated/tuning.json.  c: replay every 3×3 convolution kernel under "
+                                   "each algorithm (direct, Winograd F(2×2, 3×3), F(4×4, 3×3)), record "
+                                   "the fastest in generated/algorithms.json.  Then rebuild the kernels "
+                                   "(the manifest lists the records).")
+    u.add_argument("--target", choices=("auto", "c", "cuda"), default="auto",
+                   help="kernel backend (default: auto = cuda if a GPU and CuPy are present, else c)")
     u.add_argument("--batch-size", type=int, nargs="+", default=[64], metavar="N",
                    help="batch sizes whose products to tune (default: 64)")
     u.add_argument("--width", type=int, default=64, help="channels of the first stage, C1 (default: 64)")

@@ -127,6 +127,7 @@ class TrainConfig:
     accumulate: int = 1             # micro-batches of batch_size per rank and step (gradients added)
     check_every: int = 100          # several ranks: compare the ranks' parameters every N steps
     sync_bn: bool = False           # several ranks: BatchNormalization over the global batch (vggen.distributed.syncbn)
+    conv_algorithm: str = "auto"    # how 3×3 convolutions run (vggen.runtime.algorithms): auto, direct, winograd2/4
 
 
 # The options that define a run's trajectory: a resumed run keeps the checkpoint's.
@@ -353,7 +354,9 @@ def _check_ranks(header: dict, path, comm: Comm) -> None:
 def _setup_backend(target: str, config: TrainConfig, comm: Comm):
     if target == "cuda" and comm.size > 1:
         select_device(comm)
-    return get_backend(target, allow_modified_kernels=config.allow_modified_kernels)
+    backend = get_backend(target, allow_modified_kernels=config.allow_modified_kernels)
+    backend.conv_algorithm = config.conv_algorithm
+    return backend
 
 
 def _load_data(config: TrainConfig, split: Split):

@@ -35,6 +35,7 @@ class GeneratedKernel:
     schedule: Any = None           # the target's schedule of it
     used: set = field(default_factory=set)      # the vg_* helpers its code calls
     fallback: str | None = None    # CUDA: the name of a tiled kernel's simple-schedule copy
+    algorithm: dict | None = None  # another algorithm for a kernel (its name, the kernel it replaces)
 
     @property
     def name(self) -> str:
@@ -56,6 +57,11 @@ class Target(Protocol):
     def schedule(self, kernel: Kernel) -> Any: ...
 
     def render_kernel(self, kernel: Kernel, env: jinja2.Environment) -> GeneratedKernel: ...
+
+    def variants(self, kernel: Kernel, env: jinja2.Environment) -> list[GeneratedKernel]:
+        """Kernels computing the same as ``kernel`` by other algorithms, with its
+        signature (``GeneratedKernel.algorithm`` names each); may be none."""
+        ...
 
     def render_file(self, kernels: list[GeneratedKernel], what: str, env: jinja2.Environment) -> str: ...
 

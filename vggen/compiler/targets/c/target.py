@@ -16,6 +16,7 @@ from vggen.compiler.targets.base import (
 from vggen.compiler.targets.c import schedule as c_schedule
 from vggen.compiler.targets.c.coalesce import coalesce_rows
 from vggen.compiler.targets.c.printer import CPrinter
+from vggen.compiler.targets.c.winograd import variants as winograd_variants
 from vggen.compiler.targets.c.schedule import C_GEMM_BLOCKS, Schedule
 
 
@@ -50,6 +51,10 @@ class CTarget:
                                                                      comment=comment(kernel))
         return GeneratedKernel(kernel, self.name, tidy(text), schedule=sched, used=p.used)
 
+    def variants(self, kernel: Kernel, env: jinja2.Environment) -> list[GeneratedKernel]:
+        """Winograd F(2×2, 3×3) and F(4×4, 3×3) for a 3×3 stride-1 correlation."""
+        return winograd_variants(kernel, env)
+
     def render_file(self, kernels: list[GeneratedKernel], what: str, env: jinja2.Environment) -> str:
         blocks = [", ".join(f"{k} = {v}" for k, v in list(C_GEMM_BLOCKS.items())[i:i + 5])
                   for i in range(0, len(C_GEMM_BLOCKS), 5)]
@@ -59,6 +64,8 @@ class CTarget:
 
     def manifest(self, g: GeneratedKernel) -> dict:
         k, sched = g.ir, g.schedule
+        if sched is None:           # another algorithm's kernel: its own template, no schedule of ours
+            return {}
         out = {"vector_loop": str(sched.vector), "row_accumulator": sched.row,
                "interior_split": sched.region is not None, "loops": [lp.var.name for lp in k.parallel]}
         gm = sched.gemm

@@ -1,128 +1,144 @@
-"""C for the Winograd forward convolution, its transforms printed from the
-matrices of :mod:`vggen.derive.winograd` by the C printer.
+"""C for the Winograd variants of a 3×3 correlation (``vggen.compiler.passes.winograd``).
 
-Each transform is one function whose statements are the entries of
-Bᵀ d B, G g Gᵀ and Aᵀ M A, expanded symbolically and printed (float32
-literals, no hand-written coefficient).  The driver around them only moves
-data: it cuts padded n×n tiles, calls the data and filter transforms, does the
-channel sums as one plain matrix product per transform position, and calls
-the output transform; its loops hold index arithmetic only.  It is a reference
-for the layout the packed-GEMM kernel is to take, not a fast kernel, and is not
-part of generated/ (nothing in the network calls it yet).
+A matched contraction gets, beside its direct kernel, one variant per tile
+size m (``ALGORITHMS``): ``<kernel>_winograd<m>``, with the direct kernel's
+signature, so that the runtime may call either (``vggen.runtime.algorithms``).
+The variant runs transform → batched matrix product → inverse transform
+(``templates/c/winograd.c.j2``):
+
+* every transform is one ``static inline`` function whose statements are
+  Z = L X Rᵀ for the matrices of ``vggen.derive.winograd`` (exact rationals,
+  printed as float32 literals, the product L X first, then ·Rᵀ, each
+  intermediate a local), run over ``VG_NR`` lanes (tiles or channels) at once;
+* the n² channel sums per tile are products of packed panels, run by the
+  contractions' own micro-kernel (``vg_tile_outer``);
+* the reads of the data, the filter taps, ∂L/∂y and the stores are the
+  kernel's own IR expressions, printed at the template's index names.
+
+The template holds loops, packing and blocking only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
+import jinja2
 import sympy as sp
 
+from vggen.compiler.ir import Kernel
+from vggen.compiler.passes.winograd import IN_CHANNEL, OUT_CHANNEL, WinogradMatch, match
+from vggen.compiler.symbolic import row_major_offset
+from vggen.compiler.targets.base import GeneratedKernel, comment, tidy
 from vggen.compiler.targets.c.printer import CPrinter
-from vggen.derive.winograd import WinogradTransforms, forward_transforms
+from vggen.derive.winograd import WinogradTransforms, forward_transforms, weight_gradient_transforms
+
+# The tile sizes m generated for every matched kernel: F(2×2, 3×3) and F(4×4, 3×3)
+# (for ∂L/∂w, F(3×3, 2×2) and F(3×3, 4×4)).
+ALGORITHMS = (2, 4)
 
 
-def _assignments(out: str, matrix: sp.Matrix, inputs: dict) -> list[str]:
-    """``out[k] = …;`` for each entry of ``matrix`` (row-major), its symbols
-    printed as ``inputs`` names them."""
-    printer = CPrinter({}, aliases=inputs)
-    return [f"    {out}[{i * matrix.cols + j}] = {printer.code(sp.expand(matrix[i, j]))};"
-            for i in range(matrix.rows) for j in range(matrix.cols)]
+def algorithm_name(m: int) -> str:
+    return f"winograd{m}"
 
 
-def _symbol_grid(name: str, rows: int, cols: int):
-    grid = sp.Matrix(rows, cols, lambda i, j: sp.Symbol(f"{name}_{i}_{j}"))
-    aliases = {grid[i, j]: f"{name}[{i * cols + j}]" for i in range(rows) for j in range(cols)}
-    return grid, aliases
+def variant_name(kernel: str, m: int) -> str:
+    return f"{kernel}_{algorithm_name(m)}"
 
 
-def transform_functions(t: WinogradTransforms, prefix: str) -> str:
-    """The three transforms of ``t`` as static C functions."""
-    n, m, r = t.n, t.m, t.r
-    d, d_names = _symbol_grid("d", n, n)
-    g, g_names = _symbol_grid("g", r, r)
-    M, m_names = _symbol_grid("M", n, n)
-    parts = [
-        f"/* V = Bᵀ d B for one {n}×{n} tile d (row-major). */",
-        f"static void {prefix}_data(const float *restrict d, float *restrict v)\n{{",
-        *_assignments("v", t.BT * d * t.BT.T, d_names), "}\n",
-        f"/* U = G g Gᵀ for one {r}×{r} filter g. */",
-        f"static void {prefix}_filter(const float *restrict g, float *restrict u)\n{{",
-        *_assignments("u", t.G * g * t.G.T, g_names), "}\n",
-        f"/* Y = Aᵀ M A: one {m}×{m} output tile. */",
-        f"static void {prefix}_output(const float *restrict M, float *restrict y)\n{{",
-        *_assignments("y", t.AT * M * t.AT.T, m_names), "}\n",
-    ]
-    return "\n".join(parts)
+@dataclass(frozen=True)
+class Transform:
+    """One printed transform Z = L X Rᵀ: ``X`` read from ``vg_src[(a·cols + b)·vg_ss + vg_t]``,
+    ``Z`` written to ``vg_dst[(i·R.rows + j)·vg_ds + vg_t]``."""
+
+    name: str
+    what: str
+    statements: tuple
 
 
-def forward_source(m: int = 2) -> str:
-    """A C file defining ``winograd_f{m}x3_forward`` (see its comment)."""
-    t = forward_transforms(m)
-    n, prefix = t.n, f"winograd_f{m}x3"
-    return f"""/* Winograd {t.name} forward convolution, 3×3, stride 1, zero padding 1, NCHW.
-   Printed by vggen.compiler.targets.c.winograd from Toom–Cook transforms on the
-   points {", ".join(map(str, t.points))}, ∞. */
-#include <stddef.h>
-#include <string.h>
-
-{transform_functions(t, prefix)}
-/* y (B, OC, H, W) from x (B, IC, H, W) and w (OC, IC, 3, 3).  Workspace:
-   U: {n * n}·OC·IC, V: {n * n}·IC·T, M: {n * n}·OC·T floats, T = B·⌈H/{m}⌉·⌈W/{m}⌉. */
-void {prefix}_forward(int B, int IC, int OC, int H, int W, const float *restrict x,
-                      const float *restrict w, float *restrict y, float *restrict U,
-                      float *restrict V, float *restrict M)
-{{
-    const int TH = (H + {m - 1}) / {m}, TW = (W + {m - 1}) / {m};
-    const long T = (long)B * TH * TW;
-    float tile[{n * n}], out[{n * n}];
-    for (int oc = 0; oc < OC; ++oc)
-        for (int ic = 0; ic < IC; ++ic) {{
-            {prefix}_filter(w + ((long)oc * IC + ic) * 9, out);
-            for (int k = 0; k < {n * n}; ++k)
-                U[((long)k * OC + oc) * IC + ic] = out[k];
-        }}
-    for (int b = 0; b < B; ++b)
-        for (int ic = 0; ic < IC; ++ic)
-            for (int th = 0; th < TH; ++th)
-                for (int tw = 0; tw < TW; ++tw) {{
-                    const long t = ((long)b * TH + th) * TW + tw;
-                    for (int u = 0; u < {n}; ++u)
-                        for (int v = 0; v < {n}; ++v) {{
-                            const int i = th * {m} + u - 1, j = tw * {m} + v - 1;
-                            tile[u * {n} + v] = (i >= 0 && i < H && j >= 0 && j < W)
-                                ? x[(((long)b * IC + ic) * H + i) * W + j] : 0.0f;
-                        }}
-                    {prefix}_data(tile, out);
-                    for (int k = 0; k < {n * n}; ++k)
-                        V[((long)k * IC + ic) * T + t] = out[k];
-                }}
-    /* one (OC × IC)·(IC × T) product per transform position */
-    for (int k = 0; k < {n * n}; ++k)
-        for (int oc = 0; oc < OC; ++oc) {{
-            float *restrict row = M + ((long)k * OC + oc) * T;
-            memset(row, 0, sizeof(float) * (size_t)T);
-            for (int ic = 0; ic < IC; ++ic) {{
-                const float a = U[((long)k * OC + oc) * IC + ic];
-                const float *restrict col = V + ((long)k * IC + ic) * T;
-                for (long t = 0; t < T; ++t)
-                    row[t] += a * col[t];
-            }}
-        }}
-    for (int b = 0; b < B; ++b)
-        for (int oc = 0; oc < OC; ++oc)
-            for (int th = 0; th < TH; ++th)
-                for (int tw = 0; tw < TW; ++tw) {{
-                    const long t = ((long)b * TH + th) * TW + tw;
-                    for (int k = 0; k < {n * n}; ++k)
-                        tile[k] = M[((long)k * OC + oc) * T + t];
-                    {prefix}_output(tile, out);
-                    for (int p = 0; p < {m}; ++p)
-                        for (int q = 0; q < {m}; ++q) {{
-                            const int i = th * {m} + p, j = tw * {m} + q;
-                            if (i < H && j < W)
-                                y[(((long)b * OC + oc) * H + i) * W + j] = out[p * {m} + q];
-                        }}
-                }}
-}}
-"""
+def separable(name: str, what: str, L: sp.Matrix, R: sp.Matrix) -> Transform:
+    """The statements of Z = L X Rᵀ, X an L.cols × R.cols grid, over one lane."""
+    rows, cols = L.cols, R.cols
+    X = sp.Matrix(rows, cols, lambda a, b: sp.Symbol(f"vg_x{a}_{b}"))
+    Y = sp.Matrix(L.rows, cols, lambda i, b: sp.Symbol(f"vg_y{i}_{b}"))
+    aliases = {X[a, b]: f"vg_src[{a * cols + b} * vg_ss + vg_t]" for a in range(rows) for b in range(cols)}
+    aliases.update({Y[i, b]: Y[i, b].name for i in range(L.rows) for b in range(cols)})
+    p = CPrinter({}, aliases=aliases)
+    out = []
+    LX = L * X
+    for i in range(L.rows):
+        for b in range(cols):
+            out.append(f"const float {Y[i, b].name} = {p.code(sp.expand(LX[i, b]))};")
+    Z = Y * R.T
+    for i in range(Z.rows):
+        for j in range(Z.cols):
+            out.append(f"vg_dst[{i * Z.cols + j} * vg_ds + vg_t] = {p.code(sp.expand(Z[i, j]))};")
+    return Transform(name, what, tuple(out))
 
 
-__all__ = ["transform_functions", "forward_source"]
+def _transforms(prefix: str, t: WinogradTransforms) -> dict:
+    n = t.n
+    return {
+        "data": separable(f"{prefix}_data", f"V = Bᵀ d B for {n}×{n} data tiles", t.BT, t.BT),
+        "filter": separable(f"{prefix}_filter", f"U = G g Gᵀ for {t.r}×{t.r} filters", t.G, t.G),
+        "output": separable(f"{prefix}_output", f"Y = Aᵀ M A, {t.m}×{t.m} outputs", t.AT, t.AT),
+    }
+
+
+@dataclass(frozen=True)
+class Access:
+    """A tensor access split for a gather: ``tensor[offset + channel·stride]``,
+    ``offset`` at channel 0 (the same for every channel, tabled once per tile block)."""
+
+    tensor: str
+    offset: str
+    stride: str
+
+
+def _access(read: sp.Indexed, channel: sp.Symbol, tensors: dict, p: CPrinter) -> Access:
+    t = tensors[str(read.base.label)]
+    offset = row_major_offset(read.indices, t)
+    stride = sp.expand(offset).coeff(channel)
+    if stride.has(channel) or sp.expand(offset - stride * channel).has(channel):
+        raise ValueError(f"{read}: not affine in {channel}")
+    return Access(p.ident(t.name), p.code(offset.xreplace({channel: 0})), p.code(stride))
+
+
+def render_variant(kernel: Kernel, found: WinogradMatch, m: int, env: jinja2.Environment) -> GeneratedKernel:
+    """The ``winograd<m>`` variant of ``kernel`` (its direct signature)."""
+    name = variant_name(kernel.name, m)
+    ir = dataclasses.replace(kernel, name=name)
+    t = forward_transforms(m) if found.form == "data" else weight_gradient_transforms(m)
+    p = CPrinter(kernel.tensors)
+    p.used.update({"vg_tile_outer", "vg_keep", "vg_gather"} | ({"vg_scatter"} if found.form == "data" else set()))
+    lines = comment(ir)
+    lines.append(f"  as Winograd {t.name} (points {', '.join(map(str, t.points))}, ∞; "
+                 f"vggen.derive.winograd), proved equal by `vggen check`")
+    sizes = {role: p.code(e) for role, e in found.sizes.items()}
+    text = env.get_template("c/winograd.c.j2").render(
+        name=name, comment=lines, params=p.params(ir.args), form=found.form, m=t.m, n=t.n, r=t.r,
+        tile=m, sizes=sizes, transforms=_transforms(name, t),
+        data=_access(found.data, IN_CHANNEL, kernel.tensors, p), data_inside=p.code(found.data_inside),
+        taps=[p.code(e) for row in found.taps for e in row],
+        gradient=(_access(found.gradient, OUT_CHANNEL, kernel.tensors, p) if found.gradient is not None
+                  else None),
+        output=(_access(found.stores[0], OUT_CHANNEL, kernel.tensors, p) if found.form == "data" else None),
+        gradient_inside=p.code(found.gradient_inside) if found.gradient_inside is not None else None,
+        stores=[p.code(e) for row in found.stores for e in row] if found.form == "filter" else [])
+    algorithm = {"name": algorithm_name(m), "replaces": kernel.name, "form": found.form, "tile": m,
+                 "transforms": t.name, "points": [str(v) for v in t.points],
+                 "sizes": {role: str(e) for role, e in found.sizes.items()}}
+    return GeneratedKernel(ir, "c", tidy(text), used=p.used, algorithm=algorithm)
+
+
+def variants(kernel: Kernel, env: jinja2.Environment) -> list[GeneratedKernel]:
+    """The Winograd variants of ``kernel``: one per tile size, none where it is
+    not a 3×3 stride-1 correlation."""
+    found = match(kernel)
+    if found is None:
+        return []
+    return [render_variant(kernel, found, m, env) for m in ALGORITHMS]
+
+
+__all__ = ["ALGORITHMS", "Transform", "algorithm_name", "variant_name", "separable", "render_variant",
+           "variants"]

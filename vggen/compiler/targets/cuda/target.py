@@ -61,6 +61,10 @@ class CudaTarget:
             g.tuned, g.tuned_on = self.tuning.for_kernel(kernel.name), self.tuning.device
         return g
 
+    def variants(self, kernel: Kernel, env: jinja2.Environment) -> list[GeneratedKernel]:
+        """None yet: Winograd runs on the C target only."""
+        return []
+
     def render_kernel(self, kernel: Kernel, env: jinja2.Environment) -> GeneratedKernel:
         """One kernel's code; a tiled one as the tiled GEMM under the kernel's
         name, then its simple schedule as ``<name>_simple``."""

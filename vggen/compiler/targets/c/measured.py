@@ -1,0 +1,48 @@
+"""The measured algorithm choices of ``vggen tune --target c`` (``generated/algorithms.json``):
+read by the build, which copies them into the manifest (a direct kernel's
+``measured`` entries, read by ``vggen.runtime.algorithms``), written by the tuner
+(``vggen.tools.tune_algorithms``).
+
+A record: ``{"device": CPU, "kernels": {direct kernel: [{"sizes": {size: int},
+"algorithm": name, "ms": {algorithm: ms}}]}}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vggen.errors import VggenError
+
+ALGORITHMS_FILE = "algorithms.json"      # beside the manifest; an input of the build
+
+
+def load_records(path: Path) -> dict:
+    """``{"device": str, "kernels": {name: [record]}}`` from ``path`` (empty where
+    there is none); a VggenError naming the file where it cannot be read."""
+    if not path.is_file():
+        return {"device": "", "kernels": {}}
+    try:
+        data = json.loads(path.read_text())
+        kernels = data["kernels"]
+        for name, recs in kernels.items():
+            for r in recs:
+                if not isinstance(r["sizes"], dict) or not isinstance(r["algorithm"], str):
+                    raise TypeError(name)
+        return {"device": str(data.get("device", "")), "kernels": kernels}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VggenError(f"{path}: not a record of `vggen tune --target c` ({type(e).__name__}: {e}); "
+                         f"rerun it or delete the file") from None
+
+
+def merge(old: dict, device: str, measured: dict) -> dict:
+    """``old`` with the records of ``measured`` (name → [record]) replacing those
+    of the same kernel and sizes; sorted, so that the file is reproducible."""
+    kernels = {name: list(recs) for name, recs in old["kernels"].items()}
+    for name, recs in measured.items():
+        kept = [r for r in kernels.get(name, []) if all(r["sizes"] != n["sizes"] for n in recs)]
+        kernels[name] = sorted(kept + recs, key=lambda r: sorted(r["sizes"].items()))
+    return {"device": device, "kernels": dict(sorted(kernels.items()))}
+
+
+__all__ = ["ALGORITHMS_FILE", "load_records", "merge"]

@@ -1,0 +1,112 @@
+"""``vggen tune --target c``: time each algorithm of the network's convolutions on this CPU.
+
+A kernel with other algorithms' kernels beside it (direct, Winograd F(2×2, 3×3),
+F(4×4, 3×3): ``vggen.runtime.algorithms``) is replayed, with the arrays of a
+real training step, under each algorithm; the fastest (the minimum of
+``REPEATS`` timed calls after a warm-up one: the least disturbed by other
+work) is recorded per kernel and sizes.
+
+The records go to ``generated/algorithms.json`` (merged with what is there:
+other batch sizes' and widths' stay), written atomically, then the kernels
+are rebuilt: ``vggen build`` copies the records into the manifest (the direct
+kernel's ``measured`` entries), where the runtime reads them before its cost
+model.  The record names the CPU; commit it beside the kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from vggen.atomic import write_atomic
+from vggen.compiler.targets.c.measured import ALGORITHMS_FILE, load_records, merge
+from vggen.errors import VggenError
+
+REPEATS = 5
+
+
+def _cpu_name() -> str:
+    from vggen.tools.bench import _device_name
+
+    return _device_name(None)
+
+
+def network_choices(net, batch: int):
+    """Each distinct kernel with other algorithms in one training step of ``net``:
+    (direct spec, every candidate spec, its program, the step's arrays)."""
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch,) + net.image_shape).astype(np.float32)
+    labels = rng.integers(0, net.classes, batch).astype(np.int32)
+    net.train_step(images, labels, rng=np.random.default_rng(1))
+    ws = net.workspace(batch, True)
+    be = net.backend
+    by_name = {s.name: s for s in be.kernels}
+    seen = set()
+    for k, node in enumerate(net.nodes):
+        for layer, arrays in ((node.layer, ws.forward[k]), (node.backward, ws.backward[k])):
+            prog = be.program(layer, node.all_sizes(batch))
+            for call in prog.calls:
+                direct = by_name[call.spec.replaces] if call.spec.replaces else call.spec
+                alternatives = be.manifest.alternatives(direct)
+                sizes = {a.name: int(prog.sizes[a.name]) for a in direct.args if a.kind == "size"}
+                key = (direct.name, tuple(sorted(sizes.items())))
+                if not alternatives or key in seen:
+                    continue
+                seen.add(key)
+                yield direct, [direct, *alternatives], sizes, prog, arrays
+
+
+def time_call(be, prog, spec, arrays, repeats: int = REPEATS) -> float:
+    """Milliseconds of one call of ``spec`` on the program's arrays (the minimum)."""
+    call = prog.bind(spec)
+    args = prog.arguments(call, arrays)
+    be.launch(call, args)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        be.launch(call, args)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def tune(batch_sizes: Iterable[int] = (64,), width: int = 64, generated: str | Path | None = None,
+         progress: Callable[[str], None] | None = logging.getLogger(__name__).info):
+    """Measure, record and rebuild (see the module docstring).  Returns the
+    record's path, the record, and per kernel and sizes (direct ms, best ms)."""
+    from vggen.compiler.emit import build
+    from vggen.model.network import Network
+    from vggen.paths import generated_dir
+    from vggen.runtime import get_backend
+
+    out_dir = Path(generated) if generated else generated_dir()
+    be = get_backend("c")
+    measured: dict = {}
+    summary = {}
+    for batch in batch_sizes:
+        if batch < 1:
+            raise VggenError(f"--batch-size must be at least 1, got {batch}")
+        net = Network(be, width=width, dropout=False, seed=0)
+        found = list(network_choices(net, batch))
+        for n, (direct, candidates, sizes, prog, arrays) in enumerate(found, 1):
+            ms = {spec.algorithm: time_call(be, prog, spec, arrays) for spec in candidates}
+            best = min(ms, key=ms.get)
+            measured.setdefault(direct.name, []).append(
+                {"sizes": sizes, "algorithm": best, "ms": {a: round(t, 3) for a, t in ms.items()}})
+            summary[(direct.name, tuple(sizes.items()))] = (ms["direct"], ms[best])
+            if progress:
+                progress(f"[{n}/{len(found)}] B={batch} {direct.name} "
+                         f"{', '.join(f'{k}={v}' for k, v in sizes.items())}: {best} "
+                         f"({', '.join(f'{a} {t:.2f} ms' for a, t in ms.items())})")
+    path = out_dir / ALGORITHMS_FILE
+    record = merge(load_records(path), _cpu_name(), measured)
+    write_atomic(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    build(out_dir)
+    return path, record, summary
+
+
+__all__ = ["network_choices", "time_call", "tune"]
