@@ -169,3 +169,14 @@ def test_choose_takes_the_forced_then_the_recorded_then_the_model(c_backend):
         {"sizes": sizes, "algorithm": "winograd2", "ms": {}}]}})
     assert choose(recorded, alts, sizes).algorithm == "winograd2"
     assert choose(recorded, alts, {**sizes, "B": 8}).algorithm == "winograd4"  # other sizes: the model
+    assert choose(recorded, alts, sizes, measured_here=False).algorithm == "winograd4"   # another CPU's record
+
+
+def test_records_of_another_cpu_are_replaced_not_merged():
+    from vggen.compiler.targets.c.measured import merge
+
+    rec = {"sizes": {"B": 2}, "algorithm": "direct", "ms": {"direct": 1.0}}
+    other = {"sizes": {"B": 4}, "algorithm": "winograd4", "ms": {"winograd4": 1.0}}
+    old = {"device": "cpu A", "kernels": {"k": [rec]}}
+    assert merge(old, "cpu A", {"k": [other]})["kernels"]["k"] == [rec, other]
+    assert merge(old, "cpu B", {"k": [other]}) == {"device": "cpu B", "kernels": {"k": [other]}}

@@ -7,7 +7,8 @@ For a kernel at given sizes the choice is, in order:
 
 1. the caller's (``--conv-algorithm``), where the kernel has that algorithm;
 2. the measurement of ``vggen tune --target c`` at those sizes, recorded in
-   the manifest (the direct kernel's ``measured`` entries);
+   the manifest (the direct kernel's ``measured`` entries), where it was
+   measured on this CPU (the record names it: :func:`cpu_name`);
 3. the cost model (:func:`predicted_ms`).
 
 The cost model: milliseconds = α·(multiply–adds ×2 of the channel sums) +
@@ -22,6 +23,7 @@ should record its own (``vggen tune --target c``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from vggen.errors import VggenError
@@ -41,6 +43,20 @@ COSTS = {
     ("filter", "winograd4"): (9.36e-09, 5.45e-07, 0.0255),
 }
 _PANEL_ROWS, _PANEL_COLUMNS = 8, 32     # VG_MR, VG_NR: the channel dims the products round up to
+
+
+def cpu_name() -> str:
+    """This machine's CPU model and core count, as records and benchmarks name it."""
+    model = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def _ceil(a: int, b: int) -> int:
@@ -74,9 +90,10 @@ def recorded(spec: KernelSpec, sizes: Mapping[str, int]) -> str | None:
 
 
 def choose(spec: KernelSpec, alternatives: list[KernelSpec], sizes: Mapping[str, int],
-           policy: str = "auto") -> KernelSpec:
+           policy: str = "auto", measured_here: bool = True) -> KernelSpec:
     """The kernel to run for ``spec`` at ``sizes``: ``spec`` itself or one of its
-    ``alternatives`` (see the module docstring)."""
+    ``alternatives`` (see the module docstring); ``measured_here``: whether the
+    manifest's records were measured on this CPU (else the model decides)."""
     if policy not in POLICIES:
         raise VggenError(f"unknown convolution algorithm {policy!r}: choose one of {', '.join(POLICIES)}")
     if not alternatives or policy == DIRECT:
@@ -84,7 +101,7 @@ def choose(spec: KernelSpec, alternatives: list[KernelSpec], sizes: Mapping[str,
     by_name = {alt.algorithm: alt for alt in alternatives}
     if policy != "auto":
         return by_name.get(policy, spec)
-    name = recorded(spec, sizes)
+    name = recorded(spec, sizes) if measured_here else None
     if name is None:
         first = alternatives[0]
         form = first.entry["algorithm"]["form"]
@@ -95,4 +112,4 @@ def choose(spec: KernelSpec, alternatives: list[KernelSpec], sizes: Mapping[str,
     return by_name.get(name, spec)
 
 
-__all__ = ["ALGORITHMS", "POLICIES", "DIRECT", "COSTS", "predicted_ms", "recorded", "choose", "roles"]
+__all__ = ["ALGORITHMS", "POLICIES", "DIRECT", "COSTS", "cpu_name", "predicted_ms", "recorded", "choose", "roles"]

@@ -50,6 +50,7 @@ from vggen.errors import VggenError
 from vggen.frontend.lang import Layer
 from vggen.manifest import ArgSpec, KernelSpec, check_manifest_shape, read_manifest
 from vggen.runtime.algorithms import choose as choose_algorithm
+from vggen.runtime.algorithms import cpu_name
 
 DTYPES = {"float": np.dtype(np.float32), "int": np.dtype(np.int32)}
 
@@ -378,6 +379,7 @@ class KernelBackend(Backend):
     # which algorithm runs a kernel that has several (vggen.runtime.algorithms):
     # "auto" (measured, else the cost model's), or one forced where a kernel has it
     conv_algorithm = "auto"
+    _measured_here: bool | None = None
 
     def __init__(self, generated: str | Path | None = None, *, allow_modified_kernels: bool = False):
         super().__init__()
@@ -402,7 +404,16 @@ class KernelBackend(Backend):
     def algorithm_for(self, spec: KernelSpec, sizes: Mapping[str, int]) -> KernelSpec:
         """The kernel that runs ``spec``'s work at ``sizes`` (``spec`` or another
         algorithm's kernel, see :mod:`vggen.runtime.algorithms`)."""
-        return choose_algorithm(spec, self.manifest.alternatives(spec), sizes, self.conv_algorithm)
+        return choose_algorithm(spec, self.manifest.alternatives(spec), sizes, self.conv_algorithm,
+                                self.measured_here)
+
+    @property
+    def measured_here(self) -> bool:
+        """Whether the manifest's measured algorithm choices were measured on this CPU."""
+        if self._measured_here is None:
+            record = self.manifest.data.get("algorithms") or {}
+            self._measured_here = record.get("device") == cpu_name()
+        return self._measured_here
 
     # ---- the target's hooks
     def function(self, spec: KernelSpec):       # pragma: no cover - abstract

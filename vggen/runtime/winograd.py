@@ -38,15 +38,18 @@ def _matrices(t: WinogradTransforms, dtype):
     return _as_array(t.AT, dtype), _as_array(t.G, dtype), _as_array(t.BT, dtype)
 
 
+def _setup(x: np.ndarray, t: WinogradTransforms, tile: int):
+    """The tile size, n, x's dtype, the matrices in it, x's shape and the tile counts."""
+    h, wd = x.shape[2:]
+    return tile, t.n, x.dtype, _matrices(t, x.dtype), x.shape, (-(-h // tile), -(-wd // tile))
+
+
 def winograd_conv2d(x: np.ndarray, w: np.ndarray, m: int = 2, transforms: WinogradTransforms | None = None):
     """y(b, oc, i, j) = Σ_{ic, di, dj} w(oc, ic, di, dj) x(b, ic, i+di−1, j+dj−1) by F(m×m, 3×3),
     in x's dtype throughout (transforms rounded to it)."""
     t = transforms or forward_transforms(m)
-    m, n, dtype = t.m, t.n, x.dtype
-    AT, G, BT = _matrices(t, dtype)
-    bsz, _, h, wd = x.shape
+    m, n, dtype, (AT, G, BT), (bsz, _, h, wd), (th, tw) = _setup(x, t, t.m)
     oc = w.shape[0]
-    th, tw = -(-h // m), -(-wd // m)
     d = _tiles(x, th, tw, m, n)                                         # B, IC, th, tw, n, n
     V = np.einsum("xu,bcstuv,yv->xybcst", BT, d, BT, optimize=True)     # n, n, IC, B, th, tw after reshape
     V = V.reshape(n, n, bsz, x.shape[1], th * tw).transpose(0, 1, 3, 2, 4).reshape(n, n, x.shape[1], -1)
@@ -70,11 +73,8 @@ def winograd_conv2d_weight_gradient(x: np.ndarray, gy: np.ndarray, m: int = 2,
     F(3×3, m×m): each m×m tile of gy is the filter, the (m+2)×(m+2) x tile under
     it the data, and the matrix product sums over batch and tiles."""
     t = transforms or weight_gradient_transforms(m)
-    m, n, dtype = t.r, t.n, x.dtype
-    AT, G, BT = _matrices(t, dtype)
-    bsz, ic, h, wd = x.shape
+    m, n, dtype, (AT, G, BT), (bsz, ic, h, wd), (th, tw) = _setup(x, t, t.r)
     oc = gy.shape[1]
-    th, tw = -(-h // m), -(-wd // m)
     padded = np.zeros((bsz, oc, th * m, tw * m), dtype=dtype)
     padded[:, :, :h, :wd] = gy
     g = padded.reshape(bsz, oc, th, m, tw, m)

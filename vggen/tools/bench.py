@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vggen.errors import VggenError
+from vggen.runtime.algorithms import cpu_name
 from vggen.model.architecture import DEFAULT, load_model
 from vggen.model.network import BN_EPS, Network, build_nodes
 from vggen.model.optim import SGD
@@ -232,16 +233,7 @@ def _device_name(backend) -> str:
         props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
         name = props["name"]
         return name.decode() if isinstance(name, bytes) else str(name)
-    model = "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    return cpu_name()
 
 
 # --------------------------------------------------------------------------- PyTorch

@@ -138,7 +138,7 @@ def _cmd_tune(args) -> int:
 
 
 def _tune_c(args) -> int:
-    from vggen.tools.tune_algorithms import tune
+    from vggen.tools.tune_algorithms import format_table, tune
 
     path, record, summary = tune(args.batch_size, args.width, args.generated)
     direct = sum(d for d, _ in summary.values())
@@ -146,6 +146,7 @@ def _tune_c(args) -> int:
     print(f"wrote {path} ({sum(len(v) for v in record['kernels'].values())} measured choices, "
           f"{record['device']}) and rebuilt the kernels; the {len(summary)} convolution kernels take "
           f"{best:.1f} ms with the fastest algorithms, {direct:.1f} ms direct")
+    print(format_table(record))
     return 0
 
 

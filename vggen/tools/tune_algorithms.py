@@ -26,14 +26,9 @@ import numpy as np
 from vggen.atomic import write_atomic
 from vggen.compiler.targets.c.measured import ALGORITHMS_FILE, load_records, merge
 from vggen.errors import VggenError
+from vggen.runtime.algorithms import cpu_name
 
 REPEATS = 5
-
-
-def _cpu_name() -> str:
-    from vggen.tools.bench import _device_name
-
-    return _device_name(None)
 
 
 def network_choices(net, batch: int):
@@ -103,10 +98,26 @@ def tune(batch_sizes: Iterable[int] = (64,), width: int = 64, generated: str | P
                          f"{', '.join(f'{k}={v}' for k, v in sizes.items())}: {best} "
                          f"({', '.join(f'{a} {t:.2f} ms' for a, t in ms.items())})")
     path = out_dir / ALGORITHMS_FILE
-    record = merge(load_records(path), _cpu_name(), measured)
+    record = merge(load_records(path), cpu_name(), measured)
     write_atomic(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     build(out_dir)
     return path, record, summary
 
 
-__all__ = ["network_choices", "time_call", "tune"]
+def format_table(record: dict) -> str:
+    """The record as a Markdown table: per kernel and sizes, each algorithm's ms."""
+    names = {"direct": "direct", "winograd2": "F(2×2, 3×3)", "winograd4": "F(4×4, 3×3)"}
+    lines = ["| kernel | B | channels | H×W | " + " | ".join(names.values()) + " | fastest |",
+             "|---|---|---|---|" + "---|" * (len(names) + 1)]
+    for kernel, recs in record["kernels"].items():
+        for r in sorted(recs, key=lambda r: (r["sizes"].get("B", 0), -r["sizes"].get("H", 0),
+                                             r["sizes"].get("IC", 0), r["sizes"].get("OC", 0))):
+            s = r["sizes"]
+            cells = [f"{r['ms'][a]:.2f}" if a in r["ms"] else "—" for a in names]
+            lines.append(f"| `{kernel}` | {s.get('B', '?')} | {s.get('IC', '?')}→{s.get('OC', '?')} | "
+                         f"{s.get('H', '?')}×{s.get('W', '?')} | " + " | ".join(cells)
+                         + f" | {names.get(r['algorithm'], r['algorithm'])} |")
+    return "\n".join(lines)
+
+
+__all__ = ["format_table", "network_choices", "time_call", "tune"]

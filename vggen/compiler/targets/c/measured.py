@@ -37,8 +37,9 @@ def load_records(path: Path) -> dict:
 
 def merge(old: dict, device: str, measured: dict) -> dict:
     """``old`` with the records of ``measured`` (name → [record]) replacing those
-    of the same kernel and sizes; sorted, so that the file is reproducible."""
-    kernels = {name: list(recs) for name, recs in old["kernels"].items()}
+    of the same kernel and sizes (all of ``old``'s where it is another CPU's);
+    sorted, so that the file is reproducible."""
+    kernels = {name: list(recs) for name, recs in old["kernels"].items()} if old["device"] == device else {}
     for name, recs in measured.items():
         kept = [r for r in kernels.get(name, []) if all(r["sizes"] != n["sizes"] for n in recs)]
         kernels[name] = sorted(kept + recs, key=lambda r: sorted(r["sizes"].items()))
