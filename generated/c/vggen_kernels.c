@@ -175,6 +175,114 @@ static inline void vg_tile_inner(int kc, const float *restrict a, int lda, const
 #endif
 }
 
+// --precision bf16 (compiled with -DVG_BF16): the matrix products' operands rounded to
+// bf16 (to nearest, ties to even) and multiplied by AVX-512 BF16 dot products of k pairs
+// (vdpbf16ps), accumulated in fp32.  Without VG_BF16 none of this is compiled.
+#if defined(VG_BF16) && !defined(__AVX512BF16__)
+#error "VG_BF16 needs AVX-512 BF16 (__AVX512BF16__): a CPU with avx512_bf16 and -march=native"
+#endif
+#if defined(VG_BF16) && defined(__AVX512BF16__)
+#define VG_BF16_GEMM 1
+#include <immintrin.h>
+
+// the mask of the first n (at most 16) of 16 lanes
+static inline __mmask16 vg_lanes(int n)
+{
+    return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+}
+
+// dst[q] = bf16(src[q]) for q < n: a row k-contiguous for vg_tile_inner_bf16
+static inline void vg_bf16_row(int n, const float *restrict src, uint16_t *restrict dst)
+{
+    for (int q = 0; q < n; q += 16)
+    {
+        const __mmask16 m = vg_lanes(n - q);
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + q));
+        _mm256_mask_storeu_epi16(dst + q, m, (__m256i)h);
+    }
+}
+
+// dst[q] = the pair (bf16(lo[q]), bf16(hi[q])) for q < n, lo in the low half (the lower k
+// of a pair, as vdpbf16ps pairs them); hi NULL: zeros (an odd k's padding)
+static inline void vg_bf16_pairs(int n, const float *restrict lo, const float *restrict hi,
+                                 uint32_t *restrict dst)
+{
+    // 16-bit lanes [l0..l15 | h0..h15] -> [l0 h0 l1 h1 ...]
+    const __m512i zip = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int q = 0; q < n; q += 16)
+    {
+        const __mmask16 m = vg_lanes(n - q);
+        const __m512 l = _mm512_maskz_loadu_ps(m, lo + q);
+        const __m512 h = hi ? _mm512_maskz_loadu_ps(m, hi + q) : _mm512_setzero_ps();
+        const __m512bh both = _mm512_cvtne2ps_pbh(h, l);
+        _mm512_mask_storeu_epi32(dst + q, m, _mm512_permutexvar_epi16(zip, (__m512i)both));
+    }
+}
+
+// vg_tile_outer in bf16: C[VG_MR][VG_NR] at c (row stride ldc) = (add ? C : 0) +
+// Σ_p Σ_{k in pair p} a[k][mr]·b[k][nr], a a panel of k pairs (VG_MR pairs per p, from
+// vg_bf16_pairs), b rows of pairs (row stride ldb pairs); kp pairs, fp32 accumulators.
+static inline void vg_tile_outer_bf16(int kp, const uint32_t *restrict a, const uint32_t *restrict b, int ldb,
+                                      float *restrict c, int ldc, int add)
+{
+    __m512 acc[VG_MR][VG_NR / 16];
+    for (int mr = 0; mr < VG_MR; ++mr)
+        for (int v = 0; v < VG_NR / 16; ++v)
+            acc[mr][v] = add ? _mm512_loadu_ps(c + mr * ldc + 16 * v) : _mm512_setzero_ps();
+    for (int p = 0; p < kp; ++p)
+    {
+        __m512bh bv[VG_NR / 16];
+        for (int v = 0; v < VG_NR / 16; ++v)
+            bv[v] = (__m512bh)_mm512_loadu_si512(b + (size_t)p * ldb + 16 * v);
+        for (int mr = 0; mr < VG_MR; ++mr)
+        {
+            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[p * VG_MR + mr]);
+            for (int v = 0; v < VG_NR / 16; ++v)
+                acc[mr][v] = _mm512_dpbf16_ps(acc[mr][v], av, bv[v]);
+        }
+    }
+    for (int mr = 0; mr < VG_MR; ++mr)
+        for (int v = 0; v < VG_NR / 16; ++v)
+            _mm512_storeu_ps(c + mr * ldc + 16 * v, acc[mr][v]);
+}
+
+// vg_tile_inner in bf16: C[VG_IM][VG_IN] at c (row stride ldc) = (add ? C : 0) +
+// Σ_k a[im][k]·b[in][k], a and b rows of bf16 (strides lda, ldb), kc a multiple of
+// VG_VL = 16: 32 k per step (16 pairs), a last 16 with the upper half masked to zero.
+static inline void vg_tile_inner_bf16(int kc, const uint16_t *restrict a, int lda, const uint16_t *restrict b,
+                                      int ldb, float *restrict c, int ldc, int add)
+{
+    __m512 acc[VG_IM][VG_IN];
+    for (int im = 0; im < VG_IM; ++im)
+        for (int in = 0; in < VG_IN; ++in)
+            acc[im][in] = _mm512_setzero_ps();
+    for (int k = 0; k < kc; k += 32)
+    {
+        // the lanes of 16-bit k within this step
+        const __mmask32 m = kc - k >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)0xFFFFu;
+        __m512bh bv[VG_IN];
+        for (int in = 0; in < VG_IN; ++in)
+        {
+            bv[in] = (__m512bh)_mm512_maskz_loadu_epi16(m, b + (size_t)in * ldb + k);
+            __asm__("" : "+v"(bv[in]));     // held in registers, as in vg_tile_inner
+        }
+        for (int im = 0; im < VG_IM; ++im)
+        {
+            const __m512bh av = (__m512bh)_mm512_maskz_loadu_epi16(m, a + (size_t)im * lda + k);
+            for (int in = 0; in < VG_IN; ++in)
+                acc[im][in] = _mm512_dpbf16_ps(acc[im][in], av, bv[in]);
+        }
+    }
+    for (int im = 0; im < VG_IM; ++im)
+        for (int in = 0; in < VG_IN; ++in)
+        {
+            const float s = _mm512_reduce_add_ps(acc[im][in]);
+            c[im * ldc + in] = add ? c[im * ldc + in] + s : s;
+        }
+}
+#endif
+
 // convolution2d_forward_y: contraction (Convolution2D, forward)
 //   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j], (ic, 0, IC - 1), (di, -K, K), (dj, -K, K))  (eq. 1)
 //   specialised: K=1
@@ -189,11 +297,19 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
     // tiles of C along n
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+    #ifdef VG_BF16_GEMM
+        const int vg_KC = vg_block(vg_K, VG_KC, 2);                // k blocks, even: each starts a k pair
+        const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+    #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+    #endif
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+    #ifdef VG_BF16_GEMM
+        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+    #endif
         #pragma omp parallel
         {
             // pack A once: panel m / VG_MR holds its VG_MR rows for each k
@@ -232,6 +348,17 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
                     }
                 }
             }
+    #ifdef VG_BF16_GEMM
+            // A's panels in bf16: for each k pair, its VG_MR rows' pairs (the packing above done)
+            #pragma omp for schedule(static)
+            for (int vg_p = 0; vg_p < vg_MP * vg_KP2; ++vg_p)
+            {
+                const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
+                              vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+    #endif
             float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
             float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
             int *vg_t_b = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' b
@@ -305,12 +432,25 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
                         for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
                             vg_d[vg_q] = 0.0f;
                     }
+    #ifdef VG_BF16_GEMM
+                    // B in bf16, its rows interleaved in k pairs (an odd last row with zeros)
+                    for (int vg_k = 0; vg_k < vg_kc; vg_k += 2)
+                        vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
+                                      vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
+                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                               vg_b2 + vg_np * VG_NR, vg_NC,
+                                               vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
                         for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
                             vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
                                           vg_b + vg_np * VG_NR, vg_NC,
                                           vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
                 }
                 // the output from C, for n in [n0, n1)
                 for (int vg_m = 0; vg_m < vg_M; ++vg_m)
@@ -350,8 +490,14 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
             free(vg_t_j);
             free(vg_b);
             free(vg_c);
+    #ifdef VG_BF16_GEMM
+            free(vg_b2);
+    #endif
         }
         free(vg_a);
+    #ifdef VG_BF16_GEMM
+        free(vg_a2);
+    #endif
     }
 }
 
@@ -369,11 +515,19 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
     // tiles of C along n
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+    #ifdef VG_BF16_GEMM
+        const int vg_KC = vg_block(vg_K, VG_KC, 2);                // k blocks, even: each starts a k pair
+        const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+    #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+    #endif
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+    #ifdef VG_BF16_GEMM
+        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+    #endif
         #pragma omp parallel
         {
             // pack A once: panel m / VG_MR holds its VG_MR rows for each k
@@ -412,6 +566,17 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
                     }
                 }
             }
+    #ifdef VG_BF16_GEMM
+            // A's panels in bf16: for each k pair, its VG_MR rows' pairs (the packing above done)
+            #pragma omp for schedule(static)
+            for (int vg_p = 0; vg_p < vg_MP * vg_KP2; ++vg_p)
+            {
+                const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
+                              vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+    #endif
             float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
             float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
             int *vg_t_b = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' b
@@ -485,12 +650,25 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
                         for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
                             vg_d[vg_q] = 0.0f;
                     }
+    #ifdef VG_BF16_GEMM
+                    // B in bf16, its rows interleaved in k pairs (an odd last row with zeros)
+                    for (int vg_k = 0; vg_k < vg_kc; vg_k += 2)
+                        vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
+                                      vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
+                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                               vg_b2 + vg_np * VG_NR, vg_NC,
+                                               vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
                         for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
                             vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
                                           vg_b + vg_np * VG_NR, vg_NC,
                                           vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
                 }
                 // the output from C, for n in [n0, n1)
                 for (int vg_m = 0; vg_m < vg_M; ++vg_m)
@@ -530,8 +708,14 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
             free(vg_t_j);
             free(vg_b);
             free(vg_c);
+    #ifdef VG_BF16_GEMM
+            free(vg_b2);
+    #endif
         }
         free(vg_a);
+    #ifdef VG_BF16_GEMM
+        free(vg_a2);
+    #endif
     }
 }
 
@@ -559,6 +743,9 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
         const int vg_KC = vg_block(vg_SL, VG_IKC, VG_VL);           // k blocks within a slice
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_IM * vg_KP);
         float *vg_c = vg_alloc(sizeof(float) * vg_S * vg_MP * VG_IM * vg_ldc);
+    #ifdef VG_BF16_GEMM
+        uint16_t *vg_a16 = vg_alloc(sizeof(uint16_t) * vg_MP * VG_IM * vg_KP);     // A in bf16
+    #endif
         #pragma omp parallel
         {
             // pack A once: rows m, k-contiguous, zero past M and K
@@ -595,8 +782,14 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                 }
                 for (int vg_k = vg_m < vg_M ? vg_K : 0; vg_k < vg_KP; ++vg_k)
                     vg_d[vg_k] = 0.0f;
+    #ifdef VG_BF16_GEMM
+                vg_bf16_row(vg_KP, vg_d, vg_a16 + (size_t)vg_m * vg_KP);
+    #endif
             }
             float *vg_b = vg_alloc(sizeof(float) * vg_NC * vg_KC);             // B block: rows n, k-contiguous
+    #ifdef VG_BF16_GEMM
+            uint16_t *vg_b16 = vg_alloc(sizeof(uint16_t) * vg_NC * vg_KC);     // B block in bf16
+    #endif
             int *vg_t_b = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' b
             int *vg_t_i = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' i
             int *vg_t_j = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' j
@@ -675,7 +868,19 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                         }
                         for (int vg_q = vg_z; vg_q < vg_kc; ++vg_q)
                             vg_d[vg_q] = 0.0f;
+    #ifdef VG_BF16_GEMM
+                        vg_bf16_row(vg_kc, vg_d, vg_b16 + (size_t)(vg_n - vg_n0) * vg_kc);
+    #endif
                     }
+    #ifdef VG_BF16_GEMM
+                    // C (+)= A·B in bf16, one VG_IM × VG_IN tile at a time
+                    for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            vg_tile_inner_bf16(vg_kc, vg_a16 + (size_t)vg_mp * VG_IM * vg_KP + vg_k0, vg_KP,
+                                               vg_b16 + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
+                                               vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
+                                               vg_k0 > vg_sl * vg_SL);
+    #else
                     // C (+)= A·B, one VG_IM × VG_IN tile at a time
                     for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
                         for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
@@ -683,12 +888,16 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                                           vg_b + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
                                           vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
                                           vg_k0 > vg_sl * vg_SL);
+    #endif
                 }
             }
             free(vg_t_b);
             free(vg_t_i);
             free(vg_t_j);
             free(vg_b);
+    #ifdef VG_BF16_GEMM
+            free(vg_b16);
+    #endif
             // the output: the slices' partial sums, in order
             #pragma omp for collapse(4) schedule(static)
             for (int oc = 0; oc < OC; ++oc)
@@ -707,15 +916,26 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
         }
         free(vg_a);
         free(vg_c);
+    #ifdef VG_BF16_GEMM
+        free(vg_a16);
+    #endif
     }
     else                            // tiles of C along n
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+    #ifdef VG_BF16_GEMM
+        const int vg_KC = vg_block(vg_K, VG_KC, 2);                // k blocks, even: each starts a k pair
+        const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+    #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+    #endif
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+    #ifdef VG_BF16_GEMM
+        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+    #endif
         #pragma omp parallel
         {
             // pack A once: panel m / VG_MR holds its VG_MR rows for each k
@@ -754,6 +974,17 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                     }
                 }
             }
+    #ifdef VG_BF16_GEMM
+            // A's panels in bf16: for each k pair, its VG_MR rows' pairs (the packing above done)
+            #pragma omp for schedule(static)
+            for (int vg_p = 0; vg_p < vg_MP * vg_KP2; ++vg_p)
+            {
+                const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
+                              vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+    #endif
             float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
             float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
             int *vg_t_ic = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' ic
@@ -827,12 +1058,25 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                         for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
                             vg_d[vg_q] = 0.0f;
                     }
+    #ifdef VG_BF16_GEMM
+                    // B in bf16, its rows interleaved in k pairs (an odd last row with zeros)
+                    for (int vg_k = 0; vg_k < vg_kc; vg_k += 2)
+                        vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
+                                      vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
+                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                               vg_b2 + vg_np * VG_NR, vg_NC,
+                                               vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
                         for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
                             vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
                                           vg_b + vg_np * VG_NR, vg_NC,
                                           vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
                 }
                 // the output from C, for n in [n0, n1)
                 for (int vg_m = 0; vg_m < vg_M; ++vg_m)
@@ -872,8 +1116,14 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
             free(vg_t_dj);
             free(vg_b);
             free(vg_c);
+    #ifdef VG_BF16_GEMM
+            free(vg_b2);
+    #endif
         }
         free(vg_a);
+    #ifdef VG_BF16_GEMM
+        free(vg_a2);
+    #endif
     }
 }
 
@@ -890,11 +1140,19 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
     // tiles of C along n
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+    #ifdef VG_BF16_GEMM
+        const int vg_KC = vg_block(vg_K, VG_KC, 2);                // k blocks, even: each starts a k pair
+        const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+    #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+    #endif
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+    #ifdef VG_BF16_GEMM
+        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+    #endif
         #pragma omp parallel
         {
             // pack A once: panel m / VG_MR holds its VG_MR rows for each k
@@ -929,6 +1187,17 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
                     }
                 }
             }
+    #ifdef VG_BF16_GEMM
+            // A's panels in bf16: for each k pair, its VG_MR rows' pairs (the packing above done)
+            #pragma omp for schedule(static)
+            for (int vg_p = 0; vg_p < vg_MP * vg_KP2; ++vg_p)
+            {
+                const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
+                              vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+    #endif
             float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
             float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
             int *vg_t_c = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' c
@@ -986,12 +1255,25 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
                         for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
                             vg_d[vg_q] = 0.0f;
                     }
+    #ifdef VG_BF16_GEMM
+                    // B in bf16, its rows interleaved in k pairs (an odd last row with zeros)
+                    for (int vg_k = 0; vg_k < vg_kc; vg_k += 2)
+                        vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
+                                      vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
+                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                               vg_b2 + vg_np * VG_NR, vg_NC,
+                                               vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
                         for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
                             vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
                                           vg_b + vg_np * VG_NR, vg_NC,
                                           vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
                 }
                 // the output from C, for n in [n0, n1)
                 for (int vg_m = 0; vg_m < vg_M; ++vg_m)
@@ -1025,8 +1307,14 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
             free(vg_t_c);
             free(vg_b);
             free(vg_c);
+    #ifdef VG_BF16_GEMM
+            free(vg_b2);
+    #endif
         }
         free(vg_a);
+    #ifdef VG_BF16_GEMM
+        free(vg_a2);
+    #endif
     }
 }
 
@@ -1053,6 +1341,9 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
         const int vg_KC = vg_block(vg_SL, VG_IKC, VG_VL);           // k blocks within a slice
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_IM * vg_KP);
         float *vg_c = vg_alloc(sizeof(float) * vg_S * vg_MP * VG_IM * vg_ldc);
+    #ifdef VG_BF16_GEMM
+        uint16_t *vg_a16 = vg_alloc(sizeof(uint16_t) * vg_MP * VG_IM * vg_KP);     // A in bf16
+    #endif
         #pragma omp parallel
         {
             // pack A once: rows m, k-contiguous, zero past M and K
@@ -1085,8 +1376,14 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                 }
                 for (int vg_k = vg_m < vg_M ? vg_K : 0; vg_k < vg_KP; ++vg_k)
                     vg_d[vg_k] = 0.0f;
+    #ifdef VG_BF16_GEMM
+                vg_bf16_row(vg_KP, vg_d, vg_a16 + (size_t)vg_m * vg_KP);
+    #endif
             }
             float *vg_b = vg_alloc(sizeof(float) * vg_NC * vg_KC);             // B block: rows n, k-contiguous
+    #ifdef VG_BF16_GEMM
+            uint16_t *vg_b16 = vg_alloc(sizeof(uint16_t) * vg_NC * vg_KC);     // B block in bf16
+    #endif
             int *vg_t_c = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' c
             #pragma omp for schedule(static)
             for (int vg_u = 0; vg_u < vg_S * vg_nblocks; ++vg_u)
@@ -1149,7 +1446,19 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                         }
                         for (int vg_q = vg_z; vg_q < vg_kc; ++vg_q)
                             vg_d[vg_q] = 0.0f;
+    #ifdef VG_BF16_GEMM
+                        vg_bf16_row(vg_kc, vg_d, vg_b16 + (size_t)(vg_n - vg_n0) * vg_kc);
+    #endif
                     }
+    #ifdef VG_BF16_GEMM
+                    // C (+)= A·B in bf16, one VG_IM × VG_IN tile at a time
+                    for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            vg_tile_inner_bf16(vg_kc, vg_a16 + (size_t)vg_mp * VG_IM * vg_KP + vg_k0, vg_KP,
+                                               vg_b16 + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
+                                               vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
+                                               vg_k0 > vg_sl * vg_SL);
+    #else
                     // C (+)= A·B, one VG_IM × VG_IN tile at a time
                     for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
                         for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
@@ -1157,10 +1466,14 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                                           vg_b + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
                                           vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
                                           vg_k0 > vg_sl * vg_SL);
+    #endif
                 }
             }
             free(vg_t_c);
             free(vg_b);
+    #ifdef VG_BF16_GEMM
+            free(vg_b16);
+    #endif
             // the output: the slices' partial sums, in order
             #pragma omp for collapse(2) schedule(static)
             for (int b = 0; b < B; ++b)
@@ -1177,15 +1490,26 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
         }
         free(vg_a);
         free(vg_c);
+    #ifdef VG_BF16_GEMM
+        free(vg_a16);
+    #endif
     }
     else                            // tiles of C along n
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+    #ifdef VG_BF16_GEMM
+        const int vg_KC = vg_block(vg_K, VG_KC, 2);                // k blocks, even: each starts a k pair
+        const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+    #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+    #endif
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+    #ifdef VG_BF16_GEMM
+        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+    #endif
         #pragma omp parallel
         {
             // pack A once: panel m / VG_MR holds its VG_MR rows for each k
@@ -1220,6 +1544,17 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                     }
                 }
             }
+    #ifdef VG_BF16_GEMM
+            // A's panels in bf16: for each k pair, its VG_MR rows' pairs (the packing above done)
+            #pragma omp for schedule(static)
+            for (int vg_p = 0; vg_p < vg_MP * vg_KP2; ++vg_p)
+            {
+                const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
+                              vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+    #endif
             float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
             float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
             int *vg_t_ic = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' ic
@@ -1277,12 +1612,25 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                         for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
                             vg_d[vg_q] = 0.0f;
                     }
+    #ifdef VG_BF16_GEMM
+                    // B in bf16, its rows interleaved in k pairs (an odd last row with zeros)
+                    for (int vg_k = 0; vg_k < vg_kc; vg_k += 2)
+                        vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
+                                      vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
+                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                               vg_b2 + vg_np * VG_NR, vg_NC,
+                                               vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
                         for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
                             vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
                                           vg_b + vg_np * VG_NR, vg_NC,
                                           vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
                 }
                 // the output from C, for n in [n0, n1)
                 for (int vg_m = 0; vg_m < vg_M; ++vg_m)
@@ -1316,8 +1664,14 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
             free(vg_t_ic);
             free(vg_b);
             free(vg_c);
+    #ifdef VG_BF16_GEMM
+            free(vg_b2);
+    #endif
         }
         free(vg_a);
+    #ifdef VG_BF16_GEMM
+        free(vg_a2);
+    #endif
     }
 }
 
@@ -1334,11 +1688,19 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
     // tiles of C along n
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+    #ifdef VG_BF16_GEMM
+        const int vg_KC = vg_block(vg_K, VG_KC, 2);                // k blocks, even: each starts a k pair
+        const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+    #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+    #endif
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+    #ifdef VG_BF16_GEMM
+        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+    #endif
         #pragma omp parallel
         {
             // pack A once: panel m / VG_MR holds its VG_MR rows for each k
@@ -1373,6 +1735,17 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
                     }
                 }
             }
+    #ifdef VG_BF16_GEMM
+            // A's panels in bf16: for each k pair, its VG_MR rows' pairs (the packing above done)
+            #pragma omp for schedule(static)
+            for (int vg_p = 0; vg_p < vg_MP * vg_KP2; ++vg_p)
+            {
+                const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
+                              vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+    #endif
             float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
             float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
             int *vg_t_c = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' c
@@ -1430,12 +1803,25 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
                         for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
                             vg_d[vg_q] = 0.0f;
                     }
+    #ifdef VG_BF16_GEMM
+                    // B in bf16, its rows interleaved in k pairs (an odd last row with zeros)
+                    for (int vg_k = 0; vg_k < vg_kc; vg_k += 2)
+                        vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
+                                      vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
+                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                               vg_b2 + vg_np * VG_NR, vg_NC,
+                                               vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
                         for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
                             vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
                                           vg_b + vg_np * VG_NR, vg_NC,
                                           vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
                 }
                 // the output from C, for n in [n0, n1)
                 for (int vg_m = 0; vg_m < vg_M; ++vg_m)
@@ -1469,8 +1855,14 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
             free(vg_t_c);
             free(vg_b);
             free(vg_c);
+    #ifdef VG_BF16_GEMM
+            free(vg_b2);
+    #endif
         }
         free(vg_a);
+    #ifdef VG_BF16_GEMM
+        free(vg_a2);
+    #endif
     }
 }
 
