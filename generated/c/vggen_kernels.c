@@ -184,6 +184,7 @@ static inline void vg_tile_inner(int kc, const float *restrict a, int lda, const
 #if defined(VG_BF16) && defined(__AVX512BF16__)
 #define VG_BF16_GEMM 1
 #include <immintrin.h>
+#include <string.h>
 
 // the mask of the first n (at most 16) of 16 lanes
 static inline __mmask16 vg_lanes(int n)
@@ -246,6 +247,91 @@ static inline void vg_tile_outer_bf16(int kp, const uint32_t *restrict a, const 
         for (int v = 0; v < VG_NR / 16; ++v)
             _mm512_storeu_ps(c + mr * ldc + 16 * v, acc[mr][v]);
 }
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__linux__) && !defined(VG_BF16_NO_AMX)
+#define VG_BF16_AMX 1
+_Static_assert(VG_NR == 32 && VG_MR <= 16, "vg_tile_outer_amx: a C tile is two 16-column AMX tiles of VG_MR rows");
+#include <sys/syscall.h>
+#include <unistd.h>
+
+// Whether this process may use AMX tiles: Linux grants their state only when asked
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), once per process; where it refuses,
+// the outer form runs on vg_tile_outer_bf16 instead.
+static inline int vg_amx_granted(void)
+{
+    static int granted = -1;
+    if (granted < 0)
+        granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return granted;
+}
+
+// This thread's tiles (palette 1), for vg_tile_outer_amx: 0, 1 the C tile's two halves
+// (VG_MR rows of 16 fp32), 2 A (VG_MR rows of 16 k pairs), 3, 4 B (16 k pairs of 16 n);
+// for vg_tile_inner_amx (inner): 0 C (16 × 16), 1 A (16 rows of 32 k), 2 B (16 k pairs of
+// 16 n), and for a last 16 k, 3 A (16 rows of 16 k) and 4 B (8 k pairs).
+static inline void vg_amx_config(int inner)
+{
+    struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 5; ++t)
+    {
+        cfg.colsb[t] = inner && t == 3 ? 32 : 64;
+        cfg.rows[t] = inner ? (t == 4 ? 8 : 16) : (t < 3 ? VG_MR : 16);
+    }
+    _tile_loadconfig(&cfg);
+}
+
+// vg_tile_outer_bf16 on AMX tiles: C[VG_MR][VG_NR = 32] at c (row stride ldc) = (add ? C : 0)
+// + A·B over kb blocks of 16 k pairs, a blocks of VG_MR rows of 16 pairs (64 bytes a row),
+// b rows of pairs (row stride ldb pairs) as vg_tile_outer_bf16 reads them, zero-padded to kb·16.
+static inline void vg_tile_outer_amx(int kb, const uint32_t *restrict a, const uint32_t *restrict b, int ldb,
+                                     float *restrict c, int ldc, int add)
+{
+    if (add)
+    {
+        _tile_loadd(0, c, ldc * 4);
+        _tile_loadd(1, c + 16, ldc * 4);
+    }
+    else
+    {
+        _tile_zero(0);
+        _tile_zero(1);
+    }
+    for (int q = 0; q < kb; ++q)
+    {
+        _tile_loadd(2, a + (size_t)q * VG_MR * 16, 64);
+        _tile_loadd(3, b + (size_t)q * 16 * ldb, ldb * 4);
+        _tile_loadd(4, b + (size_t)q * 16 * ldb + 16, ldb * 4);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_dpbf16ps(1, 2, 4);
+    }
+    _tile_stored(0, c, ldc * 4);
+    _tile_stored(1, c + 16, ldc * 4);
+}
+
+// vg_tile_inner_bf16 on AMX tiles: c[16][16] (row stride 16) = Σ_k a[m][k]·B[k][n], a 16 rows
+// of bf16 (stride lda), k-contiguous; b B in k pairs, 16 n a row (stride ldb pairs); kc a
+// multiple of 16: 32 k a step, a last 16 on the half tiles.
+static inline void vg_tile_inner_amx(int kc, const uint16_t *restrict a, int lda, const uint32_t *restrict b,
+                                     int ldb, float *restrict c)
+{
+    _tile_zero(0);
+    int k = 0;
+    for (; k + 32 <= kc; k += 32)
+    {
+        _tile_loadd(1, a + k, lda * 2);
+        _tile_loadd(2, b + (size_t)k / 2 * ldb, ldb * 4);
+        _tile_dpbf16ps(0, 1, 2);
+    }
+    if (k < kc)
+    {
+        _tile_loadd(3, a + k, lda * 2);
+        _tile_loadd(4, b + (size_t)k / 2 * ldb, ldb * 4);
+        _tile_dpbf16ps(0, 3, 4);
+    }
+    _tile_stored(0, c, 64);
+}
+#endif
 
 // vg_tile_inner in bf16: C[VG_IM][VG_IN] at c (row stride ldc) = (add ? C : 0) +
 // Σ_k a[im][k]·b[in][k], a and b rows of bf16 (strides lda, ldb), kc a multiple of
@@ -298,8 +384,14 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
     #ifdef VG_BF16_GEMM
-        const int vg_KC = vg_block(vg_K, VG_KC, 2);                // k blocks, even: each starts a k pair
+        const int vg_KC = vg_block(vg_K, VG_KC, 32);               // k blocks, each starting a block of 16 k pairs
         const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+        const int vg_KB = (vg_KP2 + 15) / 16;                      // blocks of 16 k pairs (AMX tiles)
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
     #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
     #endif
@@ -309,6 +401,7 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
     #ifdef VG_BF16_GEMM
         uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
     #endif
         #pragma omp parallel
         {
@@ -356,6 +449,23 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
                 const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
                 vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
                               vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            // for AMX, each panel's blocks of 16 k pairs row by row (VG_MR rows of 16 pairs), zero past K
+            if (vg_amx)
+            {
+                #pragma omp for schedule(static)
+                for (int vg_q = 0; vg_q < vg_MP * vg_KB; ++vg_q)
+                {
+                    const int vg_mp = vg_q / vg_KB, vg_p0 = vg_q % vg_KB * 16;
+                    uint32_t *vg_d = vg_a3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_j = 0; vg_j < 16; ++vg_j)
+                            vg_d[vg_r * 16 + vg_j] = vg_p0 + vg_j < vg_KP2
+                                ? vg_a2[((size_t)vg_mp * vg_KP2 + vg_p0 + vg_j) * VG_MR + vg_r] : 0u;
+                }
+    #ifdef VG_BF16_AMX
+                vg_amx_config(0);
+    #endif
             }
             uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
     #endif
@@ -438,11 +548,27 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
                         vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
                                       vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
-                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
-                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
-                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
-                                               vg_b2 + vg_np * VG_NR, vg_NC,
-                                               vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // on AMX tiles: k pairs in blocks of 16, B's rows past the block's zero
+                        const int vg_kb = ((vg_kc + 1) / 2 + 15) / 16;
+                        for (int vg_p = (vg_kc + 1) / 2; vg_p < vg_kb * 16; ++vg_p)
+                            for (int vg_q = 0; vg_q < vg_NP * VG_NR; ++vg_q)
+                                vg_b2[(size_t)vg_p * vg_NC + vg_q] = 0u;
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_amx(vg_kb, vg_a3 + ((size_t)vg_mp * vg_KB + vg_k0 / 32) * VG_MR * 16,
+                                                  vg_b2 + vg_np * VG_NR, vg_NC,
+                                                  vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
+                    }
+                    else
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_b2 + vg_np * VG_NR, vg_NC,
+                                                   vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
     #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
@@ -492,11 +618,16 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
             free(vg_c);
     #ifdef VG_BF16_GEMM
             free(vg_b2);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
     #endif
         }
         free(vg_a);
     #ifdef VG_BF16_GEMM
         free(vg_a2);
+        free(vg_a3);
     #endif
     }
 }
@@ -516,8 +647,14 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
     #ifdef VG_BF16_GEMM
-        const int vg_KC = vg_block(vg_K, VG_KC, 2);                // k blocks, even: each starts a k pair
+        const int vg_KC = vg_block(vg_K, VG_KC, 32);               // k blocks, each starting a block of 16 k pairs
         const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+        const int vg_KB = (vg_KP2 + 15) / 16;                      // blocks of 16 k pairs (AMX tiles)
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
     #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
     #endif
@@ -527,6 +664,7 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
     #ifdef VG_BF16_GEMM
         uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
     #endif
         #pragma omp parallel
         {
@@ -574,6 +712,23 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
                 const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
                 vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
                               vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            // for AMX, each panel's blocks of 16 k pairs row by row (VG_MR rows of 16 pairs), zero past K
+            if (vg_amx)
+            {
+                #pragma omp for schedule(static)
+                for (int vg_q = 0; vg_q < vg_MP * vg_KB; ++vg_q)
+                {
+                    const int vg_mp = vg_q / vg_KB, vg_p0 = vg_q % vg_KB * 16;
+                    uint32_t *vg_d = vg_a3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_j = 0; vg_j < 16; ++vg_j)
+                            vg_d[vg_r * 16 + vg_j] = vg_p0 + vg_j < vg_KP2
+                                ? vg_a2[((size_t)vg_mp * vg_KP2 + vg_p0 + vg_j) * VG_MR + vg_r] : 0u;
+                }
+    #ifdef VG_BF16_AMX
+                vg_amx_config(0);
+    #endif
             }
             uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
     #endif
@@ -656,11 +811,27 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
                         vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
                                       vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
-                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
-                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
-                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
-                                               vg_b2 + vg_np * VG_NR, vg_NC,
-                                               vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // on AMX tiles: k pairs in blocks of 16, B's rows past the block's zero
+                        const int vg_kb = ((vg_kc + 1) / 2 + 15) / 16;
+                        for (int vg_p = (vg_kc + 1) / 2; vg_p < vg_kb * 16; ++vg_p)
+                            for (int vg_q = 0; vg_q < vg_NP * VG_NR; ++vg_q)
+                                vg_b2[(size_t)vg_p * vg_NC + vg_q] = 0u;
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_amx(vg_kb, vg_a3 + ((size_t)vg_mp * vg_KB + vg_k0 / 32) * VG_MR * 16,
+                                                  vg_b2 + vg_np * VG_NR, vg_NC,
+                                                  vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
+                    }
+                    else
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_b2 + vg_np * VG_NR, vg_NC,
+                                                   vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
     #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
@@ -710,11 +881,16 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
             free(vg_c);
     #ifdef VG_BF16_GEMM
             free(vg_b2);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
     #endif
         }
         free(vg_a);
     #ifdef VG_BF16_GEMM
         free(vg_a2);
+        free(vg_a3);
     #endif
     }
 }
@@ -744,7 +920,16 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_IM * vg_KP);
         float *vg_c = vg_alloc(sizeof(float) * vg_S * vg_MP * VG_IM * vg_ldc);
     #ifdef VG_BF16_GEMM
-        uint16_t *vg_a16 = vg_alloc(sizeof(uint16_t) * vg_MP * VG_IM * vg_KP);     // A in bf16
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
+        const int vg_MR16 = (vg_MP * VG_IM + 15) / 16 * 16;       // A's rows, whole AMX tiles of 16
+        const int vg_NC16 = (vg_NC + 15) / 16 * 16;                 // a B block's n, whole tiles of 16
+        uint16_t *vg_a16 = vg_alloc(sizeof(uint16_t) * vg_MR16 * vg_KP);     // A in bf16, zero rows past MP·IM
+        for (size_t vg_q = (size_t)vg_MP * VG_IM * vg_KP; vg_q < (size_t)vg_MR16 * vg_KP; ++vg_q)
+            vg_a16[vg_q] = 0;
     #endif
         #pragma omp parallel
         {
@@ -789,6 +974,13 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
             float *vg_b = vg_alloc(sizeof(float) * vg_NC * vg_KC);             // B block: rows n, k-contiguous
     #ifdef VG_BF16_GEMM
             uint16_t *vg_b16 = vg_alloc(sizeof(uint16_t) * vg_NC * vg_KC);     // B block in bf16
+            // for AMX, the B block in k pairs (rows) of its n (columns), zero past NC; a C tile
+            uint32_t *vg_bp = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC16) : 0;
+            float *vg_ct = vg_alloc(sizeof(float) * 16 * 16);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                vg_amx_config(1);
+    #endif
     #endif
             int *vg_t_b = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' b
             int *vg_t_i = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' i
@@ -873,6 +1065,37 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
     #endif
                     }
     #ifdef VG_BF16_GEMM
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // B's k pairs as rows (32-bit words of the bf16 rows), then C (+)= A·B
+                        // one 16 × 16 AMX tile at a time, added to the slice's rows and columns
+                        for (int vg_p = 0; vg_p < vg_kc / 2; ++vg_p)
+                        {
+                            uint32_t *vg_d = vg_bp + (size_t)vg_p * vg_NC16;
+                            for (int vg_n = 0; vg_n < vg_NC; ++vg_n)
+                                vg_d[vg_n] = ((const uint32_t *)(vg_b16 + (size_t)vg_n * vg_kc))[vg_p];
+                            for (int vg_n = vg_NC; vg_n < vg_NC16; ++vg_n)
+                                vg_d[vg_n] = 0u;
+                        }
+                        const int vg_add = vg_k0 > vg_sl * vg_SL;
+                        for (int vg_ng = 0; vg_ng < vg_NC16 / 16; ++vg_ng)
+                            for (int vg_mg = 0; vg_mg < vg_MR16 / 16; ++vg_mg)
+                            {
+                                vg_tile_inner_amx(vg_kc, vg_a16 + (size_t)vg_mg * 16 * vg_KP + vg_k0, vg_KP,
+                                                  vg_bp + vg_ng * 16, vg_NC16, vg_ct);
+                                const int vg_rows = vg_imin(16, vg_MP * VG_IM - vg_mg * 16);
+                                const int vg_cols = vg_imin(16, vg_NC - vg_ng * 16);
+                                for (int vg_r = 0; vg_r < vg_rows; ++vg_r)
+                                {
+                                    float *vg_o = vg_cs + (size_t)(vg_mg * 16 + vg_r) * vg_ldc + vg_n0 + vg_ng * 16;
+                                    for (int vg_q = 0; vg_q < vg_cols; ++vg_q)
+                                        vg_o[vg_q] = vg_add ? vg_o[vg_q] + vg_ct[vg_r * 16 + vg_q] : vg_ct[vg_r * 16 + vg_q];
+                                }
+                            }
+    #endif
+                    }
+                    else
                     // C (+)= A·B in bf16, one VG_IM × VG_IN tile at a time
                     for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
                         for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
@@ -897,6 +1120,12 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
             free(vg_b);
     #ifdef VG_BF16_GEMM
             free(vg_b16);
+            free(vg_bp);
+            free(vg_ct);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
     #endif
             // the output: the slices' partial sums, in order
             #pragma omp for collapse(4) schedule(static)
@@ -924,8 +1153,14 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
     #ifdef VG_BF16_GEMM
-        const int vg_KC = vg_block(vg_K, VG_KC, 2);                // k blocks, even: each starts a k pair
+        const int vg_KC = vg_block(vg_K, VG_KC, 32);               // k blocks, each starting a block of 16 k pairs
         const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+        const int vg_KB = (vg_KP2 + 15) / 16;                      // blocks of 16 k pairs (AMX tiles)
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
     #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
     #endif
@@ -935,6 +1170,7 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
     #ifdef VG_BF16_GEMM
         uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
     #endif
         #pragma omp parallel
         {
@@ -982,6 +1218,23 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                 const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
                 vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
                               vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            // for AMX, each panel's blocks of 16 k pairs row by row (VG_MR rows of 16 pairs), zero past K
+            if (vg_amx)
+            {
+                #pragma omp for schedule(static)
+                for (int vg_q = 0; vg_q < vg_MP * vg_KB; ++vg_q)
+                {
+                    const int vg_mp = vg_q / vg_KB, vg_p0 = vg_q % vg_KB * 16;
+                    uint32_t *vg_d = vg_a3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_j = 0; vg_j < 16; ++vg_j)
+                            vg_d[vg_r * 16 + vg_j] = vg_p0 + vg_j < vg_KP2
+                                ? vg_a2[((size_t)vg_mp * vg_KP2 + vg_p0 + vg_j) * VG_MR + vg_r] : 0u;
+                }
+    #ifdef VG_BF16_AMX
+                vg_amx_config(0);
+    #endif
             }
             uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
     #endif
@@ -1064,11 +1317,27 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                         vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
                                       vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
-                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
-                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
-                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
-                                               vg_b2 + vg_np * VG_NR, vg_NC,
-                                               vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // on AMX tiles: k pairs in blocks of 16, B's rows past the block's zero
+                        const int vg_kb = ((vg_kc + 1) / 2 + 15) / 16;
+                        for (int vg_p = (vg_kc + 1) / 2; vg_p < vg_kb * 16; ++vg_p)
+                            for (int vg_q = 0; vg_q < vg_NP * VG_NR; ++vg_q)
+                                vg_b2[(size_t)vg_p * vg_NC + vg_q] = 0u;
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_amx(vg_kb, vg_a3 + ((size_t)vg_mp * vg_KB + vg_k0 / 32) * VG_MR * 16,
+                                                  vg_b2 + vg_np * VG_NR, vg_NC,
+                                                  vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
+                    }
+                    else
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_b2 + vg_np * VG_NR, vg_NC,
+                                                   vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
     #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
@@ -1118,11 +1387,16 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
             free(vg_c);
     #ifdef VG_BF16_GEMM
             free(vg_b2);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
     #endif
         }
         free(vg_a);
     #ifdef VG_BF16_GEMM
         free(vg_a2);
+        free(vg_a3);
     #endif
     }
 }
@@ -1141,8 +1415,14 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
     #ifdef VG_BF16_GEMM
-        const int vg_KC = vg_block(vg_K, VG_KC, 2);                // k blocks, even: each starts a k pair
+        const int vg_KC = vg_block(vg_K, VG_KC, 32);               // k blocks, each starting a block of 16 k pairs
         const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+        const int vg_KB = (vg_KP2 + 15) / 16;                      // blocks of 16 k pairs (AMX tiles)
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
     #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
     #endif
@@ -1152,6 +1432,7 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
     #ifdef VG_BF16_GEMM
         uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
     #endif
         #pragma omp parallel
         {
@@ -1195,6 +1476,23 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
                 const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
                 vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
                               vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            // for AMX, each panel's blocks of 16 k pairs row by row (VG_MR rows of 16 pairs), zero past K
+            if (vg_amx)
+            {
+                #pragma omp for schedule(static)
+                for (int vg_q = 0; vg_q < vg_MP * vg_KB; ++vg_q)
+                {
+                    const int vg_mp = vg_q / vg_KB, vg_p0 = vg_q % vg_KB * 16;
+                    uint32_t *vg_d = vg_a3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_j = 0; vg_j < 16; ++vg_j)
+                            vg_d[vg_r * 16 + vg_j] = vg_p0 + vg_j < vg_KP2
+                                ? vg_a2[((size_t)vg_mp * vg_KP2 + vg_p0 + vg_j) * VG_MR + vg_r] : 0u;
+                }
+    #ifdef VG_BF16_AMX
+                vg_amx_config(0);
+    #endif
             }
             uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
     #endif
@@ -1261,11 +1559,27 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
                         vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
                                       vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
-                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
-                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
-                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
-                                               vg_b2 + vg_np * VG_NR, vg_NC,
-                                               vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // on AMX tiles: k pairs in blocks of 16, B's rows past the block's zero
+                        const int vg_kb = ((vg_kc + 1) / 2 + 15) / 16;
+                        for (int vg_p = (vg_kc + 1) / 2; vg_p < vg_kb * 16; ++vg_p)
+                            for (int vg_q = 0; vg_q < vg_NP * VG_NR; ++vg_q)
+                                vg_b2[(size_t)vg_p * vg_NC + vg_q] = 0u;
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_amx(vg_kb, vg_a3 + ((size_t)vg_mp * vg_KB + vg_k0 / 32) * VG_MR * 16,
+                                                  vg_b2 + vg_np * VG_NR, vg_NC,
+                                                  vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
+                    }
+                    else
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_b2 + vg_np * VG_NR, vg_NC,
+                                                   vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
     #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
@@ -1309,11 +1623,16 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
             free(vg_c);
     #ifdef VG_BF16_GEMM
             free(vg_b2);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
     #endif
         }
         free(vg_a);
     #ifdef VG_BF16_GEMM
         free(vg_a2);
+        free(vg_a3);
     #endif
     }
 }
@@ -1342,7 +1661,16 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_IM * vg_KP);
         float *vg_c = vg_alloc(sizeof(float) * vg_S * vg_MP * VG_IM * vg_ldc);
     #ifdef VG_BF16_GEMM
-        uint16_t *vg_a16 = vg_alloc(sizeof(uint16_t) * vg_MP * VG_IM * vg_KP);     // A in bf16
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
+        const int vg_MR16 = (vg_MP * VG_IM + 15) / 16 * 16;       // A's rows, whole AMX tiles of 16
+        const int vg_NC16 = (vg_NC + 15) / 16 * 16;                 // a B block's n, whole tiles of 16
+        uint16_t *vg_a16 = vg_alloc(sizeof(uint16_t) * vg_MR16 * vg_KP);     // A in bf16, zero rows past MP·IM
+        for (size_t vg_q = (size_t)vg_MP * VG_IM * vg_KP; vg_q < (size_t)vg_MR16 * vg_KP; ++vg_q)
+            vg_a16[vg_q] = 0;
     #endif
         #pragma omp parallel
         {
@@ -1383,6 +1711,13 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
             float *vg_b = vg_alloc(sizeof(float) * vg_NC * vg_KC);             // B block: rows n, k-contiguous
     #ifdef VG_BF16_GEMM
             uint16_t *vg_b16 = vg_alloc(sizeof(uint16_t) * vg_NC * vg_KC);     // B block in bf16
+            // for AMX, the B block in k pairs (rows) of its n (columns), zero past NC; a C tile
+            uint32_t *vg_bp = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC16) : 0;
+            float *vg_ct = vg_alloc(sizeof(float) * 16 * 16);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                vg_amx_config(1);
+    #endif
     #endif
             int *vg_t_c = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' c
             #pragma omp for schedule(static)
@@ -1451,6 +1786,37 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
     #endif
                     }
     #ifdef VG_BF16_GEMM
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // B's k pairs as rows (32-bit words of the bf16 rows), then C (+)= A·B
+                        // one 16 × 16 AMX tile at a time, added to the slice's rows and columns
+                        for (int vg_p = 0; vg_p < vg_kc / 2; ++vg_p)
+                        {
+                            uint32_t *vg_d = vg_bp + (size_t)vg_p * vg_NC16;
+                            for (int vg_n = 0; vg_n < vg_NC; ++vg_n)
+                                vg_d[vg_n] = ((const uint32_t *)(vg_b16 + (size_t)vg_n * vg_kc))[vg_p];
+                            for (int vg_n = vg_NC; vg_n < vg_NC16; ++vg_n)
+                                vg_d[vg_n] = 0u;
+                        }
+                        const int vg_add = vg_k0 > vg_sl * vg_SL;
+                        for (int vg_ng = 0; vg_ng < vg_NC16 / 16; ++vg_ng)
+                            for (int vg_mg = 0; vg_mg < vg_MR16 / 16; ++vg_mg)
+                            {
+                                vg_tile_inner_amx(vg_kc, vg_a16 + (size_t)vg_mg * 16 * vg_KP + vg_k0, vg_KP,
+                                                  vg_bp + vg_ng * 16, vg_NC16, vg_ct);
+                                const int vg_rows = vg_imin(16, vg_MP * VG_IM - vg_mg * 16);
+                                const int vg_cols = vg_imin(16, vg_NC - vg_ng * 16);
+                                for (int vg_r = 0; vg_r < vg_rows; ++vg_r)
+                                {
+                                    float *vg_o = vg_cs + (size_t)(vg_mg * 16 + vg_r) * vg_ldc + vg_n0 + vg_ng * 16;
+                                    for (int vg_q = 0; vg_q < vg_cols; ++vg_q)
+                                        vg_o[vg_q] = vg_add ? vg_o[vg_q] + vg_ct[vg_r * 16 + vg_q] : vg_ct[vg_r * 16 + vg_q];
+                                }
+                            }
+    #endif
+                    }
+                    else
                     // C (+)= A·B in bf16, one VG_IM × VG_IN tile at a time
                     for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
                         for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
@@ -1473,6 +1839,12 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
             free(vg_b);
     #ifdef VG_BF16_GEMM
             free(vg_b16);
+            free(vg_bp);
+            free(vg_ct);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
     #endif
             // the output: the slices' partial sums, in order
             #pragma omp for collapse(2) schedule(static)
@@ -1498,8 +1870,14 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
     #ifdef VG_BF16_GEMM
-        const int vg_KC = vg_block(vg_K, VG_KC, 2);                // k blocks, even: each starts a k pair
+        const int vg_KC = vg_block(vg_K, VG_KC, 32);               // k blocks, each starting a block of 16 k pairs
         const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+        const int vg_KB = (vg_KP2 + 15) / 16;                      // blocks of 16 k pairs (AMX tiles)
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
     #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
     #endif
@@ -1509,6 +1887,7 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
     #ifdef VG_BF16_GEMM
         uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
     #endif
         #pragma omp parallel
         {
@@ -1552,6 +1931,23 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                 const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
                 vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
                               vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            // for AMX, each panel's blocks of 16 k pairs row by row (VG_MR rows of 16 pairs), zero past K
+            if (vg_amx)
+            {
+                #pragma omp for schedule(static)
+                for (int vg_q = 0; vg_q < vg_MP * vg_KB; ++vg_q)
+                {
+                    const int vg_mp = vg_q / vg_KB, vg_p0 = vg_q % vg_KB * 16;
+                    uint32_t *vg_d = vg_a3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_j = 0; vg_j < 16; ++vg_j)
+                            vg_d[vg_r * 16 + vg_j] = vg_p0 + vg_j < vg_KP2
+                                ? vg_a2[((size_t)vg_mp * vg_KP2 + vg_p0 + vg_j) * VG_MR + vg_r] : 0u;
+                }
+    #ifdef VG_BF16_AMX
+                vg_amx_config(0);
+    #endif
             }
             uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
     #endif
@@ -1618,11 +2014,27 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                         vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
                                       vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
-                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
-                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
-                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
-                                               vg_b2 + vg_np * VG_NR, vg_NC,
-                                               vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // on AMX tiles: k pairs in blocks of 16, B's rows past the block's zero
+                        const int vg_kb = ((vg_kc + 1) / 2 + 15) / 16;
+                        for (int vg_p = (vg_kc + 1) / 2; vg_p < vg_kb * 16; ++vg_p)
+                            for (int vg_q = 0; vg_q < vg_NP * VG_NR; ++vg_q)
+                                vg_b2[(size_t)vg_p * vg_NC + vg_q] = 0u;
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_amx(vg_kb, vg_a3 + ((size_t)vg_mp * vg_KB + vg_k0 / 32) * VG_MR * 16,
+                                                  vg_b2 + vg_np * VG_NR, vg_NC,
+                                                  vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
+                    }
+                    else
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_b2 + vg_np * VG_NR, vg_NC,
+                                                   vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
     #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
@@ -1666,11 +2078,16 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
             free(vg_c);
     #ifdef VG_BF16_GEMM
             free(vg_b2);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
     #endif
         }
         free(vg_a);
     #ifdef VG_BF16_GEMM
         free(vg_a2);
+        free(vg_a3);
     #endif
     }
 }
@@ -1689,8 +2106,14 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
     #ifdef VG_BF16_GEMM
-        const int vg_KC = vg_block(vg_K, VG_KC, 2);                // k blocks, even: each starts a k pair
+        const int vg_KC = vg_block(vg_K, VG_KC, 32);               // k blocks, each starting a block of 16 k pairs
         const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+        const int vg_KB = (vg_KP2 + 15) / 16;                      // blocks of 16 k pairs (AMX tiles)
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
     #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
     #endif
@@ -1700,6 +2123,7 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
     #ifdef VG_BF16_GEMM
         uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
     #endif
         #pragma omp parallel
         {
@@ -1743,6 +2167,23 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
                 const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
                 vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
                               vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            // for AMX, each panel's blocks of 16 k pairs row by row (VG_MR rows of 16 pairs), zero past K
+            if (vg_amx)
+            {
+                #pragma omp for schedule(static)
+                for (int vg_q = 0; vg_q < vg_MP * vg_KB; ++vg_q)
+                {
+                    const int vg_mp = vg_q / vg_KB, vg_p0 = vg_q % vg_KB * 16;
+                    uint32_t *vg_d = vg_a3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_j = 0; vg_j < 16; ++vg_j)
+                            vg_d[vg_r * 16 + vg_j] = vg_p0 + vg_j < vg_KP2
+                                ? vg_a2[((size_t)vg_mp * vg_KP2 + vg_p0 + vg_j) * VG_MR + vg_r] : 0u;
+                }
+    #ifdef VG_BF16_AMX
+                vg_amx_config(0);
+    #endif
             }
             uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
     #endif
@@ -1809,11 +2250,27 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
                         vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
                                       vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
-                    for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
-                        for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
-                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
-                                               vg_b2 + vg_np * VG_NR, vg_NC,
-                                               vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // on AMX tiles: k pairs in blocks of 16, B's rows past the block's zero
+                        const int vg_kb = ((vg_kc + 1) / 2 + 15) / 16;
+                        for (int vg_p = (vg_kc + 1) / 2; vg_p < vg_kb * 16; ++vg_p)
+                            for (int vg_q = 0; vg_q < vg_NP * VG_NR; ++vg_q)
+                                vg_b2[(size_t)vg_p * vg_NC + vg_q] = 0u;
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_amx(vg_kb, vg_a3 + ((size_t)vg_mp * vg_KB + vg_k0 / 32) * VG_MR * 16,
+                                                  vg_b2 + vg_np * VG_NR, vg_NC,
+                                                  vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
+                    }
+                    else
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_b2 + vg_np * VG_NR, vg_NC,
+                                                   vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
     #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
@@ -1857,11 +2314,16 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
             free(vg_c);
     #ifdef VG_BF16_GEMM
             free(vg_b2);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
     #endif
         }
         free(vg_a);
     #ifdef VG_BF16_GEMM
         free(vg_a2);
+        free(vg_a3);
     #endif
     }
 }

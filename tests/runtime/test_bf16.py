@@ -1,7 +1,9 @@
-"""--precision bf16 on the C target: the contractions' products in bf16 (AVX-512 BF16).
+"""--precision bf16 on the C target: the contractions' products in bf16 (AMX, AVX-512 BF16).
 
 The bf16 library (generated/c compiled with -DVG_BF16) against float64 NumPy
-at odd shapes, through both matrix-product forms (outer and inner) and odd k;
+at odd shapes, through both matrix-product forms (outer and inner) and odd k,
+its outer form on AMX tiles where the CPU and the OS allow them and, built
+with -DVG_BF16_NO_AMX, on AVX-512 BF16 dot products;
 the fp32 library untouched by it; the refusals where bf16 cannot run.
 
 Tolerance.  Each operand is rounded to bf16 (8 significant bits, to nearest):
@@ -49,12 +51,15 @@ needs_bf16 = pytest.mark.skipif(_can_bf16() is not None, reason=str(_can_bf16())
 
 @pytest.fixture(scope="module")
 def libraries(tmp_path_factory):
-    """The fp32 and bf16 C backends on the repository's generated kernels, a cache of their own."""
+    """The fp32 C backend and the bf16 ones (AMX where it runs, and without it) on the
+    repository's generated kernels, a cache of their own."""
     if not (REPO / "generated" / "manifest.json").is_file():
         pytest.skip("generated/ not built")
     cache = tmp_path_factory.mktemp("cache")
     fp32 = c_runtime.CBackend(generated=REPO / "generated", cache=cache)
-    bf16 = c_runtime.CBackend(generated=REPO / "generated", cache=cache, precision="bf16")
+    bf16 = {"amx": c_runtime.CBackend(generated=REPO / "generated", cache=cache, precision="bf16"),
+            "avx512": c_runtime.CBackend(generated=REPO / "generated", cache=cache, precision="bf16",
+                                         flags=(*c_runtime.FLAGS, "-DVG_BF16_NO_AMX"))}
     return fp32, bf16
 
 
@@ -123,11 +128,12 @@ def _check(got, arrays, ref, bound, what):
 
 
 @needs_bf16
+@pytest.mark.parametrize("unit", ["amx", "avx512"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bf16_contractions_within_rounding_bound(libraries, case):
+def test_bf16_contractions_within_rounding_bound(libraries, case, unit):
     what, layer, sizes, arrays, ref = case
     fp32, bf16 = libraries
-    got = _run(bf16, layer, sizes, arrays)
+    got = _run(bf16[unit], layer, sizes, arrays)
     _check(got, arrays, ref, BF16_BOUND, what)
     # and bf16 it is: the products were rounded (fp32 would be far closer)
     exact = _run(fp32, layer, sizes, arrays)
@@ -137,8 +143,8 @@ def test_bf16_contractions_within_rounding_bound(libraries, case):
 @needs_bf16
 def test_bf16_is_a_library_of_its_own(libraries):
     fp32, bf16 = libraries
-    assert fp32.library != bf16.library
-    assert bf16.precision == "bf16" and fp32.precision == "fp32"
+    assert len({fp32.library, bf16["amx"].library, bf16["avx512"].library}) == 3
+    assert bf16["amx"].precision == "bf16" and fp32.precision == "fp32"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -155,7 +161,8 @@ def test_fp32_translation_unit_has_no_bf16_code():
         pytest.skip("no C compiler or generated/ not built")
     text = subprocess.run([cc, "-march=native", "-fopenmp", "-E", "-P", str(source)],
                           capture_output=True, text=True, check=True).stdout
-    for name in ("vg_tile_outer_bf16", "vg_tile_inner_bf16", "vg_bf16_pairs", "vg_bf16_row", "vg_a2", "vg_b16"):
+    for name in ("vg_tile_outer_bf16", "vg_tile_inner_bf16", "vg_bf16_pairs", "vg_bf16_row", "vg_a2", "vg_b16",
+                 "vg_tile_outer_amx", "_tile_loadd("):
         assert name not in text
     assert "vg_tile_outer(" in text and "vg_tile_inner(" in text
 
