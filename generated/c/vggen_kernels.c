@@ -176,8 +176,10 @@ static inline void vg_tile_inner(int kc, const float *restrict a, int lda, const
 }
 
 // --precision bf16 (compiled with -DVG_BF16): the matrix products' operands rounded to
-// bf16 (to nearest, ties to even) and multiplied by AVX-512 BF16 dot products of k pairs
-// (vdpbf16ps), accumulated in fp32.  Without VG_BF16 none of this is compiled.
+// bf16 (to nearest, ties to even) and multiplied in k pairs, accumulated in fp32: on AMX
+// tiles (tdpbf16ps) where the CPU has them and Linux grants them (vg_amx_granted), else
+// by AVX-512 BF16 dot products (vdpbf16ps), whose throughput on Sapphire Rapids is below
+// fp32 FMA's.  Without VG_BF16 none of this is compiled.
 #if defined(VG_BF16) && !defined(__AVX512BF16__)
 #error "VG_BF16 needs AVX-512 BF16 (__AVX512BF16__): a CPU with avx512_bf16 and -march=native"
 #endif

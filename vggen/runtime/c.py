@@ -34,8 +34,10 @@ an error.
 
 ``precision="bf16"`` compiles the same sources with ``-DVG_BF16`` added (a
 library of its own, the flags being in the key): the matrix-product
-contractions then round their packed operands to bf16 and multiply them with
-AVX-512 BF16 dot products, accumulating in fp32 (``templates/c/file.c.j2``);
+contractions then round their packed operands to bf16 and multiply them on
+AMX tiles where the CPU and Linux allow them, else with AVX-512 BF16 dot
+products (``-DVG_BF16_NO_AMX``: always), accumulating in fp32
+(``templates/c/file.c.j2``);
 every other kernel, and every array the caller sees, stays fp32.  It needs a
 CPU with ``avx512_bf16`` and a compiler that defines ``__AVX512BF16__`` under
 ``-march=native``; without either the backend refuses, naming what is missing.

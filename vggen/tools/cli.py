@@ -232,8 +232,8 @@ def _network_options(p: argparse.ArgumentParser) -> None:
                         "(hand edits); without it they are refused")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="c: bf16 multiplies the convolutions' and Linear layers' operands in bf16 "
-                        "(AVX-512 BF16, fp32 sums; weights and optimizer stay fp32); bench then "
-                        "times PyTorch under bf16 autocast (default: fp32)")
+                        "(AMX or AVX-512 BF16, fp32 sums; weights and optimizer stay fp32); bench "
+                        "then times PyTorch under bf16 autocast (default: fp32)")
 
 
 def parser() -> argparse.ArgumentParser:
