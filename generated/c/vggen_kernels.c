@@ -1097,14 +1097,13 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                             }
     #endif
                     }
-                    else
-                    // C (+)= A·B in bf16, one VG_IM × VG_IN tile at a time
-                    for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
-                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
-                            vg_tile_inner_bf16(vg_kc, vg_a16 + (size_t)vg_mp * VG_IM * vg_KP + vg_k0, vg_KP,
-                                               vg_b16 + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
-                                               vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
-                                               vg_k0 > vg_sl * vg_SL);
+                    else    // C (+)= A·B in bf16 dot products, one VG_IM × VG_IN tile at a time
+                        for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
+                            for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                                vg_tile_inner_bf16(vg_kc, vg_a16 + (size_t)vg_mp * VG_IM * vg_KP + vg_k0, vg_KP,
+                                                   vg_b16 + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
+                                                   vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
+                                                   vg_k0 > vg_sl * vg_SL);
     #else
                     // C (+)= A·B, one VG_IM × VG_IN tile at a time
                     for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
@@ -1818,14 +1817,13 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                             }
     #endif
                     }
-                    else
-                    // C (+)= A·B in bf16, one VG_IM × VG_IN tile at a time
-                    for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
-                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
-                            vg_tile_inner_bf16(vg_kc, vg_a16 + (size_t)vg_mp * VG_IM * vg_KP + vg_k0, vg_KP,
-                                               vg_b16 + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
-                                               vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
-                                               vg_k0 > vg_sl * vg_SL);
+                    else    // C (+)= A·B in bf16 dot products, one VG_IM × VG_IN tile at a time
+                        for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
+                            for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                                vg_tile_inner_bf16(vg_kc, vg_a16 + (size_t)vg_mp * VG_IM * vg_KP + vg_k0, vg_KP,
+                                                   vg_b16 + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
+                                                   vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
+                                                   vg_k0 > vg_sl * vg_SL);
     #else
                     // C (+)= A·B, one VG_IM × VG_IN tile at a time
                     for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
