@@ -234,6 +234,202 @@ static inline void vg_tile_inner(int kc, const float *restrict a, int lda, const
 #endif
 }
 
+// --precision bf16 (compiled with -DVG_BF16): the matrix products' operands rounded to
+// bf16 (to nearest, ties to even) and multiplied in k pairs, accumulated in fp32: on AMX
+// tiles (tdpbf16ps) where the CPU has them and Linux grants them (vg_amx_granted), else
+// by AVX-512 BF16 dot products (vdpbf16ps), whose throughput on Sapphire Rapids is below
+// fp32 FMA's.  Without VG_BF16 none of this is compiled.
+#if defined(VG_BF16) && !defined(__AVX512BF16__)
+#error "VG_BF16 needs AVX-512 BF16 (__AVX512BF16__): a CPU with avx512_bf16 and -march=native"
+#endif
+#if defined(VG_BF16) && defined(__AVX512BF16__)
+#define VG_BF16_GEMM 1
+#include <immintrin.h>
+#include <string.h>
+
+// the mask of the first n (at most 16) of 16 lanes
+static inline __mmask16 vg_lanes(int n)
+{
+    return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+}
+
+// dst[q] = bf16(src[q]) for q < n: a row k-contiguous for vg_tile_inner_bf16
+static inline void vg_bf16_row(int n, const float *restrict src, uint16_t *restrict dst)
+{
+    for (int q = 0; q < n; q += 16)
+    {
+        const __mmask16 m = vg_lanes(n - q);
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + q));
+        _mm256_mask_storeu_epi16(dst + q, m, (__m256i)h);
+    }
+}
+
+// dst[q] = the pair (bf16(lo[q]), bf16(hi[q])) for q < n, lo in the low half (the lower k
+// of a pair, as vdpbf16ps pairs them); hi NULL: zeros (an odd k's padding)
+static inline void vg_bf16_pairs(int n, const float *restrict lo, const float *restrict hi,
+                                 uint32_t *restrict dst)
+{
+    // 16-bit lanes [l0..l15 | h0..h15] -> [l0 h0 l1 h1 ...]
+    const __m512i zip = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int q = 0; q < n; q += 16)
+    {
+        const __mmask16 m = vg_lanes(n - q);
+        const __m512 l = _mm512_maskz_loadu_ps(m, lo + q);
+        const __m512 h = hi ? _mm512_maskz_loadu_ps(m, hi + q) : _mm512_setzero_ps();
+        const __m512bh both = _mm512_cvtne2ps_pbh(h, l);
+        _mm512_mask_storeu_epi32(dst + q, m, _mm512_permutexvar_epi16(zip, (__m512i)both));
+    }
+}
+
+// vg_tile_outer in bf16: C[VG_MR][VG_NR] at c (row stride ldc) = (add ? C : 0) +
+// Σ_p Σ_{k in pair p} a[k][mr]·b[k][nr], a a panel of k pairs (VG_MR pairs per p, from
+// vg_bf16_pairs), b rows of pairs (row stride ldb pairs); kp pairs, fp32 accumulators.
+static inline void vg_tile_outer_bf16(int kp, const uint32_t *restrict a, const uint32_t *restrict b, int ldb,
+                                      float *restrict c, int ldc, int add)
+{
+    __m512 acc[VG_MR][VG_NR / 16];
+    for (int mr = 0; mr < VG_MR; ++mr)
+        for (int v = 0; v < VG_NR / 16; ++v)
+            acc[mr][v] = add ? _mm512_loadu_ps(c + mr * ldc + 16 * v) : _mm512_setzero_ps();
+    for (int p = 0; p < kp; ++p)
+    {
+        __m512bh bv[VG_NR / 16];
+        for (int v = 0; v < VG_NR / 16; ++v)
+            bv[v] = (__m512bh)_mm512_loadu_si512(b + (size_t)p * ldb + 16 * v);
+        for (int mr = 0; mr < VG_MR; ++mr)
+        {
+            const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[p * VG_MR + mr]);
+            for (int v = 0; v < VG_NR / 16; ++v)
+                acc[mr][v] = _mm512_dpbf16_ps(acc[mr][v], av, bv[v]);
+        }
+    }
+    for (int mr = 0; mr < VG_MR; ++mr)
+        for (int v = 0; v < VG_NR / 16; ++v)
+            _mm512_storeu_ps(c + mr * ldc + 16 * v, acc[mr][v]);
+}
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__linux__) && !defined(VG_BF16_NO_AMX)
+#define VG_BF16_AMX 1
+_Static_assert(VG_NR == 32 && VG_MR <= 16, "vg_tile_outer_amx: a C tile is two 16-column AMX tiles of VG_MR rows");
+#include <sys/syscall.h>
+#include <unistd.h>
+
+// Whether this process may use AMX tiles: Linux grants their state only when asked
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), once per process; where it refuses,
+// the outer form runs on vg_tile_outer_bf16 instead.
+static inline int vg_amx_granted(void)
+{
+    static int granted = -1;
+    if (granted < 0)
+        granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return granted;
+}
+
+// This thread's tiles (palette 1), for vg_tile_outer_amx: 0, 1 the C tile's two halves
+// (VG_MR rows of 16 fp32), 2 A (VG_MR rows of 16 k pairs), 3, 4 B (16 k pairs of 16 n);
+// for vg_tile_inner_amx (inner): 0 C (16 × 16), 1 A (16 rows of 32 k), 2 B (16 k pairs of
+// 16 n), and for a last 16 k, 3 A (16 rows of 16 k) and 4 B (8 k pairs).
+static inline void vg_amx_config(int inner)
+{
+    struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 5; ++t)
+    {
+        cfg.colsb[t] = inner && t == 3 ? 32 : 64;
+        cfg.rows[t] = inner ? (t == 4 ? 8 : 16) : (t < 3 ? VG_MR : 16);
+    }
+    _tile_loadconfig(&cfg);
+}
+
+// vg_tile_outer_bf16 on AMX tiles: C[VG_MR][VG_NR = 32] at c (row stride ldc) = (add ? C : 0)
+// + A·B over kb blocks of 16 k pairs, a blocks of VG_MR rows of 16 pairs (64 bytes a row),
+// b rows of pairs (row stride ldb pairs) as vg_tile_outer_bf16 reads them, zero-padded to kb·16.
+static inline void vg_tile_outer_amx(int kb, const uint32_t *restrict a, const uint32_t *restrict b, int ldb,
+                                     float *restrict c, int ldc, int add)
+{
+    if (add)
+    {
+        _tile_loadd(0, c, ldc * 4);
+        _tile_loadd(1, c + 16, ldc * 4);
+    }
+    else
+    {
+        _tile_zero(0);
+        _tile_zero(1);
+    }
+    for (int q = 0; q < kb; ++q)
+    {
+        _tile_loadd(2, a + (size_t)q * VG_MR * 16, 64);
+        _tile_loadd(3, b + (size_t)q * 16 * ldb, ldb * 4);
+        _tile_loadd(4, b + (size_t)q * 16 * ldb + 16, ldb * 4);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_dpbf16ps(1, 2, 4);
+    }
+    _tile_stored(0, c, ldc * 4);
+    _tile_stored(1, c + 16, ldc * 4);
+}
+
+// vg_tile_inner_bf16 on AMX tiles: c[16][16] (row stride 16) = Σ_k a[m][k]·B[k][n], a 16 rows
+// of bf16 (stride lda), k-contiguous; b B in k pairs, 16 n a row (stride ldb pairs); kc a
+// multiple of 16: 32 k a step, a last 16 on the half tiles.
+static inline void vg_tile_inner_amx(int kc, const uint16_t *restrict a, int lda, const uint32_t *restrict b,
+                                     int ldb, float *restrict c)
+{
+    _tile_zero(0);
+    int k = 0;
+    for (; k + 32 <= kc; k += 32)
+    {
+        _tile_loadd(1, a + k, lda * 2);
+        _tile_loadd(2, b + (size_t)k / 2 * ldb, ldb * 4);
+        _tile_dpbf16ps(0, 1, 2);
+    }
+    if (k < kc)
+    {
+        _tile_loadd(3, a + k, lda * 2);
+        _tile_loadd(4, b + (size_t)k / 2 * ldb, ldb * 4);
+        _tile_dpbf16ps(0, 3, 4);
+    }
+    _tile_stored(0, c, 64);
+}
+#endif
+
+// vg_tile_inner in bf16: C[VG_IM][VG_IN] at c (row stride ldc) = (add ? C : 0) +
+// Σ_k a[im][k]·b[in][k], a and b rows of bf16 (strides lda, ldb), kc a multiple of
+// VG_VL = 16: 32 k per step (16 pairs), a last 16 with the upper half masked to zero.
+static inline void vg_tile_inner_bf16(int kc, const uint16_t *restrict a, int lda, const uint16_t *restrict b,
+                                      int ldb, float *restrict c, int ldc, int add)
+{
+    __m512 acc[VG_IM][VG_IN];
+    for (int im = 0; im < VG_IM; ++im)
+        for (int in = 0; in < VG_IN; ++in)
+            acc[im][in] = _mm512_setzero_ps();
+    for (int k = 0; k < kc; k += 32)
+    {
+        // the lanes of 16-bit k within this step
+        const __mmask32 m = kc - k >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)0xFFFFu;
+        __m512bh bv[VG_IN];
+        for (int in = 0; in < VG_IN; ++in)
+        {
+            bv[in] = (__m512bh)_mm512_maskz_loadu_epi16(m, b + (size_t)in * ldb + k);
+            __asm__("" : "+v"(bv[in]));     // held in registers, as in vg_tile_inner
+        }
+        for (int im = 0; im < VG_IM; ++im)
+        {
+            const __m512bh av = (__m512bh)_mm512_maskz_loadu_epi16(m, a + (size_t)im * lda + k);
+            for (int in = 0; in < VG_IN; ++in)
+                acc[im][in] = _mm512_dpbf16_ps(acc[im][in], av, bv[in]);
+        }
+    }
+    for (int im = 0; im < VG_IM; ++im)
+        for (int in = 0; in < VG_IN; ++in)
+        {
+            const float s = _mm512_reduce_add_ps(acc[im][in]);
+            c[im * ldc + in] = add ? c[im * ldc + in] + s : s;
+        }
+}
+#endif
+
 // convolution2d_forward_y: contraction (Convolution2D, forward)
 //   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j], (ic, 0, IC - 1), (di, -K, K), (dj, -K, K))  (eq. 1)
 //   specialised: K=1
@@ -248,11 +444,26 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
     // tiles of C along n
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+    #ifdef VG_BF16_GEMM
+        const int vg_KC = vg_block(vg_K, VG_KC, 32);               // k blocks, each starting a block of 16 k pairs
+        const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+        const int vg_KB = (vg_KP2 + 15) / 16;                      // blocks of 16 k pairs (AMX tiles)
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
+    #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+    #endif
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+    #ifdef VG_BF16_GEMM
+        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
+    #endif
         #pragma omp parallel
         {
             // pack A once: panel m / VG_MR holds its VG_MR rows for each k
@@ -291,6 +502,34 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
                     }
                 }
             }
+    #ifdef VG_BF16_GEMM
+            // A's panels in bf16: for each k pair, its VG_MR rows' pairs (the packing above done)
+            #pragma omp for schedule(static)
+            for (int vg_p = 0; vg_p < vg_MP * vg_KP2; ++vg_p)
+            {
+                const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
+                              vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            // for AMX, each panel's blocks of 16 k pairs row by row (VG_MR rows of 16 pairs), zero past K
+            if (vg_amx)
+            {
+                #pragma omp for schedule(static)
+                for (int vg_q = 0; vg_q < vg_MP * vg_KB; ++vg_q)
+                {
+                    const int vg_mp = vg_q / vg_KB, vg_p0 = vg_q % vg_KB * 16;
+                    uint32_t *vg_d = vg_a3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_j = 0; vg_j < 16; ++vg_j)
+                            vg_d[vg_r * 16 + vg_j] = vg_p0 + vg_j < vg_KP2
+                                ? vg_a2[((size_t)vg_mp * vg_KP2 + vg_p0 + vg_j) * VG_MR + vg_r] : 0u;
+                }
+    #ifdef VG_BF16_AMX
+                vg_amx_config(0);
+    #endif
+            }
+            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+    #endif
             float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
             float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
             int *vg_t_b = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' b
@@ -364,12 +603,41 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
                         for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
                             vg_d[vg_q] = 0.0f;
                     }
+    #ifdef VG_BF16_GEMM
+                    // B in bf16, its rows interleaved in k pairs (an odd last row with zeros)
+                    for (int vg_k = 0; vg_k < vg_kc; vg_k += 2)
+                        vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
+                                      vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // on AMX tiles: k pairs in blocks of 16, B's rows past the block's zero
+                        const int vg_kb = ((vg_kc + 1) / 2 + 15) / 16;
+                        for (int vg_p = (vg_kc + 1) / 2; vg_p < vg_kb * 16; ++vg_p)
+                            for (int vg_q = 0; vg_q < vg_NP * VG_NR; ++vg_q)
+                                vg_b2[(size_t)vg_p * vg_NC + vg_q] = 0u;
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_amx(vg_kb, vg_a3 + ((size_t)vg_mp * vg_KB + vg_k0 / 32) * VG_MR * 16,
+                                                  vg_b2 + vg_np * VG_NR, vg_NC,
+                                                  vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
+                    }
+                    else
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_b2 + vg_np * VG_NR, vg_NC,
+                                                   vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
                         for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
                             vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
                                           vg_b + vg_np * VG_NR, vg_NC,
                                           vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
                 }
                 // the output from C, for n in [n0, n1)
                 for (int vg_m = 0; vg_m < vg_M; ++vg_m)
@@ -409,8 +677,19 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
             free(vg_t_j);
             free(vg_b);
             free(vg_c);
+    #ifdef VG_BF16_GEMM
+            free(vg_b2);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
+    #endif
         }
         free(vg_a);
+    #ifdef VG_BF16_GEMM
+        free(vg_a2);
+        free(vg_a3);
+    #endif
     }
 }
 
@@ -908,11 +1187,26 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
     // tiles of C along n
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+    #ifdef VG_BF16_GEMM
+        const int vg_KC = vg_block(vg_K, VG_KC, 32);               // k blocks, each starting a block of 16 k pairs
+        const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+        const int vg_KB = (vg_KP2 + 15) / 16;                      // blocks of 16 k pairs (AMX tiles)
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
+    #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+    #endif
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+    #ifdef VG_BF16_GEMM
+        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
+    #endif
         #pragma omp parallel
         {
             // pack A once: panel m / VG_MR holds its VG_MR rows for each k
@@ -951,6 +1245,34 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
                     }
                 }
             }
+    #ifdef VG_BF16_GEMM
+            // A's panels in bf16: for each k pair, its VG_MR rows' pairs (the packing above done)
+            #pragma omp for schedule(static)
+            for (int vg_p = 0; vg_p < vg_MP * vg_KP2; ++vg_p)
+            {
+                const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
+                              vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            // for AMX, each panel's blocks of 16 k pairs row by row (VG_MR rows of 16 pairs), zero past K
+            if (vg_amx)
+            {
+                #pragma omp for schedule(static)
+                for (int vg_q = 0; vg_q < vg_MP * vg_KB; ++vg_q)
+                {
+                    const int vg_mp = vg_q / vg_KB, vg_p0 = vg_q % vg_KB * 16;
+                    uint32_t *vg_d = vg_a3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_j = 0; vg_j < 16; ++vg_j)
+                            vg_d[vg_r * 16 + vg_j] = vg_p0 + vg_j < vg_KP2
+                                ? vg_a2[((size_t)vg_mp * vg_KP2 + vg_p0 + vg_j) * VG_MR + vg_r] : 0u;
+                }
+    #ifdef VG_BF16_AMX
+                vg_amx_config(0);
+    #endif
+            }
+            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+    #endif
             float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
             float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
             int *vg_t_b = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' b
@@ -1024,12 +1346,41 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
                         for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
                             vg_d[vg_q] = 0.0f;
                     }
+    #ifdef VG_BF16_GEMM
+                    // B in bf16, its rows interleaved in k pairs (an odd last row with zeros)
+                    for (int vg_k = 0; vg_k < vg_kc; vg_k += 2)
+                        vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
+                                      vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // on AMX tiles: k pairs in blocks of 16, B's rows past the block's zero
+                        const int vg_kb = ((vg_kc + 1) / 2 + 15) / 16;
+                        for (int vg_p = (vg_kc + 1) / 2; vg_p < vg_kb * 16; ++vg_p)
+                            for (int vg_q = 0; vg_q < vg_NP * VG_NR; ++vg_q)
+                                vg_b2[(size_t)vg_p * vg_NC + vg_q] = 0u;
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_amx(vg_kb, vg_a3 + ((size_t)vg_mp * vg_KB + vg_k0 / 32) * VG_MR * 16,
+                                                  vg_b2 + vg_np * VG_NR, vg_NC,
+                                                  vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
+                    }
+                    else
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_b2 + vg_np * VG_NR, vg_NC,
+                                                   vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
                         for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
                             vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
                                           vg_b + vg_np * VG_NR, vg_NC,
                                           vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
                 }
                 // the output from C, for n in [n0, n1)
                 for (int vg_m = 0; vg_m < vg_M; ++vg_m)
@@ -1069,8 +1420,19 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
             free(vg_t_j);
             free(vg_b);
             free(vg_c);
+    #ifdef VG_BF16_GEMM
+            free(vg_b2);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
+    #endif
         }
         free(vg_a);
+    #ifdef VG_BF16_GEMM
+        free(vg_a2);
+        free(vg_a3);
+    #endif
     }
 }
 
@@ -1578,6 +1940,18 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
         const int vg_KC = vg_block(vg_SL, VG_IKC, VG_VL);           // k blocks within a slice
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_IM * vg_KP);
         float *vg_c = vg_alloc(sizeof(float) * vg_S * vg_MP * VG_IM * vg_ldc);
+    #ifdef VG_BF16_GEMM
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
+        const int vg_MR16 = (vg_MP * VG_IM + 15) / 16 * 16;       // A's rows, whole AMX tiles of 16
+        const int vg_NC16 = (vg_NC + 15) / 16 * 16;                 // a B block's n, whole tiles of 16
+        uint16_t *vg_a16 = vg_alloc(sizeof(uint16_t) * vg_MR16 * vg_KP);     // A in bf16, zero rows past MP·IM
+        for (size_t vg_q = (size_t)vg_MP * VG_IM * vg_KP; vg_q < (size_t)vg_MR16 * vg_KP; ++vg_q)
+            vg_a16[vg_q] = 0;
+    #endif
         #pragma omp parallel
         {
             // pack A once: rows m, k-contiguous, zero past M and K
@@ -1614,8 +1988,21 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                 }
                 for (int vg_k = vg_m < vg_M ? vg_K : 0; vg_k < vg_KP; ++vg_k)
                     vg_d[vg_k] = 0.0f;
+    #ifdef VG_BF16_GEMM
+                vg_bf16_row(vg_KP, vg_d, vg_a16 + (size_t)vg_m * vg_KP);
+    #endif
             }
             float *vg_b = vg_alloc(sizeof(float) * vg_NC * vg_KC);             // B block: rows n, k-contiguous
+    #ifdef VG_BF16_GEMM
+            uint16_t *vg_b16 = vg_alloc(sizeof(uint16_t) * vg_NC * vg_KC);     // B block in bf16
+            // for AMX, the B block in k pairs (rows) of its n (columns), zero past NC; a C tile
+            uint32_t *vg_bp = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC16) : 0;
+            float *vg_ct = vg_alloc(sizeof(float) * 16 * 16);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                vg_amx_config(1);
+    #endif
+    #endif
             int *vg_t_b = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' b
             int *vg_t_i = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' i
             int *vg_t_j = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' j
@@ -1694,7 +2081,49 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                         }
                         for (int vg_q = vg_z; vg_q < vg_kc; ++vg_q)
                             vg_d[vg_q] = 0.0f;
+    #ifdef VG_BF16_GEMM
+                        vg_bf16_row(vg_kc, vg_d, vg_b16 + (size_t)(vg_n - vg_n0) * vg_kc);
+    #endif
                     }
+    #ifdef VG_BF16_GEMM
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // B's k pairs as rows (32-bit words of the bf16 rows), then C (+)= A·B
+                        // one 16 × 16 AMX tile at a time, added to the slice's rows and columns
+                        for (int vg_p = 0; vg_p < vg_kc / 2; ++vg_p)
+                        {
+                            uint32_t *vg_d = vg_bp + (size_t)vg_p * vg_NC16;
+                            for (int vg_n = 0; vg_n < vg_NC; ++vg_n)
+                                vg_d[vg_n] = ((const uint32_t *)(vg_b16 + (size_t)vg_n * vg_kc))[vg_p];
+                            for (int vg_n = vg_NC; vg_n < vg_NC16; ++vg_n)
+                                vg_d[vg_n] = 0u;
+                        }
+                        const int vg_add = vg_k0 > vg_sl * vg_SL;
+                        for (int vg_ng = 0; vg_ng < vg_NC16 / 16; ++vg_ng)
+                            for (int vg_mg = 0; vg_mg < vg_MR16 / 16; ++vg_mg)
+                            {
+                                vg_tile_inner_amx(vg_kc, vg_a16 + (size_t)vg_mg * 16 * vg_KP + vg_k0, vg_KP,
+                                                  vg_bp + vg_ng * 16, vg_NC16, vg_ct);
+                                const int vg_rows = vg_imin(16, vg_MP * VG_IM - vg_mg * 16);
+                                const int vg_cols = vg_imin(16, vg_NC - vg_ng * 16);
+                                for (int vg_r = 0; vg_r < vg_rows; ++vg_r)
+                                {
+                                    float *vg_o = vg_cs + (size_t)(vg_mg * 16 + vg_r) * vg_ldc + vg_n0 + vg_ng * 16;
+                                    for (int vg_q = 0; vg_q < vg_cols; ++vg_q)
+                                        vg_o[vg_q] = vg_add ? vg_o[vg_q] + vg_ct[vg_r * 16 + vg_q] : vg_ct[vg_r * 16 + vg_q];
+                                }
+                            }
+    #endif
+                    }
+                    else    // C (+)= A·B in bf16 dot products, one VG_IM × VG_IN tile at a time
+                        for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
+                            for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                                vg_tile_inner_bf16(vg_kc, vg_a16 + (size_t)vg_mp * VG_IM * vg_KP + vg_k0, vg_KP,
+                                                   vg_b16 + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
+                                                   vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
+                                                   vg_k0 > vg_sl * vg_SL);
+    #else
                     // C (+)= A·B, one VG_IM × VG_IN tile at a time
                     for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
                         for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
@@ -1702,12 +2131,22 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                                           vg_b + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
                                           vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
                                           vg_k0 > vg_sl * vg_SL);
+    #endif
                 }
             }
             free(vg_t_b);
             free(vg_t_i);
             free(vg_t_j);
             free(vg_b);
+    #ifdef VG_BF16_GEMM
+            free(vg_b16);
+            free(vg_bp);
+            free(vg_ct);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
+    #endif
             // the output: the slices' partial sums, in order
             #pragma omp for collapse(4) schedule(static)
             for (int oc = 0; oc < OC; ++oc)
@@ -1726,15 +2165,33 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
         }
         free(vg_a);
         free(vg_c);
+    #ifdef VG_BF16_GEMM
+        free(vg_a16);
+    #endif
     }
     else                            // tiles of C along n
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+    #ifdef VG_BF16_GEMM
+        const int vg_KC = vg_block(vg_K, VG_KC, 32);               // k blocks, each starting a block of 16 k pairs
+        const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+        const int vg_KB = (vg_KP2 + 15) / 16;                      // blocks of 16 k pairs (AMX tiles)
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
+    #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+    #endif
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+    #ifdef VG_BF16_GEMM
+        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
+    #endif
         #pragma omp parallel
         {
             // pack A once: panel m / VG_MR holds its VG_MR rows for each k
@@ -1773,6 +2230,34 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                     }
                 }
             }
+    #ifdef VG_BF16_GEMM
+            // A's panels in bf16: for each k pair, its VG_MR rows' pairs (the packing above done)
+            #pragma omp for schedule(static)
+            for (int vg_p = 0; vg_p < vg_MP * vg_KP2; ++vg_p)
+            {
+                const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
+                              vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            // for AMX, each panel's blocks of 16 k pairs row by row (VG_MR rows of 16 pairs), zero past K
+            if (vg_amx)
+            {
+                #pragma omp for schedule(static)
+                for (int vg_q = 0; vg_q < vg_MP * vg_KB; ++vg_q)
+                {
+                    const int vg_mp = vg_q / vg_KB, vg_p0 = vg_q % vg_KB * 16;
+                    uint32_t *vg_d = vg_a3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_j = 0; vg_j < 16; ++vg_j)
+                            vg_d[vg_r * 16 + vg_j] = vg_p0 + vg_j < vg_KP2
+                                ? vg_a2[((size_t)vg_mp * vg_KP2 + vg_p0 + vg_j) * VG_MR + vg_r] : 0u;
+                }
+    #ifdef VG_BF16_AMX
+                vg_amx_config(0);
+    #endif
+            }
+            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+    #endif
             float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
             float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
             int *vg_t_ic = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' ic
@@ -1846,12 +2331,41 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                         for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
                             vg_d[vg_q] = 0.0f;
                     }
+    #ifdef VG_BF16_GEMM
+                    // B in bf16, its rows interleaved in k pairs (an odd last row with zeros)
+                    for (int vg_k = 0; vg_k < vg_kc; vg_k += 2)
+                        vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
+                                      vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // on AMX tiles: k pairs in blocks of 16, B's rows past the block's zero
+                        const int vg_kb = ((vg_kc + 1) / 2 + 15) / 16;
+                        for (int vg_p = (vg_kc + 1) / 2; vg_p < vg_kb * 16; ++vg_p)
+                            for (int vg_q = 0; vg_q < vg_NP * VG_NR; ++vg_q)
+                                vg_b2[(size_t)vg_p * vg_NC + vg_q] = 0u;
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_amx(vg_kb, vg_a3 + ((size_t)vg_mp * vg_KB + vg_k0 / 32) * VG_MR * 16,
+                                                  vg_b2 + vg_np * VG_NR, vg_NC,
+                                                  vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
+                    }
+                    else
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_b2 + vg_np * VG_NR, vg_NC,
+                                                   vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
                         for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
                             vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
                                           vg_b + vg_np * VG_NR, vg_NC,
                                           vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
                 }
                 // the output from C, for n in [n0, n1)
                 for (int vg_m = 0; vg_m < vg_M; ++vg_m)
@@ -1891,8 +2405,19 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
             free(vg_t_dj);
             free(vg_b);
             free(vg_c);
+    #ifdef VG_BF16_GEMM
+            free(vg_b2);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
+    #endif
         }
         free(vg_a);
+    #ifdef VG_BF16_GEMM
+        free(vg_a2);
+        free(vg_a3);
+    #endif
     }
 }
 
@@ -2453,11 +2978,26 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
     // tiles of C along n
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+    #ifdef VG_BF16_GEMM
+        const int vg_KC = vg_block(vg_K, VG_KC, 32);               // k blocks, each starting a block of 16 k pairs
+        const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+        const int vg_KB = (vg_KP2 + 15) / 16;                      // blocks of 16 k pairs (AMX tiles)
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
+    #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+    #endif
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+    #ifdef VG_BF16_GEMM
+        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
+    #endif
         #pragma omp parallel
         {
             // pack A once: panel m / VG_MR holds its VG_MR rows for each k
@@ -2492,6 +3032,34 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
                     }
                 }
             }
+    #ifdef VG_BF16_GEMM
+            // A's panels in bf16: for each k pair, its VG_MR rows' pairs (the packing above done)
+            #pragma omp for schedule(static)
+            for (int vg_p = 0; vg_p < vg_MP * vg_KP2; ++vg_p)
+            {
+                const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
+                              vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            // for AMX, each panel's blocks of 16 k pairs row by row (VG_MR rows of 16 pairs), zero past K
+            if (vg_amx)
+            {
+                #pragma omp for schedule(static)
+                for (int vg_q = 0; vg_q < vg_MP * vg_KB; ++vg_q)
+                {
+                    const int vg_mp = vg_q / vg_KB, vg_p0 = vg_q % vg_KB * 16;
+                    uint32_t *vg_d = vg_a3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_j = 0; vg_j < 16; ++vg_j)
+                            vg_d[vg_r * 16 + vg_j] = vg_p0 + vg_j < vg_KP2
+                                ? vg_a2[((size_t)vg_mp * vg_KP2 + vg_p0 + vg_j) * VG_MR + vg_r] : 0u;
+                }
+    #ifdef VG_BF16_AMX
+                vg_amx_config(0);
+    #endif
+            }
+            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+    #endif
             float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
             float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
             int *vg_t_c = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' c
@@ -2549,12 +3117,41 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
                         for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
                             vg_d[vg_q] = 0.0f;
                     }
+    #ifdef VG_BF16_GEMM
+                    // B in bf16, its rows interleaved in k pairs (an odd last row with zeros)
+                    for (int vg_k = 0; vg_k < vg_kc; vg_k += 2)
+                        vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
+                                      vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // on AMX tiles: k pairs in blocks of 16, B's rows past the block's zero
+                        const int vg_kb = ((vg_kc + 1) / 2 + 15) / 16;
+                        for (int vg_p = (vg_kc + 1) / 2; vg_p < vg_kb * 16; ++vg_p)
+                            for (int vg_q = 0; vg_q < vg_NP * VG_NR; ++vg_q)
+                                vg_b2[(size_t)vg_p * vg_NC + vg_q] = 0u;
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_amx(vg_kb, vg_a3 + ((size_t)vg_mp * vg_KB + vg_k0 / 32) * VG_MR * 16,
+                                                  vg_b2 + vg_np * VG_NR, vg_NC,
+                                                  vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
+                    }
+                    else
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_b2 + vg_np * VG_NR, vg_NC,
+                                                   vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
                         for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
                             vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
                                           vg_b + vg_np * VG_NR, vg_NC,
                                           vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
                 }
                 // the output from C, for n in [n0, n1)
                 for (int vg_m = 0; vg_m < vg_M; ++vg_m)
@@ -2588,8 +3185,19 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
             free(vg_t_c);
             free(vg_b);
             free(vg_c);
+    #ifdef VG_BF16_GEMM
+            free(vg_b2);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
+    #endif
         }
         free(vg_a);
+    #ifdef VG_BF16_GEMM
+        free(vg_a2);
+        free(vg_a3);
+    #endif
     }
 }
 
@@ -2616,6 +3224,18 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
         const int vg_KC = vg_block(vg_SL, VG_IKC, VG_VL);           // k blocks within a slice
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_IM * vg_KP);
         float *vg_c = vg_alloc(sizeof(float) * vg_S * vg_MP * VG_IM * vg_ldc);
+    #ifdef VG_BF16_GEMM
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
+        const int vg_MR16 = (vg_MP * VG_IM + 15) / 16 * 16;       // A's rows, whole AMX tiles of 16
+        const int vg_NC16 = (vg_NC + 15) / 16 * 16;                 // a B block's n, whole tiles of 16
+        uint16_t *vg_a16 = vg_alloc(sizeof(uint16_t) * vg_MR16 * vg_KP);     // A in bf16, zero rows past MP·IM
+        for (size_t vg_q = (size_t)vg_MP * VG_IM * vg_KP; vg_q < (size_t)vg_MR16 * vg_KP; ++vg_q)
+            vg_a16[vg_q] = 0;
+    #endif
         #pragma omp parallel
         {
             // pack A once: rows m, k-contiguous, zero past M and K
@@ -2648,8 +3268,21 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                 }
                 for (int vg_k = vg_m < vg_M ? vg_K : 0; vg_k < vg_KP; ++vg_k)
                     vg_d[vg_k] = 0.0f;
+    #ifdef VG_BF16_GEMM
+                vg_bf16_row(vg_KP, vg_d, vg_a16 + (size_t)vg_m * vg_KP);
+    #endif
             }
             float *vg_b = vg_alloc(sizeof(float) * vg_NC * vg_KC);             // B block: rows n, k-contiguous
+    #ifdef VG_BF16_GEMM
+            uint16_t *vg_b16 = vg_alloc(sizeof(uint16_t) * vg_NC * vg_KC);     // B block in bf16
+            // for AMX, the B block in k pairs (rows) of its n (columns), zero past NC; a C tile
+            uint32_t *vg_bp = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC16) : 0;
+            float *vg_ct = vg_alloc(sizeof(float) * 16 * 16);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                vg_amx_config(1);
+    #endif
+    #endif
             int *vg_t_c = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' c
             #pragma omp for schedule(static)
             for (int vg_u = 0; vg_u < vg_S * vg_nblocks; ++vg_u)
@@ -2712,7 +3345,49 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                         }
                         for (int vg_q = vg_z; vg_q < vg_kc; ++vg_q)
                             vg_d[vg_q] = 0.0f;
+    #ifdef VG_BF16_GEMM
+                        vg_bf16_row(vg_kc, vg_d, vg_b16 + (size_t)(vg_n - vg_n0) * vg_kc);
+    #endif
                     }
+    #ifdef VG_BF16_GEMM
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // B's k pairs as rows (32-bit words of the bf16 rows), then C (+)= A·B
+                        // one 16 × 16 AMX tile at a time, added to the slice's rows and columns
+                        for (int vg_p = 0; vg_p < vg_kc / 2; ++vg_p)
+                        {
+                            uint32_t *vg_d = vg_bp + (size_t)vg_p * vg_NC16;
+                            for (int vg_n = 0; vg_n < vg_NC; ++vg_n)
+                                vg_d[vg_n] = ((const uint32_t *)(vg_b16 + (size_t)vg_n * vg_kc))[vg_p];
+                            for (int vg_n = vg_NC; vg_n < vg_NC16; ++vg_n)
+                                vg_d[vg_n] = 0u;
+                        }
+                        const int vg_add = vg_k0 > vg_sl * vg_SL;
+                        for (int vg_ng = 0; vg_ng < vg_NC16 / 16; ++vg_ng)
+                            for (int vg_mg = 0; vg_mg < vg_MR16 / 16; ++vg_mg)
+                            {
+                                vg_tile_inner_amx(vg_kc, vg_a16 + (size_t)vg_mg * 16 * vg_KP + vg_k0, vg_KP,
+                                                  vg_bp + vg_ng * 16, vg_NC16, vg_ct);
+                                const int vg_rows = vg_imin(16, vg_MP * VG_IM - vg_mg * 16);
+                                const int vg_cols = vg_imin(16, vg_NC - vg_ng * 16);
+                                for (int vg_r = 0; vg_r < vg_rows; ++vg_r)
+                                {
+                                    float *vg_o = vg_cs + (size_t)(vg_mg * 16 + vg_r) * vg_ldc + vg_n0 + vg_ng * 16;
+                                    for (int vg_q = 0; vg_q < vg_cols; ++vg_q)
+                                        vg_o[vg_q] = vg_add ? vg_o[vg_q] + vg_ct[vg_r * 16 + vg_q] : vg_ct[vg_r * 16 + vg_q];
+                                }
+                            }
+    #endif
+                    }
+                    else    // C (+)= A·B in bf16 dot products, one VG_IM × VG_IN tile at a time
+                        for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
+                            for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                                vg_tile_inner_bf16(vg_kc, vg_a16 + (size_t)vg_mp * VG_IM * vg_KP + vg_k0, vg_KP,
+                                                   vg_b16 + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
+                                                   vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
+                                                   vg_k0 > vg_sl * vg_SL);
+    #else
                     // C (+)= A·B, one VG_IM × VG_IN tile at a time
                     for (int vg_np = 0; vg_np < vg_NC / VG_IN; ++vg_np)
                         for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
@@ -2720,10 +3395,20 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                                           vg_b + (size_t)vg_np * VG_IN * vg_kc, vg_kc,
                                           vg_cs + (size_t)vg_mp * VG_IM * vg_ldc + vg_n0 + vg_np * VG_IN, vg_ldc,
                                           vg_k0 > vg_sl * vg_SL);
+    #endif
                 }
             }
             free(vg_t_c);
             free(vg_b);
+    #ifdef VG_BF16_GEMM
+            free(vg_b16);
+            free(vg_bp);
+            free(vg_ct);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
+    #endif
             // the output: the slices' partial sums, in order
             #pragma omp for collapse(2) schedule(static)
             for (int b = 0; b < B; ++b)
@@ -2740,15 +3425,33 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
         }
         free(vg_a);
         free(vg_c);
+    #ifdef VG_BF16_GEMM
+        free(vg_a16);
+    #endif
     }
     else                            // tiles of C along n
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+    #ifdef VG_BF16_GEMM
+        const int vg_KC = vg_block(vg_K, VG_KC, 32);               // k blocks, each starting a block of 16 k pairs
+        const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+        const int vg_KB = (vg_KP2 + 15) / 16;                      // blocks of 16 k pairs (AMX tiles)
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
+    #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+    #endif
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+    #ifdef VG_BF16_GEMM
+        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
+    #endif
         #pragma omp parallel
         {
             // pack A once: panel m / VG_MR holds its VG_MR rows for each k
@@ -2783,6 +3486,34 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                     }
                 }
             }
+    #ifdef VG_BF16_GEMM
+            // A's panels in bf16: for each k pair, its VG_MR rows' pairs (the packing above done)
+            #pragma omp for schedule(static)
+            for (int vg_p = 0; vg_p < vg_MP * vg_KP2; ++vg_p)
+            {
+                const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
+                              vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            // for AMX, each panel's blocks of 16 k pairs row by row (VG_MR rows of 16 pairs), zero past K
+            if (vg_amx)
+            {
+                #pragma omp for schedule(static)
+                for (int vg_q = 0; vg_q < vg_MP * vg_KB; ++vg_q)
+                {
+                    const int vg_mp = vg_q / vg_KB, vg_p0 = vg_q % vg_KB * 16;
+                    uint32_t *vg_d = vg_a3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_j = 0; vg_j < 16; ++vg_j)
+                            vg_d[vg_r * 16 + vg_j] = vg_p0 + vg_j < vg_KP2
+                                ? vg_a2[((size_t)vg_mp * vg_KP2 + vg_p0 + vg_j) * VG_MR + vg_r] : 0u;
+                }
+    #ifdef VG_BF16_AMX
+                vg_amx_config(0);
+    #endif
+            }
+            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+    #endif
             float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
             float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
             int *vg_t_ic = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' ic
@@ -2840,12 +3571,41 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                         for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
                             vg_d[vg_q] = 0.0f;
                     }
+    #ifdef VG_BF16_GEMM
+                    // B in bf16, its rows interleaved in k pairs (an odd last row with zeros)
+                    for (int vg_k = 0; vg_k < vg_kc; vg_k += 2)
+                        vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
+                                      vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // on AMX tiles: k pairs in blocks of 16, B's rows past the block's zero
+                        const int vg_kb = ((vg_kc + 1) / 2 + 15) / 16;
+                        for (int vg_p = (vg_kc + 1) / 2; vg_p < vg_kb * 16; ++vg_p)
+                            for (int vg_q = 0; vg_q < vg_NP * VG_NR; ++vg_q)
+                                vg_b2[(size_t)vg_p * vg_NC + vg_q] = 0u;
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_amx(vg_kb, vg_a3 + ((size_t)vg_mp * vg_KB + vg_k0 / 32) * VG_MR * 16,
+                                                  vg_b2 + vg_np * VG_NR, vg_NC,
+                                                  vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
+                    }
+                    else
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_b2 + vg_np * VG_NR, vg_NC,
+                                                   vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
                         for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
                             vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
                                           vg_b + vg_np * VG_NR, vg_NC,
                                           vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
                 }
                 // the output from C, for n in [n0, n1)
                 for (int vg_m = 0; vg_m < vg_M; ++vg_m)
@@ -2879,8 +3639,19 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
             free(vg_t_ic);
             free(vg_b);
             free(vg_c);
+    #ifdef VG_BF16_GEMM
+            free(vg_b2);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
+    #endif
         }
         free(vg_a);
+    #ifdef VG_BF16_GEMM
+        free(vg_a2);
+        free(vg_a3);
+    #endif
     }
 }
 
@@ -2897,11 +3668,26 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
     // tiles of C along n
     {
         const int vg_MP = (vg_M + VG_MR - 1) / VG_MR;             // A's panels of VG_MR rows
+    #ifdef VG_BF16_GEMM
+        const int vg_KC = vg_block(vg_K, VG_KC, 32);               // k blocks, each starting a block of 16 k pairs
+        const int vg_KP2 = (vg_K + 1) / 2;                         // k pairs, an odd last k paired with 0
+        const int vg_KB = (vg_KP2 + 15) / 16;                      // blocks of 16 k pairs (AMX tiles)
+    #ifdef VG_BF16_AMX
+        const int vg_amx = vg_amx_granted();
+    #else
+        const int vg_amx = 0;
+    #endif
+    #else
         const int vg_KC = vg_block(vg_K, VG_KC, 1);                // k blocks
+    #endif
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
         float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+    #ifdef VG_BF16_GEMM
+        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
+    #endif
         #pragma omp parallel
         {
             // pack A once: panel m / VG_MR holds its VG_MR rows for each k
@@ -2936,6 +3722,34 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
                     }
                 }
             }
+    #ifdef VG_BF16_GEMM
+            // A's panels in bf16: for each k pair, its VG_MR rows' pairs (the packing above done)
+            #pragma omp for schedule(static)
+            for (int vg_p = 0; vg_p < vg_MP * vg_KP2; ++vg_p)
+            {
+                const float *vg_s = vg_a + (size_t)(vg_p / vg_KP2) * VG_MR * vg_K + (size_t)(vg_p % vg_KP2) * 2 * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, 2 * (vg_p % vg_KP2) + 1 < vg_K ? vg_s + VG_MR : 0,
+                              vg_a2 + (size_t)vg_p * VG_MR);
+            }
+            // for AMX, each panel's blocks of 16 k pairs row by row (VG_MR rows of 16 pairs), zero past K
+            if (vg_amx)
+            {
+                #pragma omp for schedule(static)
+                for (int vg_q = 0; vg_q < vg_MP * vg_KB; ++vg_q)
+                {
+                    const int vg_mp = vg_q / vg_KB, vg_p0 = vg_q % vg_KB * 16;
+                    uint32_t *vg_d = vg_a3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_j = 0; vg_j < 16; ++vg_j)
+                            vg_d[vg_r * 16 + vg_j] = vg_p0 + vg_j < vg_KP2
+                                ? vg_a2[((size_t)vg_mp * vg_KP2 + vg_p0 + vg_j) * VG_MR + vg_r] : 0u;
+                }
+    #ifdef VG_BF16_AMX
+                vg_amx_config(0);
+    #endif
+            }
+            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+    #endif
             float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
             float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
             int *vg_t_c = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' c
@@ -2993,12 +3807,41 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
                         for (int vg_q = vg_n1 - vg_n0; vg_q < vg_NP * VG_NR; ++vg_q)
                             vg_d[vg_q] = 0.0f;
                     }
+    #ifdef VG_BF16_GEMM
+                    // B in bf16, its rows interleaved in k pairs (an odd last row with zeros)
+                    for (int vg_k = 0; vg_k < vg_kc; vg_k += 2)
+                        vg_bf16_pairs(vg_NP * VG_NR, vg_b + (size_t)vg_k * vg_NC,
+                                      vg_k + 1 < vg_kc ? vg_b + (size_t)(vg_k + 1) * vg_NC : 0, vg_b2 + (size_t)vg_k / 2 * vg_NC);
+                    // C (+)= A·B, one VG_MR × VG_NR tile at a time, k in pairs
+                    if (vg_amx)
+                    {
+    #ifdef VG_BF16_AMX
+                        // on AMX tiles: k pairs in blocks of 16, B's rows past the block's zero
+                        const int vg_kb = ((vg_kc + 1) / 2 + 15) / 16;
+                        for (int vg_p = (vg_kc + 1) / 2; vg_p < vg_kb * 16; ++vg_p)
+                            for (int vg_q = 0; vg_q < vg_NP * VG_NR; ++vg_q)
+                                vg_b2[(size_t)vg_p * vg_NC + vg_q] = 0u;
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_amx(vg_kb, vg_a3 + ((size_t)vg_mp * vg_KB + vg_k0 / 32) * VG_MR * 16,
+                                                  vg_b2 + vg_np * VG_NR, vg_NC,
+                                                  vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
+                    }
+                    else
+                        for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
+                            for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_a2 + ((size_t)vg_mp * vg_KP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_b2 + vg_np * VG_NR, vg_NC,
+                                                   vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #else
                     // C (+)= A·B, one VG_MR × VG_NR tile at a time
                     for (int vg_mp = 0; vg_mp < vg_MP; ++vg_mp)
                         for (int vg_np = 0; vg_np < vg_NP; ++vg_np)
                             vg_tile_outer(vg_kc, vg_a + ((size_t)vg_mp * vg_K + vg_k0) * VG_MR,
                                           vg_b + vg_np * VG_NR, vg_NC,
                                           vg_c + (size_t)vg_mp * VG_MR * vg_NC + vg_np * VG_NR, vg_NC, vg_k0 > 0);
+    #endif
                 }
                 // the output from C, for n in [n0, n1)
                 for (int vg_m = 0; vg_m < vg_M; ++vg_m)
@@ -3032,8 +3875,19 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
             free(vg_t_c);
             free(vg_b);
             free(vg_c);
+    #ifdef VG_BF16_GEMM
+            free(vg_b2);
+    #ifdef VG_BF16_AMX
+            if (vg_amx)
+                _tile_release();
+    #endif
+    #endif
         }
         free(vg_a);
+    #ifdef VG_BF16_GEMM
+        free(vg_a2);
+        free(vg_a3);
+    #endif
     }
 }
 

@@ -13,7 +13,8 @@ from vggen.frontend.lang import Role, Tensor
 from vggen.frontend.layers import convolution2d, vgg_layers
 
 HELPER_CALL = re.compile(r"(?<![\w.])(vg_(?:imin|imax|select|floordiv|mod|block_sum|block_max|tile_choose|"
-                         r"tile_outer|tile_inner|keep|gather|scatter))\(")
+                         r"tile_outer|tile_inner|keep|gather|scatter|tile_outer_bf16|tile_inner_bf16|bf16_pairs|"
+                         r"bf16_row|tile_outer_amx|tile_inner_amx|amx_granted))\(")
 
 
 def test_offsets_agree_with_the_printed_access():

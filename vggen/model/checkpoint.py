@@ -99,6 +99,7 @@ CONFIG_SCHEMA = {
     "dropout": _BOOL_OR_NULL, "augment": _BOOL, "fuse": _BOOL_OR_NULL,
     "cuda_graph": _BOOL, "progress": _BOOL, "allow_modified_kernels": _BOOL,
     "accumulate": _integer(1), "check_every": _integer(1), "sync_bn": _BOOL,
+    "precision": ('"fp32" or "bf16"', lambda v: v in ("fp32", "bf16")),
 }
 OPTIONAL_STRINGS = ("schedule", "target", "vggen")
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -5,7 +5,8 @@ Each backend is created once, on first use; the c and cuda backends are
 imported only then, so that a compiler or CuPy is needed only by the target
 that uses it.  A backend made to run modified kernels
 (``allow_modified_kernels``) is never handed to a caller that did not ask
-for that.
+for that.  ``precision`` "bf16" (the contractions' products in bf16) is the
+c target's only: a backend of its own, beside the fp32 one.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from vggen.runtime.base import Backend
 from vggen.runtime.numpy import NumpyBackend
 
 
-def _c_backend(allow_modified_kernels: bool = False) -> Backend:
+def _c_backend(allow_modified_kernels: bool = False, precision: str = "fp32") -> Backend:
     from vggen.runtime.c import CBackend
-    return CBackend(allow_modified_kernels=allow_modified_kernels)
+    return CBackend(allow_modified_kernels=allow_modified_kernels, precision=precision)
 
 
 def _cuda_backend(allow_modified_kernels: bool = False) -> Backend:
@@ -53,10 +54,13 @@ def resolve_target(target: str) -> str:
     return target
 
 
+PRECISIONS = ("fp32", "bf16")
+# by target; a bf16 backend by "<target>:bf16"
 _BACKENDS: dict[str, Backend] = {}
 
 
-def get_backend(target: str = "auto", allow_modified_kernels: bool = False) -> Backend:
+def get_backend(target: str = "auto", allow_modified_kernels: bool = False,
+                precision: str = "fp32") -> Backend:
     """The backend for ``target`` (``auto``, ``c``, ``cuda`` or ``numpy``), created once.
 
     ``allow_modified_kernels``: run generated sources that differ from the
@@ -66,12 +70,18 @@ def get_backend(target: str = "auto", allow_modified_kernels: bool = False) -> B
     which checks the sources again (and replaces it).
     """
     target = resolve_target(target)
-    backend = _BACKENDS.get(target)
+    if precision not in PRECISIONS:
+        raise VggenError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and target != "c":
+        raise VggenError(f"--precision {precision} is for the c target only, not {target}")
+    key = target if precision == "fp32" else f"{target}:{precision}"
+    backend = _BACKENDS.get(key)
     if backend is None or (getattr(backend, "allow_modified_kernels", False)
                            and not allow_modified_kernels):
-        backend = _FACTORIES[target](allow_modified_kernels=allow_modified_kernels)
-        _BACKENDS[target] = backend
+        extra = {"precision": precision} if precision != "fp32" else {}
+        backend = _FACTORIES[target](allow_modified_kernels=allow_modified_kernels, **extra)
+        _BACKENDS[key] = backend
     return backend
 
 
-__all__ = ["TARGETS", "cuda_available", "get_backend", "resolve_target"]
+__all__ = ["PRECISIONS", "TARGETS", "cuda_available", "get_backend", "resolve_target"]

@@ -49,6 +49,7 @@ import sympy as sp
 from vggen.errors import VggenError
 from vggen.frontend.lang import Layer
 from vggen.manifest import ArgSpec, KernelSpec, check_manifest_shape, read_manifest
+from vggen.runtime.algorithms import POLICIES as ALGORITHM_POLICIES
 from vggen.runtime.algorithms import choose as choose_algorithm
 from vggen.runtime.algorithms import cpu_name
 
@@ -376,9 +377,7 @@ class KernelBackend(Backend):
 
     manifest_target = "?"
     bound_call: type = BoundCall        # what KernelProgram.launches returns
-    # which algorithm runs a kernel that has several (vggen.runtime.algorithms):
-    # "auto" (measured, else the cost model's), or one forced where a kernel has it
-    conv_algorithm = "auto"
+    _conv_algorithm = "auto"
     _measured_here: bool | None = None
 
     def __init__(self, generated: str | Path | None = None, *, allow_modified_kernels: bool = False):
@@ -401,11 +400,30 @@ class KernelBackend(Backend):
     def _prepare(self, layer: Layer, sizes: Mapping[str, int]) -> KernelProgram:
         return KernelProgram(self, layer, sizes)
 
+    @property
+    def conv_algorithm(self) -> str:
+        """Which algorithm runs a kernel that has several (vggen.runtime.algorithms):
+        "auto" (measured, else the cost model's), or one forced where a kernel has it."""
+        return self._conv_algorithm
+
+    @conv_algorithm.setter
+    def conv_algorithm(self, policy: str) -> None:
+        if policy not in ALGORITHM_POLICIES:
+            raise VggenError(f"unknown convolution algorithm {policy!r}: choose one of "
+                             f"{', '.join(ALGORITHM_POLICIES)}")
+        if policy != self._conv_algorithm:
+            self._conv_algorithm = policy
+            self._programs.clear()          # they hold the kernels chosen under the old policy
+
     def algorithm_for(self, spec: KernelSpec, sizes: Mapping[str, int]) -> KernelSpec:
         """The kernel that runs ``spec``'s work at ``sizes`` (``spec`` or another
-        algorithm's kernel, see :mod:`vggen.runtime.algorithms`)."""
-        return choose_algorithm(spec, self.manifest.alternatives(spec), sizes, self.conv_algorithm,
-                                self.measured_here)
+        algorithm's kernel, see :mod:`vggen.runtime.algorithms`).  Under bf16 the
+        direct kernels carry the bf16 products (the Winograd ones multiply in fp32),
+        so "auto" means direct there."""
+        policy = self.conv_algorithm
+        if policy == "auto" and getattr(self, "precision", "fp32") != "fp32":
+            policy = "direct"
+        return choose_algorithm(spec, self.manifest.alternatives(spec), sizes, policy, self.measured_here)
 
     @property
     def measured_here(self) -> bool:

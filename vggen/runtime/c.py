@@ -32,6 +32,16 @@ and SHA-256 of the ``.so``, the compiler and the flags).  What holds:
 Only a compiler failure, or a freshly built library that does not load, is
 an error.
 
+``precision="bf16"`` compiles the same sources with ``-DVG_BF16`` added (a
+library of its own, the flags being in the key): the matrix-product
+contractions then round their packed operands to bf16 and multiply them on
+AMX tiles where the CPU and Linux allow them, else with AVX-512 BF16 dot
+products (``-DVG_BF16_NO_AMX``: always), accumulating in fp32
+(``templates/c/file.c.j2``);
+every other kernel, and every array the caller sees, stays fp32.  It needs a
+CPU with ``avx512_bf16`` and a compiler that defines ``__AVX512BF16__`` under
+``-march=native``; without either the backend refuses, naming what is missing.
+
 A layer's program is its kernels in manifest order, bound and checked by
 :class:`vggen.runtime.base.KernelProgram`; this module adds how a kernel is
 found (by name in the library, its ``argtypes`` from the manifest's signature)
@@ -62,6 +72,8 @@ from vggen.paths import cache_dir
 from vggen.runtime.base import KernelBackend, KernelCall
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+PRECISIONS = ("fp32", "bf16")
+BF16_FLAGS = ("-DVG_BF16",)
 LIBS = ("-lm",)
 # a temporary file of this module's: the pid that writes it is in the name, to
 # tell one a killed process left (vggen.tools.cache knows these names too)
@@ -275,6 +287,52 @@ def build_library(sources: list[Path], names: list[str], cc: str | None = None,
                          f"{e.strerror or e}") from None
 
 
+# --------------------------------------------------------------------------- bf16 support
+
+
+def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def _compiler_macros(cc_path: str, flags: tuple) -> str:
+    """The macros ``cc_path`` predefines under ``flags`` (``-dM -E``), or "" where it cannot say."""
+    args = [f for f in flags if f.startswith(("-m", "-f")) and f != "-fPIC"]
+    try:
+        out = subprocess.run([cc_path, *args, "-dM", "-E", "-x", "c", "-"], input="",
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout
+
+
+def bf16_missing(cc_path: str, flags: tuple = FLAGS, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """What keeps ``--precision bf16`` from running here, or None when nothing does."""
+    if "avx512_bf16" not in _cpu_flags(cpuinfo):
+        return "this CPU lacks avx512_bf16 (no such flag in /proc/cpuinfo)"
+    if "__AVX512BF16__" not in _compiler_macros(cc_path, flags):
+        return f"the C compiler {cc_path} does not define __AVX512BF16__ under {' '.join(flags)}"
+    return None
+
+
+def precision_flags(precision: str, cc_path: str, flags: tuple = FLAGS) -> tuple:
+    """``flags`` for ``precision``: bf16 adds -DVG_BF16, once checked that it can run here."""
+    if precision not in PRECISIONS:
+        raise VggenError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return tuple(flags)
+    missing = bf16_missing(cc_path, tuple(flags))
+    if missing:
+        raise VggenError(f"--precision bf16 needs AVX-512 BF16: {missing}")
+    return (*flags, *BF16_FLAGS)
+
+
 # --------------------------------------------------------------------------- the backend
 
 
@@ -283,19 +341,22 @@ _CTYPES = {"int": ctypes.c_int, "int32": ctypes.c_int32, "int64": ctypes.c_int64
 
 
 class CBackend(KernelBackend):
-    """The generated C kernels (OpenMP), called in place on NumPy arrays."""
+    """The generated C kernels (OpenMP), called in place on NumPy arrays;
+    ``precision`` "bf16": the contractions' products in bf16 (module docstring)."""
 
     name = "c"
     manifest_target = "c"
 
     def __init__(self, generated: str | Path | None = None, cc: str | None = None,
                  flags: tuple = FLAGS, cache: str | Path | None = None, *,
-                 allow_modified_kernels: bool = False):
+                 allow_modified_kernels: bool = False, precision: str = "fp32"):
         super().__init__(generated, allow_modified_kernels=allow_modified_kernels)
+        self.precision = precision
+        flags = precision_flags(precision, find_compiler(cc), tuple(flags))
         c_dir = self.generated / "c"
         sources = sorted(c_dir.glob("*.c")) + sorted(c_dir.glob("*.h"))
         self.lib, self.library = build_library(sources, [s.name for s in self.kernels], cc,
-                                               tuple(flags), Path(cache) if cache else None)
+                                               flags, Path(cache) if cache else None)
         self._functions: dict = {}
 
     def function(self, spec: KernelSpec):
@@ -313,4 +374,4 @@ class CBackend(KernelBackend):
 
 
 __all__ = ["CBackend", "build_library", "compile_library", "library_damage", "library_key", "find_compiler",
-           "record_path", "remove_stale_temporaries", "FLAGS"]
+           "record_path", "remove_stale_temporaries", "FLAGS", "PRECISIONS", "bf16_missing", "precision_flags"]

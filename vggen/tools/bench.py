@@ -5,6 +5,9 @@ A step is forward + backward + the SGD update (momentum 0.9, weight decay
 ``steps`` steps after warm-up: CUDA events on the GPU, the host clock on the
 CPU.  PyTorch runs the same architecture (vggen.model.network's node list) in
 float32 with TF32 off, cuDNN autotuning on; on the CPU with every core.
+With ``precision="bf16"`` (the c target only) vggen's contractions multiply in
+bf16 (``vggen.runtime.c``) and PyTorch runs its forward and loss under
+``torch.autocast("cpu", dtype=torch.bfloat16)``: bf16 against bf16.
 A second, profiled pass times each generated kernel for the per-kernel table.
 """
 
@@ -55,6 +58,7 @@ class BenchResult:
     graph: bool = False                 # steps replayed as CUDA graphs
     model: str = DEFAULT                # vggen.model.architecture: a shipped name or a file
     conv_algorithm: str = "auto"        # vggen.runtime.algorithms: how 3×3 convolutions run
+    precision: str = "fp32"             # "bf16": the contractions' products (both sides)
 
     @property
     def ratio(self) -> float | None:
@@ -62,8 +66,8 @@ class BenchResult:
 
     def as_dict(self) -> dict:
         return {"target": self.target, "device": self.device, "batch_size": self.batch_size,
-                "width": self.width, "model": self.model, "fused": self.fused, "cuda_graph": self.graph,
-                "conv_algorithm": self.conv_algorithm,
+                "width": self.width, "model": self.model, "precision": self.precision,
+                "fused": self.fused, "cuda_graph": self.graph, "conv_algorithm": self.conv_algorithm,
                 "step_seconds": self.step_seconds,
                 "images_per_s": self.images_per_s, "torch_step_seconds": self.torch_step_seconds,
                 "torch_images_per_s": self.torch_images_per_s, "ratio": self.ratio,
@@ -180,8 +184,8 @@ def _kernel_work(net: Network, batch: int, manifest_specs, target: str, backend=
 
 def _vggen_step(target: str, batch: int, width: int, steps: int, warmup: int, seed: int,
                 fuse: bool | None = None, graph: bool = False, allow_modified_kernels: bool = False,
-                model: str = DEFAULT, conv_algorithm: str = "auto"):
-    backend = get_backend(target, allow_modified_kernels=allow_modified_kernels)
+                model: str = DEFAULT, precision: str = "fp32", conv_algorithm: str = "auto"):
+    backend = get_backend(target, allow_modified_kernels=allow_modified_kernels, precision=precision)
     backend.conv_algorithm = conv_algorithm
     net = Network(backend, width=width, dropout=False, seed=seed, fuse=fuse, model=model)
     opt = SGD(net.params, net.grads, backend, MOMENTUM, WEIGHT_DECAY, flat=(net.flat_params, net.flat_grads))
@@ -268,7 +272,7 @@ def torch_model(nodes):
 
 
 def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, seed: int,
-                model: str = DEFAULT):
+                model: str = DEFAULT, precision: str = "fp32"):
     try:
         import torch
     except ImportError:
@@ -292,10 +296,13 @@ def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, se
     x = torch.randn(batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
     loss_fn = torch.nn.CrossEntropyLoss()
+    bf16 = precision == "bf16"
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), y)
+        # bf16: PyTorch's mixed precision (fp32 weights, bf16 convolutions and products)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(net(x), y)
         loss.backward()
         opt.step()
 
@@ -315,6 +322,8 @@ def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, se
             step()
             times.append(time.perf_counter() - t0)
     what = "cuDNN, fp32, TF32 off" if on_gpu else f"oneDNN, {torch.get_num_threads()} threads"
+    if bf16:
+        what += ', torch.autocast("cpu", dtype=torch.bfloat16)'
     return statistics.median(times), f"PyTorch {torch.__version__} ({what})"
 
 
@@ -324,7 +333,7 @@ def _torch_step(target: str, batch: int, width: int, steps: int, warmup: int, se
 def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: int = 20,
           warmup: int = 3, seed: int = 0, torch: bool = True, fuse: bool | None = None,
           graph: bool = False, allow_modified_kernels: bool = False,
-          model: str = DEFAULT, conv_algorithm: str = "auto") -> BenchResult:
+          model: str = DEFAULT, precision: str = "fp32", conv_algorithm: str = "auto") -> BenchResult:
     if batch_size < 1:
         raise VggenError(f"--batch-size must be at least 1, got {batch_size}")
     if width < 1:
@@ -334,14 +343,18 @@ def bench(target: str = "auto", batch_size: int = 64, width: int = 64, steps: in
     target = resolve_target(target)
     if target == "numpy":
         raise VggenError("vggen bench measures the generated kernels: use --target c or cuda")
+    if precision != "fp32" and target != "c":
+        raise VggenError(f"--precision {precision} is for the c target only, not {target}")
     load_model(model)
     seconds, kernels, device, fused = _vggen_step(target, batch_size, width, steps, warmup, seed, fuse,
                                                   graph, allow_modified_kernels, model=model,
-                                                  conv_algorithm=conv_algorithm)
+                                                  precision=precision, conv_algorithm=conv_algorithm)
     result = BenchResult(target, device, batch_size, width, seconds, batch_size / seconds,
-                         kernels=kernels, fused=fused, graph=graph, model=model, conv_algorithm=conv_algorithm)
+                         kernels=kernels, fused=fused, graph=graph, model=model, precision=precision,
+                         conv_algorithm=conv_algorithm)
     if torch:
-        t, note = _torch_step(target, batch_size, width, steps, warmup, seed, model=model)
+        t, note = _torch_step(target, batch_size, width, steps, warmup, seed, model=model,
+                              precision=precision)
         result.torch_note = note
         if t is not None:
             result.torch_step_seconds = t
@@ -353,6 +366,7 @@ def format_table(r: BenchResult) -> str:
     lines = [f"vggen bench: {r.target} on {r.device}, batch {r.batch_size}, width {r.width}"
              f"{'' if r.model == DEFAULT else f', model {r.model}'}"
              f"{'' if r.fused else ', unfused'}{', CUDA graphs' if r.graph else ''}"
+             f"{'' if r.precision == 'fp32' else f', precision {r.precision}'}"
              f"{'' if r.conv_algorithm == 'auto' else f', convolutions {r.conv_algorithm}'}",
              f"  vggen   {r.step_seconds * 1e3:9.2f} ms/step  {r.images_per_s:10.1f} images/s"]
     if r.torch_images_per_s:

@@ -108,7 +108,7 @@ def _cmd_bench(args) -> int:
     result = bench(args.target, args.batch_size, args.width, args.steps, args.warmup, args.seed,
                    torch=not args.no_torch, fuse=args.fuse, graph=args.cuda_graph,
                    allow_modified_kernels=args.allow_modified_kernels, model=args.model,
-                   conv_algorithm=args.conv_algorithm)
+                   precision=args.precision, conv_algorithm=args.conv_algorithm)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -249,6 +249,10 @@ def _network_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-modified-kernels", action="store_true",
                    help="run generated sources that differ from generated/manifest.json "
                         "(hand edits); without it they are refused")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="c: bf16 multiplies the convolutions' and Linear layers' operands in bf16 "
+                        "(AMX or AVX-512 BF16, fp32 sums; weights and optimizer stay fp32); bench "
+                        "then times PyTorch under bf16 autocast (default: fp32)")
     p.add_argument("--conv-algorithm", choices=("auto", "direct", "winograd2", "winograd4"), default="auto",
                    help="c: how the 3×3 convolutions run: direct, or Winograd F(2×2, 3×3) / F(4×4, 3×3); "
                         "auto (the default) takes what `vggen tune --target c` measured, else a cost model's "

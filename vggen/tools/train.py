@@ -36,6 +36,11 @@ epoch it ran.  The pieces:
   --schedule-epochs 3`` then ``--epochs 3 --resume`` equals ``--epochs 3``.
   A resumed run writes its checkpoints where it resumed from unless
   ``--checkpoint`` says otherwise.
+* **Precision** — ``precision="bf16"`` (the c target only) runs the
+  convolutions' and Linear layers' products in bf16 with fp32 sums
+  (:mod:`vggen.runtime.c`); parameters, gradients, velocities and every other
+  kernel stay fp32.  It defines the run: a checkpoint records it and a
+  resumed run keeps it.
 * **Divergence** — a NaN or infinite loss (or test loss, or parameter) stops
   training with a VggenError before anything is saved, so the last good
   checkpoint stays whole.
@@ -93,7 +98,7 @@ from vggen.model.architecture import MODELS, load_model
 from vggen.model.network import Network, NonFiniteLoss
 from vggen.model.optim import SGD
 from vggen.model.step import TrainStep
-from vggen.runtime import TARGETS, get_backend, resolve_target
+from vggen.runtime import PRECISIONS, TARGETS, get_backend, resolve_target
 from vggen.tools.metrics import MetricsLog
 from vggen.tools.progress import progress_bars_enabled
 
@@ -127,12 +132,13 @@ class TrainConfig:
     accumulate: int = 1             # micro-batches of batch_size per rank and step (gradients added)
     check_every: int = 100          # several ranks: compare the ranks' parameters every N steps
     sync_bn: bool = False           # several ranks: BatchNormalization over the global batch (vggen.distributed.syncbn)
+    precision: str = "fp32"         # c: "bf16" multiplies the contractions' operands in bf16 (vggen.runtime.c)
     conv_algorithm: str = "auto"    # how 3×3 convolutions run (vggen.runtime.algorithms): auto, direct, winograd2/4
 
 
 # The options that define a run's trajectory: a resumed run keeps the checkpoint's.
 RUN_DEFINING = ("model", "dataset", "width", "seed", "batch_size", "lr", "momentum", "weight_decay",
-                "augment", "dropout", "accumulate", "sync_bn")
+                "augment", "dropout", "accumulate", "sync_bn", "precision")
 # ...and those a resumed run takes from the checkpoint unless the command line names them.
 CARRIED = RUN_DEFINING + ("epochs", "schedule_epochs", "metrics", "data")
 
@@ -170,6 +176,10 @@ def validate(config: TrainConfig) -> None:
         raise VggenError("--cuda-graph with --accumulate is not supported yet: leave out --cuda-graph")
     if config.target not in TARGETS:
         raise VggenError(f"unknown target {config.target!r}: choose one of {', '.join(TARGETS)}")
+    if config.precision not in PRECISIONS:
+        raise VggenError(f"unknown precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if config.precision != "fp32" and config.target not in ("auto", "c"):
+        raise VggenError(f"--precision {config.precision} is for the c target only, not {config.target}")
     if config.dataset not in DATASETS:
         raise VggenError(f"unknown dataset {config.dataset!r}: choose one of {', '.join(DATASETS)}")
     if not (math.isfinite(config.lr) and config.lr >= 0):
@@ -204,8 +214,9 @@ def resumed_config(config: TrainConfig, saved: dict, given: Collection[str], pat
     """The configuration of a run resumed from a checkpoint whose config is ``saved``.
 
     ``given`` names the options the user set.  See the module docstring."""
-    # checkpoints from before --accumulate and --sync-bn: one micro-batch, per-rank statistics
-    saved = {"accumulate": 1, "sync_bn": False, **saved}
+    # checkpoints from before --accumulate, --sync-bn and --precision: one micro-batch,
+    # per-rank statistics, fp32
+    saved = {"accumulate": 1, "sync_bn": False, "precision": "fp32", **saved}
     carried = {k: saved[k] for k in CARRIED if k in saved and k not in given}
     merged = replace(config, **carried)
     for key in RUN_DEFINING:
@@ -354,7 +365,8 @@ def _check_ranks(header: dict, path, comm: Comm) -> None:
 def _setup_backend(target: str, config: TrainConfig, comm: Comm):
     if target == "cuda" and comm.size > 1:
         select_device(comm)
-    backend = get_backend(target, allow_modified_kernels=config.allow_modified_kernels)
+    backend = get_backend(target, allow_modified_kernels=config.allow_modified_kernels,
+                          precision=config.precision)
     backend.conv_algorithm = config.conv_algorithm
     return backend
 
