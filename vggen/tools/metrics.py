@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from vggen.atomic import check_writable
 from vggen.errors import VggenError
