@@ -806,6 +806,25 @@ void convolution2d_forward_y_winograd2(const float *restrict w, const float *res
     static float *vg_kept;
     static size_t vg_kept_size;
     float *vg_u = vg_keep(&vg_kept, &vg_kept_size, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
+#ifdef VG_BF16_GEMM
+    // the products in bf16 (vg_tile_outer_bf16, vg_tile_outer_amx): channels c in pairs, an odd
+    // last one paired with 0; for AMX, in blocks of 16 pairs, zero past the last pair
+    const int vg_CP2 = (IC + 1) / 2;                         // pairs of channels c
+    const int vg_CB = (vg_CP2 + 16 - 1) / 16;                              // blocks of 16 pairs
+#ifdef VG_BF16_AMX
+    const int vg_amx = vg_amx_granted();
+#else
+    const int vg_amx = 0;
+#endif
+    const size_t vg_u2size = (size_t)16 * vg_OP * VG_MR * vg_CP2;           // U in pairs [k][o / VG_MR][c / 2][o % VG_MR]
+    const size_t vg_u3size = vg_amx ? (size_t)16 * vg_OP * vg_CB * VG_MR * 16 : 0;  // and as AMX tiles [k][o / VG_MR][c / 32][o % VG_MR][c / 2 % 16]
+    const size_t vg_each2 = (size_t)16 * vg_CB * 16 * VG_NR;             // per thread: V in pairs [k][c / 2][tile]
+    static float *vg_kept2;
+    static size_t vg_kept2_size;
+    uint32_t *vg_u2 = (uint32_t *)vg_keep(&vg_kept2, &vg_kept2_size,
+                                          sizeof(uint32_t) * (vg_u2size + vg_u3size + (size_t)vg_threads() * vg_each2));
+    uint32_t *vg_u3 = vg_u2 + vg_u2size;
+#endif
     #pragma omp parallel
     {
         float *vg_v = vg_u + vg_usize + (size_t)vg_thread() * vg_each;
@@ -837,6 +856,40 @@ void convolution2d_forward_y_winograd2(const float *restrict w, const float *res
                         vg_u[(((size_t)vg_k * vg_OP + vg_wo / VG_MR) * (IC) + vg_c0 + vg_q) * VG_MR + vg_wo % VG_MR]
                             = vg_e[vg_k * VG_NR + vg_q];
             }
+#ifdef VG_BF16_GEMM
+        uint32_t *vg_v2 = vg_u3 + vg_u3size + (size_t)vg_thread() * vg_each2;
+        // U's panels in bf16: for each pair of channels c, its VG_MR rows' pairs (U done)
+        #pragma omp for schedule(static)
+        for (long vg_j = 0; vg_j < (long)16 * vg_OP * vg_CP2; ++vg_j)
+        {
+            const long vg_kp = vg_j / vg_CP2;      // k·OP + panel
+            const int vg_c = (int)(vg_j % vg_CP2) * 2;
+            const float *vg_s = vg_u + ((size_t)vg_kp * (IC) + vg_c) * VG_MR;
+            vg_bf16_pairs(VG_MR, vg_s, vg_c + 1 < IC ? vg_s + VG_MR : 0, vg_u2 + (size_t)vg_j * VG_MR);
+        }
+        // for AMX, each panel's blocks of 16 pairs row by row (VG_MR rows of 16 pairs), zero past the last
+        if (vg_amx)
+        {
+            #pragma omp for schedule(static)
+            for (long vg_q = 0; vg_q < (long)16 * vg_OP * vg_CB; ++vg_q)
+            {
+                const long vg_kp = vg_q / vg_CB;
+                const int vg_p0 = (int)(vg_q % vg_CB) * 16;
+                uint32_t *vg_d2 = vg_u3 + (size_t)vg_q * VG_MR * 16;
+                for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                    for (int vg_i = 0; vg_i < 16; ++vg_i)
+                        vg_d2[vg_r * 16 + vg_i] = vg_p0 + vg_i < vg_CP2
+                            ? vg_u2[((size_t)vg_kp * vg_CP2 + vg_p0 + vg_i) * VG_MR + vg_r] : 0u;
+            }
+#ifdef VG_BF16_AMX
+            vg_amx_config(0);
+#endif
+            // V's pairs past the last: zero once (the rows the tiles read past vg_CP2)
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (size_t vg_i = (size_t)vg_CP2 * VG_NR; vg_i < (size_t)vg_CB * 16 * VG_NR; ++vg_i)
+                    vg_v2[(size_t)vg_k * vg_CB * 16 * VG_NR + vg_i] = 0u;
+        }
+#endif
         #pragma omp for schedule(static)
         for (long vg_blk = 0; vg_blk < vg_blocks; ++vg_blk)
         {
@@ -865,11 +918,38 @@ void convolution2d_forward_y_winograd2(const float *restrict w, const float *res
                 convolution2d_forward_y_winograd2_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(IC) * VG_NR);
             }
             // M[k] = U[k]·V[k]: the channel sums, one product per transform position k
+#ifdef VG_BF16_GEMM
+            // in bf16: V's rows interleaved in pairs of channels (an odd last one with zeros)
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (int vg_c = 0; vg_c < IC; vg_c += 2)
+                {
+                    const float *vg_s = vg_v + ((size_t)vg_k * (IC) + vg_c) * VG_NR;
+                    vg_bf16_pairs(VG_NR, vg_s, vg_c + 1 < IC ? vg_s + VG_NR : 0,
+                                  vg_v2 + ((size_t)vg_k * vg_CB * 16 + vg_c / 2) * VG_NR);
+                }
+            if (vg_amx)
+            {
+#ifdef VG_BF16_AMX
+                for (int vg_k = 0; vg_k < 16; ++vg_k)
+                    for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                        vg_tile_outer_amx(vg_CB, vg_u3 + ((size_t)vg_k * vg_OP + vg_p) * vg_CB * VG_MR * 16,
+                                          vg_v2 + (size_t)vg_k * vg_CB * 16 * VG_NR, VG_NR,
+                                          vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+#endif
+            }
+            else
+                for (int vg_k = 0; vg_k < 16; ++vg_k)
+                    for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                        vg_tile_outer_bf16(vg_CP2, vg_u2 + ((size_t)vg_k * vg_OP + vg_p) * vg_CP2 * VG_MR,
+                                           vg_v2 + (size_t)vg_k * vg_CB * 16 * VG_NR, VG_NR,
+                                           vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+#else
             for (int vg_k = 0; vg_k < 16; ++vg_k)
                 for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
                     vg_tile_outer(IC, vg_u + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * (IC),
                                   vg_v + (size_t)vg_k * (IC) * VG_NR, VG_NR,
                                   vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+#endif
             // Y = Aᵀ M A per channel o, cropped to the output
             for (int vg_k = 0; vg_k < 4; ++vg_k)
                 for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
@@ -883,6 +963,10 @@ void convolution2d_forward_y_winograd2(const float *restrict w, const float *res
                 vg_scatter(y + (size_t)vg_wo * (H*W), vg_off, vg_e, 4 * VG_NR);
             }
         }
+#ifdef VG_BF16_AMX
+        if (vg_amx)
+            _tile_release();
+#endif
     }
 }
 
@@ -1093,6 +1177,25 @@ void convolution2d_forward_y_winograd4(const float *restrict w, const float *res
     static float *vg_kept;
     static size_t vg_kept_size;
     float *vg_u = vg_keep(&vg_kept, &vg_kept_size, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
+#ifdef VG_BF16_GEMM
+    // the products in bf16 (vg_tile_outer_bf16, vg_tile_outer_amx): channels c in pairs, an odd
+    // last one paired with 0; for AMX, in blocks of 16 pairs, zero past the last pair
+    const int vg_CP2 = (IC + 1) / 2;                         // pairs of channels c
+    const int vg_CB = (vg_CP2 + 16 - 1) / 16;                              // blocks of 16 pairs
+#ifdef VG_BF16_AMX
+    const int vg_amx = vg_amx_granted();
+#else
+    const int vg_amx = 0;
+#endif
+    const size_t vg_u2size = (size_t)36 * vg_OP * VG_MR * vg_CP2;           // U in pairs [k][o / VG_MR][c / 2][o % VG_MR]
+    const size_t vg_u3size = vg_amx ? (size_t)36 * vg_OP * vg_CB * VG_MR * 16 : 0;  // and as AMX tiles [k][o / VG_MR][c / 32][o % VG_MR][c / 2 % 16]
+    const size_t vg_each2 = (size_t)36 * vg_CB * 16 * VG_NR;             // per thread: V in pairs [k][c / 2][tile]
+    static float *vg_kept2;
+    static size_t vg_kept2_size;
+    uint32_t *vg_u2 = (uint32_t *)vg_keep(&vg_kept2, &vg_kept2_size,
+                                          sizeof(uint32_t) * (vg_u2size + vg_u3size + (size_t)vg_threads() * vg_each2));
+    uint32_t *vg_u3 = vg_u2 + vg_u2size;
+#endif
     #pragma omp parallel
     {
         float *vg_v = vg_u + vg_usize + (size_t)vg_thread() * vg_each;
@@ -1124,6 +1227,40 @@ void convolution2d_forward_y_winograd4(const float *restrict w, const float *res
                         vg_u[(((size_t)vg_k * vg_OP + vg_wo / VG_MR) * (IC) + vg_c0 + vg_q) * VG_MR + vg_wo % VG_MR]
                             = vg_e[vg_k * VG_NR + vg_q];
             }
+#ifdef VG_BF16_GEMM
+        uint32_t *vg_v2 = vg_u3 + vg_u3size + (size_t)vg_thread() * vg_each2;
+        // U's panels in bf16: for each pair of channels c, its VG_MR rows' pairs (U done)
+        #pragma omp for schedule(static)
+        for (long vg_j = 0; vg_j < (long)36 * vg_OP * vg_CP2; ++vg_j)
+        {
+            const long vg_kp = vg_j / vg_CP2;      // k·OP + panel
+            const int vg_c = (int)(vg_j % vg_CP2) * 2;
+            const float *vg_s = vg_u + ((size_t)vg_kp * (IC) + vg_c) * VG_MR;
+            vg_bf16_pairs(VG_MR, vg_s, vg_c + 1 < IC ? vg_s + VG_MR : 0, vg_u2 + (size_t)vg_j * VG_MR);
+        }
+        // for AMX, each panel's blocks of 16 pairs row by row (VG_MR rows of 16 pairs), zero past the last
+        if (vg_amx)
+        {
+            #pragma omp for schedule(static)
+            for (long vg_q = 0; vg_q < (long)36 * vg_OP * vg_CB; ++vg_q)
+            {
+                const long vg_kp = vg_q / vg_CB;
+                const int vg_p0 = (int)(vg_q % vg_CB) * 16;
+                uint32_t *vg_d2 = vg_u3 + (size_t)vg_q * VG_MR * 16;
+                for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                    for (int vg_i = 0; vg_i < 16; ++vg_i)
+                        vg_d2[vg_r * 16 + vg_i] = vg_p0 + vg_i < vg_CP2
+                            ? vg_u2[((size_t)vg_kp * vg_CP2 + vg_p0 + vg_i) * VG_MR + vg_r] : 0u;
+            }
+#ifdef VG_BF16_AMX
+            vg_amx_config(0);
+#endif
+            // V's pairs past the last: zero once (the rows the tiles read past vg_CP2)
+            for (int vg_k = 0; vg_k < 36; ++vg_k)
+                for (size_t vg_i = (size_t)vg_CP2 * VG_NR; vg_i < (size_t)vg_CB * 16 * VG_NR; ++vg_i)
+                    vg_v2[(size_t)vg_k * vg_CB * 16 * VG_NR + vg_i] = 0u;
+        }
+#endif
         #pragma omp for schedule(static)
         for (long vg_blk = 0; vg_blk < vg_blocks; ++vg_blk)
         {
@@ -1152,11 +1289,38 @@ void convolution2d_forward_y_winograd4(const float *restrict w, const float *res
                 convolution2d_forward_y_winograd4_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(IC) * VG_NR);
             }
             // M[k] = U[k]·V[k]: the channel sums, one product per transform position k
+#ifdef VG_BF16_GEMM
+            // in bf16: V's rows interleaved in pairs of channels (an odd last one with zeros)
+            for (int vg_k = 0; vg_k < 36; ++vg_k)
+                for (int vg_c = 0; vg_c < IC; vg_c += 2)
+                {
+                    const float *vg_s = vg_v + ((size_t)vg_k * (IC) + vg_c) * VG_NR;
+                    vg_bf16_pairs(VG_NR, vg_s, vg_c + 1 < IC ? vg_s + VG_NR : 0,
+                                  vg_v2 + ((size_t)vg_k * vg_CB * 16 + vg_c / 2) * VG_NR);
+                }
+            if (vg_amx)
+            {
+#ifdef VG_BF16_AMX
+                for (int vg_k = 0; vg_k < 36; ++vg_k)
+                    for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                        vg_tile_outer_amx(vg_CB, vg_u3 + ((size_t)vg_k * vg_OP + vg_p) * vg_CB * VG_MR * 16,
+                                          vg_v2 + (size_t)vg_k * vg_CB * 16 * VG_NR, VG_NR,
+                                          vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+#endif
+            }
+            else
+                for (int vg_k = 0; vg_k < 36; ++vg_k)
+                    for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                        vg_tile_outer_bf16(vg_CP2, vg_u2 + ((size_t)vg_k * vg_OP + vg_p) * vg_CP2 * VG_MR,
+                                           vg_v2 + (size_t)vg_k * vg_CB * 16 * VG_NR, VG_NR,
+                                           vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+#else
             for (int vg_k = 0; vg_k < 36; ++vg_k)
                 for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
                     vg_tile_outer(IC, vg_u + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * (IC),
                                   vg_v + (size_t)vg_k * (IC) * VG_NR, VG_NR,
                                   vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+#endif
             // Y = Aᵀ M A per channel o, cropped to the output
             for (int vg_k = 0; vg_k < 16; ++vg_k)
                 for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
@@ -1170,6 +1334,10 @@ void convolution2d_forward_y_winograd4(const float *restrict w, const float *res
                 vg_scatter(y + (size_t)vg_wo * (H*W), vg_off, vg_e, 16 * VG_NR);
             }
         }
+#ifdef VG_BF16_AMX
+        if (vg_amx)
+            _tile_release();
+#endif
     }
 }
 
@@ -1549,6 +1717,25 @@ void convolution2d_backward_g_x_winograd2(const float *restrict g_y, const float
     static float *vg_kept;
     static size_t vg_kept_size;
     float *vg_u = vg_keep(&vg_kept, &vg_kept_size, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
+#ifdef VG_BF16_GEMM
+    // the products in bf16 (vg_tile_outer_bf16, vg_tile_outer_amx): channels c in pairs, an odd
+    // last one paired with 0; for AMX, in blocks of 16 pairs, zero past the last pair
+    const int vg_CP2 = (OC + 1) / 2;                         // pairs of channels c
+    const int vg_CB = (vg_CP2 + 16 - 1) / 16;                              // blocks of 16 pairs
+#ifdef VG_BF16_AMX
+    const int vg_amx = vg_amx_granted();
+#else
+    const int vg_amx = 0;
+#endif
+    const size_t vg_u2size = (size_t)16 * vg_OP * VG_MR * vg_CP2;           // U in pairs [k][o / VG_MR][c / 2][o % VG_MR]
+    const size_t vg_u3size = vg_amx ? (size_t)16 * vg_OP * vg_CB * VG_MR * 16 : 0;  // and as AMX tiles [k][o / VG_MR][c / 32][o % VG_MR][c / 2 % 16]
+    const size_t vg_each2 = (size_t)16 * vg_CB * 16 * VG_NR;             // per thread: V in pairs [k][c / 2][tile]
+    static float *vg_kept2;
+    static size_t vg_kept2_size;
+    uint32_t *vg_u2 = (uint32_t *)vg_keep(&vg_kept2, &vg_kept2_size,
+                                          sizeof(uint32_t) * (vg_u2size + vg_u3size + (size_t)vg_threads() * vg_each2));
+    uint32_t *vg_u3 = vg_u2 + vg_u2size;
+#endif
     #pragma omp parallel
     {
         float *vg_v = vg_u + vg_usize + (size_t)vg_thread() * vg_each;
@@ -1580,6 +1767,40 @@ void convolution2d_backward_g_x_winograd2(const float *restrict g_y, const float
                         vg_u[(((size_t)vg_k * vg_OP + vg_wo / VG_MR) * (OC) + vg_c0 + vg_q) * VG_MR + vg_wo % VG_MR]
                             = vg_e[vg_k * VG_NR + vg_q];
             }
+#ifdef VG_BF16_GEMM
+        uint32_t *vg_v2 = vg_u3 + vg_u3size + (size_t)vg_thread() * vg_each2;
+        // U's panels in bf16: for each pair of channels c, its VG_MR rows' pairs (U done)
+        #pragma omp for schedule(static)
+        for (long vg_j = 0; vg_j < (long)16 * vg_OP * vg_CP2; ++vg_j)
+        {
+            const long vg_kp = vg_j / vg_CP2;      // k·OP + panel
+            const int vg_c = (int)(vg_j % vg_CP2) * 2;
+            const float *vg_s = vg_u + ((size_t)vg_kp * (OC) + vg_c) * VG_MR;
+            vg_bf16_pairs(VG_MR, vg_s, vg_c + 1 < OC ? vg_s + VG_MR : 0, vg_u2 + (size_t)vg_j * VG_MR);
+        }
+        // for AMX, each panel's blocks of 16 pairs row by row (VG_MR rows of 16 pairs), zero past the last
+        if (vg_amx)
+        {
+            #pragma omp for schedule(static)
+            for (long vg_q = 0; vg_q < (long)16 * vg_OP * vg_CB; ++vg_q)
+            {
+                const long vg_kp = vg_q / vg_CB;
+                const int vg_p0 = (int)(vg_q % vg_CB) * 16;
+                uint32_t *vg_d2 = vg_u3 + (size_t)vg_q * VG_MR * 16;
+                for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                    for (int vg_i = 0; vg_i < 16; ++vg_i)
+                        vg_d2[vg_r * 16 + vg_i] = vg_p0 + vg_i < vg_CP2
+                            ? vg_u2[((size_t)vg_kp * vg_CP2 + vg_p0 + vg_i) * VG_MR + vg_r] : 0u;
+            }
+#ifdef VG_BF16_AMX
+            vg_amx_config(0);
+#endif
+            // V's pairs past the last: zero once (the rows the tiles read past vg_CP2)
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (size_t vg_i = (size_t)vg_CP2 * VG_NR; vg_i < (size_t)vg_CB * 16 * VG_NR; ++vg_i)
+                    vg_v2[(size_t)vg_k * vg_CB * 16 * VG_NR + vg_i] = 0u;
+        }
+#endif
         #pragma omp for schedule(static)
         for (long vg_blk = 0; vg_blk < vg_blocks; ++vg_blk)
         {
@@ -1608,11 +1829,38 @@ void convolution2d_backward_g_x_winograd2(const float *restrict g_y, const float
                 convolution2d_backward_g_x_winograd2_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(OC) * VG_NR);
             }
             // M[k] = U[k]·V[k]: the channel sums, one product per transform position k
+#ifdef VG_BF16_GEMM
+            // in bf16: V's rows interleaved in pairs of channels (an odd last one with zeros)
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (int vg_c = 0; vg_c < OC; vg_c += 2)
+                {
+                    const float *vg_s = vg_v + ((size_t)vg_k * (OC) + vg_c) * VG_NR;
+                    vg_bf16_pairs(VG_NR, vg_s, vg_c + 1 < OC ? vg_s + VG_NR : 0,
+                                  vg_v2 + ((size_t)vg_k * vg_CB * 16 + vg_c / 2) * VG_NR);
+                }
+            if (vg_amx)
+            {
+#ifdef VG_BF16_AMX
+                for (int vg_k = 0; vg_k < 16; ++vg_k)
+                    for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                        vg_tile_outer_amx(vg_CB, vg_u3 + ((size_t)vg_k * vg_OP + vg_p) * vg_CB * VG_MR * 16,
+                                          vg_v2 + (size_t)vg_k * vg_CB * 16 * VG_NR, VG_NR,
+                                          vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+#endif
+            }
+            else
+                for (int vg_k = 0; vg_k < 16; ++vg_k)
+                    for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                        vg_tile_outer_bf16(vg_CP2, vg_u2 + ((size_t)vg_k * vg_OP + vg_p) * vg_CP2 * VG_MR,
+                                           vg_v2 + (size_t)vg_k * vg_CB * 16 * VG_NR, VG_NR,
+                                           vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+#else
             for (int vg_k = 0; vg_k < 16; ++vg_k)
                 for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
                     vg_tile_outer(OC, vg_u + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * (OC),
                                   vg_v + (size_t)vg_k * (OC) * VG_NR, VG_NR,
                                   vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+#endif
             // Y = Aᵀ M A per channel o, cropped to the output
             for (int vg_k = 0; vg_k < 4; ++vg_k)
                 for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
@@ -1626,6 +1874,10 @@ void convolution2d_backward_g_x_winograd2(const float *restrict g_y, const float
                 vg_scatter(g_x + (size_t)vg_wo * (H*W), vg_off, vg_e, 4 * VG_NR);
             }
         }
+#ifdef VG_BF16_AMX
+        if (vg_amx)
+            _tile_release();
+#endif
     }
 }
 
@@ -1836,6 +2088,25 @@ void convolution2d_backward_g_x_winograd4(const float *restrict g_y, const float
     static float *vg_kept;
     static size_t vg_kept_size;
     float *vg_u = vg_keep(&vg_kept, &vg_kept_size, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
+#ifdef VG_BF16_GEMM
+    // the products in bf16 (vg_tile_outer_bf16, vg_tile_outer_amx): channels c in pairs, an odd
+    // last one paired with 0; for AMX, in blocks of 16 pairs, zero past the last pair
+    const int vg_CP2 = (OC + 1) / 2;                         // pairs of channels c
+    const int vg_CB = (vg_CP2 + 16 - 1) / 16;                              // blocks of 16 pairs
+#ifdef VG_BF16_AMX
+    const int vg_amx = vg_amx_granted();
+#else
+    const int vg_amx = 0;
+#endif
+    const size_t vg_u2size = (size_t)36 * vg_OP * VG_MR * vg_CP2;           // U in pairs [k][o / VG_MR][c / 2][o % VG_MR]
+    const size_t vg_u3size = vg_amx ? (size_t)36 * vg_OP * vg_CB * VG_MR * 16 : 0;  // and as AMX tiles [k][o / VG_MR][c / 32][o % VG_MR][c / 2 % 16]
+    const size_t vg_each2 = (size_t)36 * vg_CB * 16 * VG_NR;             // per thread: V in pairs [k][c / 2][tile]
+    static float *vg_kept2;
+    static size_t vg_kept2_size;
+    uint32_t *vg_u2 = (uint32_t *)vg_keep(&vg_kept2, &vg_kept2_size,
+                                          sizeof(uint32_t) * (vg_u2size + vg_u3size + (size_t)vg_threads() * vg_each2));
+    uint32_t *vg_u3 = vg_u2 + vg_u2size;
+#endif
     #pragma omp parallel
     {
         float *vg_v = vg_u + vg_usize + (size_t)vg_thread() * vg_each;
@@ -1867,6 +2138,40 @@ void convolution2d_backward_g_x_winograd4(const float *restrict g_y, const float
                         vg_u[(((size_t)vg_k * vg_OP + vg_wo / VG_MR) * (OC) + vg_c0 + vg_q) * VG_MR + vg_wo % VG_MR]
                             = vg_e[vg_k * VG_NR + vg_q];
             }
+#ifdef VG_BF16_GEMM
+        uint32_t *vg_v2 = vg_u3 + vg_u3size + (size_t)vg_thread() * vg_each2;
+        // U's panels in bf16: for each pair of channels c, its VG_MR rows' pairs (U done)
+        #pragma omp for schedule(static)
+        for (long vg_j = 0; vg_j < (long)36 * vg_OP * vg_CP2; ++vg_j)
+        {
+            const long vg_kp = vg_j / vg_CP2;      // k·OP + panel
+            const int vg_c = (int)(vg_j % vg_CP2) * 2;
+            const float *vg_s = vg_u + ((size_t)vg_kp * (OC) + vg_c) * VG_MR;
+            vg_bf16_pairs(VG_MR, vg_s, vg_c + 1 < OC ? vg_s + VG_MR : 0, vg_u2 + (size_t)vg_j * VG_MR);
+        }
+        // for AMX, each panel's blocks of 16 pairs row by row (VG_MR rows of 16 pairs), zero past the last
+        if (vg_amx)
+        {
+            #pragma omp for schedule(static)
+            for (long vg_q = 0; vg_q < (long)36 * vg_OP * vg_CB; ++vg_q)
+            {
+                const long vg_kp = vg_q / vg_CB;
+                const int vg_p0 = (int)(vg_q % vg_CB) * 16;
+                uint32_t *vg_d2 = vg_u3 + (size_t)vg_q * VG_MR * 16;
+                for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                    for (int vg_i = 0; vg_i < 16; ++vg_i)
+                        vg_d2[vg_r * 16 + vg_i] = vg_p0 + vg_i < vg_CP2
+                            ? vg_u2[((size_t)vg_kp * vg_CP2 + vg_p0 + vg_i) * VG_MR + vg_r] : 0u;
+            }
+#ifdef VG_BF16_AMX
+            vg_amx_config(0);
+#endif
+            // V's pairs past the last: zero once (the rows the tiles read past vg_CP2)
+            for (int vg_k = 0; vg_k < 36; ++vg_k)
+                for (size_t vg_i = (size_t)vg_CP2 * VG_NR; vg_i < (size_t)vg_CB * 16 * VG_NR; ++vg_i)
+                    vg_v2[(size_t)vg_k * vg_CB * 16 * VG_NR + vg_i] = 0u;
+        }
+#endif
         #pragma omp for schedule(static)
         for (long vg_blk = 0; vg_blk < vg_blocks; ++vg_blk)
         {
@@ -1895,11 +2200,38 @@ void convolution2d_backward_g_x_winograd4(const float *restrict g_y, const float
                 convolution2d_backward_g_x_winograd4_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(OC) * VG_NR);
             }
             // M[k] = U[k]·V[k]: the channel sums, one product per transform position k
+#ifdef VG_BF16_GEMM
+            // in bf16: V's rows interleaved in pairs of channels (an odd last one with zeros)
+            for (int vg_k = 0; vg_k < 36; ++vg_k)
+                for (int vg_c = 0; vg_c < OC; vg_c += 2)
+                {
+                    const float *vg_s = vg_v + ((size_t)vg_k * (OC) + vg_c) * VG_NR;
+                    vg_bf16_pairs(VG_NR, vg_s, vg_c + 1 < OC ? vg_s + VG_NR : 0,
+                                  vg_v2 + ((size_t)vg_k * vg_CB * 16 + vg_c / 2) * VG_NR);
+                }
+            if (vg_amx)
+            {
+#ifdef VG_BF16_AMX
+                for (int vg_k = 0; vg_k < 36; ++vg_k)
+                    for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                        vg_tile_outer_amx(vg_CB, vg_u3 + ((size_t)vg_k * vg_OP + vg_p) * vg_CB * VG_MR * 16,
+                                          vg_v2 + (size_t)vg_k * vg_CB * 16 * VG_NR, VG_NR,
+                                          vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+#endif
+            }
+            else
+                for (int vg_k = 0; vg_k < 36; ++vg_k)
+                    for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                        vg_tile_outer_bf16(vg_CP2, vg_u2 + ((size_t)vg_k * vg_OP + vg_p) * vg_CP2 * VG_MR,
+                                           vg_v2 + (size_t)vg_k * vg_CB * 16 * VG_NR, VG_NR,
+                                           vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+#else
             for (int vg_k = 0; vg_k < 36; ++vg_k)
                 for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
                     vg_tile_outer(OC, vg_u + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * (OC),
                                   vg_v + (size_t)vg_k * (OC) * VG_NR, VG_NR,
                                   vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * VG_NR, VG_NR, 0);
+#endif
             // Y = Aᵀ M A per channel o, cropped to the output
             for (int vg_k = 0; vg_k < 16; ++vg_k)
                 for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
@@ -1913,6 +2245,10 @@ void convolution2d_backward_g_x_winograd4(const float *restrict g_y, const float
                 vg_scatter(g_x + (size_t)vg_wo * (H*W), vg_off, vg_e, 16 * VG_NR);
             }
         }
+#ifdef VG_BF16_AMX
+        if (vg_amx)
+            _tile_release();
+#endif
     }
 }
 
@@ -2544,6 +2880,27 @@ void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float
                           sizeof(float) * (vg_gsize + vg_xsize + vg_msize + (size_t)vg_threads() * vg_each));
     float *vg_x = vg_g + vg_gsize;
     float *vg_m = vg_x + vg_xsize;
+#ifdef VG_BF16_GEMM
+    // the products in bf16 (vg_tile_outer_bf16, vg_tile_outer_amx): tiles in pairs, an odd last
+    // one paired with 0, in blocks of 16 pairs (the tile blocks of VG_KC start at one), zero
+    // past the last pair
+    const long vg_TP2 = (vg_T + 1) / 2;                                  // pairs of tiles
+    const long vg_TB = (vg_TP2 + 16 - 1) / 16;                               // blocks of 16 pairs
+#ifdef VG_BF16_AMX
+    const int vg_amx = vg_amx_granted();
+#else
+    const int vg_amx = 0;
+#endif
+    const size_t vg_g2size = (size_t)16 * vg_OP * VG_MR * vg_TP2;           // G' in pairs [k][o / VG_MR][tile / 2][o % VG_MR]
+    const size_t vg_g3size = vg_amx ? (size_t)16 * vg_OP * vg_TB * VG_MR * 16 : 0;  // and as AMX tiles
+    const size_t vg_x2size = (size_t)16 * vg_TB * 16 * vg_ldx;              // D' in pairs [k][tile / 2][c]
+    static float *vg_kept2;
+    static size_t vg_kept2_size;
+    uint32_t *vg_g2 = (uint32_t *)vg_keep(&vg_kept2, &vg_kept2_size,
+                                          sizeof(uint32_t) * (vg_g2size + vg_g3size + vg_x2size));
+    uint32_t *vg_g3 = vg_g2 + vg_g2size;
+    uint32_t *vg_x2 = vg_g3 + vg_g3size;
+#endif
     #pragma omp parallel
     {
         float *vg_d = vg_m + vg_msize + (size_t)vg_thread() * vg_each;
@@ -2617,6 +2974,75 @@ void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float
             }
         }
         // M[k] = Σ_tiles G'[k]·D'[k], per (k, column block), the tiles in blocks of VG_KC, in order
+#ifdef VG_BF16_GEMM
+        // in bf16: G''s panels, for each pair of tiles, its VG_MR rows' pairs
+        #pragma omp for schedule(static)
+        for (long vg_j = 0; vg_j < (long)16 * vg_OP * vg_TP2; ++vg_j)
+        {
+            const long vg_kp = vg_j / vg_TP2;      // k·OP + panel
+            const long vg_t = vg_j % vg_TP2 * 2;
+            const float *vg_s = vg_g + ((size_t)vg_kp * vg_T + vg_t) * VG_MR;
+            vg_bf16_pairs(VG_MR, vg_s, vg_t + 1 < vg_T ? vg_s + VG_MR : 0, vg_g2 + (size_t)vg_j * VG_MR);
+        }
+        // D''s rows interleaved in pairs of tiles (an odd last one with zeros), zero past the last pair
+        #pragma omp for schedule(static)
+        for (long vg_j = 0; vg_j < (long)16 * vg_TB * 16; ++vg_j)
+        {
+            const long vg_k = vg_j / (vg_TB * 16), vg_t = vg_j % (vg_TB * 16) * 2;
+            const float *vg_s = vg_x + ((size_t)vg_k * vg_T + vg_t) * vg_ldx;
+            if (vg_t < vg_T)
+                vg_bf16_pairs((int)vg_ldx, vg_s, vg_t + 1 < vg_T ? vg_s + vg_ldx : 0, vg_x2 + (size_t)vg_j * vg_ldx);
+            else
+                for (long vg_c = 0; vg_c < vg_ldx; ++vg_c)
+                    vg_x2[(size_t)vg_j * vg_ldx + vg_c] = 0u;
+        }
+        if (vg_amx)
+        {
+            // for AMX, each panel's blocks of 16 pairs row by row (VG_MR rows of 16 pairs), zero past the last
+            #pragma omp for schedule(static)
+            for (long vg_q = 0; vg_q < (long)16 * vg_OP * vg_TB; ++vg_q)
+            {
+                const long vg_kp = vg_q / vg_TB, vg_p0 = vg_q % vg_TB * 16;
+                uint32_t *vg_d2 = vg_g3 + (size_t)vg_q * VG_MR * 16;
+                for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                    for (int vg_i = 0; vg_i < 16; ++vg_i)
+                        vg_d2[vg_r * 16 + vg_i] = vg_p0 + vg_i < vg_TP2
+                            ? vg_g2[((size_t)vg_kp * vg_TP2 + vg_p0 + vg_i) * VG_MR + vg_r] : 0u;
+            }
+#ifdef VG_BF16_AMX
+            vg_amx_config(0);
+            #pragma omp for collapse(2) schedule(static)
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
+                    for (long vg_k0 = 0; vg_k0 < vg_T; vg_k0 += VG_KC)
+                    {
+                        const int vg_kc = vg_T - vg_k0 < VG_KC ? (int)(vg_T - vg_k0) : VG_KC;
+                        const int vg_kb = ((vg_kc + 1) / 2 + 16 - 1) / 16;
+                        for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                            vg_tile_outer_amx(vg_kb, vg_g3 + (((size_t)vg_k * vg_OP + vg_p) * vg_TB + vg_k0 / 2 / 16) * VG_MR * 16,
+                                              vg_x2 + ((size_t)vg_k * vg_TB * 16 + vg_k0 / 2) * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                              vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                              vg_k0 > 0);
+                    }
+            _tile_release();
+#endif
+        }
+        else
+        {
+            #pragma omp for collapse(2) schedule(static)
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
+                    for (long vg_k0 = 0; vg_k0 < vg_T; vg_k0 += VG_KC)
+                    {
+                        const int vg_kc = vg_T - vg_k0 < VG_KC ? (int)(vg_T - vg_k0) : VG_KC;
+                        for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_g2 + (((size_t)vg_k * vg_OP + vg_p) * vg_TP2 + vg_k0 / 2) * VG_MR,
+                                               vg_x2 + ((size_t)vg_k * vg_TB * 16 + vg_k0 / 2) * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                               vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                               vg_k0 > 0);
+                    }
+        }
+#else
         #pragma omp for collapse(2) schedule(static)
         for (int vg_k = 0; vg_k < 16; ++vg_k)
             for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
@@ -2629,6 +3055,7 @@ void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float
                                       vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
                                       vg_k0 > 0);
                 }
+#endif
         // Y = Aᵀ M A: the 3×3 taps of VG_NR channels c at a time
         #pragma omp for schedule(static)
         for (int vg_wo = 0; vg_wo < OC; ++vg_wo)
@@ -2857,6 +3284,27 @@ void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float
                           sizeof(float) * (vg_gsize + vg_xsize + vg_msize + (size_t)vg_threads() * vg_each));
     float *vg_x = vg_g + vg_gsize;
     float *vg_m = vg_x + vg_xsize;
+#ifdef VG_BF16_GEMM
+    // the products in bf16 (vg_tile_outer_bf16, vg_tile_outer_amx): tiles in pairs, an odd last
+    // one paired with 0, in blocks of 16 pairs (the tile blocks of VG_KC start at one), zero
+    // past the last pair
+    const long vg_TP2 = (vg_T + 1) / 2;                                  // pairs of tiles
+    const long vg_TB = (vg_TP2 + 16 - 1) / 16;                               // blocks of 16 pairs
+#ifdef VG_BF16_AMX
+    const int vg_amx = vg_amx_granted();
+#else
+    const int vg_amx = 0;
+#endif
+    const size_t vg_g2size = (size_t)36 * vg_OP * VG_MR * vg_TP2;           // G' in pairs [k][o / VG_MR][tile / 2][o % VG_MR]
+    const size_t vg_g3size = vg_amx ? (size_t)36 * vg_OP * vg_TB * VG_MR * 16 : 0;  // and as AMX tiles
+    const size_t vg_x2size = (size_t)36 * vg_TB * 16 * vg_ldx;              // D' in pairs [k][tile / 2][c]
+    static float *vg_kept2;
+    static size_t vg_kept2_size;
+    uint32_t *vg_g2 = (uint32_t *)vg_keep(&vg_kept2, &vg_kept2_size,
+                                          sizeof(uint32_t) * (vg_g2size + vg_g3size + vg_x2size));
+    uint32_t *vg_g3 = vg_g2 + vg_g2size;
+    uint32_t *vg_x2 = vg_g3 + vg_g3size;
+#endif
     #pragma omp parallel
     {
         float *vg_d = vg_m + vg_msize + (size_t)vg_thread() * vg_each;
@@ -2930,6 +3378,75 @@ void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float
             }
         }
         // M[k] = Σ_tiles G'[k]·D'[k], per (k, column block), the tiles in blocks of VG_KC, in order
+#ifdef VG_BF16_GEMM
+        // in bf16: G''s panels, for each pair of tiles, its VG_MR rows' pairs
+        #pragma omp for schedule(static)
+        for (long vg_j = 0; vg_j < (long)36 * vg_OP * vg_TP2; ++vg_j)
+        {
+            const long vg_kp = vg_j / vg_TP2;      // k·OP + panel
+            const long vg_t = vg_j % vg_TP2 * 2;
+            const float *vg_s = vg_g + ((size_t)vg_kp * vg_T + vg_t) * VG_MR;
+            vg_bf16_pairs(VG_MR, vg_s, vg_t + 1 < vg_T ? vg_s + VG_MR : 0, vg_g2 + (size_t)vg_j * VG_MR);
+        }
+        // D''s rows interleaved in pairs of tiles (an odd last one with zeros), zero past the last pair
+        #pragma omp for schedule(static)
+        for (long vg_j = 0; vg_j < (long)36 * vg_TB * 16; ++vg_j)
+        {
+            const long vg_k = vg_j / (vg_TB * 16), vg_t = vg_j % (vg_TB * 16) * 2;
+            const float *vg_s = vg_x + ((size_t)vg_k * vg_T + vg_t) * vg_ldx;
+            if (vg_t < vg_T)
+                vg_bf16_pairs((int)vg_ldx, vg_s, vg_t + 1 < vg_T ? vg_s + vg_ldx : 0, vg_x2 + (size_t)vg_j * vg_ldx);
+            else
+                for (long vg_c = 0; vg_c < vg_ldx; ++vg_c)
+                    vg_x2[(size_t)vg_j * vg_ldx + vg_c] = 0u;
+        }
+        if (vg_amx)
+        {
+            // for AMX, each panel's blocks of 16 pairs row by row (VG_MR rows of 16 pairs), zero past the last
+            #pragma omp for schedule(static)
+            for (long vg_q = 0; vg_q < (long)36 * vg_OP * vg_TB; ++vg_q)
+            {
+                const long vg_kp = vg_q / vg_TB, vg_p0 = vg_q % vg_TB * 16;
+                uint32_t *vg_d2 = vg_g3 + (size_t)vg_q * VG_MR * 16;
+                for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                    for (int vg_i = 0; vg_i < 16; ++vg_i)
+                        vg_d2[vg_r * 16 + vg_i] = vg_p0 + vg_i < vg_TP2
+                            ? vg_g2[((size_t)vg_kp * vg_TP2 + vg_p0 + vg_i) * VG_MR + vg_r] : 0u;
+            }
+#ifdef VG_BF16_AMX
+            vg_amx_config(0);
+            #pragma omp for collapse(2) schedule(static)
+            for (int vg_k = 0; vg_k < 36; ++vg_k)
+                for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
+                    for (long vg_k0 = 0; vg_k0 < vg_T; vg_k0 += VG_KC)
+                    {
+                        const int vg_kc = vg_T - vg_k0 < VG_KC ? (int)(vg_T - vg_k0) : VG_KC;
+                        const int vg_kb = ((vg_kc + 1) / 2 + 16 - 1) / 16;
+                        for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                            vg_tile_outer_amx(vg_kb, vg_g3 + (((size_t)vg_k * vg_OP + vg_p) * vg_TB + vg_k0 / 2 / 16) * VG_MR * 16,
+                                              vg_x2 + ((size_t)vg_k * vg_TB * 16 + vg_k0 / 2) * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                              vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                              vg_k0 > 0);
+                    }
+            _tile_release();
+#endif
+        }
+        else
+        {
+            #pragma omp for collapse(2) schedule(static)
+            for (int vg_k = 0; vg_k < 36; ++vg_k)
+                for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
+                    for (long vg_k0 = 0; vg_k0 < vg_T; vg_k0 += VG_KC)
+                    {
+                        const int vg_kc = vg_T - vg_k0 < VG_KC ? (int)(vg_T - vg_k0) : VG_KC;
+                        for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_g2 + (((size_t)vg_k * vg_OP + vg_p) * vg_TP2 + vg_k0 / 2) * VG_MR,
+                                               vg_x2 + ((size_t)vg_k * vg_TB * 16 + vg_k0 / 2) * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                               vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                               vg_k0 > 0);
+                    }
+        }
+#else
         #pragma omp for collapse(2) schedule(static)
         for (int vg_k = 0; vg_k < 36; ++vg_k)
             for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
@@ -2942,6 +3459,7 @@ void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float
                                       vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
                                       vg_k0 > 0);
                 }
+#endif
         // Y = Aᵀ M A: the 3×3 taps of VG_NR channels c at a time
         #pragma omp for schedule(static)
         for (int vg_wo = 0; vg_wo < OC; ++vg_wo)

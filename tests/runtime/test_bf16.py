@@ -132,10 +132,15 @@ def _check(got, arrays, ref, bound, what):
 def test_bf16_contractions_within_rounding_bound(libraries, case, unit):
     what, layer, sizes, arrays, ref = case
     fp32, bf16 = libraries
-    got = _run(bf16[unit], layer, sizes, arrays)
+    # the direct kernels (the Winograd ones are held to their own bound below)
+    bf16[unit].conv_algorithm = fp32.conv_algorithm = "direct"
+    try:
+        got = _run(bf16[unit], layer, sizes, arrays)
+        exact = _run(fp32, layer, sizes, arrays)
+    finally:
+        bf16[unit].conv_algorithm = fp32.conv_algorithm = "auto"
     _check(got, arrays, ref, BF16_BOUND, what)
     # and bf16 it is: the products were rounded (fp32 would be far closer)
-    exact = _run(fp32, layer, sizes, arrays)
     assert any(not np.array_equal(got[n], exact[n]) for n in ("y", "g_x", "g_w"))
 
 
@@ -195,3 +200,52 @@ def test_bf16_is_the_c_targets_only():
         get_backend("numpy", precision="bf16")
     with pytest.raises(VggenError, match="unknown precision"):
         get_backend("numpy", precision="fp8")
+
+
+# --------------------------------------------------------------------------- Winograd in bf16
+
+# The Winograd variants' channel sums in bf16 too: the transformed operands are rounded,
+# and the transforms amplify that rounding (their coefficients' magnitudes), so these are
+# bounds measured on these shapes, relative to the output's largest |value|: about
+# 5e-3 for F(2×2) (direct: 4e-3) and up to 3.4e-2 for F(4×4) (above 3e-2: bf16's "auto"
+# leaves F(4×4) out, vggen.runtime.base.BF16_ALGORITHMS).
+BF16_WINOGRAD_BOUND = {"winograd2": 1e-2, "winograd4": 5e-2}
+WINOGRAD_SHAPES = [(3, 5, 7, 9, 11), (2, 40, 9, 4, 7)]
+
+
+@needs_bf16
+@pytest.mark.parametrize("unit", ["amx", "avx512"])
+@pytest.mark.parametrize("algorithm", ["winograd2", "winograd4"])
+@pytest.mark.parametrize("shape", WINOGRAD_SHAPES, ids=["x".join(map(str, s)) for s in WINOGRAD_SHAPES])
+def test_bf16_winograd_within_its_bound(libraries, shape, algorithm, unit):
+    from vggen.runtime.winograd import direct_conv2d, direct_conv2d_weight_gradient
+
+    b, ic, oc, h, w = shape
+    sizes = {"B": b, "IC": ic, "OC": oc, "H": h, "W": w}
+    rng = np.random.default_rng(sum(shape))
+    arrays = {"x": rng.standard_normal((b, ic, h, w)).astype(np.float32),
+              "w": rng.standard_normal((oc, ic, 3, 3)).astype(np.float32),
+              "g_y": rng.standard_normal((b, oc, h, w)).astype(np.float32)}
+    x, wt, gy = (arrays[k].astype(np.float64) for k in ("x", "w", "g_y"))
+    want = {"y": direct_conv2d(x, wt),
+            "g_x": direct_conv2d(gy, np.ascontiguousarray(wt[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))),
+            "g_w": direct_conv2d_weight_gradient(x, gy)}
+    fp32, bf16 = libraries
+    results = {}
+    for backend in (bf16[unit], fp32):
+        backend.conv_algorithm = algorithm
+        try:
+            results[backend.precision] = _run(backend, layers.convolution2d(1), sizes, arrays)
+        finally:
+            backend.conv_algorithm = "auto"
+    for name in ("y", "g_x", "g_w"):
+        scale = np.max(np.abs(want[name]))
+        err = np.max(np.abs(results["bf16"][name] - want[name])) / scale
+        assert err < BF16_WINOGRAD_BOUND[algorithm], (algorithm, name, err)
+        # and bf16 it is: far from the fp32 variant's error
+        assert err > 10 * np.max(np.abs(results["fp32"][name] - want[name])) / scale, (algorithm, name)
+
+
+def test_bf16_auto_leaves_out_winograd4():
+    from vggen.runtime.base import BF16_ALGORITHMS
+    assert "winograd2" in BF16_ALGORITHMS and "winograd4" not in BF16_ALGORITHMS

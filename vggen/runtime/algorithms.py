@@ -102,6 +102,8 @@ def choose(spec: KernelSpec, alternatives: list[KernelSpec], sizes: Mapping[str,
     if policy != "auto":
         return by_name.get(policy, spec)
     name = recorded(spec, sizes) if measured_here else None
+    if name is not None and name != DIRECT and name not in by_name:
+        name = None         # recorded among algorithms not offered here: the model decides
     if name is None:
         first = alternatives[0]
         form = first.entry["algorithm"]["form"]

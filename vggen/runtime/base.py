@@ -53,6 +53,10 @@ from vggen.runtime.algorithms import POLICIES as ALGORITHM_POLICIES
 from vggen.runtime.algorithms import choose as choose_algorithm
 from vggen.runtime.algorithms import cpu_name
 
+# The convolution algorithms "auto" may choose under --precision bf16 (beside direct):
+# F(2×2, 3×3) only, its bf16 error within about twice the direct kernels'.
+BF16_ALGORITHMS = ("winograd2",)
+
 DTYPES = {"float": np.dtype(np.float32), "int": np.dtype(np.int32)}
 
 
@@ -417,13 +421,15 @@ class KernelBackend(Backend):
 
     def algorithm_for(self, spec: KernelSpec, sizes: Mapping[str, int]) -> KernelSpec:
         """The kernel that runs ``spec``'s work at ``sizes`` (``spec`` or another
-        algorithm's kernel, see :mod:`vggen.runtime.algorithms`).  Under bf16 the
-        direct kernels carry the bf16 products (the Winograd ones multiply in fp32),
-        so "auto" means direct there."""
+        algorithm's kernel, see :mod:`vggen.runtime.algorithms`).  Under bf16 every
+        kernel multiplies in bf16; "auto" there chooses among direct and the
+        algorithms of ``BF16_ALGORITHMS`` only (F(4×4)'s transforms amplify bf16's
+        rounding to about 3·10⁻² of the output's scale: tests/runtime/test_bf16.py)."""
         policy = self.conv_algorithm
+        alternatives = self.manifest.alternatives(spec)
         if policy == "auto" and getattr(self, "precision", "fp32") != "fp32":
-            policy = "direct"
-        return choose_algorithm(spec, self.manifest.alternatives(spec), sizes, policy, self.measured_here)
+            alternatives = [alt for alt in alternatives if alt.algorithm in BF16_ALGORITHMS]
+        return choose_algorithm(spec, alternatives, sizes, policy, self.measured_here)
 
     @property
     def measured_here(self) -> bool:

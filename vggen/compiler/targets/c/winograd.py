@@ -111,6 +111,8 @@ def render_variant(kernel: Kernel, found: WinogradMatch, m: int, env: jinja2.Env
     t = forward_transforms(m) if found.form == "data" else weight_gradient_transforms(m)
     p = CPrinter(kernel.tensors)
     p.used.update({"vg_tile_outer", "vg_keep", "vg_gather"} | ({"vg_scatter"} if found.form == "data" else set()))
+    # the products in bf16 where the library is compiled with VG_BF16 (file.c.j2's VG_BF16_GEMM)
+    p.used.update({"vg_bf16_pairs", "vg_tile_outer_bf16", "vg_tile_outer_amx", "vg_amx_granted"})
     lines = comment(ir)
     lines.append(f"  as Winograd {t.name} (points {', '.join(map(str, t.points))}, ∞; "
                  f"vggen.derive.winograd), proved equal by `vggen check`")
