@@ -113,31 +113,36 @@ def write_tuning(path: Path, tuning: Tuning) -> None:
 # --------------------------------------------------------------------------- on the GPU
 
 
+def step_programs(net, batch: int):
+    """After one training step of ``net`` on random data (run here): each node's
+    forward and backward program with that step's arrays (what the tuners replay)."""
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch,) + net.image_shape).astype(np.float32)
+    labels = rng.integers(0, net.classes, batch).astype(np.int32)
+    net.train_step(images, labels, rng=np.random.default_rng(1))
+    ws = net.workspace(batch, True)
+    for k, node in enumerate(net.nodes):
+        for layer, arrays in ((node.layer, ws.forward[k]), (node.backward, ws.backward[k])):
+            yield net.backend.program(layer, node.all_sizes(batch)), arrays
+
+
 def network_products(net, batch: int) -> list[tuple[Product, object]]:
     """Each distinct tiled product of one training step of ``net`` (a CUDA
     network), with its ``vggen.runtime.cuda.Launch`` (bound to the arrays of a real
     step, run here first; ``launch.with_tune(t)`` runs it under tune value t)."""
     from vggen.manifest import eval_size
 
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((batch,) + net.image_shape).astype(np.float32)
-    labels = rng.integers(0, net.classes, batch).astype(np.int32)
-    net.train_step(images, labels, rng=np.random.default_rng(1))
-    ws = net.workspace(batch, True)
-    be = net.backend
     out, seen = [], set()
-    for k, node in enumerate(net.nodes):
-        for layer, arrays in ((node.layer, ws.forward[k]), (node.backward, ws.backward[k])):
-            prog = be.program(layer, node.all_sizes(batch))
-            for launch in prog.launches(arrays):
-                gemm = launch.spec.entry.get("launch", {}).get("gemm")
-                if gemm is None:
-                    continue
-                p = Product(launch.name, *(eval_size(gemm[d], prog.sizes) for d in ("M", "N", "K")))
-                if p in seen:
-                    continue
-                seen.add(p)
-                out.append((p, launch))
+    for prog, arrays in step_programs(net, batch):
+        for launch in prog.launches(arrays):
+            gemm = launch.spec.entry.get("launch", {}).get("gemm")
+            if gemm is None:
+                continue
+            p = Product(launch.name, *(eval_size(gemm[d], prog.sizes) for d in ("M", "N", "K")))
+            if p in seen:
+                continue
+            seen.add(p)
+            out.append((p, launch))
     return out
 
 

@@ -21,12 +21,12 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import numpy as np
 
 from vggen.atomic import write_atomic
 from vggen.compiler.targets.c.measured import ALGORITHMS_FILE, load_records, merge
 from vggen.errors import VggenError
 from vggen.runtime.algorithms import cpu_name
+from vggen.tools.tune import step_programs
 
 REPEATS = 5
 
@@ -34,26 +34,19 @@ REPEATS = 5
 def network_choices(net, batch: int):
     """Each distinct kernel with other algorithms in one training step of ``net``:
     (direct spec, every candidate spec, its program, the step's arrays)."""
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((batch,) + net.image_shape).astype(np.float32)
-    labels = rng.integers(0, net.classes, batch).astype(np.int32)
-    net.train_step(images, labels, rng=np.random.default_rng(1))
-    ws = net.workspace(batch, True)
     be = net.backend
     by_name = {s.name: s for s in be.kernels}
     seen = set()
-    for k, node in enumerate(net.nodes):
-        for layer, arrays in ((node.layer, ws.forward[k]), (node.backward, ws.backward[k])):
-            prog = be.program(layer, node.all_sizes(batch))
-            for call in prog.calls:
-                direct = by_name[call.spec.replaces] if call.spec.replaces else call.spec
-                alternatives = be.manifest.alternatives(direct)
-                sizes = {a.name: int(prog.sizes[a.name]) for a in direct.args if a.kind == "size"}
-                key = (direct.name, tuple(sorted(sizes.items())))
-                if not alternatives or key in seen:
-                    continue
-                seen.add(key)
-                yield direct, [direct, *alternatives], sizes, prog, arrays
+    for prog, arrays in step_programs(net, batch):
+        for call in prog.calls:
+            direct = by_name[call.spec.replaces] if call.spec.replaces else call.spec
+            alternatives = be.manifest.alternatives(direct)
+            sizes = {a.name: int(prog.sizes[a.name]) for a in direct.args if a.kind == "size"}
+            key = (direct.name, tuple(sorted(sizes.items())))
+            if not alternatives or key in seen:
+                continue
+            seen.add(key)
+            yield direct, [direct, *alternatives], sizes, prog, arrays
 
 
 def time_call(be, prog, spec, arrays, repeats: int = REPEATS) -> float:
