@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks in one call: every CUDA kernel against the NumPy reference
-# (tiled schedules and their simple fallbacks), the network against NumPy and
+# (tiled schedules and their simple fallbacks, the Winograd variants against
+# the direct kernels), the network against NumPy and
 # PyTorch, compute-sanitizer's memcheck over a small training step, `vggen
-# tune` at B=64 and 256 (its record comes back as $OUT/tuning.json: commit it
-# as generated/tuning.json), `vggen bench` with the tuned kernels at B=64 and
+# tune` at B=64 and 256 (its records come back as $OUT/tuning.json and
+# $OUT/algorithms-cuda.json: commit them under generated/), `vggen bench` with
+# the tuned kernels at B=64 and
 # B=256 beside PyTorch, eager and as CUDA graphs (and, at B=64 for comparison,
-# the unfused network and the simple schedule), and CUDA training on digits at
+# the unfused network, the simple schedule, every convolution direct and every
+# one F(4×4, 3×3)), and CUDA training on digits at
 # width 64.  If a tiled kernel disagrees with the reference, tune is skipped
 # and bench and train fall back to the simple build.
 # Usage (repository root, on a machine with a GPU): bash tools/gpu_check.sh [quick]
@@ -19,7 +22,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $py -m vggen.compiler.emit --cuda-contraction simple --out /tmp/vggen-simple > /dev/null
 
 echo "== [${SECONDS} s] CUDA kernels against the NumPy reference"
-$py -m pytest -rs -p no:cacheprovider tests/test_cuda_compile.py tests/test_cuda_tiled.py \
+$py -m pytest -rs -p no:cacheprovider tests/compiler/test_cuda_compile.py tests/compiler/test_cuda_tiled.py \
+    tests/compiler/test_winograd_cuda.py \
     > "$out/tests_kernels.log" 2>&1
 kernels_rc=$?
 tail -n 4 "$out/tests_kernels.log"
@@ -30,11 +34,11 @@ if [ $kernels_rc -ne 0 ]; then
 fi
 
 echo "== [${SECONDS} s] network on CUDA against NumPy and PyTorch"
-$py -m pytest -rs -p no:cacheprovider tests/test_runtime.py tests/test_network.py -k "cuda" \
+$py -m pytest -rs -p no:cacheprovider tests/runtime/test_runtime.py tests/model/test_network.py -k "cuda" \
     > "$out/tests_network.log" 2>&1
 tail -n 3 "$out/tests_network.log"
 echo "== [${SECONDS} s] CUDA-graph steps against eager steps"
-$py -m pytest -rs -p no:cacheprovider tests/test_step.py > "$out/tests_step.log" 2>&1
+$py -m pytest -rs -p no:cacheprovider tests/model/test_step.py > "$out/tests_step.log" 2>&1
 tail -n 3 "$out/tests_step.log"
 
 echo "== [${SECONDS} s] compute-sanitizer memcheck: one training step, width 4, batch 4"
@@ -43,11 +47,13 @@ compute-sanitizer --tool memcheck --print-limit 20 \
     > "$out/memcheck.log" 2>&1
 grep -E "ERROR SUMMARY|========= (Invalid|Error)" "$out/memcheck.log" | head -n 20
 
-echo "== [${SECONDS} s] vggen tune: B=64 and 256, width 64 (records generated/tuning.json, rebuilds)"
+echo "== [${SECONDS} s] vggen tune: B=64 and 256, width 64 (records generated/tuning.json and algorithms-cuda.json, rebuilds)"
 if [ "${VGGEN_GENERATED:-}" = "" ]; then
     $py -m vggen tune --batch-size 64 256 --width 64 > "$out/tune.log" 2>&1
     echo "tune exit $?"; tail -n 1 "$out/tune.log"
     cp generated/tuning.json "$out/tuning.json" 2>/dev/null
+    cp generated/algorithms-cuda.json "$out/algorithms-cuda.json" 2>/dev/null
+    grep -E "^\| \`" "$out/tune.log" | head -n 30
 fi
 
 summary() {
@@ -76,6 +82,13 @@ echo "-- simple schedule, for comparison"
 VGGEN_GENERATED=/tmp/vggen-simple $py -m vggen bench --target cuda --batch-size 64 --width 64 \
     --no-torch --json > "$out/bench64_simple.json" 2> "$out/bench64_simple.err" \
     && summary "$out/bench64_simple.json" || tail -n 5 "$out/bench64_simple.err"
+
+for alg in direct winograd4; do
+    echo "-- every convolution $alg, for comparison"
+    $py -m vggen bench --target cuda --batch-size 64 --width 64 --conv-algorithm "$alg" --no-torch --json \
+        > "$out/bench64_$alg.json" 2> "$out/bench64_$alg.err" \
+        && summary "$out/bench64_$alg.json" || tail -n 5 "$out/bench64_$alg.err"
+done
 
 [ "${1:-}" = quick ] && exit 0
 echo "== [${SECONDS} s] train: cuda, digits, width 64"

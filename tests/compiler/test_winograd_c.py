@@ -171,7 +171,7 @@ def test_choose_takes_the_forced_then_the_recorded_then_the_model(c_backend):
 
 
 def test_records_of_another_cpu_are_replaced_not_merged():
-    from vggen.compiler.targets.c.measured import merge
+    from vggen.compiler.measured import merge
 
     rec = {"sizes": {"B": 2}, "algorithm": "direct", "ms": {"direct": 1.0}}
     other = {"sizes": {"B": 4}, "algorithm": "winograd4", "ms": {"winograd4": 1.0}}

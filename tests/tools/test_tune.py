@@ -165,5 +165,5 @@ def test_tune_on_c_records_each_convolutions_fastest_algorithm(tmp_path):
     manifest = json.loads((gen / "manifest.json").read_text())
     listed = {e["name"]: e.get("measured") for e in manifest["kernels"] if e["target"] == "c"}
     assert listed["convolution2d_forward_y"] == record["kernels"]["convolution2d_forward_y"]
-    assert manifest["algorithms"]["file"] == "algorithms.json"
+    assert manifest["algorithms"]["c"]["file"] == "algorithms.json"
     assert build(gen, check=True) == []

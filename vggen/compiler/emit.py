@@ -48,7 +48,7 @@ from vggen.atomic import write_atomic
 from vggen.compiler.ir import Kernel, layer_slug
 from vggen.compiler.pipeline import lower_network
 from vggen.compiler.targets.base import GeneratedKernel, Target, environment, number
-from vggen.compiler.targets.c.measured import ALGORITHMS_FILE, load_records
+from vggen.compiler.measured import RECORD_FILES, load_records
 from vggen.compiler.targets.c.target import CTarget
 from vggen.compiler.targets.cuda.constants import THREADS as CUDA_THREADS
 from vggen.compiler.targets.cuda.schedule import TUNING_FILE, Tuning, load_tuning
@@ -167,7 +167,7 @@ def outputs(layers=None, specialise: dict | None = None, *,
             measured: dict | None = None) -> dict[str, str]:
     """Every file ``build`` writes: path relative to the output dir → text
     (``tuning``: the measured tile choices compiled into the CUDA kernels;
-    ``measured``: the C algorithm choices ``vggen tune --target c`` recorded,
+    ``measured``: per target, the algorithm choices ``vggen tune`` recorded,
     listed in the manifest beside the kernels they are for)."""
     layers = generated_layers() if layers is None else list(layers)
     specialise = VGG_SPECIALISE if specialise is None else specialise
@@ -179,9 +179,6 @@ def outputs(layers=None, specialise: dict | None = None, *,
     files[C_SOURCE] = c_text
     files[C_HEADER] = CTarget().header(c_kernels, env)
     entries += [manifest_entry(g, C_SOURCE) for g in c_kernels]
-    for entry in entries:
-        if measured and measured["kernels"].get(entry["name"]):
-            entry["measured"] = measured["kernels"][entry["name"]]
     for layer in layers:
         path = f"cuda/{layer_slug(layer.name)}.cu"
         if path in files:
@@ -190,6 +187,11 @@ def outputs(layers=None, specialise: dict | None = None, *,
                                      cuda_contraction=cuda_contraction, tuning=tuning)
         files[path] = cu_text
         entries += [manifest_entry(g, path) for g in cu_kernels]
+    measured = {t: rec for t, rec in (measured or {}).items() if rec["kernels"]}
+    for entry in entries:
+        recs = measured.get(entry["target"], {"kernels": {}})["kernels"].get(entry["name"])
+        if recs:
+            entry["measured"] = recs
     manifest = {
         "generator": "vggen.compiler.emit", "version": MANIFEST_VERSION, "convention": _CONVENTION,
         "specialise": {str(k): v for k, v in specialise.items()},
@@ -197,8 +199,7 @@ def outputs(layers=None, specialise: dict | None = None, *,
         "cuda_contraction": cuda_contraction,
         "tuning": ({"file": TUNING_FILE, "device": tuning.device} if tuning is not None and tuning.kernels
                    else None),
-        "algorithms": ({"file": ALGORITHMS_FILE, "device": measured["device"]}
-                       if measured and measured["kernels"] else None),
+        "algorithms": {t: {"file": RECORD_FILES[t], "device": rec["device"]} for t, rec in sorted(measured.items())},
         "files": {path: hashlib.sha256(text.encode()).hexdigest() for path, text in files.items()},
         "kernels": entries,
     }
@@ -226,16 +227,16 @@ def build(out_dir="generated", check: bool = False, *, cuda_contraction: str = C
     means up to date.  ``cuda_contraction``: see ``CUDA_CONTRACTION``.
     ``out_dir/tuning.json`` (``vggen tune``), where present, is an input:
     its measured tile choices are compiled into the tiled CUDA kernels;
-    ``out_dir/algorithms.json`` (``vggen tune --target c``) likewise lists the
-    measured algorithm choices in the manifest.
+    ``out_dir/algorithms.json`` and ``algorithms-cuda.json`` (``vggen tune``)
+    likewise list the measured algorithm choices in the manifest.
     """
     out = Path(out_dir)
     options = {} if cuda_contraction == CUDA_CONTRACTION else {"cuda_contraction": cuda_contraction}
     tuning = load_tuning(out / TUNING_FILE)
     if tuning is not None:
         options["tuning"] = tuning
-    measured = load_records(out / ALGORITHMS_FILE)
-    if measured["kernels"]:
+    measured = {t: load_records(out / f) for t, f in RECORD_FILES.items()}
+    if any(rec["kernels"] for rec in measured.values()):
         options["measured"] = measured
     files = {out / rel: text.encode() for rel, text in outputs(**options).items()}
     if check:

@@ -1,15 +1,16 @@
 """Which algorithm runs a kernel that has several: direct, Winograd F(2×2, 3×3)
 (``winograd2``) or F(4×4, 3×3) (``winograd4``); the manifest lists the
 Winograd kernels beside the direct one they stand in for, same signature
-(``vggen.compiler.targets.c.winograd``).
+(``vggen.compiler.targets.c.winograd``, ``vggen.compiler.targets.cuda.winograd``).
 
 For a kernel at given sizes the choice is, in order:
 
 1. the caller's (``--conv-algorithm``), where the kernel has that algorithm;
-2. the measurement of ``vggen tune --target c`` at those sizes, recorded in
-   the manifest (the direct kernel's ``measured`` entries), where it was
-   measured on this CPU (the record names it: :func:`cpu_name`);
-3. the cost model (:func:`predicted_ms`).
+2. the measurement of ``vggen tune`` at those sizes, recorded in the manifest
+   (the direct kernel's ``measured`` entries), where it was measured on this
+   device (the record names it: :func:`cpu_name`, or the GPU's name);
+3. on the C target, the cost model (:func:`predicted_ms`); on CUDA, where no
+   model was fit, direct.
 
 The cost model: milliseconds = α·(multiply–adds ×2 of the channel sums) +
 β·(elements the transforms or the direct loops move) + γ, per algorithm and
@@ -90,10 +91,11 @@ def recorded(spec: KernelSpec, sizes: Mapping[str, int]) -> str | None:
 
 
 def choose(spec: KernelSpec, alternatives: list[KernelSpec], sizes: Mapping[str, int],
-           policy: str = "auto", measured_here: bool = True) -> KernelSpec:
+           policy: str = "auto", measured_here: bool = True, model: bool = True) -> KernelSpec:
     """The kernel to run for ``spec`` at ``sizes``: ``spec`` itself or one of its
     ``alternatives`` (see the module docstring); ``measured_here``: whether the
-    manifest's records were measured on this CPU (else the model decides)."""
+    manifest's records were measured on this device (else the model decides);
+    ``model``: whether there is a cost model (else unmeasured means direct)."""
     if policy not in POLICIES:
         raise VggenError(f"unknown convolution algorithm {policy!r}: choose one of {', '.join(POLICIES)}")
     if not alternatives or policy == DIRECT:
@@ -104,6 +106,8 @@ def choose(spec: KernelSpec, alternatives: list[KernelSpec], sizes: Mapping[str,
     name = recorded(spec, sizes) if measured_here else None
     if name is not None and name != DIRECT and name not in by_name:
         name = None         # recorded among algorithms not offered here: the model decides
+    if name is None and not model:
+        return spec
     if name is None:
         first = alternatives[0]
         form = first.entry["algorithm"]["form"]

@@ -362,6 +362,10 @@ class Backend:
         """Host copies of ``arrays``, waiting for the device once."""
         return [self.to_host(a) for a in arrays]
 
+    def device_name(self) -> str:
+        """The device the arrays live on, as measurements name it."""
+        return cpu_name()
+
     def synchronize(self) -> None:
         pass
 
@@ -381,6 +385,9 @@ class KernelBackend(Backend):
 
     manifest_target = "?"
     bound_call: type = BoundCall        # what KernelProgram.launches returns
+    # whether "auto" falls back to the cost model of vggen.runtime.algorithms where
+    # nothing was measured here (fit on a CPU: not for a GPU, which then runs direct)
+    algorithm_model = True
     _conv_algorithm = "auto"
     _measured_here: bool | None = None
 
@@ -429,14 +436,15 @@ class KernelBackend(Backend):
         alternatives = self.manifest.alternatives(spec)
         if policy == "auto" and getattr(self, "precision", "fp32") != "fp32":
             alternatives = [alt for alt in alternatives if alt.algorithm in BF16_ALGORITHMS]
-        return choose_algorithm(spec, alternatives, sizes, policy, self.measured_here)
+        return choose_algorithm(spec, alternatives, sizes, policy, self.measured_here, self.algorithm_model)
 
     @property
     def measured_here(self) -> bool:
-        """Whether the manifest's measured algorithm choices were measured on this CPU."""
+        """Whether the manifest's measured algorithm choices for this target were
+        measured on this device (:meth:`device_name`)."""
         if self._measured_here is None:
-            record = self.manifest.data.get("algorithms") or {}
-            self._measured_here = record.get("device") == cpu_name()
+            record = (self.manifest.data.get("algorithms") or {}).get(self.manifest_target) or {}
+            self._measured_here = bool(record) and record.get("device") == self.device_name()
         return self._measured_here
 
     # ---- the target's hooks

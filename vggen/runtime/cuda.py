@@ -84,6 +84,7 @@ class CudaBackend(KernelBackend):
     name = "cuda"
     manifest_target = "cuda"
     bound_call = Launch
+    algorithm_model = False         # "auto": what `vggen tune --target cuda` measured, else direct
 
     def __init__(self, generated: str | Path | None = None, *, allow_modified_kernels: bool = False):
         cupy = _import_cupy()
@@ -134,6 +135,11 @@ class CudaBackend(KernelBackend):
         ptr = self._module_for(spec).get_global(tune["symbol"])
         ptr.copy_from_host(np.array([value], np.int32).ctypes.data, 4)
         self._tunes[spec.name] = value
+
+    def device_name(self) -> str:
+        props = self.cupy.cuda.runtime.getDeviceProperties(self.cupy.cuda.Device().id)
+        name = props["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
 
     def size_argument(self, arg: ArgSpec, value: int):
         return _SIZE_TYPES.get(arg.dtype, np.int32)(value)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vggen.errors import VggenError
-from vggen.runtime.algorithms import cpu_name
 from vggen.model.architecture import DEFAULT, load_model
 from vggen.model.network import BN_EPS, Network, build_nodes
 from vggen.model.optim import SGD
@@ -227,17 +226,8 @@ def _vggen_step(target: str, batch: int, width: int, steps: int, warmup: int, se
     kernels = [KernelTime(name, calls // profiled, sec / profiled, work[name][0], work[name][1])
                for name, (calls, sec) in prof.totals.items()]
     kernels.sort(key=lambda k: -k.seconds)
-    device = _device_name(backend)
+    device = backend.device_name()
     return statistics.median(times), kernels, device, net.fuse
-
-
-def _device_name(backend) -> str:
-    cupy = getattr(backend, "cupy", None)
-    if cupy is not None:
-        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-        name = props["name"]
-        return name.decode() if isinstance(name, bytes) else str(name)
-    return cpu_name()
 
 
 # --------------------------------------------------------------------------- PyTorch

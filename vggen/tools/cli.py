@@ -134,13 +134,18 @@ def _cmd_tune(args) -> int:
     kept = sum(len(v) for v in record.kernels.values())
     print(f"wrote {path} ({kept} measured choices, {record.device}) and rebuilt the kernels; "
           f"the {len(summary)} products take {best:.2f} ms with them, {model:.2f} ms with the model's choices")
-    return 0
+    # then the convolutions' algorithms, with the tiles just chosen
+    return _tune_algorithms(args, "cuda")
 
 
 def _tune_c(args) -> int:
+    return _tune_algorithms(args, "c")
+
+
+def _tune_algorithms(args, target: str) -> int:
     from vggen.tools.tune_algorithms import format_table, tune
 
-    path, record, summary = tune(args.batch_size, args.width, args.generated)
+    path, record, summary = tune(args.batch_size, args.width, args.generated, target=target)
     direct = sum(d for d, _ in summary.values())
     best = sum(b for _, b in summary.values())
     print(f"wrote {path} ({sum(len(v) for v in record['kernels'].values())} measured choices, "
@@ -254,9 +259,9 @@ def _network_options(p: argparse.ArgumentParser) -> None:
                         "(AMX or AVX-512 BF16, fp32 sums; weights and optimizer stay fp32); bench "
                         "then times PyTorch under bf16 autocast (default: fp32)")
     p.add_argument("--conv-algorithm", choices=("auto", "direct", "winograd2", "winograd4"), default="auto",
-                   help="c: how the 3×3 convolutions run: direct, or Winograd F(2×2, 3×3) / F(4×4, 3×3); "
-                        "auto (the default) takes what `vggen tune --target c` measured, else a cost model's "
-                        "choice, per layer")
+                   help="how the 3×3 convolutions run: direct, or Winograd F(2×2, 3×3) / F(4×4, 3×3); "
+                        "auto (the default) takes what `vggen tune` measured on this device, else (c) a cost "
+                        "model's choice or (cuda) direct, per layer")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -379,12 +384,13 @@ def parser() -> argparse.ArgumentParser:
                         "(e.g. sample_norm: whether its backward's work is linear)")
     m.set_defaults(func=_cmd_bench)
 
-    u = sub.add_parser("tune", help="time the kernels' schedules (cuda) or algorithms (c); record the fastest",
+    u = sub.add_parser("tune", help="time the kernels' schedules (cuda) and algorithms; record the fastest",
                        description="cuda: replay every tiled product of a training step under each "
                                    "candidate tile configuration and split count, record the fastest in "
-                                   "generated/tuning.json.  c: replay every 3×3 convolution kernel under "
-                                   "each algorithm (direct, Winograd F(2×2, 3×3), F(4×4, 3×3)), record "
-                                   "the fastest in generated/algorithms.json.  Then rebuild the kernels "
+                                   "generated/tuning.json.  Then, c and cuda: replay every 3×3 convolution "
+                                   "kernel under each algorithm (direct, Winograd F(2×2, 3×3), F(4×4, 3×3)), "
+                                   "record the fastest in generated/algorithms.json (c) or "
+                                   "algorithms-cuda.json (cuda).  Then rebuild the kernels "
                                    "(the manifest lists the records).")
     u.add_argument("--target", choices=("auto", "c", "cuda"), default="auto",
                    help="kernel backend (default: auto = cuda if a GPU and CuPy are present, else c)")

@@ -176,8 +176,7 @@ def tune(batch_sizes: Iterable[int] = (64,), width: int = 64, generated: str | P
 
     out_dir = Path(generated) if generated else generated_dir()
     be = get_backend("cuda")
-    device = be.cupy.cuda.runtime.getDeviceProperties(be.cupy.cuda.Device().id)["name"]
-    device = device.decode() if isinstance(device, bytes) else str(device)
+    device = be.device_name()
     measured, summary = {}, {}
     for batch in batch_sizes:
         if batch < 1:

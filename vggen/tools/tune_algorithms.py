@@ -1,4 +1,5 @@
-"""``vggen tune --target c``: time each algorithm of the network's convolutions on this CPU.
+"""``vggen tune``: time each algorithm of the network's convolutions on this device
+(``--target c``: this CPU; ``--target cuda``: this GPU, after the tile tuning).
 
 A kernel with other algorithms' kernels beside it (direct, Winograd F(2×2, 3×3),
 F(4×4, 3×3): ``vggen.runtime.algorithms``) is replayed, with the arrays of a
@@ -6,11 +7,12 @@ real training step, under each algorithm; the fastest (the minimum of
 ``REPEATS`` timed calls after a warm-up one: the least disturbed by other
 work) is recorded per kernel and sizes.
 
-The records go to ``generated/algorithms.json`` (merged with what is there:
-other batch sizes' and widths' stay), written atomically, then the kernels
-are rebuilt: ``vggen build`` copies the records into the manifest (the direct
-kernel's ``measured`` entries), where the runtime reads them before its cost
-model.  The record names the CPU; commit it beside the kernels.
+The records go to the target's file (``vggen.compiler.measured.RECORD_FILES``:
+``generated/algorithms.json``, ``algorithms-cuda.json``; merged with what is
+there: other batch sizes' and widths' stay), written atomically, then the
+kernels are rebuilt: ``vggen build`` copies the records into the manifest (the
+direct kernel's ``measured`` entries), where the runtime reads them first.
+The record names the device; commit it beside the kernels.
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ from pathlib import Path
 
 
 from vggen.atomic import write_atomic
-from vggen.compiler.targets.c.measured import ALGORITHMS_FILE, load_records, merge
+from vggen.compiler.measured import RECORD_FILES, load_records, merge
 from vggen.errors import VggenError
-from vggen.runtime.algorithms import cpu_name
 from vggen.tools.tune import step_programs
 
 REPEATS = 5
@@ -50,20 +51,23 @@ def network_choices(net, batch: int):
 
 
 def time_call(be, prog, spec, arrays, repeats: int = REPEATS) -> float:
-    """Milliseconds of one call of ``spec`` on the program's arrays (the minimum)."""
+    """Milliseconds of one call of ``spec`` on the program's arrays (the minimum;
+    a device's queue drained before and after)."""
     call = prog.bind(spec)
     args = prog.arguments(call, arrays)
     be.launch(call, args)
     best = float("inf")
     for _ in range(repeats):
+        be.synchronize()
         t0 = time.perf_counter()
         be.launch(call, args)
+        be.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best * 1e3
 
 
 def tune(batch_sizes: Iterable[int] = (64,), width: int = 64, generated: str | Path | None = None,
-         progress: Callable[[str], None] | None = logging.getLogger(__name__).info):
+         progress: Callable[[str], None] | None = logging.getLogger(__name__).info, target: str = "c"):
     """Measure, record and rebuild (see the module docstring).  Returns the
     record's path, the record, and per kernel and sizes (direct ms, best ms)."""
     from vggen.compiler.emit import build
@@ -72,7 +76,7 @@ def tune(batch_sizes: Iterable[int] = (64,), width: int = 64, generated: str | P
     from vggen.runtime import get_backend
 
     out_dir = Path(generated) if generated else generated_dir()
-    be = get_backend("c")
+    be = get_backend(target)
     measured: dict = {}
     summary = {}
     for batch in batch_sizes:
@@ -90,8 +94,8 @@ def tune(batch_sizes: Iterable[int] = (64,), width: int = 64, generated: str | P
                 progress(f"[{n}/{len(found)}] B={batch} {direct.name} "
                          f"{', '.join(f'{k}={v}' for k, v in sizes.items())}: {best} "
                          f"({', '.join(f'{a} {t:.2f} ms' for a, t in ms.items())})")
-    path = out_dir / ALGORITHMS_FILE
-    record = merge(load_records(path), cpu_name(), measured)
+    path = out_dir / RECORD_FILES[target]
+    record = merge(load_records(path), be.device_name(), measured)
     write_atomic(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     build(out_dir)
     return path, record, summary

@@ -28,6 +28,8 @@ from vggen.compiler.targets.cuda import schedule as tiled_schedule
 from vggen.compiler.targets.cuda.constants import RESIDENT_BLOCKS, THREADS
 from vggen.compiler.targets.cuda.printer import CudaPrinter
 from vggen.compiler.targets.cuda.schedule import TiledGemm, Tuning, tiled_gemm
+from vggen.compiler.targets.cuda.winograd import WinogradLaunch
+from vggen.compiler.targets.cuda.winograd import variants as winograd_variants
 
 CONTRACTIONS = ("tiled", "simple")
 SIMPLE_SUFFIX = "_simple"
@@ -62,8 +64,8 @@ class CudaTarget:
         return g
 
     def variants(self, kernel: Kernel, env: jinja2.Environment) -> list[GeneratedKernel]:
-        """None yet: Winograd runs on the C target only."""
-        return []
+        """Winograd F(2×2, 3×3) and F(4×4, 3×3) for a 3×3 stride-1 correlation."""
+        return winograd_variants(kernel, env)
 
     def render_kernel(self, kernel: Kernel, env: jinja2.Environment) -> GeneratedKernel:
         """One kernel's code; a tiled one as the tiled GEMM under the kernel's
@@ -94,6 +96,8 @@ class CudaTarget:
 
     def manifest(self, g: GeneratedKernel) -> dict:
         k = g.ir
+        if isinstance(g.schedule, WinogradLaunch):
+            return {"launch": g.schedule.manifest()}
         out = {"launch": launch(k, g.tiled)}
         if k.cls is KernelClass.CONTRACTION:
             out["cuda_contraction"] = "tiled" if g.tiled is not None else "simple"

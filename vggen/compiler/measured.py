@@ -1,7 +1,8 @@
-"""The measured algorithm choices of ``vggen tune --target c`` (``generated/algorithms.json``):
-read by the build, which copies them into the manifest (a direct kernel's
-``measured`` entries, read by ``vggen.runtime.algorithms``), written by the tuner
-(``vggen.tools.tune_algorithms``).
+"""The measured algorithm choices of ``vggen tune`` per target (``RECORD_FILES``
+under ``generated/``: ``algorithms.json`` for c, ``algorithms-cuda.json`` for
+cuda): read by the build, which copies them into the manifest (the target's
+direct kernel's ``measured`` entries, read by ``vggen.runtime.algorithms``),
+written by the tuner (``vggen.tools.tune_algorithms``).
 
 A record: ``{"device": CPU, "kernels": {direct kernel: [{"sizes": {size: int},
 "algorithm": name, "ms": {algorithm: ms}}]}}``.
@@ -14,7 +15,9 @@ from pathlib import Path
 
 from vggen.errors import VggenError
 
-ALGORITHMS_FILE = "algorithms.json"      # beside the manifest; an input of the build
+# beside the manifest; inputs of the build
+RECORD_FILES = {"c": "algorithms.json", "cuda": "algorithms-cuda.json"}
+ALGORITHMS_FILE = RECORD_FILES["c"]
 
 
 def load_records(path: Path) -> dict:
@@ -31,13 +34,13 @@ def load_records(path: Path) -> dict:
                     raise TypeError(name)
         return {"device": str(data.get("device", "")), "kernels": kernels}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise VggenError(f"{path}: not a record of `vggen tune --target c` ({type(e).__name__}: {e}); "
+        raise VggenError(f"{path}: not a record of `vggen tune` ({type(e).__name__}: {e}); "
                          f"rerun it or delete the file") from None
 
 
 def merge(old: dict, device: str, measured: dict) -> dict:
     """``old`` with the records of ``measured`` (name → [record]) replacing those
-    of the same kernel and sizes (all of ``old``'s where it is another CPU's);
+    of the same kernel and sizes (all of ``old``'s where it is another device's);
     sorted, so that the file is reproducible."""
     kernels = {name: list(recs) for name, recs in old["kernels"].items()} if old["device"] == device else {}
     for name, recs in measured.items():
@@ -46,4 +49,4 @@ def merge(old: dict, device: str, measured: dict) -> dict:
     return {"device": device, "kernels": dict(sorted(kernels.items()))}
 
 
-__all__ = ["ALGORITHMS_FILE", "load_records", "merge"]
+__all__ = ["ALGORITHMS_FILE", "RECORD_FILES", "load_records", "merge"]
