@@ -81,6 +81,14 @@ static float *vg_keep(float **buf, size_t *size, size_t bytes)
     return *buf;
 }
 
+// type *name: a buffer of the kernel kept by vg_keep, one per thread that declares
+// it: before a parallel region, the calling thread's (so that calls from several
+// threads do not share one); inside, each OpenMP thread's (the pool keeps its threads)
+#define VG_KEPT(type, name, bytes) \
+    static _Thread_local float *name##_kept; \
+    static _Thread_local size_t name##_kept_size; \
+    type *name = (type *)vg_keep(&name##_kept, &name##_kept_size, (bytes))
+
 
 // dst[i] = base[off[i]] where off[i] >= 0, else 0 (the padding reads nothing), for
 // i < count, a multiple of 16.  AVX-512: masked gathers (compilers leave a conditional
@@ -459,10 +467,11 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
-        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+        // the packing buffers are kept between calls (vg_keep: VG_KEPT)
+        VG_KEPT(float, vg_a, sizeof(float) * vg_MP * VG_MR * vg_K);
     #ifdef VG_BF16_GEMM
-        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
-        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
+        VG_KEPT(uint32_t, vg_a2, sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        VG_KEPT(uint32_t, vg_a3, vg_amx ? sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16 : 0);  // and as AMX tiles
     #endif
         #pragma omp parallel
         {
@@ -528,13 +537,13 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
                 vg_amx_config(0);
     #endif
             }
-            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+            VG_KEPT(uint32_t, vg_b2, sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
     #endif
-            float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
-            float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
-            int *vg_t_b = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' b
-            int *vg_t_i = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' i
-            int *vg_t_j = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' j
+            VG_KEPT(float, vg_b, sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
+            VG_KEPT(float, vg_c, sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
+            VG_KEPT(int, vg_t_b, sizeof(int) * vg_NC);          // the block's columns' b
+            VG_KEPT(int, vg_t_i, sizeof(int) * vg_NC);          // the block's columns' i
+            VG_KEPT(int, vg_t_j, sizeof(int) * vg_NC);          // the block's columns' j
             #pragma omp for schedule(static)
             for (int vg_nb = 0; vg_nb < vg_nblocks; ++vg_nb)
             {
@@ -672,24 +681,13 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
                     }
                 }
             }
-            free(vg_t_b);
-            free(vg_t_i);
-            free(vg_t_j);
-            free(vg_b);
-            free(vg_c);
     #ifdef VG_BF16_GEMM
-            free(vg_b2);
     #ifdef VG_BF16_AMX
             if (vg_amx)
                 _tile_release();
     #endif
     #endif
         }
-        free(vg_a);
-    #ifdef VG_BF16_GEMM
-        free(vg_a2);
-        free(vg_a3);
-    #endif
     }
 }
 
@@ -803,9 +801,7 @@ void convolution2d_forward_y_winograd2(const float *restrict w, const float *res
     const size_t vg_each = (size_t)16 * (IC) * VG_NR           // per thread: V [k][c][tile]
                          + (size_t)16 * vg_OP * VG_MR * VG_NR             //   M = U·V [k][o][tile]
                          + (size_t)2 * 16 * VG_NR;                        //   a tile set and its transform
-    static float *vg_kept;
-    static size_t vg_kept_size;
-    float *vg_u = vg_keep(&vg_kept, &vg_kept_size, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
+    VG_KEPT(float, vg_u, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
 #ifdef VG_BF16_GEMM
     // the products in bf16 (vg_tile_outer_bf16, vg_tile_outer_amx): channels c in pairs, an odd
     // last one paired with 0; for AMX, in blocks of 16 pairs, zero past the last pair
@@ -819,10 +815,7 @@ void convolution2d_forward_y_winograd2(const float *restrict w, const float *res
     const size_t vg_u2size = (size_t)16 * vg_OP * VG_MR * vg_CP2;           // U in pairs [k][o / VG_MR][c / 2][o % VG_MR]
     const size_t vg_u3size = vg_amx ? (size_t)16 * vg_OP * vg_CB * VG_MR * 16 : 0;  // and as AMX tiles [k][o / VG_MR][c / 32][o % VG_MR][c / 2 % 16]
     const size_t vg_each2 = (size_t)16 * vg_CB * 16 * VG_NR;             // per thread: V in pairs [k][c / 2][tile]
-    static float *vg_kept2;
-    static size_t vg_kept2_size;
-    uint32_t *vg_u2 = (uint32_t *)vg_keep(&vg_kept2, &vg_kept2_size,
-                                          sizeof(uint32_t) * (vg_u2size + vg_u3size + (size_t)vg_threads() * vg_each2));
+    VG_KEPT(uint32_t, vg_u2, sizeof(uint32_t) * (vg_u2size + vg_u3size + (size_t)vg_threads() * vg_each2));
     uint32_t *vg_u3 = vg_u2 + vg_u2size;
 #endif
     #pragma omp parallel
@@ -1174,9 +1167,7 @@ void convolution2d_forward_y_winograd4(const float *restrict w, const float *res
     const size_t vg_each = (size_t)36 * (IC) * VG_NR           // per thread: V [k][c][tile]
                          + (size_t)36 * vg_OP * VG_MR * VG_NR             //   M = U·V [k][o][tile]
                          + (size_t)2 * 36 * VG_NR;                        //   a tile set and its transform
-    static float *vg_kept;
-    static size_t vg_kept_size;
-    float *vg_u = vg_keep(&vg_kept, &vg_kept_size, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
+    VG_KEPT(float, vg_u, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
 #ifdef VG_BF16_GEMM
     // the products in bf16 (vg_tile_outer_bf16, vg_tile_outer_amx): channels c in pairs, an odd
     // last one paired with 0; for AMX, in blocks of 16 pairs, zero past the last pair
@@ -1190,10 +1181,7 @@ void convolution2d_forward_y_winograd4(const float *restrict w, const float *res
     const size_t vg_u2size = (size_t)36 * vg_OP * VG_MR * vg_CP2;           // U in pairs [k][o / VG_MR][c / 2][o % VG_MR]
     const size_t vg_u3size = vg_amx ? (size_t)36 * vg_OP * vg_CB * VG_MR * 16 : 0;  // and as AMX tiles [k][o / VG_MR][c / 32][o % VG_MR][c / 2 % 16]
     const size_t vg_each2 = (size_t)36 * vg_CB * 16 * VG_NR;             // per thread: V in pairs [k][c / 2][tile]
-    static float *vg_kept2;
-    static size_t vg_kept2_size;
-    uint32_t *vg_u2 = (uint32_t *)vg_keep(&vg_kept2, &vg_kept2_size,
-                                          sizeof(uint32_t) * (vg_u2size + vg_u3size + (size_t)vg_threads() * vg_each2));
+    VG_KEPT(uint32_t, vg_u2, sizeof(uint32_t) * (vg_u2size + vg_u3size + (size_t)vg_threads() * vg_each2));
     uint32_t *vg_u3 = vg_u2 + vg_u2size;
 #endif
     #pragma omp parallel
@@ -1370,10 +1358,11 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
-        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+        // the packing buffers are kept between calls (vg_keep: VG_KEPT)
+        VG_KEPT(float, vg_a, sizeof(float) * vg_MP * VG_MR * vg_K);
     #ifdef VG_BF16_GEMM
-        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
-        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
+        VG_KEPT(uint32_t, vg_a2, sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        VG_KEPT(uint32_t, vg_a3, vg_amx ? sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16 : 0);  // and as AMX tiles
     #endif
         #pragma omp parallel
         {
@@ -1439,13 +1428,13 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
                 vg_amx_config(0);
     #endif
             }
-            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+            VG_KEPT(uint32_t, vg_b2, sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
     #endif
-            float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
-            float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
-            int *vg_t_b = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' b
-            int *vg_t_i = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' i
-            int *vg_t_j = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' j
+            VG_KEPT(float, vg_b, sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
+            VG_KEPT(float, vg_c, sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
+            VG_KEPT(int, vg_t_b, sizeof(int) * vg_NC);          // the block's columns' b
+            VG_KEPT(int, vg_t_i, sizeof(int) * vg_NC);          // the block's columns' i
+            VG_KEPT(int, vg_t_j, sizeof(int) * vg_NC);          // the block's columns' j
             #pragma omp for schedule(static)
             for (int vg_nb = 0; vg_nb < vg_nblocks; ++vg_nb)
             {
@@ -1583,24 +1572,13 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
                     }
                 }
             }
-            free(vg_t_b);
-            free(vg_t_i);
-            free(vg_t_j);
-            free(vg_b);
-            free(vg_c);
     #ifdef VG_BF16_GEMM
-            free(vg_b2);
     #ifdef VG_BF16_AMX
             if (vg_amx)
                 _tile_release();
     #endif
     #endif
         }
-        free(vg_a);
-    #ifdef VG_BF16_GEMM
-        free(vg_a2);
-        free(vg_a3);
-    #endif
     }
 }
 
@@ -1714,9 +1692,7 @@ void convolution2d_backward_g_x_winograd2(const float *restrict g_y, const float
     const size_t vg_each = (size_t)16 * (OC) * VG_NR           // per thread: V [k][c][tile]
                          + (size_t)16 * vg_OP * VG_MR * VG_NR             //   M = U·V [k][o][tile]
                          + (size_t)2 * 16 * VG_NR;                        //   a tile set and its transform
-    static float *vg_kept;
-    static size_t vg_kept_size;
-    float *vg_u = vg_keep(&vg_kept, &vg_kept_size, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
+    VG_KEPT(float, vg_u, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
 #ifdef VG_BF16_GEMM
     // the products in bf16 (vg_tile_outer_bf16, vg_tile_outer_amx): channels c in pairs, an odd
     // last one paired with 0; for AMX, in blocks of 16 pairs, zero past the last pair
@@ -1730,10 +1706,7 @@ void convolution2d_backward_g_x_winograd2(const float *restrict g_y, const float
     const size_t vg_u2size = (size_t)16 * vg_OP * VG_MR * vg_CP2;           // U in pairs [k][o / VG_MR][c / 2][o % VG_MR]
     const size_t vg_u3size = vg_amx ? (size_t)16 * vg_OP * vg_CB * VG_MR * 16 : 0;  // and as AMX tiles [k][o / VG_MR][c / 32][o % VG_MR][c / 2 % 16]
     const size_t vg_each2 = (size_t)16 * vg_CB * 16 * VG_NR;             // per thread: V in pairs [k][c / 2][tile]
-    static float *vg_kept2;
-    static size_t vg_kept2_size;
-    uint32_t *vg_u2 = (uint32_t *)vg_keep(&vg_kept2, &vg_kept2_size,
-                                          sizeof(uint32_t) * (vg_u2size + vg_u3size + (size_t)vg_threads() * vg_each2));
+    VG_KEPT(uint32_t, vg_u2, sizeof(uint32_t) * (vg_u2size + vg_u3size + (size_t)vg_threads() * vg_each2));
     uint32_t *vg_u3 = vg_u2 + vg_u2size;
 #endif
     #pragma omp parallel
@@ -2085,9 +2058,7 @@ void convolution2d_backward_g_x_winograd4(const float *restrict g_y, const float
     const size_t vg_each = (size_t)36 * (OC) * VG_NR           // per thread: V [k][c][tile]
                          + (size_t)36 * vg_OP * VG_MR * VG_NR             //   M = U·V [k][o][tile]
                          + (size_t)2 * 36 * VG_NR;                        //   a tile set and its transform
-    static float *vg_kept;
-    static size_t vg_kept_size;
-    float *vg_u = vg_keep(&vg_kept, &vg_kept_size, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
+    VG_KEPT(float, vg_u, sizeof(float) * (vg_usize + (size_t)vg_threads() * vg_each));
 #ifdef VG_BF16_GEMM
     // the products in bf16 (vg_tile_outer_bf16, vg_tile_outer_amx): channels c in pairs, an odd
     // last one paired with 0; for AMX, in blocks of 16 pairs, zero past the last pair
@@ -2101,10 +2072,7 @@ void convolution2d_backward_g_x_winograd4(const float *restrict g_y, const float
     const size_t vg_u2size = (size_t)36 * vg_OP * VG_MR * vg_CP2;           // U in pairs [k][o / VG_MR][c / 2][o % VG_MR]
     const size_t vg_u3size = vg_amx ? (size_t)36 * vg_OP * vg_CB * VG_MR * 16 : 0;  // and as AMX tiles [k][o / VG_MR][c / 32][o % VG_MR][c / 2 % 16]
     const size_t vg_each2 = (size_t)36 * vg_CB * 16 * VG_NR;             // per thread: V in pairs [k][c / 2][tile]
-    static float *vg_kept2;
-    static size_t vg_kept2_size;
-    uint32_t *vg_u2 = (uint32_t *)vg_keep(&vg_kept2, &vg_kept2_size,
-                                          sizeof(uint32_t) * (vg_u2size + vg_u3size + (size_t)vg_threads() * vg_each2));
+    VG_KEPT(uint32_t, vg_u2, sizeof(uint32_t) * (vg_u2size + vg_u3size + (size_t)vg_threads() * vg_each2));
     uint32_t *vg_u3 = vg_u2 + vg_u2size;
 #endif
     #pragma omp parallel
@@ -2274,8 +2242,9 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
         const int vg_SL = vg_block(vg_KP, vg_M * vg_N < VG_SMALL ? vg_imax(VG_IKC, vg_KP / VG_SLICES) : vg_KP, VG_VL);
         const int vg_S = (vg_KP + vg_SL - 1) / vg_SL;
         const int vg_KC = vg_block(vg_SL, VG_IKC, VG_VL);           // k blocks within a slice
-        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_IM * vg_KP);
-        float *vg_c = vg_alloc(sizeof(float) * vg_S * vg_MP * VG_IM * vg_ldc);
+        // the packing buffers are kept between calls (vg_keep: VG_KEPT)
+        VG_KEPT(float, vg_a, sizeof(float) * vg_MP * VG_IM * vg_KP);
+        VG_KEPT(float, vg_c, sizeof(float) * vg_S * vg_MP * VG_IM * vg_ldc);
     #ifdef VG_BF16_GEMM
     #ifdef VG_BF16_AMX
         const int vg_amx = vg_amx_granted();
@@ -2284,7 +2253,7 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
     #endif
         const int vg_MR16 = (vg_MP * VG_IM + 15) / 16 * 16;       // A's rows, whole AMX tiles of 16
         const int vg_NC16 = (vg_NC + 15) / 16 * 16;                 // a B block's n, whole tiles of 16
-        uint16_t *vg_a16 = vg_alloc(sizeof(uint16_t) * vg_MR16 * vg_KP);     // A in bf16, zero rows past MP·IM
+        VG_KEPT(uint16_t, vg_a16, sizeof(uint16_t) * vg_MR16 * vg_KP);     // A in bf16, zero rows past MP·IM
         for (size_t vg_q = (size_t)vg_MP * VG_IM * vg_KP; vg_q < (size_t)vg_MR16 * vg_KP; ++vg_q)
             vg_a16[vg_q] = 0;
     #endif
@@ -2328,20 +2297,20 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                 vg_bf16_row(vg_KP, vg_d, vg_a16 + (size_t)vg_m * vg_KP);
     #endif
             }
-            float *vg_b = vg_alloc(sizeof(float) * vg_NC * vg_KC);             // B block: rows n, k-contiguous
+            VG_KEPT(float, vg_b, sizeof(float) * vg_NC * vg_KC);             // B block: rows n, k-contiguous
     #ifdef VG_BF16_GEMM
-            uint16_t *vg_b16 = vg_alloc(sizeof(uint16_t) * vg_NC * vg_KC);     // B block in bf16
+            VG_KEPT(uint16_t, vg_b16, sizeof(uint16_t) * vg_NC * vg_KC);     // B block in bf16
             // for AMX, the B block in k pairs (rows) of its n (columns), zero past NC; a C tile
-            uint32_t *vg_bp = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC16) : 0;
-            float *vg_ct = vg_alloc(sizeof(float) * 16 * 16);
+            VG_KEPT(uint32_t, vg_bp, vg_amx ? sizeof(uint32_t) * vg_KC / 2 * vg_NC16 : 0);
+            VG_KEPT(float, vg_ct, sizeof(float) * 16 * 16);
     #ifdef VG_BF16_AMX
             if (vg_amx)
                 vg_amx_config(1);
     #endif
     #endif
-            int *vg_t_b = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' b
-            int *vg_t_i = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' i
-            int *vg_t_j = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' j
+            VG_KEPT(int, vg_t_b, sizeof(int) * vg_KC);          // the block's columns' b
+            VG_KEPT(int, vg_t_i, sizeof(int) * vg_KC);          // the block's columns' i
+            VG_KEPT(int, vg_t_j, sizeof(int) * vg_KC);          // the block's columns' j
             #pragma omp for schedule(static)
             for (int vg_u = 0; vg_u < vg_S * vg_nblocks; ++vg_u)
             {
@@ -2470,14 +2439,7 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
     #endif
                 }
             }
-            free(vg_t_b);
-            free(vg_t_i);
-            free(vg_t_j);
-            free(vg_b);
     #ifdef VG_BF16_GEMM
-            free(vg_b16);
-            free(vg_bp);
-            free(vg_ct);
     #ifdef VG_BF16_AMX
             if (vg_amx)
                 _tile_release();
@@ -2499,11 +2461,6 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                 g_w[9*IC*oc + 3*di + dj + 9*ic + 4] = v_g_w;
             }
         }
-        free(vg_a);
-        free(vg_c);
-    #ifdef VG_BF16_GEMM
-        free(vg_a16);
-    #endif
     }
     else                            // tiles of C along n
     {
@@ -2523,10 +2480,11 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
-        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+        // the packing buffers are kept between calls (vg_keep: VG_KEPT)
+        VG_KEPT(float, vg_a, sizeof(float) * vg_MP * VG_MR * vg_K);
     #ifdef VG_BF16_GEMM
-        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
-        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
+        VG_KEPT(uint32_t, vg_a2, sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        VG_KEPT(uint32_t, vg_a3, vg_amx ? sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16 : 0);  // and as AMX tiles
     #endif
         #pragma omp parallel
         {
@@ -2592,13 +2550,13 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                 vg_amx_config(0);
     #endif
             }
-            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+            VG_KEPT(uint32_t, vg_b2, sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
     #endif
-            float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
-            float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
-            int *vg_t_ic = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' ic
-            int *vg_t_di = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' di
-            int *vg_t_dj = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' dj
+            VG_KEPT(float, vg_b, sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
+            VG_KEPT(float, vg_c, sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
+            VG_KEPT(int, vg_t_ic, sizeof(int) * vg_NC);          // the block's columns' ic
+            VG_KEPT(int, vg_t_di, sizeof(int) * vg_NC);          // the block's columns' di
+            VG_KEPT(int, vg_t_dj, sizeof(int) * vg_NC);          // the block's columns' dj
             #pragma omp for schedule(static)
             for (int vg_nb = 0; vg_nb < vg_nblocks; ++vg_nb)
             {
@@ -2736,24 +2694,13 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
                     }
                 }
             }
-            free(vg_t_ic);
-            free(vg_t_di);
-            free(vg_t_dj);
-            free(vg_b);
-            free(vg_c);
     #ifdef VG_BF16_GEMM
-            free(vg_b2);
     #ifdef VG_BF16_AMX
             if (vg_amx)
                 _tile_release();
     #endif
     #endif
         }
-        free(vg_a);
-    #ifdef VG_BF16_GEMM
-        free(vg_a2);
-        free(vg_a3);
-    #endif
     }
 }
 
@@ -2874,10 +2821,7 @@ void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float
     const size_t vg_xsize = (size_t)16 * vg_T * vg_ldx;           // D's tiles, rows [k][tile][c]
     const size_t vg_msize = (size_t)16 * vg_OP * VG_MR * vg_ldx;  // M = Σ_tiles, [k][o][c]
     const size_t vg_each = (size_t)(16 + VG_NR * 16) * VG_NR;  // per thread: a tile set, VG_NR transforms
-    static float *vg_kept;
-    static size_t vg_kept_size;
-    float *vg_g = vg_keep(&vg_kept, &vg_kept_size,
-                          sizeof(float) * (vg_gsize + vg_xsize + vg_msize + (size_t)vg_threads() * vg_each));
+    VG_KEPT(float, vg_g, sizeof(float) * (vg_gsize + vg_xsize + vg_msize + (size_t)vg_threads() * vg_each));
     float *vg_x = vg_g + vg_gsize;
     float *vg_m = vg_x + vg_xsize;
 #ifdef VG_BF16_GEMM
@@ -2894,10 +2838,7 @@ void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float
     const size_t vg_g2size = (size_t)16 * vg_OP * VG_MR * vg_TP2;           // G' in pairs [k][o / VG_MR][tile / 2][o % VG_MR]
     const size_t vg_g3size = vg_amx ? (size_t)16 * vg_OP * vg_TB * VG_MR * 16 : 0;  // and as AMX tiles
     const size_t vg_x2size = (size_t)16 * vg_TB * 16 * vg_ldx;              // D' in pairs [k][tile / 2][c]
-    static float *vg_kept2;
-    static size_t vg_kept2_size;
-    uint32_t *vg_g2 = (uint32_t *)vg_keep(&vg_kept2, &vg_kept2_size,
-                                          sizeof(uint32_t) * (vg_g2size + vg_g3size + vg_x2size));
+    VG_KEPT(uint32_t, vg_g2, sizeof(uint32_t) * (vg_g2size + vg_g3size + vg_x2size));
     uint32_t *vg_g3 = vg_g2 + vg_g2size;
     uint32_t *vg_x2 = vg_g3 + vg_g3size;
 #endif
@@ -3278,10 +3219,7 @@ void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float
     const size_t vg_xsize = (size_t)36 * vg_T * vg_ldx;           // D's tiles, rows [k][tile][c]
     const size_t vg_msize = (size_t)36 * vg_OP * VG_MR * vg_ldx;  // M = Σ_tiles, [k][o][c]
     const size_t vg_each = (size_t)(36 + VG_NR * 36) * VG_NR;  // per thread: a tile set, VG_NR transforms
-    static float *vg_kept;
-    static size_t vg_kept_size;
-    float *vg_g = vg_keep(&vg_kept, &vg_kept_size,
-                          sizeof(float) * (vg_gsize + vg_xsize + vg_msize + (size_t)vg_threads() * vg_each));
+    VG_KEPT(float, vg_g, sizeof(float) * (vg_gsize + vg_xsize + vg_msize + (size_t)vg_threads() * vg_each));
     float *vg_x = vg_g + vg_gsize;
     float *vg_m = vg_x + vg_xsize;
 #ifdef VG_BF16_GEMM
@@ -3298,10 +3236,7 @@ void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float
     const size_t vg_g2size = (size_t)36 * vg_OP * VG_MR * vg_TP2;           // G' in pairs [k][o / VG_MR][tile / 2][o % VG_MR]
     const size_t vg_g3size = vg_amx ? (size_t)36 * vg_OP * vg_TB * VG_MR * 16 : 0;  // and as AMX tiles
     const size_t vg_x2size = (size_t)36 * vg_TB * 16 * vg_ldx;              // D' in pairs [k][tile / 2][c]
-    static float *vg_kept2;
-    static size_t vg_kept2_size;
-    uint32_t *vg_g2 = (uint32_t *)vg_keep(&vg_kept2, &vg_kept2_size,
-                                          sizeof(uint32_t) * (vg_g2size + vg_g3size + vg_x2size));
+    VG_KEPT(uint32_t, vg_g2, sizeof(uint32_t) * (vg_g2size + vg_g3size + vg_x2size));
     uint32_t *vg_g3 = vg_g2 + vg_g2size;
     uint32_t *vg_x2 = vg_g3 + vg_g3size;
 #endif
@@ -3511,10 +3446,11 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
-        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+        // the packing buffers are kept between calls (vg_keep: VG_KEPT)
+        VG_KEPT(float, vg_a, sizeof(float) * vg_MP * VG_MR * vg_K);
     #ifdef VG_BF16_GEMM
-        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
-        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
+        VG_KEPT(uint32_t, vg_a2, sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        VG_KEPT(uint32_t, vg_a3, vg_amx ? sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16 : 0);  // and as AMX tiles
     #endif
         #pragma omp parallel
         {
@@ -3576,11 +3512,11 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
                 vg_amx_config(0);
     #endif
             }
-            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+            VG_KEPT(uint32_t, vg_b2, sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
     #endif
-            float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
-            float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
-            int *vg_t_c = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' c
+            VG_KEPT(float, vg_b, sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
+            VG_KEPT(float, vg_c, sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
+            VG_KEPT(int, vg_t_c, sizeof(int) * vg_NC);          // the block's columns' c
             #pragma omp for schedule(static)
             for (int vg_nb = 0; vg_nb < vg_nblocks; ++vg_nb)
             {
@@ -3700,22 +3636,13 @@ void linear_forward_y(const float *restrict w, const float *restrict x, float *r
                     }
                 }
             }
-            free(vg_t_c);
-            free(vg_b);
-            free(vg_c);
     #ifdef VG_BF16_GEMM
-            free(vg_b2);
     #ifdef VG_BF16_AMX
             if (vg_amx)
                 _tile_release();
     #endif
     #endif
         }
-        free(vg_a);
-    #ifdef VG_BF16_GEMM
-        free(vg_a2);
-        free(vg_a3);
-    #endif
     }
 }
 
@@ -3740,8 +3667,9 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
         const int vg_SL = vg_block(vg_KP, vg_M * vg_N < VG_SMALL ? vg_imax(VG_IKC, vg_KP / VG_SLICES) : vg_KP, VG_VL);
         const int vg_S = (vg_KP + vg_SL - 1) / vg_SL;
         const int vg_KC = vg_block(vg_SL, VG_IKC, VG_VL);           // k blocks within a slice
-        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_IM * vg_KP);
-        float *vg_c = vg_alloc(sizeof(float) * vg_S * vg_MP * VG_IM * vg_ldc);
+        // the packing buffers are kept between calls (vg_keep: VG_KEPT)
+        VG_KEPT(float, vg_a, sizeof(float) * vg_MP * VG_IM * vg_KP);
+        VG_KEPT(float, vg_c, sizeof(float) * vg_S * vg_MP * VG_IM * vg_ldc);
     #ifdef VG_BF16_GEMM
     #ifdef VG_BF16_AMX
         const int vg_amx = vg_amx_granted();
@@ -3750,7 +3678,7 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
     #endif
         const int vg_MR16 = (vg_MP * VG_IM + 15) / 16 * 16;       // A's rows, whole AMX tiles of 16
         const int vg_NC16 = (vg_NC + 15) / 16 * 16;                 // a B block's n, whole tiles of 16
-        uint16_t *vg_a16 = vg_alloc(sizeof(uint16_t) * vg_MR16 * vg_KP);     // A in bf16, zero rows past MP·IM
+        VG_KEPT(uint16_t, vg_a16, sizeof(uint16_t) * vg_MR16 * vg_KP);     // A in bf16, zero rows past MP·IM
         for (size_t vg_q = (size_t)vg_MP * VG_IM * vg_KP; vg_q < (size_t)vg_MR16 * vg_KP; ++vg_q)
             vg_a16[vg_q] = 0;
     #endif
@@ -3790,18 +3718,18 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                 vg_bf16_row(vg_KP, vg_d, vg_a16 + (size_t)vg_m * vg_KP);
     #endif
             }
-            float *vg_b = vg_alloc(sizeof(float) * vg_NC * vg_KC);             // B block: rows n, k-contiguous
+            VG_KEPT(float, vg_b, sizeof(float) * vg_NC * vg_KC);             // B block: rows n, k-contiguous
     #ifdef VG_BF16_GEMM
-            uint16_t *vg_b16 = vg_alloc(sizeof(uint16_t) * vg_NC * vg_KC);     // B block in bf16
+            VG_KEPT(uint16_t, vg_b16, sizeof(uint16_t) * vg_NC * vg_KC);     // B block in bf16
             // for AMX, the B block in k pairs (rows) of its n (columns), zero past NC; a C tile
-            uint32_t *vg_bp = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC16) : 0;
-            float *vg_ct = vg_alloc(sizeof(float) * 16 * 16);
+            VG_KEPT(uint32_t, vg_bp, vg_amx ? sizeof(uint32_t) * vg_KC / 2 * vg_NC16 : 0);
+            VG_KEPT(float, vg_ct, sizeof(float) * 16 * 16);
     #ifdef VG_BF16_AMX
             if (vg_amx)
                 vg_amx_config(1);
     #endif
     #endif
-            int *vg_t_c = vg_alloc(sizeof(int) * vg_KC);          // the block's columns' c
+            VG_KEPT(int, vg_t_c, sizeof(int) * vg_KC);          // the block's columns' c
             #pragma omp for schedule(static)
             for (int vg_u = 0; vg_u < vg_S * vg_nblocks; ++vg_u)
             {
@@ -3916,12 +3844,7 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
     #endif
                 }
             }
-            free(vg_t_c);
-            free(vg_b);
     #ifdef VG_BF16_GEMM
-            free(vg_b16);
-            free(vg_bp);
-            free(vg_ct);
     #ifdef VG_BF16_AMX
             if (vg_amx)
                 _tile_release();
@@ -3941,11 +3864,6 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                 g_x[IC*b + ic] = v_g_x;
             }
         }
-        free(vg_a);
-        free(vg_c);
-    #ifdef VG_BF16_GEMM
-        free(vg_a16);
-    #endif
     }
     else                            // tiles of C along n
     {
@@ -3965,10 +3883,11 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
-        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+        // the packing buffers are kept between calls (vg_keep: VG_KEPT)
+        VG_KEPT(float, vg_a, sizeof(float) * vg_MP * VG_MR * vg_K);
     #ifdef VG_BF16_GEMM
-        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
-        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
+        VG_KEPT(uint32_t, vg_a2, sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        VG_KEPT(uint32_t, vg_a3, vg_amx ? sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16 : 0);  // and as AMX tiles
     #endif
         #pragma omp parallel
         {
@@ -4030,11 +3949,11 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                 vg_amx_config(0);
     #endif
             }
-            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+            VG_KEPT(uint32_t, vg_b2, sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
     #endif
-            float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
-            float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
-            int *vg_t_ic = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' ic
+            VG_KEPT(float, vg_b, sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
+            VG_KEPT(float, vg_c, sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
+            VG_KEPT(int, vg_t_ic, sizeof(int) * vg_NC);          // the block's columns' ic
             #pragma omp for schedule(static)
             for (int vg_nb = 0; vg_nb < vg_nblocks; ++vg_nb)
             {
@@ -4154,22 +4073,13 @@ void linear_backward_g_x(const float *restrict g_y, const float *restrict w, flo
                     }
                 }
             }
-            free(vg_t_ic);
-            free(vg_b);
-            free(vg_c);
     #ifdef VG_BF16_GEMM
-            free(vg_b2);
     #ifdef VG_BF16_AMX
             if (vg_amx)
                 _tile_release();
     #endif
     #endif
         }
-        free(vg_a);
-    #ifdef VG_BF16_GEMM
-        free(vg_a2);
-        free(vg_a3);
-    #endif
     }
 }
 
@@ -4201,10 +4111,11 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
         const int vg_T = vg_threads();
         const int vg_NC = vg_block(vg_N, vg_imin(VG_NC, (vg_N + vg_T - 1) / vg_T), VG_NR);   // n blocks, one per thread at least
         const int vg_nblocks = (vg_N + vg_NC - 1) / vg_NC;
-        float *vg_a = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_K);
+        // the packing buffers are kept between calls (vg_keep: VG_KEPT)
+        VG_KEPT(float, vg_a, sizeof(float) * vg_MP * VG_MR * vg_K);
     #ifdef VG_BF16_GEMM
-        uint32_t *vg_a2 = vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
-        uint32_t *vg_a3 = vg_amx ? vg_alloc(sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16) : 0;  // and as AMX tiles
+        VG_KEPT(uint32_t, vg_a2, sizeof(uint32_t) * vg_MP * VG_MR * vg_KP2);   // A's panels in bf16 k pairs
+        VG_KEPT(uint32_t, vg_a3, vg_amx ? sizeof(uint32_t) * vg_MP * VG_MR * vg_KB * 16 : 0);  // and as AMX tiles
     #endif
         #pragma omp parallel
         {
@@ -4266,11 +4177,11 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
                 vg_amx_config(0);
     #endif
             }
-            uint32_t *vg_b2 = vg_alloc(sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
+            VG_KEPT(uint32_t, vg_b2, sizeof(uint32_t) * vg_KC / 2 * vg_NC);   // B block in bf16, rows of k pairs
     #endif
-            float *vg_b = vg_alloc(sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
-            float *vg_c = vg_alloc(sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
-            int *vg_t_c = vg_alloc(sizeof(int) * vg_NC);          // the block's columns' c
+            VG_KEPT(float, vg_b, sizeof(float) * vg_KC * vg_NC);            // B block, row stride vg_NC
+            VG_KEPT(float, vg_c, sizeof(float) * vg_MP * VG_MR * vg_NC);    // C block, row stride vg_NC
+            VG_KEPT(int, vg_t_c, sizeof(int) * vg_NC);          // the block's columns' c
             #pragma omp for schedule(static)
             for (int vg_nb = 0; vg_nb < vg_nblocks; ++vg_nb)
             {
@@ -4390,22 +4301,13 @@ void linear_backward_g_w(const float *restrict g_y, const float *restrict x, flo
                     }
                 }
             }
-            free(vg_t_c);
-            free(vg_b);
-            free(vg_c);
     #ifdef VG_BF16_GEMM
-            free(vg_b2);
     #ifdef VG_BF16_AMX
             if (vg_amx)
                 _tile_release();
     #endif
     #endif
         }
-        free(vg_a);
-    #ifdef VG_BF16_GEMM
-        free(vg_a2);
-        free(vg_a3);
-    #endif
     }
 }
 

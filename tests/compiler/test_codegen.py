@@ -348,7 +348,9 @@ def test_cuda_schedules(vgg_cuda):
         # a tiled contraction keeps its simple schedule as <name>_simple (tests/test_cuda_tiled.py)
         simple = k.fallback or k.name
         assert f'extern "C" __global__ void __launch_bounds__(VG_THREADS)\n{simple}(' in k.text
-        if k.name in block:
+        if k.algorithm is not None:                             # tests/compiler/test_winograd_cuda.py
+            assert k.schedule.mode == "winograd"
+        elif k.name in block:
             assert "__shared__ float vg_shared[VG_THREADS];" in k.text
             assert "vg_block_sum(" in k.text or "vg_block_max(" in k.text
         else:                                                   # thread per element, last dim fastest
@@ -415,9 +417,8 @@ def test_manifest_describes_every_kernel(tmp_path):
     man = json.loads(files["manifest.json"])
     names = {(e["target"], e["name"]) for e in man["kernels"]}
     _, c_kernels = generate(generated_layers(), "c")
-    # every kernel on both targets; the other algorithms' (Winograd) on c only
-    assert names == {(t, k.name) for t in ("c", "cuda") for k in c_kernels if k.algorithm is None} \
-        | {("c", k.name) for k in c_kernels if k.algorithm is not None}
+    # every kernel on both targets, the other algorithms' (Winograd) too
+    assert names == {(t, k.name) for t in ("c", "cuda") for k in c_kernels}
     for e in man["kernels"]:
         text = files[e["file"]]
         sig = e["signature"]

@@ -89,6 +89,7 @@ class WinogradLaunch:
     form: str
     tile: int
     sizes: dict         # role → size expression (Python, in the size names)
+    mode = "winograd"   # beside mapping.Schedule's "thread" and "block"
 
     def grid(self) -> str:
         s = self.sizes
@@ -102,7 +103,7 @@ class WinogradLaunch:
         return f"{rows} * ({cols})"
 
     def manifest(self) -> dict:
-        return {"mode": "winograd", "threads": THREADS, "block": [THREADS, 1, 1], "grid": [self.grid(), "1", "1"],
+        return {"mode": self.mode, "threads": THREADS, "block": [THREADS, 1, 1], "grid": [self.grid(), "1", "1"],
                 "grid_any": True, "dynamic_shared_bytes": 0}
 
 
