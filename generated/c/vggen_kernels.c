@@ -32,10 +32,12 @@ static inline float vg_select(int c, float a, float b) { return c ? a : b; }
 //  * Packing runs along the innermost indices, merged where the read is contiguous
 //    across them (a conv's i and j); runs shorter than VG_RUN are gathered through
 //    tables of each column's indices instead.
+//  * Winograd ∂L/∂w (winograd.c.j2): the tiles in chunks of VG_WT, each chunk's transforms
+//    summed into M while they are in cache (a multiple of VG_KC: the same sums, in order).
 // Blocks depend on the sizes only, so results do not depend on the thread count.
 enum { VG_MR = 8, VG_NR = 32, VG_KC = 256, VG_NC = 512, VG_IM = 4,
        VG_IN = 6, VG_VL = 16, VG_IKC = 1024, VG_INC = 96, VG_SLICES = 4,
-       VG_SMALL = 65536, VG_RUN = 16, VG_INNER = 2 };
+       VG_SMALL = 65536, VG_RUN = 16, VG_INNER = 2, VG_WT = 256 };
 
 // 64-byte aligned memory (a cache line, one AVX-512 vector) for packed blocks
 static void *vg_alloc(size_t bytes)
@@ -2817,8 +2819,10 @@ void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float
     const int vg_OP = (OC + VG_MR - 1) / VG_MR;               // panels of VG_MR channels o
     const int vg_CP = (IC + VG_NR - 1) / VG_NR;               // column blocks of channels c
     const long vg_ldx = (long)vg_CP * VG_NR;
-    const size_t vg_gsize = (size_t)16 * vg_OP * VG_MR * vg_T;    // G's tiles, panels [k][o / VG_MR][tile][o % VG_MR]
-    const size_t vg_xsize = (size_t)16 * vg_T * vg_ldx;           // D's tiles, rows [k][tile][c]
+    // the tiles in chunks of VG_WT, each transformed and summed while it is in cache
+    const long vg_TC = vg_T < VG_WT ? vg_T : VG_WT;                     // tiles per chunk (the last: fewer)
+    const size_t vg_gsize = (size_t)16 * vg_OP * VG_MR * vg_TC;   // G's tiles, panels [k][o / VG_MR][tile][o % VG_MR]
+    const size_t vg_xsize = (size_t)16 * vg_TC * vg_ldx;          // D's tiles, rows [k][tile][c]
     const size_t vg_msize = (size_t)16 * vg_OP * VG_MR * vg_ldx;  // M = Σ_tiles, [k][o][c]
     const size_t vg_each = (size_t)(16 + VG_NR * 16) * VG_NR;  // per thread: a tile set, VG_NR transforms
     VG_KEPT(float, vg_g, sizeof(float) * (vg_gsize + vg_xsize + vg_msize + (size_t)vg_threads() * vg_each));
@@ -2828,16 +2832,16 @@ void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float
     // the products in bf16 (vg_tile_outer_bf16, vg_tile_outer_amx): tiles in pairs, an odd last
     // one paired with 0, in blocks of 16 pairs (the tile blocks of VG_KC start at one), zero
     // past the last pair
-    const long vg_TP2 = (vg_T + 1) / 2;                                  // pairs of tiles
-    const long vg_TB = (vg_TP2 + 16 - 1) / 16;                               // blocks of 16 pairs
+    const long vg_TP2C = (vg_TC + 1) / 2;                                // pairs of a chunk's tiles
+    const long vg_TBC = (vg_TP2C + 16 - 1) / 16;                             // blocks of 16 pairs
 #ifdef VG_BF16_AMX
     const int vg_amx = vg_amx_granted();
 #else
     const int vg_amx = 0;
 #endif
-    const size_t vg_g2size = (size_t)16 * vg_OP * VG_MR * vg_TP2;           // G' in pairs [k][o / VG_MR][tile / 2][o % VG_MR]
-    const size_t vg_g3size = vg_amx ? (size_t)16 * vg_OP * vg_TB * VG_MR * 16 : 0;  // and as AMX tiles
-    const size_t vg_x2size = (size_t)16 * vg_TB * 16 * vg_ldx;              // D' in pairs [k][tile / 2][c]
+    const size_t vg_g2size = (size_t)16 * vg_OP * VG_MR * vg_TP2C;          // G' in pairs [k][o / VG_MR][tile / 2][o % VG_MR]
+    const size_t vg_g3size = vg_amx ? (size_t)16 * vg_OP * vg_TBC * VG_MR * 16 : 0;  // and as AMX tiles
+    const size_t vg_x2size = (size_t)16 * vg_TBC * 16 * vg_ldx;             // D' in pairs [k][tile / 2][c]
     VG_KEPT(uint32_t, vg_g2, sizeof(uint32_t) * (vg_g2size + vg_g3size + vg_x2size));
     uint32_t *vg_g3 = vg_g2 + vg_g2size;
     uint32_t *vg_x2 = vg_g3 + vg_g3size;
@@ -2846,157 +2850,165 @@ void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float
     {
         float *vg_d = vg_m + vg_msize + (size_t)vg_thread() * vg_each;
         float *vg_e = vg_d + 16 * VG_NR;
-        #pragma omp for schedule(static)
-        for (long vg_blk = 0; vg_blk < vg_blocks; ++vg_blk)
+        for (long vg_w0 = 0; vg_w0 < vg_T; vg_w0 += VG_WT)
         {
-            const long vg_t0 = vg_blk * VG_NR;
-            const int vg_nt = vg_T - vg_t0 < VG_NR ? (int)(vg_T - vg_t0) : VG_NR;
-            int vg_tb[VG_NR], vg_tr[VG_NR], vg_tc[VG_NR];
-            for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
-            {
-                const long vg_tt = vg_t0 + (vg_q < vg_nt ? vg_q : 0);
-                const int vg_rest = (int)(vg_tt % ((long)vg_TH * vg_TW));
-                vg_tb[vg_q] = (int)(vg_tt / ((long)vg_TH * vg_TW));
-                vg_tr[vg_q] = vg_rest / vg_TW * 2;
-                vg_tc[vg_q] = vg_rest % vg_TW * 2;
-            }
-            int vg_off[16 * VG_NR];
-            // G's 2×2 tiles (the filters of F(3×3, 2×2)), a panel of VG_MR channels o
-            // at a time, stored VG_MR-contiguous
-            for (int vg_k = 0; vg_k < 4; ++vg_k)
-                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
-                {
-                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q]  + vg_k / 2, vg_ws = vg_tc[vg_q]  + vg_k % 2;
-                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*OC*vg_wb + vg_wr) + vg_ws : -1;
-                }
-            for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
-            {
-                for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
-                {
-                    const int vg_wo = vg_p * VG_MR + vg_r;
-                    if (vg_wo < OC)
-                        vg_gather(g_y + (size_t)(vg_wo) * (H*W), vg_off, vg_d, 4 * VG_NR);
-                    else
-                        for (int vg_k = 0; vg_k < 4 * VG_NR; ++vg_k)
-                            vg_d[vg_k] = 0.0f;
-                    convolution2d_backward_g_w_winograd2_filter(vg_d, VG_NR, vg_e + (size_t)vg_r * 16 * VG_NR, VG_NR);
-                }
-                for (int vg_k = 0; vg_k < 16; ++vg_k)
-                    for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
-                        for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
-                            vg_g[(((size_t)vg_k * vg_OP + vg_p) * vg_T + vg_t0 + vg_q) * VG_MR + vg_r]
-                                = vg_e[((size_t)vg_r * 16 + vg_k) * VG_NR + vg_q];
-            }
-            // D's 4×4 tiles under them (one row and column before), VG_NR channels c at a time,
-            // stored channel-contiguous as rows of B (channels past the last: 0)
-            for (int vg_k = 0; vg_k < 16; ++vg_k)
-                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
-                {
-                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q] - 1 + vg_k / 4, vg_ws = vg_tc[vg_q] - 1 + vg_k % 4;
-                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*IC*vg_wb + vg_wr) + vg_ws : -1;
-                }
-            for (int vg_c0 = 0; vg_c0 < vg_ldx; vg_c0 += VG_NR)
-            {
-                for (int vg_r = 0; vg_r < VG_NR; ++vg_r)
-                {
-                    const int vg_wc = vg_c0 + vg_r;
-                    if (vg_wc < IC)
-                        vg_gather(x + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 16 * VG_NR);
-                    else
-                        for (int vg_k = 0; vg_k < 16 * VG_NR; ++vg_k)
-                            vg_d[vg_k] = 0.0f;
-                    convolution2d_backward_g_w_winograd2_data(vg_d, VG_NR, vg_e + (size_t)vg_r * 16 * VG_NR, VG_NR);
-                }
-                for (int vg_k = 0; vg_k < 16; ++vg_k)
-                    for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
-                        for (int vg_r = 0; vg_r < VG_NR; ++vg_r)
-                            vg_x[((size_t)vg_k * vg_T + vg_t0 + vg_q) * vg_ldx + vg_c0 + vg_r]
-                                = vg_e[((size_t)vg_r * 16 + vg_k) * VG_NR + vg_q];
-            }
-        }
-        // M[k] = Σ_tiles G'[k]·D'[k], per (k, column block), the tiles in blocks of VG_KC, in order
+            const long vg_tn = vg_T - vg_w0 < VG_WT ? vg_T - vg_w0 : VG_WT;      // this chunk's tiles
+            const long vg_wblocks = (vg_tn + VG_NR - 1) / VG_NR;                // of VG_NR tiles
 #ifdef VG_BF16_GEMM
-        // in bf16: G''s panels, for each pair of tiles, its VG_MR rows' pairs
-        #pragma omp for schedule(static)
-        for (long vg_j = 0; vg_j < (long)16 * vg_OP * vg_TP2; ++vg_j)
-        {
-            const long vg_kp = vg_j / vg_TP2;      // k·OP + panel
-            const long vg_t = vg_j % vg_TP2 * 2;
-            const float *vg_s = vg_g + ((size_t)vg_kp * vg_T + vg_t) * VG_MR;
-            vg_bf16_pairs(VG_MR, vg_s, vg_t + 1 < vg_T ? vg_s + VG_MR : 0, vg_g2 + (size_t)vg_j * VG_MR);
-        }
-        // D''s rows interleaved in pairs of tiles (an odd last one with zeros), zero past the last pair
-        #pragma omp for schedule(static)
-        for (long vg_j = 0; vg_j < (long)16 * vg_TB * 16; ++vg_j)
-        {
-            const long vg_k = vg_j / (vg_TB * 16), vg_t = vg_j % (vg_TB * 16) * 2;
-            const float *vg_s = vg_x + ((size_t)vg_k * vg_T + vg_t) * vg_ldx;
-            if (vg_t < vg_T)
-                vg_bf16_pairs((int)vg_ldx, vg_s, vg_t + 1 < vg_T ? vg_s + vg_ldx : 0, vg_x2 + (size_t)vg_j * vg_ldx);
-            else
-                for (long vg_c = 0; vg_c < vg_ldx; ++vg_c)
-                    vg_x2[(size_t)vg_j * vg_ldx + vg_c] = 0u;
-        }
-        if (vg_amx)
-        {
-            // for AMX, each panel's blocks of 16 pairs row by row (VG_MR rows of 16 pairs), zero past the last
+            const long vg_TP2 = (vg_tn + 1) / 2, vg_TB = (vg_TP2 + 16 - 1) / 16;   // pairs, blocks of 16 pairs
+#endif
             #pragma omp for schedule(static)
-            for (long vg_q = 0; vg_q < (long)16 * vg_OP * vg_TB; ++vg_q)
+            for (long vg_blk = 0; vg_blk < vg_wblocks; ++vg_blk)
             {
-                const long vg_kp = vg_q / vg_TB, vg_p0 = vg_q % vg_TB * 16;
-                uint32_t *vg_d2 = vg_g3 + (size_t)vg_q * VG_MR * 16;
-                for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
-                    for (int vg_i = 0; vg_i < 16; ++vg_i)
-                        vg_d2[vg_r * 16 + vg_i] = vg_p0 + vg_i < vg_TP2
-                            ? vg_g2[((size_t)vg_kp * vg_TP2 + vg_p0 + vg_i) * VG_MR + vg_r] : 0u;
-            }
-#ifdef VG_BF16_AMX
-            vg_amx_config(0);
-            #pragma omp for collapse(2) schedule(static)
-            for (int vg_k = 0; vg_k < 16; ++vg_k)
-                for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
-                    for (long vg_k0 = 0; vg_k0 < vg_T; vg_k0 += VG_KC)
-                    {
-                        const int vg_kc = vg_T - vg_k0 < VG_KC ? (int)(vg_T - vg_k0) : VG_KC;
-                        const int vg_kb = ((vg_kc + 1) / 2 + 16 - 1) / 16;
-                        for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
-                            vg_tile_outer_amx(vg_kb, vg_g3 + (((size_t)vg_k * vg_OP + vg_p) * vg_TB + vg_k0 / 2 / 16) * VG_MR * 16,
-                                              vg_x2 + ((size_t)vg_k * vg_TB * 16 + vg_k0 / 2) * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
-                                              vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
-                                              vg_k0 > 0);
-                    }
-            _tile_release();
-#endif
-        }
-        else
-        {
-            #pragma omp for collapse(2) schedule(static)
-            for (int vg_k = 0; vg_k < 16; ++vg_k)
-                for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
-                    for (long vg_k0 = 0; vg_k0 < vg_T; vg_k0 += VG_KC)
-                    {
-                        const int vg_kc = vg_T - vg_k0 < VG_KC ? (int)(vg_T - vg_k0) : VG_KC;
-                        for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
-                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_g2 + (((size_t)vg_k * vg_OP + vg_p) * vg_TP2 + vg_k0 / 2) * VG_MR,
-                                               vg_x2 + ((size_t)vg_k * vg_TB * 16 + vg_k0 / 2) * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
-                                               vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
-                                               vg_k0 > 0);
-                    }
-        }
-#else
-        #pragma omp for collapse(2) schedule(static)
-        for (int vg_k = 0; vg_k < 16; ++vg_k)
-            for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
-                for (long vg_k0 = 0; vg_k0 < vg_T; vg_k0 += VG_KC)
+                const long vg_t0 = vg_blk * VG_NR;
+                const int vg_nt = vg_tn - vg_t0 < VG_NR ? (int)(vg_tn - vg_t0) : VG_NR;
+                int vg_tb[VG_NR], vg_tr[VG_NR], vg_tc[VG_NR];
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
                 {
-                    const int vg_kc = vg_T - vg_k0 < VG_KC ? (int)(vg_T - vg_k0) : VG_KC;
-                    for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
-                        vg_tile_outer(vg_kc, vg_g + (((size_t)vg_k * vg_OP + vg_p) * vg_T + vg_k0) * VG_MR,
-                                      vg_x + ((size_t)vg_k * vg_T + vg_k0) * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
-                                      vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
-                                      vg_k0 > 0);
+                    const long vg_tt = vg_w0 + vg_t0 + (vg_q < vg_nt ? vg_q : 0);
+                    const int vg_rest = (int)(vg_tt % ((long)vg_TH * vg_TW));
+                    vg_tb[vg_q] = (int)(vg_tt / ((long)vg_TH * vg_TW));
+                    vg_tr[vg_q] = vg_rest / vg_TW * 2;
+                    vg_tc[vg_q] = vg_rest % vg_TW * 2;
                 }
+                int vg_off[16 * VG_NR];
+                // G's 2×2 tiles (the filters of F(3×3, 2×2)), a panel of VG_MR channels o
+                // at a time, stored VG_MR-contiguous
+                for (int vg_k = 0; vg_k < 4; ++vg_k)
+                    for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                    {
+                        const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q]  + vg_k / 2, vg_ws = vg_tc[vg_q]  + vg_k % 2;
+                        vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*OC*vg_wb + vg_wr) + vg_ws : -1;
+                    }
+                for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                {
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                    {
+                        const int vg_wo = vg_p * VG_MR + vg_r;
+                        if (vg_wo < OC)
+                            vg_gather(g_y + (size_t)(vg_wo) * (H*W), vg_off, vg_d, 4 * VG_NR);
+                        else
+                            for (int vg_k = 0; vg_k < 4 * VG_NR; ++vg_k)
+                                vg_d[vg_k] = 0.0f;
+                        convolution2d_backward_g_w_winograd2_filter(vg_d, VG_NR, vg_e + (size_t)vg_r * 16 * VG_NR, VG_NR);
+                    }
+                    for (int vg_k = 0; vg_k < 16; ++vg_k)
+                        for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
+                            for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                                vg_g[(((size_t)vg_k * vg_OP + vg_p) * vg_tn + vg_t0 + vg_q) * VG_MR + vg_r]
+                                    = vg_e[((size_t)vg_r * 16 + vg_k) * VG_NR + vg_q];
+                }
+                // D's 4×4 tiles under them (one row and column before), VG_NR channels c at a time,
+                // stored channel-contiguous as rows of B (channels past the last: 0)
+                for (int vg_k = 0; vg_k < 16; ++vg_k)
+                    for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                    {
+                        const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q] - 1 + vg_k / 4, vg_ws = vg_tc[vg_q] - 1 + vg_k % 4;
+                        vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*IC*vg_wb + vg_wr) + vg_ws : -1;
+                    }
+                for (int vg_c0 = 0; vg_c0 < vg_ldx; vg_c0 += VG_NR)
+                {
+                    for (int vg_r = 0; vg_r < VG_NR; ++vg_r)
+                    {
+                        const int vg_wc = vg_c0 + vg_r;
+                        if (vg_wc < IC)
+                            vg_gather(x + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 16 * VG_NR);
+                        else
+                            for (int vg_k = 0; vg_k < 16 * VG_NR; ++vg_k)
+                                vg_d[vg_k] = 0.0f;
+                        convolution2d_backward_g_w_winograd2_data(vg_d, VG_NR, vg_e + (size_t)vg_r * 16 * VG_NR, VG_NR);
+                    }
+                    for (int vg_k = 0; vg_k < 16; ++vg_k)
+                        for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
+                            for (int vg_r = 0; vg_r < VG_NR; ++vg_r)
+                                vg_x[((size_t)vg_k * vg_tn + vg_t0 + vg_q) * vg_ldx + vg_c0 + vg_r]
+                                    = vg_e[((size_t)vg_r * 16 + vg_k) * VG_NR + vg_q];
+                }
+            }
+            // M[k] = Σ_tiles G'[k]·D'[k], per (k, column block), the tiles in blocks of VG_KC, in order
+#ifdef VG_BF16_GEMM
+            // in bf16: G''s panels, for each pair of tiles, its VG_MR rows' pairs
+            #pragma omp for schedule(static)
+            for (long vg_j = 0; vg_j < (long)16 * vg_OP * vg_TP2; ++vg_j)
+            {
+                const long vg_kp = vg_j / vg_TP2;      // k·OP + panel
+                const long vg_t = vg_j % vg_TP2 * 2;
+                const float *vg_s = vg_g + ((size_t)vg_kp * vg_tn + vg_t) * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, vg_t + 1 < vg_tn ? vg_s + VG_MR : 0, vg_g2 + (size_t)vg_j * VG_MR);
+            }
+            // D''s rows interleaved in pairs of tiles (an odd last one with zeros), zero past the last pair
+            #pragma omp for schedule(static)
+            for (long vg_j = 0; vg_j < (long)16 * vg_TB * 16; ++vg_j)
+            {
+                const long vg_k = vg_j / (vg_TB * 16), vg_t = vg_j % (vg_TB * 16) * 2;
+                const float *vg_s = vg_x + ((size_t)vg_k * vg_tn + vg_t) * vg_ldx;
+                if (vg_t < vg_tn)
+                    vg_bf16_pairs((int)vg_ldx, vg_s, vg_t + 1 < vg_tn ? vg_s + vg_ldx : 0, vg_x2 + (size_t)vg_j * vg_ldx);
+                else
+                    for (long vg_c = 0; vg_c < vg_ldx; ++vg_c)
+                        vg_x2[(size_t)vg_j * vg_ldx + vg_c] = 0u;
+            }
+            if (vg_amx)
+            {
+                // for AMX, each panel's blocks of 16 pairs row by row (VG_MR rows of 16 pairs), zero past the last
+                #pragma omp for schedule(static)
+                for (long vg_q = 0; vg_q < (long)16 * vg_OP * vg_TB; ++vg_q)
+                {
+                    const long vg_kp = vg_q / vg_TB, vg_p0 = vg_q % vg_TB * 16;
+                    uint32_t *vg_d2 = vg_g3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_i = 0; vg_i < 16; ++vg_i)
+                            vg_d2[vg_r * 16 + vg_i] = vg_p0 + vg_i < vg_TP2
+                                ? vg_g2[((size_t)vg_kp * vg_TP2 + vg_p0 + vg_i) * VG_MR + vg_r] : 0u;
+                }
+#ifdef VG_BF16_AMX
+                vg_amx_config(0);
+                #pragma omp for collapse(2) schedule(static)
+                for (int vg_k = 0; vg_k < 16; ++vg_k)
+                    for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
+                        for (long vg_k0 = 0; vg_k0 < vg_tn; vg_k0 += VG_KC)
+                        {
+                            const int vg_kc = vg_tn - vg_k0 < VG_KC ? (int)(vg_tn - vg_k0) : VG_KC;
+                            const int vg_kb = ((vg_kc + 1) / 2 + 16 - 1) / 16;
+                            for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                                vg_tile_outer_amx(vg_kb, vg_g3 + (((size_t)vg_k * vg_OP + vg_p) * vg_TB + vg_k0 / 2 / 16) * VG_MR * 16,
+                                                  vg_x2 + ((size_t)vg_k * vg_TB * 16 + vg_k0 / 2) * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                                  vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                                  vg_w0 + vg_k0 > 0);
+                        }
+                _tile_release();
 #endif
+            }
+            else
+            {
+                #pragma omp for collapse(2) schedule(static)
+                for (int vg_k = 0; vg_k < 16; ++vg_k)
+                    for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
+                        for (long vg_k0 = 0; vg_k0 < vg_tn; vg_k0 += VG_KC)
+                        {
+                            const int vg_kc = vg_tn - vg_k0 < VG_KC ? (int)(vg_tn - vg_k0) : VG_KC;
+                            for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_g2 + (((size_t)vg_k * vg_OP + vg_p) * vg_TP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_x2 + ((size_t)vg_k * vg_TB * 16 + vg_k0 / 2) * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                                   vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                                   vg_w0 + vg_k0 > 0);
+                        }
+            }
+#else
+            #pragma omp for collapse(2) schedule(static)
+            for (int vg_k = 0; vg_k < 16; ++vg_k)
+                for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
+                    for (long vg_k0 = 0; vg_k0 < vg_tn; vg_k0 += VG_KC)
+                    {
+                        const int vg_kc = vg_tn - vg_k0 < VG_KC ? (int)(vg_tn - vg_k0) : VG_KC;
+                        for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                            vg_tile_outer(vg_kc, vg_g + (((size_t)vg_k * vg_OP + vg_p) * vg_tn + vg_k0) * VG_MR,
+                                          vg_x + ((size_t)vg_k * vg_tn + vg_k0) * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
+                                          vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
+                                          vg_w0 + vg_k0 > 0);
+                    }
+#endif
+        }
         // Y = Aᵀ M A: the 3×3 taps of VG_NR channels c at a time
         #pragma omp for schedule(static)
         for (int vg_wo = 0; vg_wo < OC; ++vg_wo)
@@ -3215,8 +3227,10 @@ void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float
     const int vg_OP = (OC + VG_MR - 1) / VG_MR;               // panels of VG_MR channels o
     const int vg_CP = (IC + VG_NR - 1) / VG_NR;               // column blocks of channels c
     const long vg_ldx = (long)vg_CP * VG_NR;
-    const size_t vg_gsize = (size_t)36 * vg_OP * VG_MR * vg_T;    // G's tiles, panels [k][o / VG_MR][tile][o % VG_MR]
-    const size_t vg_xsize = (size_t)36 * vg_T * vg_ldx;           // D's tiles, rows [k][tile][c]
+    // the tiles in chunks of VG_WT, each transformed and summed while it is in cache
+    const long vg_TC = vg_T < VG_WT ? vg_T : VG_WT;                     // tiles per chunk (the last: fewer)
+    const size_t vg_gsize = (size_t)36 * vg_OP * VG_MR * vg_TC;   // G's tiles, panels [k][o / VG_MR][tile][o % VG_MR]
+    const size_t vg_xsize = (size_t)36 * vg_TC * vg_ldx;          // D's tiles, rows [k][tile][c]
     const size_t vg_msize = (size_t)36 * vg_OP * VG_MR * vg_ldx;  // M = Σ_tiles, [k][o][c]
     const size_t vg_each = (size_t)(36 + VG_NR * 36) * VG_NR;  // per thread: a tile set, VG_NR transforms
     VG_KEPT(float, vg_g, sizeof(float) * (vg_gsize + vg_xsize + vg_msize + (size_t)vg_threads() * vg_each));
@@ -3226,16 +3240,16 @@ void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float
     // the products in bf16 (vg_tile_outer_bf16, vg_tile_outer_amx): tiles in pairs, an odd last
     // one paired with 0, in blocks of 16 pairs (the tile blocks of VG_KC start at one), zero
     // past the last pair
-    const long vg_TP2 = (vg_T + 1) / 2;                                  // pairs of tiles
-    const long vg_TB = (vg_TP2 + 16 - 1) / 16;                               // blocks of 16 pairs
+    const long vg_TP2C = (vg_TC + 1) / 2;                                // pairs of a chunk's tiles
+    const long vg_TBC = (vg_TP2C + 16 - 1) / 16;                             // blocks of 16 pairs
 #ifdef VG_BF16_AMX
     const int vg_amx = vg_amx_granted();
 #else
     const int vg_amx = 0;
 #endif
-    const size_t vg_g2size = (size_t)36 * vg_OP * VG_MR * vg_TP2;           // G' in pairs [k][o / VG_MR][tile / 2][o % VG_MR]
-    const size_t vg_g3size = vg_amx ? (size_t)36 * vg_OP * vg_TB * VG_MR * 16 : 0;  // and as AMX tiles
-    const size_t vg_x2size = (size_t)36 * vg_TB * 16 * vg_ldx;              // D' in pairs [k][tile / 2][c]
+    const size_t vg_g2size = (size_t)36 * vg_OP * VG_MR * vg_TP2C;          // G' in pairs [k][o / VG_MR][tile / 2][o % VG_MR]
+    const size_t vg_g3size = vg_amx ? (size_t)36 * vg_OP * vg_TBC * VG_MR * 16 : 0;  // and as AMX tiles
+    const size_t vg_x2size = (size_t)36 * vg_TBC * 16 * vg_ldx;             // D' in pairs [k][tile / 2][c]
     VG_KEPT(uint32_t, vg_g2, sizeof(uint32_t) * (vg_g2size + vg_g3size + vg_x2size));
     uint32_t *vg_g3 = vg_g2 + vg_g2size;
     uint32_t *vg_x2 = vg_g3 + vg_g3size;
@@ -3244,157 +3258,165 @@ void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float
     {
         float *vg_d = vg_m + vg_msize + (size_t)vg_thread() * vg_each;
         float *vg_e = vg_d + 36 * VG_NR;
-        #pragma omp for schedule(static)
-        for (long vg_blk = 0; vg_blk < vg_blocks; ++vg_blk)
+        for (long vg_w0 = 0; vg_w0 < vg_T; vg_w0 += VG_WT)
         {
-            const long vg_t0 = vg_blk * VG_NR;
-            const int vg_nt = vg_T - vg_t0 < VG_NR ? (int)(vg_T - vg_t0) : VG_NR;
-            int vg_tb[VG_NR], vg_tr[VG_NR], vg_tc[VG_NR];
-            for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
-            {
-                const long vg_tt = vg_t0 + (vg_q < vg_nt ? vg_q : 0);
-                const int vg_rest = (int)(vg_tt % ((long)vg_TH * vg_TW));
-                vg_tb[vg_q] = (int)(vg_tt / ((long)vg_TH * vg_TW));
-                vg_tr[vg_q] = vg_rest / vg_TW * 4;
-                vg_tc[vg_q] = vg_rest % vg_TW * 4;
-            }
-            int vg_off[36 * VG_NR];
-            // G's 4×4 tiles (the filters of F(3×3, 4×4)), a panel of VG_MR channels o
-            // at a time, stored VG_MR-contiguous
-            for (int vg_k = 0; vg_k < 16; ++vg_k)
-                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
-                {
-                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q]  + vg_k / 4, vg_ws = vg_tc[vg_q]  + vg_k % 4;
-                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*OC*vg_wb + vg_wr) + vg_ws : -1;
-                }
-            for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
-            {
-                for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
-                {
-                    const int vg_wo = vg_p * VG_MR + vg_r;
-                    if (vg_wo < OC)
-                        vg_gather(g_y + (size_t)(vg_wo) * (H*W), vg_off, vg_d, 16 * VG_NR);
-                    else
-                        for (int vg_k = 0; vg_k < 16 * VG_NR; ++vg_k)
-                            vg_d[vg_k] = 0.0f;
-                    convolution2d_backward_g_w_winograd4_filter(vg_d, VG_NR, vg_e + (size_t)vg_r * 36 * VG_NR, VG_NR);
-                }
-                for (int vg_k = 0; vg_k < 36; ++vg_k)
-                    for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
-                        for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
-                            vg_g[(((size_t)vg_k * vg_OP + vg_p) * vg_T + vg_t0 + vg_q) * VG_MR + vg_r]
-                                = vg_e[((size_t)vg_r * 36 + vg_k) * VG_NR + vg_q];
-            }
-            // D's 6×6 tiles under them (one row and column before), VG_NR channels c at a time,
-            // stored channel-contiguous as rows of B (channels past the last: 0)
-            for (int vg_k = 0; vg_k < 36; ++vg_k)
-                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
-                {
-                    const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q] - 1 + vg_k / 6, vg_ws = vg_tc[vg_q] - 1 + vg_k % 6;
-                    vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*IC*vg_wb + vg_wr) + vg_ws : -1;
-                }
-            for (int vg_c0 = 0; vg_c0 < vg_ldx; vg_c0 += VG_NR)
-            {
-                for (int vg_r = 0; vg_r < VG_NR; ++vg_r)
-                {
-                    const int vg_wc = vg_c0 + vg_r;
-                    if (vg_wc < IC)
-                        vg_gather(x + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 36 * VG_NR);
-                    else
-                        for (int vg_k = 0; vg_k < 36 * VG_NR; ++vg_k)
-                            vg_d[vg_k] = 0.0f;
-                    convolution2d_backward_g_w_winograd4_data(vg_d, VG_NR, vg_e + (size_t)vg_r * 36 * VG_NR, VG_NR);
-                }
-                for (int vg_k = 0; vg_k < 36; ++vg_k)
-                    for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
-                        for (int vg_r = 0; vg_r < VG_NR; ++vg_r)
-                            vg_x[((size_t)vg_k * vg_T + vg_t0 + vg_q) * vg_ldx + vg_c0 + vg_r]
-                                = vg_e[((size_t)vg_r * 36 + vg_k) * VG_NR + vg_q];
-            }
-        }
-        // M[k] = Σ_tiles G'[k]·D'[k], per (k, column block), the tiles in blocks of VG_KC, in order
+            const long vg_tn = vg_T - vg_w0 < VG_WT ? vg_T - vg_w0 : VG_WT;      // this chunk's tiles
+            const long vg_wblocks = (vg_tn + VG_NR - 1) / VG_NR;                // of VG_NR tiles
 #ifdef VG_BF16_GEMM
-        // in bf16: G''s panels, for each pair of tiles, its VG_MR rows' pairs
-        #pragma omp for schedule(static)
-        for (long vg_j = 0; vg_j < (long)36 * vg_OP * vg_TP2; ++vg_j)
-        {
-            const long vg_kp = vg_j / vg_TP2;      // k·OP + panel
-            const long vg_t = vg_j % vg_TP2 * 2;
-            const float *vg_s = vg_g + ((size_t)vg_kp * vg_T + vg_t) * VG_MR;
-            vg_bf16_pairs(VG_MR, vg_s, vg_t + 1 < vg_T ? vg_s + VG_MR : 0, vg_g2 + (size_t)vg_j * VG_MR);
-        }
-        // D''s rows interleaved in pairs of tiles (an odd last one with zeros), zero past the last pair
-        #pragma omp for schedule(static)
-        for (long vg_j = 0; vg_j < (long)36 * vg_TB * 16; ++vg_j)
-        {
-            const long vg_k = vg_j / (vg_TB * 16), vg_t = vg_j % (vg_TB * 16) * 2;
-            const float *vg_s = vg_x + ((size_t)vg_k * vg_T + vg_t) * vg_ldx;
-            if (vg_t < vg_T)
-                vg_bf16_pairs((int)vg_ldx, vg_s, vg_t + 1 < vg_T ? vg_s + vg_ldx : 0, vg_x2 + (size_t)vg_j * vg_ldx);
-            else
-                for (long vg_c = 0; vg_c < vg_ldx; ++vg_c)
-                    vg_x2[(size_t)vg_j * vg_ldx + vg_c] = 0u;
-        }
-        if (vg_amx)
-        {
-            // for AMX, each panel's blocks of 16 pairs row by row (VG_MR rows of 16 pairs), zero past the last
+            const long vg_TP2 = (vg_tn + 1) / 2, vg_TB = (vg_TP2 + 16 - 1) / 16;   // pairs, blocks of 16 pairs
+#endif
             #pragma omp for schedule(static)
-            for (long vg_q = 0; vg_q < (long)36 * vg_OP * vg_TB; ++vg_q)
+            for (long vg_blk = 0; vg_blk < vg_wblocks; ++vg_blk)
             {
-                const long vg_kp = vg_q / vg_TB, vg_p0 = vg_q % vg_TB * 16;
-                uint32_t *vg_d2 = vg_g3 + (size_t)vg_q * VG_MR * 16;
-                for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
-                    for (int vg_i = 0; vg_i < 16; ++vg_i)
-                        vg_d2[vg_r * 16 + vg_i] = vg_p0 + vg_i < vg_TP2
-                            ? vg_g2[((size_t)vg_kp * vg_TP2 + vg_p0 + vg_i) * VG_MR + vg_r] : 0u;
-            }
-#ifdef VG_BF16_AMX
-            vg_amx_config(0);
-            #pragma omp for collapse(2) schedule(static)
-            for (int vg_k = 0; vg_k < 36; ++vg_k)
-                for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
-                    for (long vg_k0 = 0; vg_k0 < vg_T; vg_k0 += VG_KC)
-                    {
-                        const int vg_kc = vg_T - vg_k0 < VG_KC ? (int)(vg_T - vg_k0) : VG_KC;
-                        const int vg_kb = ((vg_kc + 1) / 2 + 16 - 1) / 16;
-                        for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
-                            vg_tile_outer_amx(vg_kb, vg_g3 + (((size_t)vg_k * vg_OP + vg_p) * vg_TB + vg_k0 / 2 / 16) * VG_MR * 16,
-                                              vg_x2 + ((size_t)vg_k * vg_TB * 16 + vg_k0 / 2) * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
-                                              vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
-                                              vg_k0 > 0);
-                    }
-            _tile_release();
-#endif
-        }
-        else
-        {
-            #pragma omp for collapse(2) schedule(static)
-            for (int vg_k = 0; vg_k < 36; ++vg_k)
-                for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
-                    for (long vg_k0 = 0; vg_k0 < vg_T; vg_k0 += VG_KC)
-                    {
-                        const int vg_kc = vg_T - vg_k0 < VG_KC ? (int)(vg_T - vg_k0) : VG_KC;
-                        for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
-                            vg_tile_outer_bf16((vg_kc + 1) / 2, vg_g2 + (((size_t)vg_k * vg_OP + vg_p) * vg_TP2 + vg_k0 / 2) * VG_MR,
-                                               vg_x2 + ((size_t)vg_k * vg_TB * 16 + vg_k0 / 2) * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
-                                               vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
-                                               vg_k0 > 0);
-                    }
-        }
-#else
-        #pragma omp for collapse(2) schedule(static)
-        for (int vg_k = 0; vg_k < 36; ++vg_k)
-            for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
-                for (long vg_k0 = 0; vg_k0 < vg_T; vg_k0 += VG_KC)
+                const long vg_t0 = vg_blk * VG_NR;
+                const int vg_nt = vg_tn - vg_t0 < VG_NR ? (int)(vg_tn - vg_t0) : VG_NR;
+                int vg_tb[VG_NR], vg_tr[VG_NR], vg_tc[VG_NR];
+                for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
                 {
-                    const int vg_kc = vg_T - vg_k0 < VG_KC ? (int)(vg_T - vg_k0) : VG_KC;
-                    for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
-                        vg_tile_outer(vg_kc, vg_g + (((size_t)vg_k * vg_OP + vg_p) * vg_T + vg_k0) * VG_MR,
-                                      vg_x + ((size_t)vg_k * vg_T + vg_k0) * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
-                                      vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
-                                      vg_k0 > 0);
+                    const long vg_tt = vg_w0 + vg_t0 + (vg_q < vg_nt ? vg_q : 0);
+                    const int vg_rest = (int)(vg_tt % ((long)vg_TH * vg_TW));
+                    vg_tb[vg_q] = (int)(vg_tt / ((long)vg_TH * vg_TW));
+                    vg_tr[vg_q] = vg_rest / vg_TW * 4;
+                    vg_tc[vg_q] = vg_rest % vg_TW * 4;
                 }
+                int vg_off[36 * VG_NR];
+                // G's 4×4 tiles (the filters of F(3×3, 4×4)), a panel of VG_MR channels o
+                // at a time, stored VG_MR-contiguous
+                for (int vg_k = 0; vg_k < 16; ++vg_k)
+                    for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                    {
+                        const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q]  + vg_k / 4, vg_ws = vg_tc[vg_q]  + vg_k % 4;
+                        vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*OC*vg_wb + vg_wr) + vg_ws : -1;
+                    }
+                for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                {
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                    {
+                        const int vg_wo = vg_p * VG_MR + vg_r;
+                        if (vg_wo < OC)
+                            vg_gather(g_y + (size_t)(vg_wo) * (H*W), vg_off, vg_d, 16 * VG_NR);
+                        else
+                            for (int vg_k = 0; vg_k < 16 * VG_NR; ++vg_k)
+                                vg_d[vg_k] = 0.0f;
+                        convolution2d_backward_g_w_winograd4_filter(vg_d, VG_NR, vg_e + (size_t)vg_r * 36 * VG_NR, VG_NR);
+                    }
+                    for (int vg_k = 0; vg_k < 36; ++vg_k)
+                        for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
+                            for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                                vg_g[(((size_t)vg_k * vg_OP + vg_p) * vg_tn + vg_t0 + vg_q) * VG_MR + vg_r]
+                                    = vg_e[((size_t)vg_r * 36 + vg_k) * VG_NR + vg_q];
+                }
+                // D's 6×6 tiles under them (one row and column before), VG_NR channels c at a time,
+                // stored channel-contiguous as rows of B (channels past the last: 0)
+                for (int vg_k = 0; vg_k < 36; ++vg_k)
+                    for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
+                    {
+                        const int vg_wb = vg_tb[vg_q], vg_wr = vg_tr[vg_q] - 1 + vg_k / 6, vg_ws = vg_tc[vg_q] - 1 + vg_k % 6;
+                        vg_off[vg_k * VG_NR + vg_q] = (vg_q < vg_nt && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? W*(H*IC*vg_wb + vg_wr) + vg_ws : -1;
+                    }
+                for (int vg_c0 = 0; vg_c0 < vg_ldx; vg_c0 += VG_NR)
+                {
+                    for (int vg_r = 0; vg_r < VG_NR; ++vg_r)
+                    {
+                        const int vg_wc = vg_c0 + vg_r;
+                        if (vg_wc < IC)
+                            vg_gather(x + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 36 * VG_NR);
+                        else
+                            for (int vg_k = 0; vg_k < 36 * VG_NR; ++vg_k)
+                                vg_d[vg_k] = 0.0f;
+                        convolution2d_backward_g_w_winograd4_data(vg_d, VG_NR, vg_e + (size_t)vg_r * 36 * VG_NR, VG_NR);
+                    }
+                    for (int vg_k = 0; vg_k < 36; ++vg_k)
+                        for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
+                            for (int vg_r = 0; vg_r < VG_NR; ++vg_r)
+                                vg_x[((size_t)vg_k * vg_tn + vg_t0 + vg_q) * vg_ldx + vg_c0 + vg_r]
+                                    = vg_e[((size_t)vg_r * 36 + vg_k) * VG_NR + vg_q];
+                }
+            }
+            // M[k] = Σ_tiles G'[k]·D'[k], per (k, column block), the tiles in blocks of VG_KC, in order
+#ifdef VG_BF16_GEMM
+            // in bf16: G''s panels, for each pair of tiles, its VG_MR rows' pairs
+            #pragma omp for schedule(static)
+            for (long vg_j = 0; vg_j < (long)36 * vg_OP * vg_TP2; ++vg_j)
+            {
+                const long vg_kp = vg_j / vg_TP2;      // k·OP + panel
+                const long vg_t = vg_j % vg_TP2 * 2;
+                const float *vg_s = vg_g + ((size_t)vg_kp * vg_tn + vg_t) * VG_MR;
+                vg_bf16_pairs(VG_MR, vg_s, vg_t + 1 < vg_tn ? vg_s + VG_MR : 0, vg_g2 + (size_t)vg_j * VG_MR);
+            }
+            // D''s rows interleaved in pairs of tiles (an odd last one with zeros), zero past the last pair
+            #pragma omp for schedule(static)
+            for (long vg_j = 0; vg_j < (long)36 * vg_TB * 16; ++vg_j)
+            {
+                const long vg_k = vg_j / (vg_TB * 16), vg_t = vg_j % (vg_TB * 16) * 2;
+                const float *vg_s = vg_x + ((size_t)vg_k * vg_tn + vg_t) * vg_ldx;
+                if (vg_t < vg_tn)
+                    vg_bf16_pairs((int)vg_ldx, vg_s, vg_t + 1 < vg_tn ? vg_s + vg_ldx : 0, vg_x2 + (size_t)vg_j * vg_ldx);
+                else
+                    for (long vg_c = 0; vg_c < vg_ldx; ++vg_c)
+                        vg_x2[(size_t)vg_j * vg_ldx + vg_c] = 0u;
+            }
+            if (vg_amx)
+            {
+                // for AMX, each panel's blocks of 16 pairs row by row (VG_MR rows of 16 pairs), zero past the last
+                #pragma omp for schedule(static)
+                for (long vg_q = 0; vg_q < (long)36 * vg_OP * vg_TB; ++vg_q)
+                {
+                    const long vg_kp = vg_q / vg_TB, vg_p0 = vg_q % vg_TB * 16;
+                    uint32_t *vg_d2 = vg_g3 + (size_t)vg_q * VG_MR * 16;
+                    for (int vg_r = 0; vg_r < VG_MR; ++vg_r)
+                        for (int vg_i = 0; vg_i < 16; ++vg_i)
+                            vg_d2[vg_r * 16 + vg_i] = vg_p0 + vg_i < vg_TP2
+                                ? vg_g2[((size_t)vg_kp * vg_TP2 + vg_p0 + vg_i) * VG_MR + vg_r] : 0u;
+                }
+#ifdef VG_BF16_AMX
+                vg_amx_config(0);
+                #pragma omp for collapse(2) schedule(static)
+                for (int vg_k = 0; vg_k < 36; ++vg_k)
+                    for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
+                        for (long vg_k0 = 0; vg_k0 < vg_tn; vg_k0 += VG_KC)
+                        {
+                            const int vg_kc = vg_tn - vg_k0 < VG_KC ? (int)(vg_tn - vg_k0) : VG_KC;
+                            const int vg_kb = ((vg_kc + 1) / 2 + 16 - 1) / 16;
+                            for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                                vg_tile_outer_amx(vg_kb, vg_g3 + (((size_t)vg_k * vg_OP + vg_p) * vg_TB + vg_k0 / 2 / 16) * VG_MR * 16,
+                                                  vg_x2 + ((size_t)vg_k * vg_TB * 16 + vg_k0 / 2) * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                                  vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                                  vg_w0 + vg_k0 > 0);
+                        }
+                _tile_release();
 #endif
+            }
+            else
+            {
+                #pragma omp for collapse(2) schedule(static)
+                for (int vg_k = 0; vg_k < 36; ++vg_k)
+                    for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
+                        for (long vg_k0 = 0; vg_k0 < vg_tn; vg_k0 += VG_KC)
+                        {
+                            const int vg_kc = vg_tn - vg_k0 < VG_KC ? (int)(vg_tn - vg_k0) : VG_KC;
+                            for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                                vg_tile_outer_bf16((vg_kc + 1) / 2, vg_g2 + (((size_t)vg_k * vg_OP + vg_p) * vg_TP2 + vg_k0 / 2) * VG_MR,
+                                                   vg_x2 + ((size_t)vg_k * vg_TB * 16 + vg_k0 / 2) * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                                   vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, (int)vg_ldx,
+                                                   vg_w0 + vg_k0 > 0);
+                        }
+            }
+#else
+            #pragma omp for collapse(2) schedule(static)
+            for (int vg_k = 0; vg_k < 36; ++vg_k)
+                for (int vg_cb = 0; vg_cb < vg_CP; ++vg_cb)
+                    for (long vg_k0 = 0; vg_k0 < vg_tn; vg_k0 += VG_KC)
+                    {
+                        const int vg_kc = vg_tn - vg_k0 < VG_KC ? (int)(vg_tn - vg_k0) : VG_KC;
+                        for (int vg_p = 0; vg_p < vg_OP; ++vg_p)
+                            vg_tile_outer(vg_kc, vg_g + (((size_t)vg_k * vg_OP + vg_p) * vg_tn + vg_k0) * VG_MR,
+                                          vg_x + ((size_t)vg_k * vg_tn + vg_k0) * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
+                                          vg_m + ((size_t)vg_k * vg_OP + vg_p) * VG_MR * vg_ldx + (size_t)vg_cb * VG_NR, vg_ldx,
+                                          vg_w0 + vg_k0 > 0);
+                    }
+#endif
+        }
         // Y = Aᵀ M A: the 3×3 taps of VG_NR channels c at a time
         #pragma omp for schedule(static)
         for (int vg_wo = 0; vg_wo < OC; ++vg_wo)

@@ -22,8 +22,10 @@ from vggen.runtime.algorithms import ALGORITHMS, choose, predicted_ms
 from vggen.runtime.winograd import direct_conv2d, direct_conv2d_weight_gradient
 
 # (B, IC, OC, H, W): sizes that are no multiple of any tile, a 1×1 image, one channel,
-# channel counts past a panel (8) and a lane block (32)
-SHAPES = [(3, 5, 7, 9, 11), (1, 1, 1, 1, 1), (2, 3, 4, 6, 13), (1, 33, 9, 5, 3), (2, 8, 40, 4, 7)]
+# channel counts past a panel (8) and a lane block (32); more tiles than ∂L/∂w's chunk
+# (VG_WT = 256) for both tile sizes, the last chunk a part
+SHAPES = [(3, 5, 7, 9, 11), (1, 1, 1, 1, 1), (2, 3, 4, 6, 13), (1, 33, 9, 5, 3), (2, 8, 40, 4, 7),
+          (6, 3, 4, 27, 26)]
 
 
 def _kernels(layer):

@@ -210,7 +210,7 @@ def test_bf16_is_the_c_targets_only():
 # 5e-3 for F(2×2) (direct: 4e-3) and up to 3.4e-2 for F(4×4) (above 3e-2: bf16's "auto"
 # leaves F(4×4) out, vggen.runtime.base.BF16_ALGORITHMS).
 BF16_WINOGRAD_BOUND = {"winograd2": 1e-2, "winograd4": 5e-2}
-WINOGRAD_SHAPES = [(3, 5, 7, 9, 11), (2, 40, 9, 4, 7)]
+WINOGRAD_SHAPES = [(3, 5, 7, 9, 11), (2, 40, 9, 4, 7), (6, 3, 4, 27, 26)]   # the last: ∂L/∂w in chunks
 
 
 @needs_bf16

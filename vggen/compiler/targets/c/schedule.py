@@ -30,7 +30,7 @@ _SRC = sp.Symbol("vg_src", real=True)      # a packing run's read, at its positi
 # explains each; the manifest lists them per kernel).  Edit here; `vggen build`.
 C_GEMM_BLOCKS = {"VG_MR": 8, "VG_NR": 32, "VG_KC": 256, "VG_NC": 512,
                  "VG_IM": 4, "VG_IN": 6, "VG_VL": 16, "VG_IKC": 1024, "VG_INC": 96, "VG_SLICES": 4,
-                 "VG_SMALL": 1 << 16, "VG_RUN": 16, "VG_INNER": 2}
+                 "VG_SMALL": 1 << 16, "VG_RUN": 16, "VG_INNER": 2, "VG_WT": 256}
 
 
 @dataclass
