@@ -13,10 +13,16 @@
 # and bench and train fall back to the simple build.
 # Usage (repository root, on a machine with a GPU): bash tools/gpu_check.sh [quick]
 # (quick: no training run).  Each phase prints the seconds elapsed when it starts.
+# Logs and JSON go to a work folder, packed after every phase into
+# $OUT/gpu_check.tar.gz (a run cut short still returns what it finished); the
+# two records to commit are copied to $OUT as they are.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-out="${OUT:-/tmp/vggen-gpu}"
-mkdir -p "$out"
+dest="${OUT:-/tmp/vggen-gpu}"
+out=/tmp/vggen-gpu-work
+mkdir -p "$dest" "$out"
+pack() { tar -czf "$dest/gpu_check.tar.gz.part" -C "$out" . && mv "$dest/gpu_check.tar.gz.part" "$dest/gpu_check.tar.gz"; }
+trap pack EXIT
 py=python3
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $py -m vggen.compiler.emit --cuda-contraction simple --out /tmp/vggen-simple > /dev/null
@@ -33,26 +39,30 @@ if [ $kernels_rc -ne 0 ]; then
     export VGGEN_GENERATED=/tmp/vggen-simple
 fi
 
+pack
 echo "== [${SECONDS} s] network on CUDA against NumPy and PyTorch"
 $py -m pytest -rs -p no:cacheprovider tests/runtime/test_runtime.py tests/model/test_network.py -k "cuda" \
     > "$out/tests_network.log" 2>&1
 tail -n 3 "$out/tests_network.log"
+pack
 echo "== [${SECONDS} s] CUDA-graph steps against eager steps"
 $py -m pytest -rs -p no:cacheprovider tests/model/test_step.py > "$out/tests_step.log" 2>&1
 tail -n 3 "$out/tests_step.log"
 
+pack
 echo "== [${SECONDS} s] compute-sanitizer memcheck: one training step, width 4, batch 4"
 compute-sanitizer --tool memcheck --print-limit 20 \
     $py -m vggen bench --target cuda --batch-size 4 --width 4 --steps 1 --warmup 0 --no-torch \
     > "$out/memcheck.log" 2>&1
 grep -E "ERROR SUMMARY|========= (Invalid|Error)" "$out/memcheck.log" | head -n 20
 
+pack
 echo "== [${SECONDS} s] vggen tune: B=64 and 256, width 64 (records generated/tuning.json and algorithms-cuda.json, rebuilds)"
 if [ "${VGGEN_GENERATED:-}" = "" ]; then
     $py -m vggen tune --batch-size 64 256 --width 64 > "$out/tune.log" 2>&1
     echo "tune exit $?"; tail -n 1 "$out/tune.log"
-    cp generated/tuning.json "$out/tuning.json" 2>/dev/null
-    cp generated/algorithms-cuda.json "$out/algorithms-cuda.json" 2>/dev/null
+    cp generated/tuning.json "$dest/tuning.json" 2>/dev/null
+    cp generated/algorithms-cuda.json "$dest/algorithms-cuda.json" 2>/dev/null
     grep -E "^\| \`" "$out/tune.log" | head -n 30
 fi
 
@@ -66,6 +76,7 @@ for k in r["kernels"][:8]:
     print(f"   {k['name']:45s} {k['seconds']*1e3:8.3f} ms {k['share']:6.1%} {k['flops']/max(k['seconds'],1e-12)/1e9:8.1f} GFLOP/s")
 PY
 }
+pack
 echo "== [${SECONDS} s] bench, width 64 (eager steps, then CUDA graphs)"
 for b in 64 256; do
     $py -m vggen bench --target cuda --batch-size "$b" --width 64 --json > "$out/bench$b.json" \
@@ -91,6 +102,7 @@ for alg in direct winograd4; do
 done
 
 [ "${1:-}" = quick ] && exit 0
+pack
 echo "== [${SECONDS} s] train: cuda, digits, width 64"
 $py -m vggen train --target cuda --dataset digits --width 64 --epochs 10 --seed 0 \
     --metrics "$out/digits_cuda_w64.jsonl" > "$out/train.log" 2>&1
