@@ -440,6 +440,603 @@ static inline void vg_tile_inner_bf16(int kc, const uint16_t *restrict a, int ld
 }
 #endif
 
+// Winograd's transforms, each defined once for the kernels below that run it
+// (vggen.compiler.targets.winograd: statements printed from the exact matrices)
+
+// V = Bᵀ d B for 4×4 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void vg_winograd_f2x2_3x3_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
+        const float vg_y2_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
+        const float vg_y2_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
+        const float vg_y2_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
+        const float vg_y2_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
+        const float vg_y3_0 = vg_src[4 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t];
+        const float vg_y3_1 = vg_src[5 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t];
+        const float vg_y3_2 = vg_src[6 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t];
+        const float vg_y3_3 = vg_src[7 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 - vg_y0_2;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2;
+        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2;
+        vg_dst[3 * vg_ds + vg_t] = vg_y0_1 - vg_y0_3;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_0 - vg_y1_2;
+        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2;
+        vg_dst[6 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2;
+        vg_dst[7 * vg_ds + vg_t] = vg_y1_1 - vg_y1_3;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_0 - vg_y2_2;
+        vg_dst[9 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2;
+        vg_dst[10 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2;
+        vg_dst[11 * vg_ds + vg_t] = vg_y2_1 - vg_y2_3;
+        vg_dst[12 * vg_ds + vg_t] = vg_y3_0 - vg_y3_2;
+        vg_dst[13 * vg_ds + vg_t] = vg_y3_1 + vg_y3_2;
+        vg_dst[14 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2;
+        vg_dst[15 * vg_ds + vg_t] = vg_y3_1 - vg_y3_3;
+    }
+}
+
+
+// U = G g Gᵀ for 3×3 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void vg_winograd_f2x2_3x3_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t];
+        const float vg_y1_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[6 * vg_ss + vg_t];
+        const float vg_y1_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[4 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[7 * vg_ss + vg_t];
+        const float vg_y1_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[5 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[8 * vg_ss + vg_t];
+        const float vg_y2_0 = -(1.0f/2.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[6 * vg_ss + vg_t];
+        const float vg_y2_1 = -(1.0f/2.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[4 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[7 * vg_ss + vg_t];
+        const float vg_y2_2 = -(1.0f/2.0f)*vg_src[2 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[5 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[8 * vg_ss + vg_t];
+        const float vg_y3_0 = -vg_src[6 * vg_ss + vg_t];
+        const float vg_y3_1 = -vg_src[7 * vg_ss + vg_t];
+        const float vg_y3_2 = -vg_src[8 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0;
+        vg_dst[1 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 + ((1.0f/2.0f))*vg_y0_2;
+        vg_dst[2 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 - (1.0f/2.0f)*vg_y0_2;
+        vg_dst[3 * vg_ds + vg_t] = -vg_y0_2;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_0;
+        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 + ((1.0f/2.0f))*vg_y1_2;
+        vg_dst[6 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 - (1.0f/2.0f)*vg_y1_2;
+        vg_dst[7 * vg_ds + vg_t] = -vg_y1_2;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_0;
+        vg_dst[9 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 + ((1.0f/2.0f))*vg_y2_2;
+        vg_dst[10 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 - (1.0f/2.0f)*vg_y2_2;
+        vg_dst[11 * vg_ds + vg_t] = -vg_y2_2;
+        vg_dst[12 * vg_ds + vg_t] = vg_y3_0;
+        vg_dst[13 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 + ((1.0f/2.0f))*vg_y3_2;
+        vg_dst[14 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 - (1.0f/2.0f)*vg_y3_2;
+        vg_dst[15 * vg_ds + vg_t] = -vg_y3_2;
+    }
+}
+
+
+// Y = Aᵀ M A, 2×2 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void vg_winograd_f2x2_3x3_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + vg_y0_3;
+        vg_dst[2 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2;
+        vg_dst[3 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + vg_y1_3;
+    }
+}
+
+
+// V = Bᵀ d B for 6×6 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void vg_winograd_f4x4_3x3_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = 2*vg_src[0 * vg_ss + vg_t] - 3*vg_src[6 * vg_ss + vg_t] - 4*vg_src[12 * vg_ss + vg_t] + 3*vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y0_1 = 2*vg_src[1 * vg_ss + vg_t] - 3*vg_src[7 * vg_ss + vg_t] - 4*vg_src[13 * vg_ss + vg_t] + 3*vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y0_2 = 2*vg_src[2 * vg_ss + vg_t] - 3*vg_src[8 * vg_ss + vg_t] - 4*vg_src[14 * vg_ss + vg_t] + 3*vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y0_3 = 2*vg_src[3 * vg_ss + vg_t] - 3*vg_src[9 * vg_ss + vg_t] - 4*vg_src[15 * vg_ss + vg_t] + 3*vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y0_4 = 2*vg_src[4 * vg_ss + vg_t] - 3*vg_src[10 * vg_ss + vg_t] - 4*vg_src[16 * vg_ss + vg_t] + 3*vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y0_5 = 2*vg_src[5 * vg_ss + vg_t] - 3*vg_src[11 * vg_ss + vg_t] - 4*vg_src[17 * vg_ss + vg_t] + 3*vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y1_0 = 2*vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] - 5*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y1_1 = 2*vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] - 5*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y1_2 = 2*vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] - 5*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y1_3 = 2*vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] - 5*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y1_4 = 2*vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] - 5*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y1_5 = 2*vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] - 5*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y2_0 = 2*vg_src[6 * vg_ss + vg_t] - 5*vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y2_1 = 2*vg_src[7 * vg_ss + vg_t] - 5*vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y2_2 = 2*vg_src[8 * vg_ss + vg_t] - 5*vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y2_3 = 2*vg_src[9 * vg_ss + vg_t] - 5*vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y2_4 = 2*vg_src[10 * vg_ss + vg_t] - 5*vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y2_5 = 2*vg_src[11 * vg_ss + vg_t] - 5*vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y3_0 = 2*vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] - 2*vg_src[18 * vg_ss + vg_t] - vg_src[24 * vg_ss + vg_t];
+        const float vg_y3_1 = 2*vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] - 2*vg_src[19 * vg_ss + vg_t] - vg_src[25 * vg_ss + vg_t];
+        const float vg_y3_2 = 2*vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] - 2*vg_src[20 * vg_ss + vg_t] - vg_src[26 * vg_ss + vg_t];
+        const float vg_y3_3 = 2*vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] - 2*vg_src[21 * vg_ss + vg_t] - vg_src[27 * vg_ss + vg_t];
+        const float vg_y3_4 = 2*vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] - 2*vg_src[22 * vg_ss + vg_t] - vg_src[28 * vg_ss + vg_t];
+        const float vg_y3_5 = 2*vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] - 2*vg_src[23 * vg_ss + vg_t] - vg_src[29 * vg_ss + vg_t];
+        const float vg_y4_0 = vg_src[6 * vg_ss + vg_t] - 2*vg_src[12 * vg_ss + vg_t] - vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y4_1 = vg_src[7 * vg_ss + vg_t] - 2*vg_src[13 * vg_ss + vg_t] - vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y4_2 = vg_src[8 * vg_ss + vg_t] - 2*vg_src[14 * vg_ss + vg_t] - vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y4_3 = vg_src[9 * vg_ss + vg_t] - 2*vg_src[15 * vg_ss + vg_t] - vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y4_4 = vg_src[10 * vg_ss + vg_t] - 2*vg_src[16 * vg_ss + vg_t] - vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y4_5 = vg_src[11 * vg_ss + vg_t] - 2*vg_src[17 * vg_ss + vg_t] - vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y5_0 = 2*vg_src[6 * vg_ss + vg_t] - 3*vg_src[12 * vg_ss + vg_t] - 4*vg_src[18 * vg_ss + vg_t] + 3*vg_src[24 * vg_ss + vg_t] + 2*vg_src[30 * vg_ss + vg_t];
+        const float vg_y5_1 = 2*vg_src[7 * vg_ss + vg_t] - 3*vg_src[13 * vg_ss + vg_t] - 4*vg_src[19 * vg_ss + vg_t] + 3*vg_src[25 * vg_ss + vg_t] + 2*vg_src[31 * vg_ss + vg_t];
+        const float vg_y5_2 = 2*vg_src[8 * vg_ss + vg_t] - 3*vg_src[14 * vg_ss + vg_t] - 4*vg_src[20 * vg_ss + vg_t] + 3*vg_src[26 * vg_ss + vg_t] + 2*vg_src[32 * vg_ss + vg_t];
+        const float vg_y5_3 = 2*vg_src[9 * vg_ss + vg_t] - 3*vg_src[15 * vg_ss + vg_t] - 4*vg_src[21 * vg_ss + vg_t] + 3*vg_src[27 * vg_ss + vg_t] + 2*vg_src[33 * vg_ss + vg_t];
+        const float vg_y5_4 = 2*vg_src[10 * vg_ss + vg_t] - 3*vg_src[16 * vg_ss + vg_t] - 4*vg_src[22 * vg_ss + vg_t] + 3*vg_src[28 * vg_ss + vg_t] + 2*vg_src[34 * vg_ss + vg_t];
+        const float vg_y5_5 = 2*vg_src[11 * vg_ss + vg_t] - 3*vg_src[17 * vg_ss + vg_t] - 4*vg_src[23 * vg_ss + vg_t] + 3*vg_src[29 * vg_ss + vg_t] + 2*vg_src[35 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = 2*vg_y0_0 - 3*vg_y0_1 - 4*vg_y0_2 + 3*vg_y0_3 + 2*vg_y0_4;
+        vg_dst[1 * vg_ds + vg_t] = 2*vg_y0_1 - vg_y0_2 - 5*vg_y0_3 - 2*vg_y0_4;
+        vg_dst[2 * vg_ds + vg_t] = 2*vg_y0_1 - 5*vg_y0_2 + vg_y0_3 + 2*vg_y0_4;
+        vg_dst[3 * vg_ds + vg_t] = 2*vg_y0_1 + vg_y0_2 - 2*vg_y0_3 - vg_y0_4;
+        vg_dst[4 * vg_ds + vg_t] = vg_y0_1 - 2*vg_y0_2 - vg_y0_3 + 2*vg_y0_4;
+        vg_dst[5 * vg_ds + vg_t] = 2*vg_y0_1 - 3*vg_y0_2 - 4*vg_y0_3 + 3*vg_y0_4 + 2*vg_y0_5;
+        vg_dst[6 * vg_ds + vg_t] = 2*vg_y1_0 - 3*vg_y1_1 - 4*vg_y1_2 + 3*vg_y1_3 + 2*vg_y1_4;
+        vg_dst[7 * vg_ds + vg_t] = 2*vg_y1_1 - vg_y1_2 - 5*vg_y1_3 - 2*vg_y1_4;
+        vg_dst[8 * vg_ds + vg_t] = 2*vg_y1_1 - 5*vg_y1_2 + vg_y1_3 + 2*vg_y1_4;
+        vg_dst[9 * vg_ds + vg_t] = 2*vg_y1_1 + vg_y1_2 - 2*vg_y1_3 - vg_y1_4;
+        vg_dst[10 * vg_ds + vg_t] = vg_y1_1 - 2*vg_y1_2 - vg_y1_3 + 2*vg_y1_4;
+        vg_dst[11 * vg_ds + vg_t] = 2*vg_y1_1 - 3*vg_y1_2 - 4*vg_y1_3 + 3*vg_y1_4 + 2*vg_y1_5;
+        vg_dst[12 * vg_ds + vg_t] = 2*vg_y2_0 - 3*vg_y2_1 - 4*vg_y2_2 + 3*vg_y2_3 + 2*vg_y2_4;
+        vg_dst[13 * vg_ds + vg_t] = 2*vg_y2_1 - vg_y2_2 - 5*vg_y2_3 - 2*vg_y2_4;
+        vg_dst[14 * vg_ds + vg_t] = 2*vg_y2_1 - 5*vg_y2_2 + vg_y2_3 + 2*vg_y2_4;
+        vg_dst[15 * vg_ds + vg_t] = 2*vg_y2_1 + vg_y2_2 - 2*vg_y2_3 - vg_y2_4;
+        vg_dst[16 * vg_ds + vg_t] = vg_y2_1 - 2*vg_y2_2 - vg_y2_3 + 2*vg_y2_4;
+        vg_dst[17 * vg_ds + vg_t] = 2*vg_y2_1 - 3*vg_y2_2 - 4*vg_y2_3 + 3*vg_y2_4 + 2*vg_y2_5;
+        vg_dst[18 * vg_ds + vg_t] = 2*vg_y3_0 - 3*vg_y3_1 - 4*vg_y3_2 + 3*vg_y3_3 + 2*vg_y3_4;
+        vg_dst[19 * vg_ds + vg_t] = 2*vg_y3_1 - vg_y3_2 - 5*vg_y3_3 - 2*vg_y3_4;
+        vg_dst[20 * vg_ds + vg_t] = 2*vg_y3_1 - 5*vg_y3_2 + vg_y3_3 + 2*vg_y3_4;
+        vg_dst[21 * vg_ds + vg_t] = 2*vg_y3_1 + vg_y3_2 - 2*vg_y3_3 - vg_y3_4;
+        vg_dst[22 * vg_ds + vg_t] = vg_y3_1 - 2*vg_y3_2 - vg_y3_3 + 2*vg_y3_4;
+        vg_dst[23 * vg_ds + vg_t] = 2*vg_y3_1 - 3*vg_y3_2 - 4*vg_y3_3 + 3*vg_y3_4 + 2*vg_y3_5;
+        vg_dst[24 * vg_ds + vg_t] = 2*vg_y4_0 - 3*vg_y4_1 - 4*vg_y4_2 + 3*vg_y4_3 + 2*vg_y4_4;
+        vg_dst[25 * vg_ds + vg_t] = 2*vg_y4_1 - vg_y4_2 - 5*vg_y4_3 - 2*vg_y4_4;
+        vg_dst[26 * vg_ds + vg_t] = 2*vg_y4_1 - 5*vg_y4_2 + vg_y4_3 + 2*vg_y4_4;
+        vg_dst[27 * vg_ds + vg_t] = 2*vg_y4_1 + vg_y4_2 - 2*vg_y4_3 - vg_y4_4;
+        vg_dst[28 * vg_ds + vg_t] = vg_y4_1 - 2*vg_y4_2 - vg_y4_3 + 2*vg_y4_4;
+        vg_dst[29 * vg_ds + vg_t] = 2*vg_y4_1 - 3*vg_y4_2 - 4*vg_y4_3 + 3*vg_y4_4 + 2*vg_y4_5;
+        vg_dst[30 * vg_ds + vg_t] = 2*vg_y5_0 - 3*vg_y5_1 - 4*vg_y5_2 + 3*vg_y5_3 + 2*vg_y5_4;
+        vg_dst[31 * vg_ds + vg_t] = 2*vg_y5_1 - vg_y5_2 - 5*vg_y5_3 - 2*vg_y5_4;
+        vg_dst[32 * vg_ds + vg_t] = 2*vg_y5_1 - 5*vg_y5_2 + vg_y5_3 + 2*vg_y5_4;
+        vg_dst[33 * vg_ds + vg_t] = 2*vg_y5_1 + vg_y5_2 - 2*vg_y5_3 - vg_y5_4;
+        vg_dst[34 * vg_ds + vg_t] = vg_y5_1 - 2*vg_y5_2 - vg_y5_3 + 2*vg_y5_4;
+        vg_dst[35 * vg_ds + vg_t] = 2*vg_y5_1 - 3*vg_y5_2 - 4*vg_y5_3 + 3*vg_y5_4 + 2*vg_y5_5;
+    }
+}
+
+
+// U = G g Gᵀ for 3×3 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void vg_winograd_f4x4_3x3_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t];
+        const float vg_y0_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t];
+        const float vg_y0_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
+        const float vg_y1_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[3 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[6 * vg_ss + vg_t];
+        const float vg_y1_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[7 * vg_ss + vg_t];
+        const float vg_y1_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t];
+        const float vg_y2_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[3 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[6 * vg_ss + vg_t];
+        const float vg_y2_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[7 * vg_ss + vg_t];
+        const float vg_y2_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t];
+        const float vg_y3_0 = ((16.0f/15.0f))*vg_src[0 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[3 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[6 * vg_ss + vg_t];
+        const float vg_y3_1 = ((16.0f/15.0f))*vg_src[1 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[4 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[7 * vg_ss + vg_t];
+        const float vg_y3_2 = ((16.0f/15.0f))*vg_src[2 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[5 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[8 * vg_ss + vg_t];
+        const float vg_y4_0 = ((1.0f/30.0f))*vg_src[0 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[3 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[6 * vg_ss + vg_t];
+        const float vg_y4_1 = ((1.0f/30.0f))*vg_src[1 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[4 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[7 * vg_ss + vg_t];
+        const float vg_y4_2 = ((1.0f/30.0f))*vg_src[2 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[5 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[8 * vg_ss + vg_t];
+        const float vg_y5_0 = ((1.0f/2.0f))*vg_src[6 * vg_ss + vg_t];
+        const float vg_y5_1 = ((1.0f/2.0f))*vg_src[7 * vg_ss + vg_t];
+        const float vg_y5_2 = ((1.0f/2.0f))*vg_src[8 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0;
+        vg_dst[1 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 - (1.0f/6.0f)*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
+        vg_dst[2 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 + ((1.0f/6.0f))*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
+        vg_dst[3 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y0_0 + ((8.0f/15.0f))*vg_y0_1 + ((4.0f/15.0f))*vg_y0_2;
+        vg_dst[4 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y0_0 - (1.0f/15.0f)*vg_y0_1 + ((2.0f/15.0f))*vg_y0_2;
+        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_2;
+        vg_dst[6 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0;
+        vg_dst[7 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 - (1.0f/6.0f)*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
+        vg_dst[8 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 + ((1.0f/6.0f))*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
+        vg_dst[9 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y1_0 + ((8.0f/15.0f))*vg_y1_1 + ((4.0f/15.0f))*vg_y1_2;
+        vg_dst[10 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y1_0 - (1.0f/15.0f)*vg_y1_1 + ((2.0f/15.0f))*vg_y1_2;
+        vg_dst[11 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_2;
+        vg_dst[12 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0;
+        vg_dst[13 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 - (1.0f/6.0f)*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
+        vg_dst[14 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 + ((1.0f/6.0f))*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
+        vg_dst[15 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y2_0 + ((8.0f/15.0f))*vg_y2_1 + ((4.0f/15.0f))*vg_y2_2;
+        vg_dst[16 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y2_0 - (1.0f/15.0f)*vg_y2_1 + ((2.0f/15.0f))*vg_y2_2;
+        vg_dst[17 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_2;
+        vg_dst[18 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0;
+        vg_dst[19 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 - (1.0f/6.0f)*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
+        vg_dst[20 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 + ((1.0f/6.0f))*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
+        vg_dst[21 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y3_0 + ((8.0f/15.0f))*vg_y3_1 + ((4.0f/15.0f))*vg_y3_2;
+        vg_dst[22 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y3_0 - (1.0f/15.0f)*vg_y3_1 + ((2.0f/15.0f))*vg_y3_2;
+        vg_dst[23 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_2;
+        vg_dst[24 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_0;
+        vg_dst[25 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 - (1.0f/6.0f)*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
+        vg_dst[26 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 + ((1.0f/6.0f))*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
+        vg_dst[27 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y4_0 + ((8.0f/15.0f))*vg_y4_1 + ((4.0f/15.0f))*vg_y4_2;
+        vg_dst[28 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y4_0 - (1.0f/15.0f)*vg_y4_1 + ((2.0f/15.0f))*vg_y4_2;
+        vg_dst[29 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_2;
+        vg_dst[30 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_0;
+        vg_dst[31 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 - (1.0f/6.0f)*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
+        vg_dst[32 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 + ((1.0f/6.0f))*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
+        vg_dst[33 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y5_0 + ((8.0f/15.0f))*vg_y5_1 + ((4.0f/15.0f))*vg_y5_2;
+        vg_dst[34 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y5_0 - (1.0f/15.0f)*vg_y5_1 + ((2.0f/15.0f))*vg_y5_2;
+        vg_dst[35 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_2;
+    }
+}
+
+
+// Y = Aᵀ M A, 4×4 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void vg_winograd_f4x4_3x3_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + vg_src[24 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + vg_src[25 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + vg_src[26 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + vg_src[27 * vg_ss + vg_t];
+        const float vg_y0_4 = vg_src[4 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + vg_src[28 * vg_ss + vg_t];
+        const float vg_y0_5 = vg_src[5 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + vg_src[29 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y1_4 = vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y1_5 = vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y2_0 = vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[18 * vg_ss + vg_t] + 4*vg_src[24 * vg_ss + vg_t];
+        const float vg_y2_1 = vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[19 * vg_ss + vg_t] + 4*vg_src[25 * vg_ss + vg_t];
+        const float vg_y2_2 = vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[20 * vg_ss + vg_t] + 4*vg_src[26 * vg_ss + vg_t];
+        const float vg_y2_3 = vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[21 * vg_ss + vg_t] + 4*vg_src[27 * vg_ss + vg_t];
+        const float vg_y2_4 = vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[22 * vg_ss + vg_t] + 4*vg_src[28 * vg_ss + vg_t];
+        const float vg_y2_5 = vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[23 * vg_ss + vg_t] + 4*vg_src[29 * vg_ss + vg_t];
+        const float vg_y3_0 = vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[18 * vg_ss + vg_t] - 8*vg_src[24 * vg_ss + vg_t] + vg_src[30 * vg_ss + vg_t];
+        const float vg_y3_1 = vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[19 * vg_ss + vg_t] - 8*vg_src[25 * vg_ss + vg_t] + vg_src[31 * vg_ss + vg_t];
+        const float vg_y3_2 = vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[20 * vg_ss + vg_t] - 8*vg_src[26 * vg_ss + vg_t] + vg_src[32 * vg_ss + vg_t];
+        const float vg_y3_3 = vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[21 * vg_ss + vg_t] - 8*vg_src[27 * vg_ss + vg_t] + vg_src[33 * vg_ss + vg_t];
+        const float vg_y3_4 = vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[22 * vg_ss + vg_t] - 8*vg_src[28 * vg_ss + vg_t] + vg_src[34 * vg_ss + vg_t];
+        const float vg_y3_5 = vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[23 * vg_ss + vg_t] - 8*vg_src[29 * vg_ss + vg_t] + vg_src[35 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2 + vg_y0_3 + vg_y0_4;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + ((1.0f/2.0f))*vg_y0_3 - 2*vg_y0_4;
+        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2 + ((1.0f/4.0f))*vg_y0_3 + 4*vg_y0_4;
+        vg_dst[3 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + ((1.0f/8.0f))*vg_y0_3 - 8*vg_y0_4 + vg_y0_5;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2 + vg_y1_3 + vg_y1_4;
+        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + ((1.0f/2.0f))*vg_y1_3 - 2*vg_y1_4;
+        vg_dst[6 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2 + ((1.0f/4.0f))*vg_y1_3 + 4*vg_y1_4;
+        vg_dst[7 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + ((1.0f/8.0f))*vg_y1_3 - 8*vg_y1_4 + vg_y1_5;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_0 + vg_y2_1 + vg_y2_2 + vg_y2_3 + vg_y2_4;
+        vg_dst[9 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2 + ((1.0f/2.0f))*vg_y2_3 - 2*vg_y2_4;
+        vg_dst[10 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2 + ((1.0f/4.0f))*vg_y2_3 + 4*vg_y2_4;
+        vg_dst[11 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2 + ((1.0f/8.0f))*vg_y2_3 - 8*vg_y2_4 + vg_y2_5;
+        vg_dst[12 * vg_ds + vg_t] = vg_y3_0 + vg_y3_1 + vg_y3_2 + vg_y3_3 + vg_y3_4;
+        vg_dst[13 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2 + ((1.0f/2.0f))*vg_y3_3 - 2*vg_y3_4;
+        vg_dst[14 * vg_ds + vg_t] = vg_y3_1 + vg_y3_2 + ((1.0f/4.0f))*vg_y3_3 + 4*vg_y3_4;
+        vg_dst[15 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2 + ((1.0f/8.0f))*vg_y3_3 - 8*vg_y3_4 + vg_y3_5;
+    }
+}
+
+
+// V = Bᵀ d B for 4×4 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void vg_winograd_f3x3_2x2_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
+        const float vg_y2_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
+        const float vg_y2_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
+        const float vg_y2_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
+        const float vg_y2_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
+        const float vg_y3_0 = vg_src[4 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t];
+        const float vg_y3_1 = vg_src[5 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t];
+        const float vg_y3_2 = vg_src[6 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t];
+        const float vg_y3_3 = vg_src[7 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 - vg_y0_2;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2;
+        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2;
+        vg_dst[3 * vg_ds + vg_t] = vg_y0_1 - vg_y0_3;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_0 - vg_y1_2;
+        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2;
+        vg_dst[6 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2;
+        vg_dst[7 * vg_ds + vg_t] = vg_y1_1 - vg_y1_3;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_0 - vg_y2_2;
+        vg_dst[9 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2;
+        vg_dst[10 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2;
+        vg_dst[11 * vg_ds + vg_t] = vg_y2_1 - vg_y2_3;
+        vg_dst[12 * vg_ds + vg_t] = vg_y3_0 - vg_y3_2;
+        vg_dst[13 * vg_ds + vg_t] = vg_y3_1 + vg_y3_2;
+        vg_dst[14 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2;
+        vg_dst[15 * vg_ds + vg_t] = vg_y3_1 - vg_y3_3;
+    }
+}
+
+
+// U = G g Gᵀ for 2×2 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void vg_winograd_f3x3_2x2_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t];
+        const float vg_y1_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
+        const float vg_y1_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t];
+        const float vg_y2_0 = -(1.0f/2.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
+        const float vg_y2_1 = -(1.0f/2.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t];
+        const float vg_y3_0 = -vg_src[2 * vg_ss + vg_t];
+        const float vg_y3_1 = -vg_src[3 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0;
+        vg_dst[1 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1;
+        vg_dst[2 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1;
+        vg_dst[3 * vg_ds + vg_t] = -vg_y0_1;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_0;
+        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1;
+        vg_dst[6 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1;
+        vg_dst[7 * vg_ds + vg_t] = -vg_y1_1;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_0;
+        vg_dst[9 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1;
+        vg_dst[10 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1;
+        vg_dst[11 * vg_ds + vg_t] = -vg_y2_1;
+        vg_dst[12 * vg_ds + vg_t] = vg_y3_0;
+        vg_dst[13 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1;
+        vg_dst[14 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1;
+        vg_dst[15 * vg_ds + vg_t] = -vg_y3_1;
+    }
+}
+
+
+// Y = Aᵀ M A, 3×3 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void vg_winograd_f3x3_2x2_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
+        const float vg_y2_0 = vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t];
+        const float vg_y2_1 = vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t];
+        const float vg_y2_2 = vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t];
+        const float vg_y2_3 = vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2;
+        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2 + vg_y0_3;
+        vg_dst[3 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2;
+        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2 + vg_y1_3;
+        vg_dst[6 * vg_ds + vg_t] = vg_y2_0 + vg_y2_1 + vg_y2_2;
+        vg_dst[7 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2 + vg_y2_3;
+    }
+}
+
+
+// V = Bᵀ d B for 6×6 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void vg_winograd_f3x3_4x4_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = 2*vg_src[0 * vg_ss + vg_t] - 3*vg_src[6 * vg_ss + vg_t] - 4*vg_src[12 * vg_ss + vg_t] + 3*vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y0_1 = 2*vg_src[1 * vg_ss + vg_t] - 3*vg_src[7 * vg_ss + vg_t] - 4*vg_src[13 * vg_ss + vg_t] + 3*vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y0_2 = 2*vg_src[2 * vg_ss + vg_t] - 3*vg_src[8 * vg_ss + vg_t] - 4*vg_src[14 * vg_ss + vg_t] + 3*vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y0_3 = 2*vg_src[3 * vg_ss + vg_t] - 3*vg_src[9 * vg_ss + vg_t] - 4*vg_src[15 * vg_ss + vg_t] + 3*vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y0_4 = 2*vg_src[4 * vg_ss + vg_t] - 3*vg_src[10 * vg_ss + vg_t] - 4*vg_src[16 * vg_ss + vg_t] + 3*vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y0_5 = 2*vg_src[5 * vg_ss + vg_t] - 3*vg_src[11 * vg_ss + vg_t] - 4*vg_src[17 * vg_ss + vg_t] + 3*vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y1_0 = 2*vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] - 5*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y1_1 = 2*vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] - 5*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y1_2 = 2*vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] - 5*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y1_3 = 2*vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] - 5*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y1_4 = 2*vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] - 5*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y1_5 = 2*vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] - 5*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y2_0 = 2*vg_src[6 * vg_ss + vg_t] - 5*vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y2_1 = 2*vg_src[7 * vg_ss + vg_t] - 5*vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y2_2 = 2*vg_src[8 * vg_ss + vg_t] - 5*vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y2_3 = 2*vg_src[9 * vg_ss + vg_t] - 5*vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y2_4 = 2*vg_src[10 * vg_ss + vg_t] - 5*vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y2_5 = 2*vg_src[11 * vg_ss + vg_t] - 5*vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y3_0 = 2*vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] - 2*vg_src[18 * vg_ss + vg_t] - vg_src[24 * vg_ss + vg_t];
+        const float vg_y3_1 = 2*vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] - 2*vg_src[19 * vg_ss + vg_t] - vg_src[25 * vg_ss + vg_t];
+        const float vg_y3_2 = 2*vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] - 2*vg_src[20 * vg_ss + vg_t] - vg_src[26 * vg_ss + vg_t];
+        const float vg_y3_3 = 2*vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] - 2*vg_src[21 * vg_ss + vg_t] - vg_src[27 * vg_ss + vg_t];
+        const float vg_y3_4 = 2*vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] - 2*vg_src[22 * vg_ss + vg_t] - vg_src[28 * vg_ss + vg_t];
+        const float vg_y3_5 = 2*vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] - 2*vg_src[23 * vg_ss + vg_t] - vg_src[29 * vg_ss + vg_t];
+        const float vg_y4_0 = vg_src[6 * vg_ss + vg_t] - 2*vg_src[12 * vg_ss + vg_t] - vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y4_1 = vg_src[7 * vg_ss + vg_t] - 2*vg_src[13 * vg_ss + vg_t] - vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y4_2 = vg_src[8 * vg_ss + vg_t] - 2*vg_src[14 * vg_ss + vg_t] - vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y4_3 = vg_src[9 * vg_ss + vg_t] - 2*vg_src[15 * vg_ss + vg_t] - vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y4_4 = vg_src[10 * vg_ss + vg_t] - 2*vg_src[16 * vg_ss + vg_t] - vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y4_5 = vg_src[11 * vg_ss + vg_t] - 2*vg_src[17 * vg_ss + vg_t] - vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y5_0 = 2*vg_src[6 * vg_ss + vg_t] - 3*vg_src[12 * vg_ss + vg_t] - 4*vg_src[18 * vg_ss + vg_t] + 3*vg_src[24 * vg_ss + vg_t] + 2*vg_src[30 * vg_ss + vg_t];
+        const float vg_y5_1 = 2*vg_src[7 * vg_ss + vg_t] - 3*vg_src[13 * vg_ss + vg_t] - 4*vg_src[19 * vg_ss + vg_t] + 3*vg_src[25 * vg_ss + vg_t] + 2*vg_src[31 * vg_ss + vg_t];
+        const float vg_y5_2 = 2*vg_src[8 * vg_ss + vg_t] - 3*vg_src[14 * vg_ss + vg_t] - 4*vg_src[20 * vg_ss + vg_t] + 3*vg_src[26 * vg_ss + vg_t] + 2*vg_src[32 * vg_ss + vg_t];
+        const float vg_y5_3 = 2*vg_src[9 * vg_ss + vg_t] - 3*vg_src[15 * vg_ss + vg_t] - 4*vg_src[21 * vg_ss + vg_t] + 3*vg_src[27 * vg_ss + vg_t] + 2*vg_src[33 * vg_ss + vg_t];
+        const float vg_y5_4 = 2*vg_src[10 * vg_ss + vg_t] - 3*vg_src[16 * vg_ss + vg_t] - 4*vg_src[22 * vg_ss + vg_t] + 3*vg_src[28 * vg_ss + vg_t] + 2*vg_src[34 * vg_ss + vg_t];
+        const float vg_y5_5 = 2*vg_src[11 * vg_ss + vg_t] - 3*vg_src[17 * vg_ss + vg_t] - 4*vg_src[23 * vg_ss + vg_t] + 3*vg_src[29 * vg_ss + vg_t] + 2*vg_src[35 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = 2*vg_y0_0 - 3*vg_y0_1 - 4*vg_y0_2 + 3*vg_y0_3 + 2*vg_y0_4;
+        vg_dst[1 * vg_ds + vg_t] = 2*vg_y0_1 - vg_y0_2 - 5*vg_y0_3 - 2*vg_y0_4;
+        vg_dst[2 * vg_ds + vg_t] = 2*vg_y0_1 - 5*vg_y0_2 + vg_y0_3 + 2*vg_y0_4;
+        vg_dst[3 * vg_ds + vg_t] = 2*vg_y0_1 + vg_y0_2 - 2*vg_y0_3 - vg_y0_4;
+        vg_dst[4 * vg_ds + vg_t] = vg_y0_1 - 2*vg_y0_2 - vg_y0_3 + 2*vg_y0_4;
+        vg_dst[5 * vg_ds + vg_t] = 2*vg_y0_1 - 3*vg_y0_2 - 4*vg_y0_3 + 3*vg_y0_4 + 2*vg_y0_5;
+        vg_dst[6 * vg_ds + vg_t] = 2*vg_y1_0 - 3*vg_y1_1 - 4*vg_y1_2 + 3*vg_y1_3 + 2*vg_y1_4;
+        vg_dst[7 * vg_ds + vg_t] = 2*vg_y1_1 - vg_y1_2 - 5*vg_y1_3 - 2*vg_y1_4;
+        vg_dst[8 * vg_ds + vg_t] = 2*vg_y1_1 - 5*vg_y1_2 + vg_y1_3 + 2*vg_y1_4;
+        vg_dst[9 * vg_ds + vg_t] = 2*vg_y1_1 + vg_y1_2 - 2*vg_y1_3 - vg_y1_4;
+        vg_dst[10 * vg_ds + vg_t] = vg_y1_1 - 2*vg_y1_2 - vg_y1_3 + 2*vg_y1_4;
+        vg_dst[11 * vg_ds + vg_t] = 2*vg_y1_1 - 3*vg_y1_2 - 4*vg_y1_3 + 3*vg_y1_4 + 2*vg_y1_5;
+        vg_dst[12 * vg_ds + vg_t] = 2*vg_y2_0 - 3*vg_y2_1 - 4*vg_y2_2 + 3*vg_y2_3 + 2*vg_y2_4;
+        vg_dst[13 * vg_ds + vg_t] = 2*vg_y2_1 - vg_y2_2 - 5*vg_y2_3 - 2*vg_y2_4;
+        vg_dst[14 * vg_ds + vg_t] = 2*vg_y2_1 - 5*vg_y2_2 + vg_y2_3 + 2*vg_y2_4;
+        vg_dst[15 * vg_ds + vg_t] = 2*vg_y2_1 + vg_y2_2 - 2*vg_y2_3 - vg_y2_4;
+        vg_dst[16 * vg_ds + vg_t] = vg_y2_1 - 2*vg_y2_2 - vg_y2_3 + 2*vg_y2_4;
+        vg_dst[17 * vg_ds + vg_t] = 2*vg_y2_1 - 3*vg_y2_2 - 4*vg_y2_3 + 3*vg_y2_4 + 2*vg_y2_5;
+        vg_dst[18 * vg_ds + vg_t] = 2*vg_y3_0 - 3*vg_y3_1 - 4*vg_y3_2 + 3*vg_y3_3 + 2*vg_y3_4;
+        vg_dst[19 * vg_ds + vg_t] = 2*vg_y3_1 - vg_y3_2 - 5*vg_y3_3 - 2*vg_y3_4;
+        vg_dst[20 * vg_ds + vg_t] = 2*vg_y3_1 - 5*vg_y3_2 + vg_y3_3 + 2*vg_y3_4;
+        vg_dst[21 * vg_ds + vg_t] = 2*vg_y3_1 + vg_y3_2 - 2*vg_y3_3 - vg_y3_4;
+        vg_dst[22 * vg_ds + vg_t] = vg_y3_1 - 2*vg_y3_2 - vg_y3_3 + 2*vg_y3_4;
+        vg_dst[23 * vg_ds + vg_t] = 2*vg_y3_1 - 3*vg_y3_2 - 4*vg_y3_3 + 3*vg_y3_4 + 2*vg_y3_5;
+        vg_dst[24 * vg_ds + vg_t] = 2*vg_y4_0 - 3*vg_y4_1 - 4*vg_y4_2 + 3*vg_y4_3 + 2*vg_y4_4;
+        vg_dst[25 * vg_ds + vg_t] = 2*vg_y4_1 - vg_y4_2 - 5*vg_y4_3 - 2*vg_y4_4;
+        vg_dst[26 * vg_ds + vg_t] = 2*vg_y4_1 - 5*vg_y4_2 + vg_y4_3 + 2*vg_y4_4;
+        vg_dst[27 * vg_ds + vg_t] = 2*vg_y4_1 + vg_y4_2 - 2*vg_y4_3 - vg_y4_4;
+        vg_dst[28 * vg_ds + vg_t] = vg_y4_1 - 2*vg_y4_2 - vg_y4_3 + 2*vg_y4_4;
+        vg_dst[29 * vg_ds + vg_t] = 2*vg_y4_1 - 3*vg_y4_2 - 4*vg_y4_3 + 3*vg_y4_4 + 2*vg_y4_5;
+        vg_dst[30 * vg_ds + vg_t] = 2*vg_y5_0 - 3*vg_y5_1 - 4*vg_y5_2 + 3*vg_y5_3 + 2*vg_y5_4;
+        vg_dst[31 * vg_ds + vg_t] = 2*vg_y5_1 - vg_y5_2 - 5*vg_y5_3 - 2*vg_y5_4;
+        vg_dst[32 * vg_ds + vg_t] = 2*vg_y5_1 - 5*vg_y5_2 + vg_y5_3 + 2*vg_y5_4;
+        vg_dst[33 * vg_ds + vg_t] = 2*vg_y5_1 + vg_y5_2 - 2*vg_y5_3 - vg_y5_4;
+        vg_dst[34 * vg_ds + vg_t] = vg_y5_1 - 2*vg_y5_2 - vg_y5_3 + 2*vg_y5_4;
+        vg_dst[35 * vg_ds + vg_t] = 2*vg_y5_1 - 3*vg_y5_2 - 4*vg_y5_3 + 3*vg_y5_4 + 2*vg_y5_5;
+    }
+}
+
+
+// U = G g Gᵀ for 4×4 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void vg_winograd_f3x3_4x4_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t];
+        const float vg_y0_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t];
+        const float vg_y0_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
+        const float vg_y0_3 = ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t];
+        const float vg_y1_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[12 * vg_ss + vg_t];
+        const float vg_y1_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[9 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[13 * vg_ss + vg_t];
+        const float vg_y1_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[6 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[10 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[14 * vg_ss + vg_t];
+        const float vg_y1_3 = -(1.0f/6.0f)*vg_src[3 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[7 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[11 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[15 * vg_ss + vg_t];
+        const float vg_y2_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[12 * vg_ss + vg_t];
+        const float vg_y2_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[9 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[13 * vg_ss + vg_t];
+        const float vg_y2_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[6 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[10 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[14 * vg_ss + vg_t];
+        const float vg_y2_3 = -(1.0f/6.0f)*vg_src[3 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[7 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[11 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[15 * vg_ss + vg_t];
+        const float vg_y3_0 = ((16.0f/15.0f))*vg_src[0 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[4 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[8 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[12 * vg_ss + vg_t];
+        const float vg_y3_1 = ((16.0f/15.0f))*vg_src[1 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[5 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[9 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[13 * vg_ss + vg_t];
+        const float vg_y3_2 = ((16.0f/15.0f))*vg_src[2 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[6 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[10 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[14 * vg_ss + vg_t];
+        const float vg_y3_3 = ((16.0f/15.0f))*vg_src[3 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[7 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[11 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[15 * vg_ss + vg_t];
+        const float vg_y4_0 = ((1.0f/30.0f))*vg_src[0 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[4 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[8 * vg_ss + vg_t] - (4.0f/15.0f)*vg_src[12 * vg_ss + vg_t];
+        const float vg_y4_1 = ((1.0f/30.0f))*vg_src[1 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[5 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[9 * vg_ss + vg_t] - (4.0f/15.0f)*vg_src[13 * vg_ss + vg_t];
+        const float vg_y4_2 = ((1.0f/30.0f))*vg_src[2 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[6 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[10 * vg_ss + vg_t] - (4.0f/15.0f)*vg_src[14 * vg_ss + vg_t];
+        const float vg_y4_3 = ((1.0f/30.0f))*vg_src[3 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[7 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[11 * vg_ss + vg_t] - (4.0f/15.0f)*vg_src[15 * vg_ss + vg_t];
+        const float vg_y5_0 = ((1.0f/2.0f))*vg_src[12 * vg_ss + vg_t];
+        const float vg_y5_1 = ((1.0f/2.0f))*vg_src[13 * vg_ss + vg_t];
+        const float vg_y5_2 = ((1.0f/2.0f))*vg_src[14 * vg_ss + vg_t];
+        const float vg_y5_3 = ((1.0f/2.0f))*vg_src[15 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0;
+        vg_dst[1 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 - (1.0f/6.0f)*vg_y0_1 - (1.0f/6.0f)*vg_y0_2 - (1.0f/6.0f)*vg_y0_3;
+        vg_dst[2 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 + ((1.0f/6.0f))*vg_y0_1 - (1.0f/6.0f)*vg_y0_2 + ((1.0f/6.0f))*vg_y0_3;
+        vg_dst[3 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y0_0 + ((8.0f/15.0f))*vg_y0_1 + ((4.0f/15.0f))*vg_y0_2 + ((2.0f/15.0f))*vg_y0_3;
+        vg_dst[4 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y0_0 - (1.0f/15.0f)*vg_y0_1 + ((2.0f/15.0f))*vg_y0_2 - (4.0f/15.0f)*vg_y0_3;
+        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_3;
+        vg_dst[6 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0;
+        vg_dst[7 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 - (1.0f/6.0f)*vg_y1_1 - (1.0f/6.0f)*vg_y1_2 - (1.0f/6.0f)*vg_y1_3;
+        vg_dst[8 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 + ((1.0f/6.0f))*vg_y1_1 - (1.0f/6.0f)*vg_y1_2 + ((1.0f/6.0f))*vg_y1_3;
+        vg_dst[9 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y1_0 + ((8.0f/15.0f))*vg_y1_1 + ((4.0f/15.0f))*vg_y1_2 + ((2.0f/15.0f))*vg_y1_3;
+        vg_dst[10 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y1_0 - (1.0f/15.0f)*vg_y1_1 + ((2.0f/15.0f))*vg_y1_2 - (4.0f/15.0f)*vg_y1_3;
+        vg_dst[11 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_3;
+        vg_dst[12 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0;
+        vg_dst[13 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 - (1.0f/6.0f)*vg_y2_1 - (1.0f/6.0f)*vg_y2_2 - (1.0f/6.0f)*vg_y2_3;
+        vg_dst[14 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 + ((1.0f/6.0f))*vg_y2_1 - (1.0f/6.0f)*vg_y2_2 + ((1.0f/6.0f))*vg_y2_3;
+        vg_dst[15 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y2_0 + ((8.0f/15.0f))*vg_y2_1 + ((4.0f/15.0f))*vg_y2_2 + ((2.0f/15.0f))*vg_y2_3;
+        vg_dst[16 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y2_0 - (1.0f/15.0f)*vg_y2_1 + ((2.0f/15.0f))*vg_y2_2 - (4.0f/15.0f)*vg_y2_3;
+        vg_dst[17 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_3;
+        vg_dst[18 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0;
+        vg_dst[19 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 - (1.0f/6.0f)*vg_y3_1 - (1.0f/6.0f)*vg_y3_2 - (1.0f/6.0f)*vg_y3_3;
+        vg_dst[20 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 + ((1.0f/6.0f))*vg_y3_1 - (1.0f/6.0f)*vg_y3_2 + ((1.0f/6.0f))*vg_y3_3;
+        vg_dst[21 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y3_0 + ((8.0f/15.0f))*vg_y3_1 + ((4.0f/15.0f))*vg_y3_2 + ((2.0f/15.0f))*vg_y3_3;
+        vg_dst[22 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y3_0 - (1.0f/15.0f)*vg_y3_1 + ((2.0f/15.0f))*vg_y3_2 - (4.0f/15.0f)*vg_y3_3;
+        vg_dst[23 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_3;
+        vg_dst[24 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_0;
+        vg_dst[25 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 - (1.0f/6.0f)*vg_y4_1 - (1.0f/6.0f)*vg_y4_2 - (1.0f/6.0f)*vg_y4_3;
+        vg_dst[26 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 + ((1.0f/6.0f))*vg_y4_1 - (1.0f/6.0f)*vg_y4_2 + ((1.0f/6.0f))*vg_y4_3;
+        vg_dst[27 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y4_0 + ((8.0f/15.0f))*vg_y4_1 + ((4.0f/15.0f))*vg_y4_2 + ((2.0f/15.0f))*vg_y4_3;
+        vg_dst[28 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y4_0 - (1.0f/15.0f)*vg_y4_1 + ((2.0f/15.0f))*vg_y4_2 - (4.0f/15.0f)*vg_y4_3;
+        vg_dst[29 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_3;
+        vg_dst[30 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_0;
+        vg_dst[31 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 - (1.0f/6.0f)*vg_y5_1 - (1.0f/6.0f)*vg_y5_2 - (1.0f/6.0f)*vg_y5_3;
+        vg_dst[32 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 + ((1.0f/6.0f))*vg_y5_1 - (1.0f/6.0f)*vg_y5_2 + ((1.0f/6.0f))*vg_y5_3;
+        vg_dst[33 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y5_0 + ((8.0f/15.0f))*vg_y5_1 + ((4.0f/15.0f))*vg_y5_2 + ((2.0f/15.0f))*vg_y5_3;
+        vg_dst[34 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y5_0 - (1.0f/15.0f)*vg_y5_1 + ((2.0f/15.0f))*vg_y5_2 - (4.0f/15.0f)*vg_y5_3;
+        vg_dst[35 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_3;
+    }
+}
+
+
+// Y = Aᵀ M A, 3×3 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
+static inline void vg_winograd_f3x3_4x4_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
+{
+    #pragma omp simd
+    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
+    {
+        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + vg_src[24 * vg_ss + vg_t];
+        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + vg_src[25 * vg_ss + vg_t];
+        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + vg_src[26 * vg_ss + vg_t];
+        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + vg_src[27 * vg_ss + vg_t];
+        const float vg_y0_4 = vg_src[4 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + vg_src[28 * vg_ss + vg_t];
+        const float vg_y0_5 = vg_src[5 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + vg_src[29 * vg_ss + vg_t];
+        const float vg_y1_0 = vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
+        const float vg_y1_1 = vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
+        const float vg_y1_2 = vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
+        const float vg_y1_3 = vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
+        const float vg_y1_4 = vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
+        const float vg_y1_5 = vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
+        const float vg_y2_0 = vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[18 * vg_ss + vg_t] + 4*vg_src[24 * vg_ss + vg_t] + vg_src[30 * vg_ss + vg_t];
+        const float vg_y2_1 = vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[19 * vg_ss + vg_t] + 4*vg_src[25 * vg_ss + vg_t] + vg_src[31 * vg_ss + vg_t];
+        const float vg_y2_2 = vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[20 * vg_ss + vg_t] + 4*vg_src[26 * vg_ss + vg_t] + vg_src[32 * vg_ss + vg_t];
+        const float vg_y2_3 = vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[21 * vg_ss + vg_t] + 4*vg_src[27 * vg_ss + vg_t] + vg_src[33 * vg_ss + vg_t];
+        const float vg_y2_4 = vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[22 * vg_ss + vg_t] + 4*vg_src[28 * vg_ss + vg_t] + vg_src[34 * vg_ss + vg_t];
+        const float vg_y2_5 = vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[23 * vg_ss + vg_t] + 4*vg_src[29 * vg_ss + vg_t] + vg_src[35 * vg_ss + vg_t];
+        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2 + vg_y0_3 + vg_y0_4;
+        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + ((1.0f/2.0f))*vg_y0_3 - 2*vg_y0_4;
+        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2 + ((1.0f/4.0f))*vg_y0_3 + 4*vg_y0_4 + vg_y0_5;
+        vg_dst[3 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2 + vg_y1_3 + vg_y1_4;
+        vg_dst[4 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + ((1.0f/2.0f))*vg_y1_3 - 2*vg_y1_4;
+        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2 + ((1.0f/4.0f))*vg_y1_3 + 4*vg_y1_4 + vg_y1_5;
+        vg_dst[6 * vg_ds + vg_t] = vg_y2_0 + vg_y2_1 + vg_y2_2 + vg_y2_3 + vg_y2_4;
+        vg_dst[7 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2 + ((1.0f/2.0f))*vg_y2_3 - 2*vg_y2_4;
+        vg_dst[8 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2 + ((1.0f/4.0f))*vg_y2_3 + 4*vg_y2_4 + vg_y2_5;
+    }
+}
+
+
 // convolution2d_forward_y: contraction (Convolution2D, forward)
 //   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j], (ic, 0, IC - 1), (di, -K, K), (dj, -K, K))  (eq. 1)
 //   specialised: K=1
@@ -697,102 +1294,6 @@ void convolution2d_forward_y(const float *restrict w, const float *restrict x, f
 //   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j], (ic, 0, IC - 1), (di, -K, K), (dj, -K, K))  (eq. 1)
 //   specialised: K=1
 //   as Winograd F(2×2, 3×3) (points 0, 1, -1, ∞; vggen.derive.winograd), proved equal by `vggen check`
-// V = Bᵀ d B for 4×4 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_forward_y_winograd2_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
-        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
-        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
-        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
-        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
-        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
-        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
-        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
-        const float vg_y2_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
-        const float vg_y2_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
-        const float vg_y2_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
-        const float vg_y2_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
-        const float vg_y3_0 = vg_src[4 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t];
-        const float vg_y3_1 = vg_src[5 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t];
-        const float vg_y3_2 = vg_src[6 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t];
-        const float vg_y3_3 = vg_src[7 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 - vg_y0_2;
-        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2;
-        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2;
-        vg_dst[3 * vg_ds + vg_t] = vg_y0_1 - vg_y0_3;
-        vg_dst[4 * vg_ds + vg_t] = vg_y1_0 - vg_y1_2;
-        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2;
-        vg_dst[6 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2;
-        vg_dst[7 * vg_ds + vg_t] = vg_y1_1 - vg_y1_3;
-        vg_dst[8 * vg_ds + vg_t] = vg_y2_0 - vg_y2_2;
-        vg_dst[9 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2;
-        vg_dst[10 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2;
-        vg_dst[11 * vg_ds + vg_t] = vg_y2_1 - vg_y2_3;
-        vg_dst[12 * vg_ds + vg_t] = vg_y3_0 - vg_y3_2;
-        vg_dst[13 * vg_ds + vg_t] = vg_y3_1 + vg_y3_2;
-        vg_dst[14 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2;
-        vg_dst[15 * vg_ds + vg_t] = vg_y3_1 - vg_y3_3;
-    }
-}
-// U = G g Gᵀ for 3×3 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_forward_y_winograd2_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t];
-        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t];
-        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t];
-        const float vg_y1_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[6 * vg_ss + vg_t];
-        const float vg_y1_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[4 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[7 * vg_ss + vg_t];
-        const float vg_y1_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[5 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[8 * vg_ss + vg_t];
-        const float vg_y2_0 = -(1.0f/2.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[6 * vg_ss + vg_t];
-        const float vg_y2_1 = -(1.0f/2.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[4 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[7 * vg_ss + vg_t];
-        const float vg_y2_2 = -(1.0f/2.0f)*vg_src[2 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[5 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[8 * vg_ss + vg_t];
-        const float vg_y3_0 = -vg_src[6 * vg_ss + vg_t];
-        const float vg_y3_1 = -vg_src[7 * vg_ss + vg_t];
-        const float vg_y3_2 = -vg_src[8 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = vg_y0_0;
-        vg_dst[1 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 + ((1.0f/2.0f))*vg_y0_2;
-        vg_dst[2 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 - (1.0f/2.0f)*vg_y0_2;
-        vg_dst[3 * vg_ds + vg_t] = -vg_y0_2;
-        vg_dst[4 * vg_ds + vg_t] = vg_y1_0;
-        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 + ((1.0f/2.0f))*vg_y1_2;
-        vg_dst[6 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 - (1.0f/2.0f)*vg_y1_2;
-        vg_dst[7 * vg_ds + vg_t] = -vg_y1_2;
-        vg_dst[8 * vg_ds + vg_t] = vg_y2_0;
-        vg_dst[9 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 + ((1.0f/2.0f))*vg_y2_2;
-        vg_dst[10 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 - (1.0f/2.0f)*vg_y2_2;
-        vg_dst[11 * vg_ds + vg_t] = -vg_y2_2;
-        vg_dst[12 * vg_ds + vg_t] = vg_y3_0;
-        vg_dst[13 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 + ((1.0f/2.0f))*vg_y3_2;
-        vg_dst[14 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 - (1.0f/2.0f)*vg_y3_2;
-        vg_dst[15 * vg_ds + vg_t] = -vg_y3_2;
-    }
-}
-// Y = Aᵀ M A, 2×2 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_forward_y_winograd2_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
-        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
-        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
-        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
-        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t];
-        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t];
-        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t];
-        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2;
-        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + vg_y0_3;
-        vg_dst[2 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2;
-        vg_dst[3 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + vg_y1_3;
-    }
-}
 void convolution2d_forward_y_winograd2(const float *restrict w, const float *restrict x, float *restrict y, int B, int H, int IC, int OC, int W)
 {
     const int vg_TH = (H + 1) / 2, vg_TW = (W + 1) / 2;
@@ -845,7 +1346,7 @@ void convolution2d_forward_y_winograd2(const float *restrict w, const float *res
                     vg_d[7 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 7] : 0.0f;
                     vg_d[8 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 8] : 0.0f;
                 }
-                convolution2d_forward_y_winograd2_filter(vg_d, VG_NR, vg_e, VG_NR);
+                vg_winograd_f2x2_3x3_filter(vg_d, VG_NR, vg_e, VG_NR);
                 for (int vg_k = 0; vg_k < 16; ++vg_k)
                     for (int vg_q = 0; vg_q < VG_NR && vg_c0 + vg_q < IC; ++vg_q)
                         vg_u[(((size_t)vg_k * vg_OP + vg_wo / VG_MR) * (IC) + vg_c0 + vg_q) * VG_MR + vg_wo % VG_MR]
@@ -910,7 +1411,7 @@ void convolution2d_forward_y_winograd2(const float *restrict w, const float *res
             for (int vg_wc = 0; vg_wc < IC; ++vg_wc)
             {
                 vg_gather(x + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 16 * VG_NR);
-                convolution2d_forward_y_winograd2_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(IC) * VG_NR);
+                vg_winograd_f2x2_3x3_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(IC) * VG_NR);
             }
             // M[k] = U[k]·V[k]: the channel sums, one product per transform position k
 #ifdef VG_BF16_GEMM
@@ -954,7 +1455,7 @@ void convolution2d_forward_y_winograd2(const float *restrict w, const float *res
                 }
             for (int vg_wo = 0; vg_wo < OC; ++vg_wo)
             {
-                convolution2d_forward_y_winograd2_output(vg_m + (size_t)vg_wo * VG_NR, (long)vg_OP * VG_MR * VG_NR, vg_e, VG_NR);
+                vg_winograd_f2x2_3x3_output(vg_m + (size_t)vg_wo * VG_NR, (long)vg_OP * VG_MR * VG_NR, vg_e, VG_NR);
                 vg_scatter(y + (size_t)vg_wo * (H*W), vg_off, vg_e, 4 * VG_NR);
             }
         }
@@ -969,196 +1470,6 @@ void convolution2d_forward_y_winograd2(const float *restrict w, const float *res
 //   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j], (ic, 0, IC - 1), (di, -K, K), (dj, -K, K))  (eq. 1)
 //   specialised: K=1
 //   as Winograd F(4×4, 3×3) (points 0, 1, -1, 1/2, -2, ∞; vggen.derive.winograd), proved equal by `vggen check`
-// V = Bᵀ d B for 6×6 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_forward_y_winograd4_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = 2*vg_src[0 * vg_ss + vg_t] - 3*vg_src[6 * vg_ss + vg_t] - 4*vg_src[12 * vg_ss + vg_t] + 3*vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y0_1 = 2*vg_src[1 * vg_ss + vg_t] - 3*vg_src[7 * vg_ss + vg_t] - 4*vg_src[13 * vg_ss + vg_t] + 3*vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y0_2 = 2*vg_src[2 * vg_ss + vg_t] - 3*vg_src[8 * vg_ss + vg_t] - 4*vg_src[14 * vg_ss + vg_t] + 3*vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y0_3 = 2*vg_src[3 * vg_ss + vg_t] - 3*vg_src[9 * vg_ss + vg_t] - 4*vg_src[15 * vg_ss + vg_t] + 3*vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y0_4 = 2*vg_src[4 * vg_ss + vg_t] - 3*vg_src[10 * vg_ss + vg_t] - 4*vg_src[16 * vg_ss + vg_t] + 3*vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y0_5 = 2*vg_src[5 * vg_ss + vg_t] - 3*vg_src[11 * vg_ss + vg_t] - 4*vg_src[17 * vg_ss + vg_t] + 3*vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y1_0 = 2*vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] - 5*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y1_1 = 2*vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] - 5*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y1_2 = 2*vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] - 5*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y1_3 = 2*vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] - 5*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y1_4 = 2*vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] - 5*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y1_5 = 2*vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] - 5*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y2_0 = 2*vg_src[6 * vg_ss + vg_t] - 5*vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y2_1 = 2*vg_src[7 * vg_ss + vg_t] - 5*vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y2_2 = 2*vg_src[8 * vg_ss + vg_t] - 5*vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y2_3 = 2*vg_src[9 * vg_ss + vg_t] - 5*vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y2_4 = 2*vg_src[10 * vg_ss + vg_t] - 5*vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y2_5 = 2*vg_src[11 * vg_ss + vg_t] - 5*vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y3_0 = 2*vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] - 2*vg_src[18 * vg_ss + vg_t] - vg_src[24 * vg_ss + vg_t];
-        const float vg_y3_1 = 2*vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] - 2*vg_src[19 * vg_ss + vg_t] - vg_src[25 * vg_ss + vg_t];
-        const float vg_y3_2 = 2*vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] - 2*vg_src[20 * vg_ss + vg_t] - vg_src[26 * vg_ss + vg_t];
-        const float vg_y3_3 = 2*vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] - 2*vg_src[21 * vg_ss + vg_t] - vg_src[27 * vg_ss + vg_t];
-        const float vg_y3_4 = 2*vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] - 2*vg_src[22 * vg_ss + vg_t] - vg_src[28 * vg_ss + vg_t];
-        const float vg_y3_5 = 2*vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] - 2*vg_src[23 * vg_ss + vg_t] - vg_src[29 * vg_ss + vg_t];
-        const float vg_y4_0 = vg_src[6 * vg_ss + vg_t] - 2*vg_src[12 * vg_ss + vg_t] - vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y4_1 = vg_src[7 * vg_ss + vg_t] - 2*vg_src[13 * vg_ss + vg_t] - vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y4_2 = vg_src[8 * vg_ss + vg_t] - 2*vg_src[14 * vg_ss + vg_t] - vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y4_3 = vg_src[9 * vg_ss + vg_t] - 2*vg_src[15 * vg_ss + vg_t] - vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y4_4 = vg_src[10 * vg_ss + vg_t] - 2*vg_src[16 * vg_ss + vg_t] - vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y4_5 = vg_src[11 * vg_ss + vg_t] - 2*vg_src[17 * vg_ss + vg_t] - vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y5_0 = 2*vg_src[6 * vg_ss + vg_t] - 3*vg_src[12 * vg_ss + vg_t] - 4*vg_src[18 * vg_ss + vg_t] + 3*vg_src[24 * vg_ss + vg_t] + 2*vg_src[30 * vg_ss + vg_t];
-        const float vg_y5_1 = 2*vg_src[7 * vg_ss + vg_t] - 3*vg_src[13 * vg_ss + vg_t] - 4*vg_src[19 * vg_ss + vg_t] + 3*vg_src[25 * vg_ss + vg_t] + 2*vg_src[31 * vg_ss + vg_t];
-        const float vg_y5_2 = 2*vg_src[8 * vg_ss + vg_t] - 3*vg_src[14 * vg_ss + vg_t] - 4*vg_src[20 * vg_ss + vg_t] + 3*vg_src[26 * vg_ss + vg_t] + 2*vg_src[32 * vg_ss + vg_t];
-        const float vg_y5_3 = 2*vg_src[9 * vg_ss + vg_t] - 3*vg_src[15 * vg_ss + vg_t] - 4*vg_src[21 * vg_ss + vg_t] + 3*vg_src[27 * vg_ss + vg_t] + 2*vg_src[33 * vg_ss + vg_t];
-        const float vg_y5_4 = 2*vg_src[10 * vg_ss + vg_t] - 3*vg_src[16 * vg_ss + vg_t] - 4*vg_src[22 * vg_ss + vg_t] + 3*vg_src[28 * vg_ss + vg_t] + 2*vg_src[34 * vg_ss + vg_t];
-        const float vg_y5_5 = 2*vg_src[11 * vg_ss + vg_t] - 3*vg_src[17 * vg_ss + vg_t] - 4*vg_src[23 * vg_ss + vg_t] + 3*vg_src[29 * vg_ss + vg_t] + 2*vg_src[35 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = 2*vg_y0_0 - 3*vg_y0_1 - 4*vg_y0_2 + 3*vg_y0_3 + 2*vg_y0_4;
-        vg_dst[1 * vg_ds + vg_t] = 2*vg_y0_1 - vg_y0_2 - 5*vg_y0_3 - 2*vg_y0_4;
-        vg_dst[2 * vg_ds + vg_t] = 2*vg_y0_1 - 5*vg_y0_2 + vg_y0_3 + 2*vg_y0_4;
-        vg_dst[3 * vg_ds + vg_t] = 2*vg_y0_1 + vg_y0_2 - 2*vg_y0_3 - vg_y0_4;
-        vg_dst[4 * vg_ds + vg_t] = vg_y0_1 - 2*vg_y0_2 - vg_y0_3 + 2*vg_y0_4;
-        vg_dst[5 * vg_ds + vg_t] = 2*vg_y0_1 - 3*vg_y0_2 - 4*vg_y0_3 + 3*vg_y0_4 + 2*vg_y0_5;
-        vg_dst[6 * vg_ds + vg_t] = 2*vg_y1_0 - 3*vg_y1_1 - 4*vg_y1_2 + 3*vg_y1_3 + 2*vg_y1_4;
-        vg_dst[7 * vg_ds + vg_t] = 2*vg_y1_1 - vg_y1_2 - 5*vg_y1_3 - 2*vg_y1_4;
-        vg_dst[8 * vg_ds + vg_t] = 2*vg_y1_1 - 5*vg_y1_2 + vg_y1_3 + 2*vg_y1_4;
-        vg_dst[9 * vg_ds + vg_t] = 2*vg_y1_1 + vg_y1_2 - 2*vg_y1_3 - vg_y1_4;
-        vg_dst[10 * vg_ds + vg_t] = vg_y1_1 - 2*vg_y1_2 - vg_y1_3 + 2*vg_y1_4;
-        vg_dst[11 * vg_ds + vg_t] = 2*vg_y1_1 - 3*vg_y1_2 - 4*vg_y1_3 + 3*vg_y1_4 + 2*vg_y1_5;
-        vg_dst[12 * vg_ds + vg_t] = 2*vg_y2_0 - 3*vg_y2_1 - 4*vg_y2_2 + 3*vg_y2_3 + 2*vg_y2_4;
-        vg_dst[13 * vg_ds + vg_t] = 2*vg_y2_1 - vg_y2_2 - 5*vg_y2_3 - 2*vg_y2_4;
-        vg_dst[14 * vg_ds + vg_t] = 2*vg_y2_1 - 5*vg_y2_2 + vg_y2_3 + 2*vg_y2_4;
-        vg_dst[15 * vg_ds + vg_t] = 2*vg_y2_1 + vg_y2_2 - 2*vg_y2_3 - vg_y2_4;
-        vg_dst[16 * vg_ds + vg_t] = vg_y2_1 - 2*vg_y2_2 - vg_y2_3 + 2*vg_y2_4;
-        vg_dst[17 * vg_ds + vg_t] = 2*vg_y2_1 - 3*vg_y2_2 - 4*vg_y2_3 + 3*vg_y2_4 + 2*vg_y2_5;
-        vg_dst[18 * vg_ds + vg_t] = 2*vg_y3_0 - 3*vg_y3_1 - 4*vg_y3_2 + 3*vg_y3_3 + 2*vg_y3_4;
-        vg_dst[19 * vg_ds + vg_t] = 2*vg_y3_1 - vg_y3_2 - 5*vg_y3_3 - 2*vg_y3_4;
-        vg_dst[20 * vg_ds + vg_t] = 2*vg_y3_1 - 5*vg_y3_2 + vg_y3_3 + 2*vg_y3_4;
-        vg_dst[21 * vg_ds + vg_t] = 2*vg_y3_1 + vg_y3_2 - 2*vg_y3_3 - vg_y3_4;
-        vg_dst[22 * vg_ds + vg_t] = vg_y3_1 - 2*vg_y3_2 - vg_y3_3 + 2*vg_y3_4;
-        vg_dst[23 * vg_ds + vg_t] = 2*vg_y3_1 - 3*vg_y3_2 - 4*vg_y3_3 + 3*vg_y3_4 + 2*vg_y3_5;
-        vg_dst[24 * vg_ds + vg_t] = 2*vg_y4_0 - 3*vg_y4_1 - 4*vg_y4_2 + 3*vg_y4_3 + 2*vg_y4_4;
-        vg_dst[25 * vg_ds + vg_t] = 2*vg_y4_1 - vg_y4_2 - 5*vg_y4_3 - 2*vg_y4_4;
-        vg_dst[26 * vg_ds + vg_t] = 2*vg_y4_1 - 5*vg_y4_2 + vg_y4_3 + 2*vg_y4_4;
-        vg_dst[27 * vg_ds + vg_t] = 2*vg_y4_1 + vg_y4_2 - 2*vg_y4_3 - vg_y4_4;
-        vg_dst[28 * vg_ds + vg_t] = vg_y4_1 - 2*vg_y4_2 - vg_y4_3 + 2*vg_y4_4;
-        vg_dst[29 * vg_ds + vg_t] = 2*vg_y4_1 - 3*vg_y4_2 - 4*vg_y4_3 + 3*vg_y4_4 + 2*vg_y4_5;
-        vg_dst[30 * vg_ds + vg_t] = 2*vg_y5_0 - 3*vg_y5_1 - 4*vg_y5_2 + 3*vg_y5_3 + 2*vg_y5_4;
-        vg_dst[31 * vg_ds + vg_t] = 2*vg_y5_1 - vg_y5_2 - 5*vg_y5_3 - 2*vg_y5_4;
-        vg_dst[32 * vg_ds + vg_t] = 2*vg_y5_1 - 5*vg_y5_2 + vg_y5_3 + 2*vg_y5_4;
-        vg_dst[33 * vg_ds + vg_t] = 2*vg_y5_1 + vg_y5_2 - 2*vg_y5_3 - vg_y5_4;
-        vg_dst[34 * vg_ds + vg_t] = vg_y5_1 - 2*vg_y5_2 - vg_y5_3 + 2*vg_y5_4;
-        vg_dst[35 * vg_ds + vg_t] = 2*vg_y5_1 - 3*vg_y5_2 - 4*vg_y5_3 + 3*vg_y5_4 + 2*vg_y5_5;
-    }
-}
-// U = G g Gᵀ for 3×3 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_forward_y_winograd4_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t];
-        const float vg_y0_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t];
-        const float vg_y0_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
-        const float vg_y1_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[3 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[6 * vg_ss + vg_t];
-        const float vg_y1_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[7 * vg_ss + vg_t];
-        const float vg_y1_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t];
-        const float vg_y2_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[3 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[6 * vg_ss + vg_t];
-        const float vg_y2_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[7 * vg_ss + vg_t];
-        const float vg_y2_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t];
-        const float vg_y3_0 = ((16.0f/15.0f))*vg_src[0 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[3 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[6 * vg_ss + vg_t];
-        const float vg_y3_1 = ((16.0f/15.0f))*vg_src[1 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[4 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[7 * vg_ss + vg_t];
-        const float vg_y3_2 = ((16.0f/15.0f))*vg_src[2 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[5 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[8 * vg_ss + vg_t];
-        const float vg_y4_0 = ((1.0f/30.0f))*vg_src[0 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[3 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[6 * vg_ss + vg_t];
-        const float vg_y4_1 = ((1.0f/30.0f))*vg_src[1 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[4 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[7 * vg_ss + vg_t];
-        const float vg_y4_2 = ((1.0f/30.0f))*vg_src[2 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[5 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[8 * vg_ss + vg_t];
-        const float vg_y5_0 = ((1.0f/2.0f))*vg_src[6 * vg_ss + vg_t];
-        const float vg_y5_1 = ((1.0f/2.0f))*vg_src[7 * vg_ss + vg_t];
-        const float vg_y5_2 = ((1.0f/2.0f))*vg_src[8 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0;
-        vg_dst[1 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 - (1.0f/6.0f)*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
-        vg_dst[2 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 + ((1.0f/6.0f))*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
-        vg_dst[3 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y0_0 + ((8.0f/15.0f))*vg_y0_1 + ((4.0f/15.0f))*vg_y0_2;
-        vg_dst[4 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y0_0 - (1.0f/15.0f)*vg_y0_1 + ((2.0f/15.0f))*vg_y0_2;
-        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_2;
-        vg_dst[6 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0;
-        vg_dst[7 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 - (1.0f/6.0f)*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
-        vg_dst[8 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 + ((1.0f/6.0f))*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
-        vg_dst[9 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y1_0 + ((8.0f/15.0f))*vg_y1_1 + ((4.0f/15.0f))*vg_y1_2;
-        vg_dst[10 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y1_0 - (1.0f/15.0f)*vg_y1_1 + ((2.0f/15.0f))*vg_y1_2;
-        vg_dst[11 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_2;
-        vg_dst[12 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0;
-        vg_dst[13 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 - (1.0f/6.0f)*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
-        vg_dst[14 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 + ((1.0f/6.0f))*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
-        vg_dst[15 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y2_0 + ((8.0f/15.0f))*vg_y2_1 + ((4.0f/15.0f))*vg_y2_2;
-        vg_dst[16 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y2_0 - (1.0f/15.0f)*vg_y2_1 + ((2.0f/15.0f))*vg_y2_2;
-        vg_dst[17 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_2;
-        vg_dst[18 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0;
-        vg_dst[19 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 - (1.0f/6.0f)*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
-        vg_dst[20 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 + ((1.0f/6.0f))*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
-        vg_dst[21 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y3_0 + ((8.0f/15.0f))*vg_y3_1 + ((4.0f/15.0f))*vg_y3_2;
-        vg_dst[22 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y3_0 - (1.0f/15.0f)*vg_y3_1 + ((2.0f/15.0f))*vg_y3_2;
-        vg_dst[23 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_2;
-        vg_dst[24 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_0;
-        vg_dst[25 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 - (1.0f/6.0f)*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
-        vg_dst[26 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 + ((1.0f/6.0f))*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
-        vg_dst[27 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y4_0 + ((8.0f/15.0f))*vg_y4_1 + ((4.0f/15.0f))*vg_y4_2;
-        vg_dst[28 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y4_0 - (1.0f/15.0f)*vg_y4_1 + ((2.0f/15.0f))*vg_y4_2;
-        vg_dst[29 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_2;
-        vg_dst[30 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_0;
-        vg_dst[31 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 - (1.0f/6.0f)*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
-        vg_dst[32 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 + ((1.0f/6.0f))*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
-        vg_dst[33 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y5_0 + ((8.0f/15.0f))*vg_y5_1 + ((4.0f/15.0f))*vg_y5_2;
-        vg_dst[34 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y5_0 - (1.0f/15.0f)*vg_y5_1 + ((2.0f/15.0f))*vg_y5_2;
-        vg_dst[35 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_2;
-    }
-}
-// Y = Aᵀ M A, 4×4 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_forward_y_winograd4_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + vg_src[24 * vg_ss + vg_t];
-        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + vg_src[25 * vg_ss + vg_t];
-        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + vg_src[26 * vg_ss + vg_t];
-        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + vg_src[27 * vg_ss + vg_t];
-        const float vg_y0_4 = vg_src[4 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + vg_src[28 * vg_ss + vg_t];
-        const float vg_y0_5 = vg_src[5 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + vg_src[29 * vg_ss + vg_t];
-        const float vg_y1_0 = vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y1_1 = vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y1_2 = vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y1_3 = vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y1_4 = vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y1_5 = vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y2_0 = vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[18 * vg_ss + vg_t] + 4*vg_src[24 * vg_ss + vg_t];
-        const float vg_y2_1 = vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[19 * vg_ss + vg_t] + 4*vg_src[25 * vg_ss + vg_t];
-        const float vg_y2_2 = vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[20 * vg_ss + vg_t] + 4*vg_src[26 * vg_ss + vg_t];
-        const float vg_y2_3 = vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[21 * vg_ss + vg_t] + 4*vg_src[27 * vg_ss + vg_t];
-        const float vg_y2_4 = vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[22 * vg_ss + vg_t] + 4*vg_src[28 * vg_ss + vg_t];
-        const float vg_y2_5 = vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[23 * vg_ss + vg_t] + 4*vg_src[29 * vg_ss + vg_t];
-        const float vg_y3_0 = vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[18 * vg_ss + vg_t] - 8*vg_src[24 * vg_ss + vg_t] + vg_src[30 * vg_ss + vg_t];
-        const float vg_y3_1 = vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[19 * vg_ss + vg_t] - 8*vg_src[25 * vg_ss + vg_t] + vg_src[31 * vg_ss + vg_t];
-        const float vg_y3_2 = vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[20 * vg_ss + vg_t] - 8*vg_src[26 * vg_ss + vg_t] + vg_src[32 * vg_ss + vg_t];
-        const float vg_y3_3 = vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[21 * vg_ss + vg_t] - 8*vg_src[27 * vg_ss + vg_t] + vg_src[33 * vg_ss + vg_t];
-        const float vg_y3_4 = vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[22 * vg_ss + vg_t] - 8*vg_src[28 * vg_ss + vg_t] + vg_src[34 * vg_ss + vg_t];
-        const float vg_y3_5 = vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[23 * vg_ss + vg_t] - 8*vg_src[29 * vg_ss + vg_t] + vg_src[35 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2 + vg_y0_3 + vg_y0_4;
-        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + ((1.0f/2.0f))*vg_y0_3 - 2*vg_y0_4;
-        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2 + ((1.0f/4.0f))*vg_y0_3 + 4*vg_y0_4;
-        vg_dst[3 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + ((1.0f/8.0f))*vg_y0_3 - 8*vg_y0_4 + vg_y0_5;
-        vg_dst[4 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2 + vg_y1_3 + vg_y1_4;
-        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + ((1.0f/2.0f))*vg_y1_3 - 2*vg_y1_4;
-        vg_dst[6 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2 + ((1.0f/4.0f))*vg_y1_3 + 4*vg_y1_4;
-        vg_dst[7 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + ((1.0f/8.0f))*vg_y1_3 - 8*vg_y1_4 + vg_y1_5;
-        vg_dst[8 * vg_ds + vg_t] = vg_y2_0 + vg_y2_1 + vg_y2_2 + vg_y2_3 + vg_y2_4;
-        vg_dst[9 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2 + ((1.0f/2.0f))*vg_y2_3 - 2*vg_y2_4;
-        vg_dst[10 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2 + ((1.0f/4.0f))*vg_y2_3 + 4*vg_y2_4;
-        vg_dst[11 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2 + ((1.0f/8.0f))*vg_y2_3 - 8*vg_y2_4 + vg_y2_5;
-        vg_dst[12 * vg_ds + vg_t] = vg_y3_0 + vg_y3_1 + vg_y3_2 + vg_y3_3 + vg_y3_4;
-        vg_dst[13 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2 + ((1.0f/2.0f))*vg_y3_3 - 2*vg_y3_4;
-        vg_dst[14 * vg_ds + vg_t] = vg_y3_1 + vg_y3_2 + ((1.0f/4.0f))*vg_y3_3 + 4*vg_y3_4;
-        vg_dst[15 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2 + ((1.0f/8.0f))*vg_y3_3 - 8*vg_y3_4 + vg_y3_5;
-    }
-}
 void convolution2d_forward_y_winograd4(const float *restrict w, const float *restrict x, float *restrict y, int B, int H, int IC, int OC, int W)
 {
     const int vg_TH = (H + 3) / 4, vg_TW = (W + 3) / 4;
@@ -1211,7 +1522,7 @@ void convolution2d_forward_y_winograd4(const float *restrict w, const float *res
                     vg_d[7 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 7] : 0.0f;
                     vg_d[8 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 8] : 0.0f;
                 }
-                convolution2d_forward_y_winograd4_filter(vg_d, VG_NR, vg_e, VG_NR);
+                vg_winograd_f4x4_3x3_filter(vg_d, VG_NR, vg_e, VG_NR);
                 for (int vg_k = 0; vg_k < 36; ++vg_k)
                     for (int vg_q = 0; vg_q < VG_NR && vg_c0 + vg_q < IC; ++vg_q)
                         vg_u[(((size_t)vg_k * vg_OP + vg_wo / VG_MR) * (IC) + vg_c0 + vg_q) * VG_MR + vg_wo % VG_MR]
@@ -1276,7 +1587,7 @@ void convolution2d_forward_y_winograd4(const float *restrict w, const float *res
             for (int vg_wc = 0; vg_wc < IC; ++vg_wc)
             {
                 vg_gather(x + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 36 * VG_NR);
-                convolution2d_forward_y_winograd4_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(IC) * VG_NR);
+                vg_winograd_f4x4_3x3_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(IC) * VG_NR);
             }
             // M[k] = U[k]·V[k]: the channel sums, one product per transform position k
 #ifdef VG_BF16_GEMM
@@ -1320,7 +1631,7 @@ void convolution2d_forward_y_winograd4(const float *restrict w, const float *res
                 }
             for (int vg_wo = 0; vg_wo < OC; ++vg_wo)
             {
-                convolution2d_forward_y_winograd4_output(vg_m + (size_t)vg_wo * VG_NR, (long)vg_OP * VG_MR * VG_NR, vg_e, VG_NR);
+                vg_winograd_f4x4_3x3_output(vg_m + (size_t)vg_wo * VG_NR, (long)vg_OP * VG_MR * VG_NR, vg_e, VG_NR);
                 vg_scatter(y + (size_t)vg_wo * (H*W), vg_off, vg_e, 16 * VG_NR);
             }
         }
@@ -1588,102 +1899,6 @@ void convolution2d_backward_g_x(const float *restrict g_y, const float *restrict
 //   g_x[b, ic, i, j] = Sum(Piecewise((g_y[b, oc, -di + i, -dj + j]*w[oc, ic, di, dj], (di - i <= 0) & (dj - j <= 0) & (H >= -di + i + 1) & (W >= -dj + j + 1)), (0, True)), (oc, 0, OC - 1), (di, -K, K), (dj, -K, K))  (∂L/∂x)
 //   specialised: K=1
 //   as Winograd F(2×2, 3×3) (points 0, 1, -1, ∞; vggen.derive.winograd), proved equal by `vggen check`
-// V = Bᵀ d B for 4×4 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_backward_g_x_winograd2_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
-        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
-        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
-        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
-        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
-        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
-        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
-        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
-        const float vg_y2_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
-        const float vg_y2_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
-        const float vg_y2_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
-        const float vg_y2_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
-        const float vg_y3_0 = vg_src[4 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t];
-        const float vg_y3_1 = vg_src[5 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t];
-        const float vg_y3_2 = vg_src[6 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t];
-        const float vg_y3_3 = vg_src[7 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 - vg_y0_2;
-        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2;
-        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2;
-        vg_dst[3 * vg_ds + vg_t] = vg_y0_1 - vg_y0_3;
-        vg_dst[4 * vg_ds + vg_t] = vg_y1_0 - vg_y1_2;
-        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2;
-        vg_dst[6 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2;
-        vg_dst[7 * vg_ds + vg_t] = vg_y1_1 - vg_y1_3;
-        vg_dst[8 * vg_ds + vg_t] = vg_y2_0 - vg_y2_2;
-        vg_dst[9 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2;
-        vg_dst[10 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2;
-        vg_dst[11 * vg_ds + vg_t] = vg_y2_1 - vg_y2_3;
-        vg_dst[12 * vg_ds + vg_t] = vg_y3_0 - vg_y3_2;
-        vg_dst[13 * vg_ds + vg_t] = vg_y3_1 + vg_y3_2;
-        vg_dst[14 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2;
-        vg_dst[15 * vg_ds + vg_t] = vg_y3_1 - vg_y3_3;
-    }
-}
-// U = G g Gᵀ for 3×3 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_backward_g_x_winograd2_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t];
-        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t];
-        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t];
-        const float vg_y1_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[6 * vg_ss + vg_t];
-        const float vg_y1_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[4 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[7 * vg_ss + vg_t];
-        const float vg_y1_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[5 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[8 * vg_ss + vg_t];
-        const float vg_y2_0 = -(1.0f/2.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[6 * vg_ss + vg_t];
-        const float vg_y2_1 = -(1.0f/2.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[4 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[7 * vg_ss + vg_t];
-        const float vg_y2_2 = -(1.0f/2.0f)*vg_src[2 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[5 * vg_ss + vg_t] - (1.0f/2.0f)*vg_src[8 * vg_ss + vg_t];
-        const float vg_y3_0 = -vg_src[6 * vg_ss + vg_t];
-        const float vg_y3_1 = -vg_src[7 * vg_ss + vg_t];
-        const float vg_y3_2 = -vg_src[8 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = vg_y0_0;
-        vg_dst[1 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 + ((1.0f/2.0f))*vg_y0_2;
-        vg_dst[2 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 - (1.0f/2.0f)*vg_y0_2;
-        vg_dst[3 * vg_ds + vg_t] = -vg_y0_2;
-        vg_dst[4 * vg_ds + vg_t] = vg_y1_0;
-        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 + ((1.0f/2.0f))*vg_y1_2;
-        vg_dst[6 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 - (1.0f/2.0f)*vg_y1_2;
-        vg_dst[7 * vg_ds + vg_t] = -vg_y1_2;
-        vg_dst[8 * vg_ds + vg_t] = vg_y2_0;
-        vg_dst[9 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 + ((1.0f/2.0f))*vg_y2_2;
-        vg_dst[10 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 - (1.0f/2.0f)*vg_y2_2;
-        vg_dst[11 * vg_ds + vg_t] = -vg_y2_2;
-        vg_dst[12 * vg_ds + vg_t] = vg_y3_0;
-        vg_dst[13 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 + ((1.0f/2.0f))*vg_y3_2;
-        vg_dst[14 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 - (1.0f/2.0f)*vg_y3_2;
-        vg_dst[15 * vg_ds + vg_t] = -vg_y3_2;
-    }
-}
-// Y = Aᵀ M A, 2×2 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_backward_g_x_winograd2_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
-        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
-        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
-        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
-        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t];
-        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t];
-        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t];
-        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2;
-        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + vg_y0_3;
-        vg_dst[2 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2;
-        vg_dst[3 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + vg_y1_3;
-    }
-}
 void convolution2d_backward_g_x_winograd2(const float *restrict g_y, const float *restrict w, float *restrict g_x, int B, int H, int IC, int OC, int W)
 {
     const int vg_TH = (H + 1) / 2, vg_TW = (W + 1) / 2;
@@ -1736,7 +1951,7 @@ void convolution2d_backward_g_x_winograd2(const float *restrict g_y, const float
                     vg_d[7 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 1] : 0.0f;
                     vg_d[8 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo] : 0.0f;
                 }
-                convolution2d_backward_g_x_winograd2_filter(vg_d, VG_NR, vg_e, VG_NR);
+                vg_winograd_f2x2_3x3_filter(vg_d, VG_NR, vg_e, VG_NR);
                 for (int vg_k = 0; vg_k < 16; ++vg_k)
                     for (int vg_q = 0; vg_q < VG_NR && vg_c0 + vg_q < OC; ++vg_q)
                         vg_u[(((size_t)vg_k * vg_OP + vg_wo / VG_MR) * (OC) + vg_c0 + vg_q) * VG_MR + vg_wo % VG_MR]
@@ -1801,7 +2016,7 @@ void convolution2d_backward_g_x_winograd2(const float *restrict g_y, const float
             for (int vg_wc = 0; vg_wc < OC; ++vg_wc)
             {
                 vg_gather(g_y + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 16 * VG_NR);
-                convolution2d_backward_g_x_winograd2_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(OC) * VG_NR);
+                vg_winograd_f2x2_3x3_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(OC) * VG_NR);
             }
             // M[k] = U[k]·V[k]: the channel sums, one product per transform position k
 #ifdef VG_BF16_GEMM
@@ -1845,7 +2060,7 @@ void convolution2d_backward_g_x_winograd2(const float *restrict g_y, const float
                 }
             for (int vg_wo = 0; vg_wo < IC; ++vg_wo)
             {
-                convolution2d_backward_g_x_winograd2_output(vg_m + (size_t)vg_wo * VG_NR, (long)vg_OP * VG_MR * VG_NR, vg_e, VG_NR);
+                vg_winograd_f2x2_3x3_output(vg_m + (size_t)vg_wo * VG_NR, (long)vg_OP * VG_MR * VG_NR, vg_e, VG_NR);
                 vg_scatter(g_x + (size_t)vg_wo * (H*W), vg_off, vg_e, 4 * VG_NR);
             }
         }
@@ -1860,196 +2075,6 @@ void convolution2d_backward_g_x_winograd2(const float *restrict g_y, const float
 //   g_x[b, ic, i, j] = Sum(Piecewise((g_y[b, oc, -di + i, -dj + j]*w[oc, ic, di, dj], (di - i <= 0) & (dj - j <= 0) & (H >= -di + i + 1) & (W >= -dj + j + 1)), (0, True)), (oc, 0, OC - 1), (di, -K, K), (dj, -K, K))  (∂L/∂x)
 //   specialised: K=1
 //   as Winograd F(4×4, 3×3) (points 0, 1, -1, 1/2, -2, ∞; vggen.derive.winograd), proved equal by `vggen check`
-// V = Bᵀ d B for 6×6 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_backward_g_x_winograd4_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = 2*vg_src[0 * vg_ss + vg_t] - 3*vg_src[6 * vg_ss + vg_t] - 4*vg_src[12 * vg_ss + vg_t] + 3*vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y0_1 = 2*vg_src[1 * vg_ss + vg_t] - 3*vg_src[7 * vg_ss + vg_t] - 4*vg_src[13 * vg_ss + vg_t] + 3*vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y0_2 = 2*vg_src[2 * vg_ss + vg_t] - 3*vg_src[8 * vg_ss + vg_t] - 4*vg_src[14 * vg_ss + vg_t] + 3*vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y0_3 = 2*vg_src[3 * vg_ss + vg_t] - 3*vg_src[9 * vg_ss + vg_t] - 4*vg_src[15 * vg_ss + vg_t] + 3*vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y0_4 = 2*vg_src[4 * vg_ss + vg_t] - 3*vg_src[10 * vg_ss + vg_t] - 4*vg_src[16 * vg_ss + vg_t] + 3*vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y0_5 = 2*vg_src[5 * vg_ss + vg_t] - 3*vg_src[11 * vg_ss + vg_t] - 4*vg_src[17 * vg_ss + vg_t] + 3*vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y1_0 = 2*vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] - 5*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y1_1 = 2*vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] - 5*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y1_2 = 2*vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] - 5*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y1_3 = 2*vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] - 5*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y1_4 = 2*vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] - 5*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y1_5 = 2*vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] - 5*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y2_0 = 2*vg_src[6 * vg_ss + vg_t] - 5*vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y2_1 = 2*vg_src[7 * vg_ss + vg_t] - 5*vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y2_2 = 2*vg_src[8 * vg_ss + vg_t] - 5*vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y2_3 = 2*vg_src[9 * vg_ss + vg_t] - 5*vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y2_4 = 2*vg_src[10 * vg_ss + vg_t] - 5*vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y2_5 = 2*vg_src[11 * vg_ss + vg_t] - 5*vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y3_0 = 2*vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] - 2*vg_src[18 * vg_ss + vg_t] - vg_src[24 * vg_ss + vg_t];
-        const float vg_y3_1 = 2*vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] - 2*vg_src[19 * vg_ss + vg_t] - vg_src[25 * vg_ss + vg_t];
-        const float vg_y3_2 = 2*vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] - 2*vg_src[20 * vg_ss + vg_t] - vg_src[26 * vg_ss + vg_t];
-        const float vg_y3_3 = 2*vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] - 2*vg_src[21 * vg_ss + vg_t] - vg_src[27 * vg_ss + vg_t];
-        const float vg_y3_4 = 2*vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] - 2*vg_src[22 * vg_ss + vg_t] - vg_src[28 * vg_ss + vg_t];
-        const float vg_y3_5 = 2*vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] - 2*vg_src[23 * vg_ss + vg_t] - vg_src[29 * vg_ss + vg_t];
-        const float vg_y4_0 = vg_src[6 * vg_ss + vg_t] - 2*vg_src[12 * vg_ss + vg_t] - vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y4_1 = vg_src[7 * vg_ss + vg_t] - 2*vg_src[13 * vg_ss + vg_t] - vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y4_2 = vg_src[8 * vg_ss + vg_t] - 2*vg_src[14 * vg_ss + vg_t] - vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y4_3 = vg_src[9 * vg_ss + vg_t] - 2*vg_src[15 * vg_ss + vg_t] - vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y4_4 = vg_src[10 * vg_ss + vg_t] - 2*vg_src[16 * vg_ss + vg_t] - vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y4_5 = vg_src[11 * vg_ss + vg_t] - 2*vg_src[17 * vg_ss + vg_t] - vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y5_0 = 2*vg_src[6 * vg_ss + vg_t] - 3*vg_src[12 * vg_ss + vg_t] - 4*vg_src[18 * vg_ss + vg_t] + 3*vg_src[24 * vg_ss + vg_t] + 2*vg_src[30 * vg_ss + vg_t];
-        const float vg_y5_1 = 2*vg_src[7 * vg_ss + vg_t] - 3*vg_src[13 * vg_ss + vg_t] - 4*vg_src[19 * vg_ss + vg_t] + 3*vg_src[25 * vg_ss + vg_t] + 2*vg_src[31 * vg_ss + vg_t];
-        const float vg_y5_2 = 2*vg_src[8 * vg_ss + vg_t] - 3*vg_src[14 * vg_ss + vg_t] - 4*vg_src[20 * vg_ss + vg_t] + 3*vg_src[26 * vg_ss + vg_t] + 2*vg_src[32 * vg_ss + vg_t];
-        const float vg_y5_3 = 2*vg_src[9 * vg_ss + vg_t] - 3*vg_src[15 * vg_ss + vg_t] - 4*vg_src[21 * vg_ss + vg_t] + 3*vg_src[27 * vg_ss + vg_t] + 2*vg_src[33 * vg_ss + vg_t];
-        const float vg_y5_4 = 2*vg_src[10 * vg_ss + vg_t] - 3*vg_src[16 * vg_ss + vg_t] - 4*vg_src[22 * vg_ss + vg_t] + 3*vg_src[28 * vg_ss + vg_t] + 2*vg_src[34 * vg_ss + vg_t];
-        const float vg_y5_5 = 2*vg_src[11 * vg_ss + vg_t] - 3*vg_src[17 * vg_ss + vg_t] - 4*vg_src[23 * vg_ss + vg_t] + 3*vg_src[29 * vg_ss + vg_t] + 2*vg_src[35 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = 2*vg_y0_0 - 3*vg_y0_1 - 4*vg_y0_2 + 3*vg_y0_3 + 2*vg_y0_4;
-        vg_dst[1 * vg_ds + vg_t] = 2*vg_y0_1 - vg_y0_2 - 5*vg_y0_3 - 2*vg_y0_4;
-        vg_dst[2 * vg_ds + vg_t] = 2*vg_y0_1 - 5*vg_y0_2 + vg_y0_3 + 2*vg_y0_4;
-        vg_dst[3 * vg_ds + vg_t] = 2*vg_y0_1 + vg_y0_2 - 2*vg_y0_3 - vg_y0_4;
-        vg_dst[4 * vg_ds + vg_t] = vg_y0_1 - 2*vg_y0_2 - vg_y0_3 + 2*vg_y0_4;
-        vg_dst[5 * vg_ds + vg_t] = 2*vg_y0_1 - 3*vg_y0_2 - 4*vg_y0_3 + 3*vg_y0_4 + 2*vg_y0_5;
-        vg_dst[6 * vg_ds + vg_t] = 2*vg_y1_0 - 3*vg_y1_1 - 4*vg_y1_2 + 3*vg_y1_3 + 2*vg_y1_4;
-        vg_dst[7 * vg_ds + vg_t] = 2*vg_y1_1 - vg_y1_2 - 5*vg_y1_3 - 2*vg_y1_4;
-        vg_dst[8 * vg_ds + vg_t] = 2*vg_y1_1 - 5*vg_y1_2 + vg_y1_3 + 2*vg_y1_4;
-        vg_dst[9 * vg_ds + vg_t] = 2*vg_y1_1 + vg_y1_2 - 2*vg_y1_3 - vg_y1_4;
-        vg_dst[10 * vg_ds + vg_t] = vg_y1_1 - 2*vg_y1_2 - vg_y1_3 + 2*vg_y1_4;
-        vg_dst[11 * vg_ds + vg_t] = 2*vg_y1_1 - 3*vg_y1_2 - 4*vg_y1_3 + 3*vg_y1_4 + 2*vg_y1_5;
-        vg_dst[12 * vg_ds + vg_t] = 2*vg_y2_0 - 3*vg_y2_1 - 4*vg_y2_2 + 3*vg_y2_3 + 2*vg_y2_4;
-        vg_dst[13 * vg_ds + vg_t] = 2*vg_y2_1 - vg_y2_2 - 5*vg_y2_3 - 2*vg_y2_4;
-        vg_dst[14 * vg_ds + vg_t] = 2*vg_y2_1 - 5*vg_y2_2 + vg_y2_3 + 2*vg_y2_4;
-        vg_dst[15 * vg_ds + vg_t] = 2*vg_y2_1 + vg_y2_2 - 2*vg_y2_3 - vg_y2_4;
-        vg_dst[16 * vg_ds + vg_t] = vg_y2_1 - 2*vg_y2_2 - vg_y2_3 + 2*vg_y2_4;
-        vg_dst[17 * vg_ds + vg_t] = 2*vg_y2_1 - 3*vg_y2_2 - 4*vg_y2_3 + 3*vg_y2_4 + 2*vg_y2_5;
-        vg_dst[18 * vg_ds + vg_t] = 2*vg_y3_0 - 3*vg_y3_1 - 4*vg_y3_2 + 3*vg_y3_3 + 2*vg_y3_4;
-        vg_dst[19 * vg_ds + vg_t] = 2*vg_y3_1 - vg_y3_2 - 5*vg_y3_3 - 2*vg_y3_4;
-        vg_dst[20 * vg_ds + vg_t] = 2*vg_y3_1 - 5*vg_y3_2 + vg_y3_3 + 2*vg_y3_4;
-        vg_dst[21 * vg_ds + vg_t] = 2*vg_y3_1 + vg_y3_2 - 2*vg_y3_3 - vg_y3_4;
-        vg_dst[22 * vg_ds + vg_t] = vg_y3_1 - 2*vg_y3_2 - vg_y3_3 + 2*vg_y3_4;
-        vg_dst[23 * vg_ds + vg_t] = 2*vg_y3_1 - 3*vg_y3_2 - 4*vg_y3_3 + 3*vg_y3_4 + 2*vg_y3_5;
-        vg_dst[24 * vg_ds + vg_t] = 2*vg_y4_0 - 3*vg_y4_1 - 4*vg_y4_2 + 3*vg_y4_3 + 2*vg_y4_4;
-        vg_dst[25 * vg_ds + vg_t] = 2*vg_y4_1 - vg_y4_2 - 5*vg_y4_3 - 2*vg_y4_4;
-        vg_dst[26 * vg_ds + vg_t] = 2*vg_y4_1 - 5*vg_y4_2 + vg_y4_3 + 2*vg_y4_4;
-        vg_dst[27 * vg_ds + vg_t] = 2*vg_y4_1 + vg_y4_2 - 2*vg_y4_3 - vg_y4_4;
-        vg_dst[28 * vg_ds + vg_t] = vg_y4_1 - 2*vg_y4_2 - vg_y4_3 + 2*vg_y4_4;
-        vg_dst[29 * vg_ds + vg_t] = 2*vg_y4_1 - 3*vg_y4_2 - 4*vg_y4_3 + 3*vg_y4_4 + 2*vg_y4_5;
-        vg_dst[30 * vg_ds + vg_t] = 2*vg_y5_0 - 3*vg_y5_1 - 4*vg_y5_2 + 3*vg_y5_3 + 2*vg_y5_4;
-        vg_dst[31 * vg_ds + vg_t] = 2*vg_y5_1 - vg_y5_2 - 5*vg_y5_3 - 2*vg_y5_4;
-        vg_dst[32 * vg_ds + vg_t] = 2*vg_y5_1 - 5*vg_y5_2 + vg_y5_3 + 2*vg_y5_4;
-        vg_dst[33 * vg_ds + vg_t] = 2*vg_y5_1 + vg_y5_2 - 2*vg_y5_3 - vg_y5_4;
-        vg_dst[34 * vg_ds + vg_t] = vg_y5_1 - 2*vg_y5_2 - vg_y5_3 + 2*vg_y5_4;
-        vg_dst[35 * vg_ds + vg_t] = 2*vg_y5_1 - 3*vg_y5_2 - 4*vg_y5_3 + 3*vg_y5_4 + 2*vg_y5_5;
-    }
-}
-// U = G g Gᵀ for 3×3 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_backward_g_x_winograd4_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t];
-        const float vg_y0_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t];
-        const float vg_y0_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
-        const float vg_y1_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[3 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[6 * vg_ss + vg_t];
-        const float vg_y1_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[7 * vg_ss + vg_t];
-        const float vg_y1_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t];
-        const float vg_y2_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[3 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[6 * vg_ss + vg_t];
-        const float vg_y2_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[7 * vg_ss + vg_t];
-        const float vg_y2_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t];
-        const float vg_y3_0 = ((16.0f/15.0f))*vg_src[0 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[3 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[6 * vg_ss + vg_t];
-        const float vg_y3_1 = ((16.0f/15.0f))*vg_src[1 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[4 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[7 * vg_ss + vg_t];
-        const float vg_y3_2 = ((16.0f/15.0f))*vg_src[2 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[5 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[8 * vg_ss + vg_t];
-        const float vg_y4_0 = ((1.0f/30.0f))*vg_src[0 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[3 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[6 * vg_ss + vg_t];
-        const float vg_y4_1 = ((1.0f/30.0f))*vg_src[1 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[4 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[7 * vg_ss + vg_t];
-        const float vg_y4_2 = ((1.0f/30.0f))*vg_src[2 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[5 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[8 * vg_ss + vg_t];
-        const float vg_y5_0 = ((1.0f/2.0f))*vg_src[6 * vg_ss + vg_t];
-        const float vg_y5_1 = ((1.0f/2.0f))*vg_src[7 * vg_ss + vg_t];
-        const float vg_y5_2 = ((1.0f/2.0f))*vg_src[8 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0;
-        vg_dst[1 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 - (1.0f/6.0f)*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
-        vg_dst[2 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 + ((1.0f/6.0f))*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
-        vg_dst[3 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y0_0 + ((8.0f/15.0f))*vg_y0_1 + ((4.0f/15.0f))*vg_y0_2;
-        vg_dst[4 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y0_0 - (1.0f/15.0f)*vg_y0_1 + ((2.0f/15.0f))*vg_y0_2;
-        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_2;
-        vg_dst[6 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0;
-        vg_dst[7 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 - (1.0f/6.0f)*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
-        vg_dst[8 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 + ((1.0f/6.0f))*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
-        vg_dst[9 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y1_0 + ((8.0f/15.0f))*vg_y1_1 + ((4.0f/15.0f))*vg_y1_2;
-        vg_dst[10 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y1_0 - (1.0f/15.0f)*vg_y1_1 + ((2.0f/15.0f))*vg_y1_2;
-        vg_dst[11 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_2;
-        vg_dst[12 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0;
-        vg_dst[13 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 - (1.0f/6.0f)*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
-        vg_dst[14 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 + ((1.0f/6.0f))*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
-        vg_dst[15 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y2_0 + ((8.0f/15.0f))*vg_y2_1 + ((4.0f/15.0f))*vg_y2_2;
-        vg_dst[16 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y2_0 - (1.0f/15.0f)*vg_y2_1 + ((2.0f/15.0f))*vg_y2_2;
-        vg_dst[17 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_2;
-        vg_dst[18 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0;
-        vg_dst[19 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 - (1.0f/6.0f)*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
-        vg_dst[20 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 + ((1.0f/6.0f))*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
-        vg_dst[21 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y3_0 + ((8.0f/15.0f))*vg_y3_1 + ((4.0f/15.0f))*vg_y3_2;
-        vg_dst[22 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y3_0 - (1.0f/15.0f)*vg_y3_1 + ((2.0f/15.0f))*vg_y3_2;
-        vg_dst[23 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_2;
-        vg_dst[24 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_0;
-        vg_dst[25 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 - (1.0f/6.0f)*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
-        vg_dst[26 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 + ((1.0f/6.0f))*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
-        vg_dst[27 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y4_0 + ((8.0f/15.0f))*vg_y4_1 + ((4.0f/15.0f))*vg_y4_2;
-        vg_dst[28 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y4_0 - (1.0f/15.0f)*vg_y4_1 + ((2.0f/15.0f))*vg_y4_2;
-        vg_dst[29 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_2;
-        vg_dst[30 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_0;
-        vg_dst[31 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 - (1.0f/6.0f)*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
-        vg_dst[32 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 + ((1.0f/6.0f))*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
-        vg_dst[33 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y5_0 + ((8.0f/15.0f))*vg_y5_1 + ((4.0f/15.0f))*vg_y5_2;
-        vg_dst[34 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y5_0 - (1.0f/15.0f)*vg_y5_1 + ((2.0f/15.0f))*vg_y5_2;
-        vg_dst[35 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_2;
-    }
-}
-// Y = Aᵀ M A, 4×4 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_backward_g_x_winograd4_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + vg_src[24 * vg_ss + vg_t];
-        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + vg_src[25 * vg_ss + vg_t];
-        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + vg_src[26 * vg_ss + vg_t];
-        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + vg_src[27 * vg_ss + vg_t];
-        const float vg_y0_4 = vg_src[4 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + vg_src[28 * vg_ss + vg_t];
-        const float vg_y0_5 = vg_src[5 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + vg_src[29 * vg_ss + vg_t];
-        const float vg_y1_0 = vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y1_1 = vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y1_2 = vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y1_3 = vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y1_4 = vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y1_5 = vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y2_0 = vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[18 * vg_ss + vg_t] + 4*vg_src[24 * vg_ss + vg_t];
-        const float vg_y2_1 = vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[19 * vg_ss + vg_t] + 4*vg_src[25 * vg_ss + vg_t];
-        const float vg_y2_2 = vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[20 * vg_ss + vg_t] + 4*vg_src[26 * vg_ss + vg_t];
-        const float vg_y2_3 = vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[21 * vg_ss + vg_t] + 4*vg_src[27 * vg_ss + vg_t];
-        const float vg_y2_4 = vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[22 * vg_ss + vg_t] + 4*vg_src[28 * vg_ss + vg_t];
-        const float vg_y2_5 = vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[23 * vg_ss + vg_t] + 4*vg_src[29 * vg_ss + vg_t];
-        const float vg_y3_0 = vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[18 * vg_ss + vg_t] - 8*vg_src[24 * vg_ss + vg_t] + vg_src[30 * vg_ss + vg_t];
-        const float vg_y3_1 = vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[19 * vg_ss + vg_t] - 8*vg_src[25 * vg_ss + vg_t] + vg_src[31 * vg_ss + vg_t];
-        const float vg_y3_2 = vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[20 * vg_ss + vg_t] - 8*vg_src[26 * vg_ss + vg_t] + vg_src[32 * vg_ss + vg_t];
-        const float vg_y3_3 = vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[21 * vg_ss + vg_t] - 8*vg_src[27 * vg_ss + vg_t] + vg_src[33 * vg_ss + vg_t];
-        const float vg_y3_4 = vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[22 * vg_ss + vg_t] - 8*vg_src[28 * vg_ss + vg_t] + vg_src[34 * vg_ss + vg_t];
-        const float vg_y3_5 = vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] + ((1.0f/8.0f))*vg_src[23 * vg_ss + vg_t] - 8*vg_src[29 * vg_ss + vg_t] + vg_src[35 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2 + vg_y0_3 + vg_y0_4;
-        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + ((1.0f/2.0f))*vg_y0_3 - 2*vg_y0_4;
-        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2 + ((1.0f/4.0f))*vg_y0_3 + 4*vg_y0_4;
-        vg_dst[3 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + ((1.0f/8.0f))*vg_y0_3 - 8*vg_y0_4 + vg_y0_5;
-        vg_dst[4 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2 + vg_y1_3 + vg_y1_4;
-        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + ((1.0f/2.0f))*vg_y1_3 - 2*vg_y1_4;
-        vg_dst[6 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2 + ((1.0f/4.0f))*vg_y1_3 + 4*vg_y1_4;
-        vg_dst[7 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + ((1.0f/8.0f))*vg_y1_3 - 8*vg_y1_4 + vg_y1_5;
-        vg_dst[8 * vg_ds + vg_t] = vg_y2_0 + vg_y2_1 + vg_y2_2 + vg_y2_3 + vg_y2_4;
-        vg_dst[9 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2 + ((1.0f/2.0f))*vg_y2_3 - 2*vg_y2_4;
-        vg_dst[10 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2 + ((1.0f/4.0f))*vg_y2_3 + 4*vg_y2_4;
-        vg_dst[11 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2 + ((1.0f/8.0f))*vg_y2_3 - 8*vg_y2_4 + vg_y2_5;
-        vg_dst[12 * vg_ds + vg_t] = vg_y3_0 + vg_y3_1 + vg_y3_2 + vg_y3_3 + vg_y3_4;
-        vg_dst[13 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2 + ((1.0f/2.0f))*vg_y3_3 - 2*vg_y3_4;
-        vg_dst[14 * vg_ds + vg_t] = vg_y3_1 + vg_y3_2 + ((1.0f/4.0f))*vg_y3_3 + 4*vg_y3_4;
-        vg_dst[15 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2 + ((1.0f/8.0f))*vg_y3_3 - 8*vg_y3_4 + vg_y3_5;
-    }
-}
 void convolution2d_backward_g_x_winograd4(const float *restrict g_y, const float *restrict w, float *restrict g_x, int B, int H, int IC, int OC, int W)
 {
     const int vg_TH = (H + 3) / 4, vg_TW = (W + 3) / 4;
@@ -2102,7 +2127,7 @@ void convolution2d_backward_g_x_winograd4(const float *restrict g_y, const float
                     vg_d[7 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 1] : 0.0f;
                     vg_d[8 * VG_NR + vg_q] = vg_live ? w[9*IC*vg_wc + 9*vg_wo] : 0.0f;
                 }
-                convolution2d_backward_g_x_winograd4_filter(vg_d, VG_NR, vg_e, VG_NR);
+                vg_winograd_f4x4_3x3_filter(vg_d, VG_NR, vg_e, VG_NR);
                 for (int vg_k = 0; vg_k < 36; ++vg_k)
                     for (int vg_q = 0; vg_q < VG_NR && vg_c0 + vg_q < OC; ++vg_q)
                         vg_u[(((size_t)vg_k * vg_OP + vg_wo / VG_MR) * (OC) + vg_c0 + vg_q) * VG_MR + vg_wo % VG_MR]
@@ -2167,7 +2192,7 @@ void convolution2d_backward_g_x_winograd4(const float *restrict g_y, const float
             for (int vg_wc = 0; vg_wc < OC; ++vg_wc)
             {
                 vg_gather(g_y + (size_t)(vg_wc) * (H*W), vg_off, vg_d, 36 * VG_NR);
-                convolution2d_backward_g_x_winograd4_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(OC) * VG_NR);
+                vg_winograd_f4x4_3x3_data(vg_d, VG_NR, vg_v + (size_t)vg_wc * VG_NR, (long)(OC) * VG_NR);
             }
             // M[k] = U[k]·V[k]: the channel sums, one product per transform position k
 #ifdef VG_BF16_GEMM
@@ -2211,7 +2236,7 @@ void convolution2d_backward_g_x_winograd4(const float *restrict g_y, const float
                 }
             for (int vg_wo = 0; vg_wo < IC; ++vg_wo)
             {
-                convolution2d_backward_g_x_winograd4_output(vg_m + (size_t)vg_wo * VG_NR, (long)vg_OP * VG_MR * VG_NR, vg_e, VG_NR);
+                vg_winograd_f4x4_3x3_output(vg_m + (size_t)vg_wo * VG_NR, (long)vg_OP * VG_MR * VG_NR, vg_e, VG_NR);
                 vg_scatter(g_x + (size_t)vg_wo * (H*W), vg_off, vg_e, 16 * VG_NR);
             }
         }
@@ -2710,107 +2735,6 @@ void convolution2d_backward_g_w(const float *restrict g_y, const float *restrict
 //   g_w[oc, ic, di, dj] = Sum(g_y[b, oc, i, j]*x[b, ic, di + i, dj + j], (b, 0, B - 1), (i, 0, H - 1), (j, 0, W - 1))  (∂L/∂w)
 //   specialised: K=1
 //   as Winograd F(3×3, 2×2) (points 0, 1, -1, ∞; vggen.derive.winograd), proved equal by `vggen check`
-// V = Bᵀ d B for 4×4 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_backward_g_w_winograd2_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
-        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
-        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
-        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
-        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
-        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
-        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
-        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
-        const float vg_y2_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
-        const float vg_y2_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
-        const float vg_y2_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
-        const float vg_y2_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
-        const float vg_y3_0 = vg_src[4 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t];
-        const float vg_y3_1 = vg_src[5 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t];
-        const float vg_y3_2 = vg_src[6 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t];
-        const float vg_y3_3 = vg_src[7 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 - vg_y0_2;
-        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2;
-        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2;
-        vg_dst[3 * vg_ds + vg_t] = vg_y0_1 - vg_y0_3;
-        vg_dst[4 * vg_ds + vg_t] = vg_y1_0 - vg_y1_2;
-        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2;
-        vg_dst[6 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2;
-        vg_dst[7 * vg_ds + vg_t] = vg_y1_1 - vg_y1_3;
-        vg_dst[8 * vg_ds + vg_t] = vg_y2_0 - vg_y2_2;
-        vg_dst[9 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2;
-        vg_dst[10 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2;
-        vg_dst[11 * vg_ds + vg_t] = vg_y2_1 - vg_y2_3;
-        vg_dst[12 * vg_ds + vg_t] = vg_y3_0 - vg_y3_2;
-        vg_dst[13 * vg_ds + vg_t] = vg_y3_1 + vg_y3_2;
-        vg_dst[14 * vg_ds + vg_t] = vg_y3_1 - vg_y3_2;
-        vg_dst[15 * vg_ds + vg_t] = vg_y3_1 - vg_y3_3;
-    }
-}
-// U = G g Gᵀ for 2×2 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_backward_g_w_winograd2_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t];
-        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t];
-        const float vg_y1_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
-        const float vg_y1_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t];
-        const float vg_y2_0 = -(1.0f/2.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
-        const float vg_y2_1 = -(1.0f/2.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t];
-        const float vg_y3_0 = -vg_src[2 * vg_ss + vg_t];
-        const float vg_y3_1 = -vg_src[3 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = vg_y0_0;
-        vg_dst[1 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1;
-        vg_dst[2 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1;
-        vg_dst[3 * vg_ds + vg_t] = -vg_y0_1;
-        vg_dst[4 * vg_ds + vg_t] = vg_y1_0;
-        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1;
-        vg_dst[6 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1;
-        vg_dst[7 * vg_ds + vg_t] = -vg_y1_1;
-        vg_dst[8 * vg_ds + vg_t] = vg_y2_0;
-        vg_dst[9 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1;
-        vg_dst[10 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1;
-        vg_dst[11 * vg_ds + vg_t] = -vg_y2_1;
-        vg_dst[12 * vg_ds + vg_t] = vg_y3_0;
-        vg_dst[13 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1;
-        vg_dst[14 * vg_ds + vg_t] = -(1.0f/2.0f)*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1;
-        vg_dst[15 * vg_ds + vg_t] = -vg_y3_1;
-    }
-}
-// Y = Aᵀ M A, 3×3 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_backward_g_w_winograd2_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t];
-        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t];
-        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t];
-        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t];
-        const float vg_y1_0 = vg_src[4 * vg_ss + vg_t] - vg_src[8 * vg_ss + vg_t];
-        const float vg_y1_1 = vg_src[5 * vg_ss + vg_t] - vg_src[9 * vg_ss + vg_t];
-        const float vg_y1_2 = vg_src[6 * vg_ss + vg_t] - vg_src[10 * vg_ss + vg_t];
-        const float vg_y1_3 = vg_src[7 * vg_ss + vg_t] - vg_src[11 * vg_ss + vg_t];
-        const float vg_y2_0 = vg_src[4 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t];
-        const float vg_y2_1 = vg_src[5 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t];
-        const float vg_y2_2 = vg_src[6 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t];
-        const float vg_y2_3 = vg_src[7 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2;
-        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2;
-        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2 + vg_y0_3;
-        vg_dst[3 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2;
-        vg_dst[4 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2;
-        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2 + vg_y1_3;
-        vg_dst[6 * vg_ds + vg_t] = vg_y2_0 + vg_y2_1 + vg_y2_2;
-        vg_dst[7 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2;
-        vg_dst[8 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2 + vg_y2_3;
-    }
-}
 void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float *restrict x, float *restrict g_w, int B, int H, int IC, int OC, int W)
 {
     const int vg_TH = (H + 1) / 2, vg_TW = (W + 1) / 2;
@@ -2890,7 +2814,7 @@ void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float
                         else
                             for (int vg_k = 0; vg_k < 4 * VG_NR; ++vg_k)
                                 vg_d[vg_k] = 0.0f;
-                        convolution2d_backward_g_w_winograd2_filter(vg_d, VG_NR, vg_e + (size_t)vg_r * 16 * VG_NR, VG_NR);
+                        vg_winograd_f3x3_2x2_filter(vg_d, VG_NR, vg_e + (size_t)vg_r * 16 * VG_NR, VG_NR);
                     }
                     for (int vg_k = 0; vg_k < 16; ++vg_k)
                         for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
@@ -2916,7 +2840,7 @@ void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float
                         else
                             for (int vg_k = 0; vg_k < 16 * VG_NR; ++vg_k)
                                 vg_d[vg_k] = 0.0f;
-                        convolution2d_backward_g_w_winograd2_data(vg_d, VG_NR, vg_e + (size_t)vg_r * 16 * VG_NR, VG_NR);
+                        vg_winograd_f3x3_2x2_data(vg_d, VG_NR, vg_e + (size_t)vg_r * 16 * VG_NR, VG_NR);
                     }
                     for (int vg_k = 0; vg_k < 16; ++vg_k)
                         for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
@@ -3014,7 +2938,7 @@ void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float
         for (int vg_wo = 0; vg_wo < OC; ++vg_wo)
             for (int vg_c0 = 0; vg_c0 < IC; vg_c0 += VG_NR)
             {
-                convolution2d_backward_g_w_winograd2_output(vg_m + (size_t)vg_wo * vg_ldx + vg_c0, (long)vg_OP * VG_MR * vg_ldx, vg_e, VG_NR);
+                vg_winograd_f3x3_2x2_output(vg_m + (size_t)vg_wo * vg_ldx + vg_c0, (long)vg_OP * VG_MR * vg_ldx, vg_e, VG_NR);
                 for (int vg_q = 0; vg_q < VG_NR && vg_c0 + vg_q < IC; ++vg_q)
                 {
                     const int vg_wc = vg_c0 + vg_q;
@@ -3036,189 +2960,6 @@ void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float
 //   g_w[oc, ic, di, dj] = Sum(g_y[b, oc, i, j]*x[b, ic, di + i, dj + j], (b, 0, B - 1), (i, 0, H - 1), (j, 0, W - 1))  (∂L/∂w)
 //   specialised: K=1
 //   as Winograd F(3×3, 4×4) (points 0, 1, -1, 1/2, -2, ∞; vggen.derive.winograd), proved equal by `vggen check`
-// V = Bᵀ d B for 6×6 data tiles, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_backward_g_w_winograd4_data(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = 2*vg_src[0 * vg_ss + vg_t] - 3*vg_src[6 * vg_ss + vg_t] - 4*vg_src[12 * vg_ss + vg_t] + 3*vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y0_1 = 2*vg_src[1 * vg_ss + vg_t] - 3*vg_src[7 * vg_ss + vg_t] - 4*vg_src[13 * vg_ss + vg_t] + 3*vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y0_2 = 2*vg_src[2 * vg_ss + vg_t] - 3*vg_src[8 * vg_ss + vg_t] - 4*vg_src[14 * vg_ss + vg_t] + 3*vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y0_3 = 2*vg_src[3 * vg_ss + vg_t] - 3*vg_src[9 * vg_ss + vg_t] - 4*vg_src[15 * vg_ss + vg_t] + 3*vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y0_4 = 2*vg_src[4 * vg_ss + vg_t] - 3*vg_src[10 * vg_ss + vg_t] - 4*vg_src[16 * vg_ss + vg_t] + 3*vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y0_5 = 2*vg_src[5 * vg_ss + vg_t] - 3*vg_src[11 * vg_ss + vg_t] - 4*vg_src[17 * vg_ss + vg_t] + 3*vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y1_0 = 2*vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] - 5*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y1_1 = 2*vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] - 5*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y1_2 = 2*vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] - 5*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y1_3 = 2*vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] - 5*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y1_4 = 2*vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] - 5*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y1_5 = 2*vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] - 5*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y2_0 = 2*vg_src[6 * vg_ss + vg_t] - 5*vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y2_1 = 2*vg_src[7 * vg_ss + vg_t] - 5*vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y2_2 = 2*vg_src[8 * vg_ss + vg_t] - 5*vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y2_3 = 2*vg_src[9 * vg_ss + vg_t] - 5*vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y2_4 = 2*vg_src[10 * vg_ss + vg_t] - 5*vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y2_5 = 2*vg_src[11 * vg_ss + vg_t] - 5*vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y3_0 = 2*vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] - 2*vg_src[18 * vg_ss + vg_t] - vg_src[24 * vg_ss + vg_t];
-        const float vg_y3_1 = 2*vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] - 2*vg_src[19 * vg_ss + vg_t] - vg_src[25 * vg_ss + vg_t];
-        const float vg_y3_2 = 2*vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] - 2*vg_src[20 * vg_ss + vg_t] - vg_src[26 * vg_ss + vg_t];
-        const float vg_y3_3 = 2*vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] - 2*vg_src[21 * vg_ss + vg_t] - vg_src[27 * vg_ss + vg_t];
-        const float vg_y3_4 = 2*vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] - 2*vg_src[22 * vg_ss + vg_t] - vg_src[28 * vg_ss + vg_t];
-        const float vg_y3_5 = 2*vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] - 2*vg_src[23 * vg_ss + vg_t] - vg_src[29 * vg_ss + vg_t];
-        const float vg_y4_0 = vg_src[6 * vg_ss + vg_t] - 2*vg_src[12 * vg_ss + vg_t] - vg_src[18 * vg_ss + vg_t] + 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y4_1 = vg_src[7 * vg_ss + vg_t] - 2*vg_src[13 * vg_ss + vg_t] - vg_src[19 * vg_ss + vg_t] + 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y4_2 = vg_src[8 * vg_ss + vg_t] - 2*vg_src[14 * vg_ss + vg_t] - vg_src[20 * vg_ss + vg_t] + 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y4_3 = vg_src[9 * vg_ss + vg_t] - 2*vg_src[15 * vg_ss + vg_t] - vg_src[21 * vg_ss + vg_t] + 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y4_4 = vg_src[10 * vg_ss + vg_t] - 2*vg_src[16 * vg_ss + vg_t] - vg_src[22 * vg_ss + vg_t] + 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y4_5 = vg_src[11 * vg_ss + vg_t] - 2*vg_src[17 * vg_ss + vg_t] - vg_src[23 * vg_ss + vg_t] + 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y5_0 = 2*vg_src[6 * vg_ss + vg_t] - 3*vg_src[12 * vg_ss + vg_t] - 4*vg_src[18 * vg_ss + vg_t] + 3*vg_src[24 * vg_ss + vg_t] + 2*vg_src[30 * vg_ss + vg_t];
-        const float vg_y5_1 = 2*vg_src[7 * vg_ss + vg_t] - 3*vg_src[13 * vg_ss + vg_t] - 4*vg_src[19 * vg_ss + vg_t] + 3*vg_src[25 * vg_ss + vg_t] + 2*vg_src[31 * vg_ss + vg_t];
-        const float vg_y5_2 = 2*vg_src[8 * vg_ss + vg_t] - 3*vg_src[14 * vg_ss + vg_t] - 4*vg_src[20 * vg_ss + vg_t] + 3*vg_src[26 * vg_ss + vg_t] + 2*vg_src[32 * vg_ss + vg_t];
-        const float vg_y5_3 = 2*vg_src[9 * vg_ss + vg_t] - 3*vg_src[15 * vg_ss + vg_t] - 4*vg_src[21 * vg_ss + vg_t] + 3*vg_src[27 * vg_ss + vg_t] + 2*vg_src[33 * vg_ss + vg_t];
-        const float vg_y5_4 = 2*vg_src[10 * vg_ss + vg_t] - 3*vg_src[16 * vg_ss + vg_t] - 4*vg_src[22 * vg_ss + vg_t] + 3*vg_src[28 * vg_ss + vg_t] + 2*vg_src[34 * vg_ss + vg_t];
-        const float vg_y5_5 = 2*vg_src[11 * vg_ss + vg_t] - 3*vg_src[17 * vg_ss + vg_t] - 4*vg_src[23 * vg_ss + vg_t] + 3*vg_src[29 * vg_ss + vg_t] + 2*vg_src[35 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = 2*vg_y0_0 - 3*vg_y0_1 - 4*vg_y0_2 + 3*vg_y0_3 + 2*vg_y0_4;
-        vg_dst[1 * vg_ds + vg_t] = 2*vg_y0_1 - vg_y0_2 - 5*vg_y0_3 - 2*vg_y0_4;
-        vg_dst[2 * vg_ds + vg_t] = 2*vg_y0_1 - 5*vg_y0_2 + vg_y0_3 + 2*vg_y0_4;
-        vg_dst[3 * vg_ds + vg_t] = 2*vg_y0_1 + vg_y0_2 - 2*vg_y0_3 - vg_y0_4;
-        vg_dst[4 * vg_ds + vg_t] = vg_y0_1 - 2*vg_y0_2 - vg_y0_3 + 2*vg_y0_4;
-        vg_dst[5 * vg_ds + vg_t] = 2*vg_y0_1 - 3*vg_y0_2 - 4*vg_y0_3 + 3*vg_y0_4 + 2*vg_y0_5;
-        vg_dst[6 * vg_ds + vg_t] = 2*vg_y1_0 - 3*vg_y1_1 - 4*vg_y1_2 + 3*vg_y1_3 + 2*vg_y1_4;
-        vg_dst[7 * vg_ds + vg_t] = 2*vg_y1_1 - vg_y1_2 - 5*vg_y1_3 - 2*vg_y1_4;
-        vg_dst[8 * vg_ds + vg_t] = 2*vg_y1_1 - 5*vg_y1_2 + vg_y1_3 + 2*vg_y1_4;
-        vg_dst[9 * vg_ds + vg_t] = 2*vg_y1_1 + vg_y1_2 - 2*vg_y1_3 - vg_y1_4;
-        vg_dst[10 * vg_ds + vg_t] = vg_y1_1 - 2*vg_y1_2 - vg_y1_3 + 2*vg_y1_4;
-        vg_dst[11 * vg_ds + vg_t] = 2*vg_y1_1 - 3*vg_y1_2 - 4*vg_y1_3 + 3*vg_y1_4 + 2*vg_y1_5;
-        vg_dst[12 * vg_ds + vg_t] = 2*vg_y2_0 - 3*vg_y2_1 - 4*vg_y2_2 + 3*vg_y2_3 + 2*vg_y2_4;
-        vg_dst[13 * vg_ds + vg_t] = 2*vg_y2_1 - vg_y2_2 - 5*vg_y2_3 - 2*vg_y2_4;
-        vg_dst[14 * vg_ds + vg_t] = 2*vg_y2_1 - 5*vg_y2_2 + vg_y2_3 + 2*vg_y2_4;
-        vg_dst[15 * vg_ds + vg_t] = 2*vg_y2_1 + vg_y2_2 - 2*vg_y2_3 - vg_y2_4;
-        vg_dst[16 * vg_ds + vg_t] = vg_y2_1 - 2*vg_y2_2 - vg_y2_3 + 2*vg_y2_4;
-        vg_dst[17 * vg_ds + vg_t] = 2*vg_y2_1 - 3*vg_y2_2 - 4*vg_y2_3 + 3*vg_y2_4 + 2*vg_y2_5;
-        vg_dst[18 * vg_ds + vg_t] = 2*vg_y3_0 - 3*vg_y3_1 - 4*vg_y3_2 + 3*vg_y3_3 + 2*vg_y3_4;
-        vg_dst[19 * vg_ds + vg_t] = 2*vg_y3_1 - vg_y3_2 - 5*vg_y3_3 - 2*vg_y3_4;
-        vg_dst[20 * vg_ds + vg_t] = 2*vg_y3_1 - 5*vg_y3_2 + vg_y3_3 + 2*vg_y3_4;
-        vg_dst[21 * vg_ds + vg_t] = 2*vg_y3_1 + vg_y3_2 - 2*vg_y3_3 - vg_y3_4;
-        vg_dst[22 * vg_ds + vg_t] = vg_y3_1 - 2*vg_y3_2 - vg_y3_3 + 2*vg_y3_4;
-        vg_dst[23 * vg_ds + vg_t] = 2*vg_y3_1 - 3*vg_y3_2 - 4*vg_y3_3 + 3*vg_y3_4 + 2*vg_y3_5;
-        vg_dst[24 * vg_ds + vg_t] = 2*vg_y4_0 - 3*vg_y4_1 - 4*vg_y4_2 + 3*vg_y4_3 + 2*vg_y4_4;
-        vg_dst[25 * vg_ds + vg_t] = 2*vg_y4_1 - vg_y4_2 - 5*vg_y4_3 - 2*vg_y4_4;
-        vg_dst[26 * vg_ds + vg_t] = 2*vg_y4_1 - 5*vg_y4_2 + vg_y4_3 + 2*vg_y4_4;
-        vg_dst[27 * vg_ds + vg_t] = 2*vg_y4_1 + vg_y4_2 - 2*vg_y4_3 - vg_y4_4;
-        vg_dst[28 * vg_ds + vg_t] = vg_y4_1 - 2*vg_y4_2 - vg_y4_3 + 2*vg_y4_4;
-        vg_dst[29 * vg_ds + vg_t] = 2*vg_y4_1 - 3*vg_y4_2 - 4*vg_y4_3 + 3*vg_y4_4 + 2*vg_y4_5;
-        vg_dst[30 * vg_ds + vg_t] = 2*vg_y5_0 - 3*vg_y5_1 - 4*vg_y5_2 + 3*vg_y5_3 + 2*vg_y5_4;
-        vg_dst[31 * vg_ds + vg_t] = 2*vg_y5_1 - vg_y5_2 - 5*vg_y5_3 - 2*vg_y5_4;
-        vg_dst[32 * vg_ds + vg_t] = 2*vg_y5_1 - 5*vg_y5_2 + vg_y5_3 + 2*vg_y5_4;
-        vg_dst[33 * vg_ds + vg_t] = 2*vg_y5_1 + vg_y5_2 - 2*vg_y5_3 - vg_y5_4;
-        vg_dst[34 * vg_ds + vg_t] = vg_y5_1 - 2*vg_y5_2 - vg_y5_3 + 2*vg_y5_4;
-        vg_dst[35 * vg_ds + vg_t] = 2*vg_y5_1 - 3*vg_y5_2 - 4*vg_y5_3 + 3*vg_y5_4 + 2*vg_y5_5;
-    }
-}
-// U = G g Gᵀ for 4×4 filters, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_backward_g_w_winograd4_filter(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss + vg_t];
-        const float vg_y0_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss + vg_t];
-        const float vg_y0_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss + vg_t];
-        const float vg_y0_3 = ((1.0f/2.0f))*vg_src[3 * vg_ss + vg_t];
-        const float vg_y1_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[12 * vg_ss + vg_t];
-        const float vg_y1_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[9 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[13 * vg_ss + vg_t];
-        const float vg_y1_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[6 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[10 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[14 * vg_ss + vg_t];
-        const float vg_y1_3 = -(1.0f/6.0f)*vg_src[3 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[7 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[11 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[15 * vg_ss + vg_t];
-        const float vg_y2_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[4 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[8 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[12 * vg_ss + vg_t];
-        const float vg_y2_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[5 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[9 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[13 * vg_ss + vg_t];
-        const float vg_y2_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[6 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[10 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[14 * vg_ss + vg_t];
-        const float vg_y2_3 = -(1.0f/6.0f)*vg_src[3 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[7 * vg_ss + vg_t] - (1.0f/6.0f)*vg_src[11 * vg_ss + vg_t] + ((1.0f/6.0f))*vg_src[15 * vg_ss + vg_t];
-        const float vg_y3_0 = ((16.0f/15.0f))*vg_src[0 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[4 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[8 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[12 * vg_ss + vg_t];
-        const float vg_y3_1 = ((16.0f/15.0f))*vg_src[1 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[5 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[9 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[13 * vg_ss + vg_t];
-        const float vg_y3_2 = ((16.0f/15.0f))*vg_src[2 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[6 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[10 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[14 * vg_ss + vg_t];
-        const float vg_y3_3 = ((16.0f/15.0f))*vg_src[3 * vg_ss + vg_t] + ((8.0f/15.0f))*vg_src[7 * vg_ss + vg_t] + ((4.0f/15.0f))*vg_src[11 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[15 * vg_ss + vg_t];
-        const float vg_y4_0 = ((1.0f/30.0f))*vg_src[0 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[4 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[8 * vg_ss + vg_t] - (4.0f/15.0f)*vg_src[12 * vg_ss + vg_t];
-        const float vg_y4_1 = ((1.0f/30.0f))*vg_src[1 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[5 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[9 * vg_ss + vg_t] - (4.0f/15.0f)*vg_src[13 * vg_ss + vg_t];
-        const float vg_y4_2 = ((1.0f/30.0f))*vg_src[2 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[6 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[10 * vg_ss + vg_t] - (4.0f/15.0f)*vg_src[14 * vg_ss + vg_t];
-        const float vg_y4_3 = ((1.0f/30.0f))*vg_src[3 * vg_ss + vg_t] - (1.0f/15.0f)*vg_src[7 * vg_ss + vg_t] + ((2.0f/15.0f))*vg_src[11 * vg_ss + vg_t] - (4.0f/15.0f)*vg_src[15 * vg_ss + vg_t];
-        const float vg_y5_0 = ((1.0f/2.0f))*vg_src[12 * vg_ss + vg_t];
-        const float vg_y5_1 = ((1.0f/2.0f))*vg_src[13 * vg_ss + vg_t];
-        const float vg_y5_2 = ((1.0f/2.0f))*vg_src[14 * vg_ss + vg_t];
-        const float vg_y5_3 = ((1.0f/2.0f))*vg_src[15 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_0;
-        vg_dst[1 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 - (1.0f/6.0f)*vg_y0_1 - (1.0f/6.0f)*vg_y0_2 - (1.0f/6.0f)*vg_y0_3;
-        vg_dst[2 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y0_0 + ((1.0f/6.0f))*vg_y0_1 - (1.0f/6.0f)*vg_y0_2 + ((1.0f/6.0f))*vg_y0_3;
-        vg_dst[3 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y0_0 + ((8.0f/15.0f))*vg_y0_1 + ((4.0f/15.0f))*vg_y0_2 + ((2.0f/15.0f))*vg_y0_3;
-        vg_dst[4 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y0_0 - (1.0f/15.0f)*vg_y0_1 + ((2.0f/15.0f))*vg_y0_2 - (4.0f/15.0f)*vg_y0_3;
-        vg_dst[5 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y0_3;
-        vg_dst[6 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_0;
-        vg_dst[7 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 - (1.0f/6.0f)*vg_y1_1 - (1.0f/6.0f)*vg_y1_2 - (1.0f/6.0f)*vg_y1_3;
-        vg_dst[8 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y1_0 + ((1.0f/6.0f))*vg_y1_1 - (1.0f/6.0f)*vg_y1_2 + ((1.0f/6.0f))*vg_y1_3;
-        vg_dst[9 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y1_0 + ((8.0f/15.0f))*vg_y1_1 + ((4.0f/15.0f))*vg_y1_2 + ((2.0f/15.0f))*vg_y1_3;
-        vg_dst[10 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y1_0 - (1.0f/15.0f)*vg_y1_1 + ((2.0f/15.0f))*vg_y1_2 - (4.0f/15.0f)*vg_y1_3;
-        vg_dst[11 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y1_3;
-        vg_dst[12 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_0;
-        vg_dst[13 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 - (1.0f/6.0f)*vg_y2_1 - (1.0f/6.0f)*vg_y2_2 - (1.0f/6.0f)*vg_y2_3;
-        vg_dst[14 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y2_0 + ((1.0f/6.0f))*vg_y2_1 - (1.0f/6.0f)*vg_y2_2 + ((1.0f/6.0f))*vg_y2_3;
-        vg_dst[15 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y2_0 + ((8.0f/15.0f))*vg_y2_1 + ((4.0f/15.0f))*vg_y2_2 + ((2.0f/15.0f))*vg_y2_3;
-        vg_dst[16 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y2_0 - (1.0f/15.0f)*vg_y2_1 + ((2.0f/15.0f))*vg_y2_2 - (4.0f/15.0f)*vg_y2_3;
-        vg_dst[17 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y2_3;
-        vg_dst[18 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_0;
-        vg_dst[19 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 - (1.0f/6.0f)*vg_y3_1 - (1.0f/6.0f)*vg_y3_2 - (1.0f/6.0f)*vg_y3_3;
-        vg_dst[20 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y3_0 + ((1.0f/6.0f))*vg_y3_1 - (1.0f/6.0f)*vg_y3_2 + ((1.0f/6.0f))*vg_y3_3;
-        vg_dst[21 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y3_0 + ((8.0f/15.0f))*vg_y3_1 + ((4.0f/15.0f))*vg_y3_2 + ((2.0f/15.0f))*vg_y3_3;
-        vg_dst[22 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y3_0 - (1.0f/15.0f)*vg_y3_1 + ((2.0f/15.0f))*vg_y3_2 - (4.0f/15.0f)*vg_y3_3;
-        vg_dst[23 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y3_3;
-        vg_dst[24 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_0;
-        vg_dst[25 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 - (1.0f/6.0f)*vg_y4_1 - (1.0f/6.0f)*vg_y4_2 - (1.0f/6.0f)*vg_y4_3;
-        vg_dst[26 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y4_0 + ((1.0f/6.0f))*vg_y4_1 - (1.0f/6.0f)*vg_y4_2 + ((1.0f/6.0f))*vg_y4_3;
-        vg_dst[27 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y4_0 + ((8.0f/15.0f))*vg_y4_1 + ((4.0f/15.0f))*vg_y4_2 + ((2.0f/15.0f))*vg_y4_3;
-        vg_dst[28 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y4_0 - (1.0f/15.0f)*vg_y4_1 + ((2.0f/15.0f))*vg_y4_2 - (4.0f/15.0f)*vg_y4_3;
-        vg_dst[29 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y4_3;
-        vg_dst[30 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_0;
-        vg_dst[31 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 - (1.0f/6.0f)*vg_y5_1 - (1.0f/6.0f)*vg_y5_2 - (1.0f/6.0f)*vg_y5_3;
-        vg_dst[32 * vg_ds + vg_t] = -(1.0f/6.0f)*vg_y5_0 + ((1.0f/6.0f))*vg_y5_1 - (1.0f/6.0f)*vg_y5_2 + ((1.0f/6.0f))*vg_y5_3;
-        vg_dst[33 * vg_ds + vg_t] = ((16.0f/15.0f))*vg_y5_0 + ((8.0f/15.0f))*vg_y5_1 + ((4.0f/15.0f))*vg_y5_2 + ((2.0f/15.0f))*vg_y5_3;
-        vg_dst[34 * vg_ds + vg_t] = ((1.0f/30.0f))*vg_y5_0 - (1.0f/15.0f)*vg_y5_1 + ((2.0f/15.0f))*vg_y5_2 - (4.0f/15.0f)*vg_y5_3;
-        vg_dst[35 * vg_ds + vg_t] = ((1.0f/2.0f))*vg_y5_3;
-    }
-}
-// Y = Aᵀ M A, 3×3 outputs, VG_NR lanes: element e of lane t at src[e·ss + t], dst[e·ds + t]
-static inline void convolution2d_backward_g_w_winograd4_output(const float *restrict vg_src, long vg_ss, float *restrict vg_dst, long vg_ds)
-{
-    #pragma omp simd
-    for (int vg_t = 0; vg_t < VG_NR; ++vg_t)
-    {
-        const float vg_y0_0 = vg_src[0 * vg_ss + vg_t] + vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + vg_src[18 * vg_ss + vg_t] + vg_src[24 * vg_ss + vg_t];
-        const float vg_y0_1 = vg_src[1 * vg_ss + vg_t] + vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + vg_src[19 * vg_ss + vg_t] + vg_src[25 * vg_ss + vg_t];
-        const float vg_y0_2 = vg_src[2 * vg_ss + vg_t] + vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + vg_src[20 * vg_ss + vg_t] + vg_src[26 * vg_ss + vg_t];
-        const float vg_y0_3 = vg_src[3 * vg_ss + vg_t] + vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + vg_src[21 * vg_ss + vg_t] + vg_src[27 * vg_ss + vg_t];
-        const float vg_y0_4 = vg_src[4 * vg_ss + vg_t] + vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + vg_src[22 * vg_ss + vg_t] + vg_src[28 * vg_ss + vg_t];
-        const float vg_y0_5 = vg_src[5 * vg_ss + vg_t] + vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + vg_src[23 * vg_ss + vg_t] + vg_src[29 * vg_ss + vg_t];
-        const float vg_y1_0 = vg_src[6 * vg_ss + vg_t] - vg_src[12 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[18 * vg_ss + vg_t] - 2*vg_src[24 * vg_ss + vg_t];
-        const float vg_y1_1 = vg_src[7 * vg_ss + vg_t] - vg_src[13 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[19 * vg_ss + vg_t] - 2*vg_src[25 * vg_ss + vg_t];
-        const float vg_y1_2 = vg_src[8 * vg_ss + vg_t] - vg_src[14 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[20 * vg_ss + vg_t] - 2*vg_src[26 * vg_ss + vg_t];
-        const float vg_y1_3 = vg_src[9 * vg_ss + vg_t] - vg_src[15 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[21 * vg_ss + vg_t] - 2*vg_src[27 * vg_ss + vg_t];
-        const float vg_y1_4 = vg_src[10 * vg_ss + vg_t] - vg_src[16 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[22 * vg_ss + vg_t] - 2*vg_src[28 * vg_ss + vg_t];
-        const float vg_y1_5 = vg_src[11 * vg_ss + vg_t] - vg_src[17 * vg_ss + vg_t] + ((1.0f/2.0f))*vg_src[23 * vg_ss + vg_t] - 2*vg_src[29 * vg_ss + vg_t];
-        const float vg_y2_0 = vg_src[6 * vg_ss + vg_t] + vg_src[12 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[18 * vg_ss + vg_t] + 4*vg_src[24 * vg_ss + vg_t] + vg_src[30 * vg_ss + vg_t];
-        const float vg_y2_1 = vg_src[7 * vg_ss + vg_t] + vg_src[13 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[19 * vg_ss + vg_t] + 4*vg_src[25 * vg_ss + vg_t] + vg_src[31 * vg_ss + vg_t];
-        const float vg_y2_2 = vg_src[8 * vg_ss + vg_t] + vg_src[14 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[20 * vg_ss + vg_t] + 4*vg_src[26 * vg_ss + vg_t] + vg_src[32 * vg_ss + vg_t];
-        const float vg_y2_3 = vg_src[9 * vg_ss + vg_t] + vg_src[15 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[21 * vg_ss + vg_t] + 4*vg_src[27 * vg_ss + vg_t] + vg_src[33 * vg_ss + vg_t];
-        const float vg_y2_4 = vg_src[10 * vg_ss + vg_t] + vg_src[16 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[22 * vg_ss + vg_t] + 4*vg_src[28 * vg_ss + vg_t] + vg_src[34 * vg_ss + vg_t];
-        const float vg_y2_5 = vg_src[11 * vg_ss + vg_t] + vg_src[17 * vg_ss + vg_t] + ((1.0f/4.0f))*vg_src[23 * vg_ss + vg_t] + 4*vg_src[29 * vg_ss + vg_t] + vg_src[35 * vg_ss + vg_t];
-        vg_dst[0 * vg_ds + vg_t] = vg_y0_0 + vg_y0_1 + vg_y0_2 + vg_y0_3 + vg_y0_4;
-        vg_dst[1 * vg_ds + vg_t] = vg_y0_1 - vg_y0_2 + ((1.0f/2.0f))*vg_y0_3 - 2*vg_y0_4;
-        vg_dst[2 * vg_ds + vg_t] = vg_y0_1 + vg_y0_2 + ((1.0f/4.0f))*vg_y0_3 + 4*vg_y0_4 + vg_y0_5;
-        vg_dst[3 * vg_ds + vg_t] = vg_y1_0 + vg_y1_1 + vg_y1_2 + vg_y1_3 + vg_y1_4;
-        vg_dst[4 * vg_ds + vg_t] = vg_y1_1 - vg_y1_2 + ((1.0f/2.0f))*vg_y1_3 - 2*vg_y1_4;
-        vg_dst[5 * vg_ds + vg_t] = vg_y1_1 + vg_y1_2 + ((1.0f/4.0f))*vg_y1_3 + 4*vg_y1_4 + vg_y1_5;
-        vg_dst[6 * vg_ds + vg_t] = vg_y2_0 + vg_y2_1 + vg_y2_2 + vg_y2_3 + vg_y2_4;
-        vg_dst[7 * vg_ds + vg_t] = vg_y2_1 - vg_y2_2 + ((1.0f/2.0f))*vg_y2_3 - 2*vg_y2_4;
-        vg_dst[8 * vg_ds + vg_t] = vg_y2_1 + vg_y2_2 + ((1.0f/4.0f))*vg_y2_3 + 4*vg_y2_4 + vg_y2_5;
-    }
-}
 void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float *restrict x, float *restrict g_w, int B, int H, int IC, int OC, int W)
 {
     const int vg_TH = (H + 3) / 4, vg_TW = (W + 3) / 4;
@@ -3298,7 +3039,7 @@ void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float
                         else
                             for (int vg_k = 0; vg_k < 16 * VG_NR; ++vg_k)
                                 vg_d[vg_k] = 0.0f;
-                        convolution2d_backward_g_w_winograd4_filter(vg_d, VG_NR, vg_e + (size_t)vg_r * 36 * VG_NR, VG_NR);
+                        vg_winograd_f3x3_4x4_filter(vg_d, VG_NR, vg_e + (size_t)vg_r * 36 * VG_NR, VG_NR);
                     }
                     for (int vg_k = 0; vg_k < 36; ++vg_k)
                         for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
@@ -3324,7 +3065,7 @@ void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float
                         else
                             for (int vg_k = 0; vg_k < 36 * VG_NR; ++vg_k)
                                 vg_d[vg_k] = 0.0f;
-                        convolution2d_backward_g_w_winograd4_data(vg_d, VG_NR, vg_e + (size_t)vg_r * 36 * VG_NR, VG_NR);
+                        vg_winograd_f3x3_4x4_data(vg_d, VG_NR, vg_e + (size_t)vg_r * 36 * VG_NR, VG_NR);
                     }
                     for (int vg_k = 0; vg_k < 36; ++vg_k)
                         for (int vg_q = 0; vg_q < vg_nt; ++vg_q)
@@ -3422,7 +3163,7 @@ void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float
         for (int vg_wo = 0; vg_wo < OC; ++vg_wo)
             for (int vg_c0 = 0; vg_c0 < IC; vg_c0 += VG_NR)
             {
-                convolution2d_backward_g_w_winograd4_output(vg_m + (size_t)vg_wo * vg_ldx + vg_c0, (long)vg_OP * VG_MR * vg_ldx, vg_e, VG_NR);
+                vg_winograd_f3x3_4x4_output(vg_m + (size_t)vg_wo * vg_ldx + vg_c0, (long)vg_OP * VG_MR * vg_ldx, vg_e, VG_NR);
                 for (int vg_q = 0; vg_q < VG_NR && vg_c0 + vg_q < IC; ++vg_q)
                 {
                     const int vg_wc = vg_c0 + vg_q;

@@ -142,6 +142,555 @@ static __device__ __forceinline__ void vg_tile_choose(int M, int N, int K, int G
     }
 }
 
+// Winograd's transforms, each defined once for the kernels below that run it
+// (vggen.compiler.targets.winograd: statements printed from the exact matrices)
+
+// V = Bᵀ d B for 4×4 data tiles: element e at src[e·ss], written to dst[e·ds]
+static __device__ __forceinline__ void vg_winograd_f2x2_3x3_data(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
+{
+    const float vg_y0_0 = vg_src[0 * vg_ss] - vg_src[8 * vg_ss];
+    const float vg_y0_1 = vg_src[1 * vg_ss] - vg_src[9 * vg_ss];
+    const float vg_y0_2 = vg_src[2 * vg_ss] - vg_src[10 * vg_ss];
+    const float vg_y0_3 = vg_src[3 * vg_ss] - vg_src[11 * vg_ss];
+    const float vg_y1_0 = vg_src[4 * vg_ss] + vg_src[8 * vg_ss];
+    const float vg_y1_1 = vg_src[5 * vg_ss] + vg_src[9 * vg_ss];
+    const float vg_y1_2 = vg_src[6 * vg_ss] + vg_src[10 * vg_ss];
+    const float vg_y1_3 = vg_src[7 * vg_ss] + vg_src[11 * vg_ss];
+    const float vg_y2_0 = vg_src[4 * vg_ss] - vg_src[8 * vg_ss];
+    const float vg_y2_1 = vg_src[5 * vg_ss] - vg_src[9 * vg_ss];
+    const float vg_y2_2 = vg_src[6 * vg_ss] - vg_src[10 * vg_ss];
+    const float vg_y2_3 = vg_src[7 * vg_ss] - vg_src[11 * vg_ss];
+    const float vg_y3_0 = vg_src[4 * vg_ss] - vg_src[12 * vg_ss];
+    const float vg_y3_1 = vg_src[5 * vg_ss] - vg_src[13 * vg_ss];
+    const float vg_y3_2 = vg_src[6 * vg_ss] - vg_src[14 * vg_ss];
+    const float vg_y3_3 = vg_src[7 * vg_ss] - vg_src[15 * vg_ss];
+    vg_dst[0 * vg_ds] = vg_y0_0 - vg_y0_2;
+    vg_dst[1 * vg_ds] = vg_y0_1 + vg_y0_2;
+    vg_dst[2 * vg_ds] = vg_y0_1 - vg_y0_2;
+    vg_dst[3 * vg_ds] = vg_y0_1 - vg_y0_3;
+    vg_dst[4 * vg_ds] = vg_y1_0 - vg_y1_2;
+    vg_dst[5 * vg_ds] = vg_y1_1 + vg_y1_2;
+    vg_dst[6 * vg_ds] = vg_y1_1 - vg_y1_2;
+    vg_dst[7 * vg_ds] = vg_y1_1 - vg_y1_3;
+    vg_dst[8 * vg_ds] = vg_y2_0 - vg_y2_2;
+    vg_dst[9 * vg_ds] = vg_y2_1 + vg_y2_2;
+    vg_dst[10 * vg_ds] = vg_y2_1 - vg_y2_2;
+    vg_dst[11 * vg_ds] = vg_y2_1 - vg_y2_3;
+    vg_dst[12 * vg_ds] = vg_y3_0 - vg_y3_2;
+    vg_dst[13 * vg_ds] = vg_y3_1 + vg_y3_2;
+    vg_dst[14 * vg_ds] = vg_y3_1 - vg_y3_2;
+    vg_dst[15 * vg_ds] = vg_y3_1 - vg_y3_3;
+}
+
+
+// U = G g Gᵀ for 3×3 filters: element e at src[e·ss], written to dst[e·ds]
+static __device__ __forceinline__ void vg_winograd_f2x2_3x3_filter(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
+{
+    const float vg_y0_0 = vg_src[0 * vg_ss];
+    const float vg_y0_1 = vg_src[1 * vg_ss];
+    const float vg_y0_2 = vg_src[2 * vg_ss];
+    const float vg_y1_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss] + ((1.0f/2.0f))*vg_src[3 * vg_ss] + ((1.0f/2.0f))*vg_src[6 * vg_ss];
+    const float vg_y1_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss] + ((1.0f/2.0f))*vg_src[4 * vg_ss] + ((1.0f/2.0f))*vg_src[7 * vg_ss];
+    const float vg_y1_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss] + ((1.0f/2.0f))*vg_src[5 * vg_ss] + ((1.0f/2.0f))*vg_src[8 * vg_ss];
+    const float vg_y2_0 = -(1.0f/2.0f)*vg_src[0 * vg_ss] + ((1.0f/2.0f))*vg_src[3 * vg_ss] - (1.0f/2.0f)*vg_src[6 * vg_ss];
+    const float vg_y2_1 = -(1.0f/2.0f)*vg_src[1 * vg_ss] + ((1.0f/2.0f))*vg_src[4 * vg_ss] - (1.0f/2.0f)*vg_src[7 * vg_ss];
+    const float vg_y2_2 = -(1.0f/2.0f)*vg_src[2 * vg_ss] + ((1.0f/2.0f))*vg_src[5 * vg_ss] - (1.0f/2.0f)*vg_src[8 * vg_ss];
+    const float vg_y3_0 = -vg_src[6 * vg_ss];
+    const float vg_y3_1 = -vg_src[7 * vg_ss];
+    const float vg_y3_2 = -vg_src[8 * vg_ss];
+    vg_dst[0 * vg_ds] = vg_y0_0;
+    vg_dst[1 * vg_ds] = ((1.0f/2.0f))*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 + ((1.0f/2.0f))*vg_y0_2;
+    vg_dst[2 * vg_ds] = -(1.0f/2.0f)*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 - (1.0f/2.0f)*vg_y0_2;
+    vg_dst[3 * vg_ds] = -vg_y0_2;
+    vg_dst[4 * vg_ds] = vg_y1_0;
+    vg_dst[5 * vg_ds] = ((1.0f/2.0f))*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 + ((1.0f/2.0f))*vg_y1_2;
+    vg_dst[6 * vg_ds] = -(1.0f/2.0f)*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 - (1.0f/2.0f)*vg_y1_2;
+    vg_dst[7 * vg_ds] = -vg_y1_2;
+    vg_dst[8 * vg_ds] = vg_y2_0;
+    vg_dst[9 * vg_ds] = ((1.0f/2.0f))*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 + ((1.0f/2.0f))*vg_y2_2;
+    vg_dst[10 * vg_ds] = -(1.0f/2.0f)*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 - (1.0f/2.0f)*vg_y2_2;
+    vg_dst[11 * vg_ds] = -vg_y2_2;
+    vg_dst[12 * vg_ds] = vg_y3_0;
+    vg_dst[13 * vg_ds] = ((1.0f/2.0f))*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 + ((1.0f/2.0f))*vg_y3_2;
+    vg_dst[14 * vg_ds] = -(1.0f/2.0f)*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 - (1.0f/2.0f)*vg_y3_2;
+    vg_dst[15 * vg_ds] = -vg_y3_2;
+}
+
+
+// Y = Aᵀ M A, 2×2 outputs: element e at src[e·ss], written to dst[e·ds]
+static __device__ __forceinline__ void vg_winograd_f2x2_3x3_output(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
+{
+    const float vg_y0_0 = vg_src[0 * vg_ss] + vg_src[4 * vg_ss] + vg_src[8 * vg_ss];
+    const float vg_y0_1 = vg_src[1 * vg_ss] + vg_src[5 * vg_ss] + vg_src[9 * vg_ss];
+    const float vg_y0_2 = vg_src[2 * vg_ss] + vg_src[6 * vg_ss] + vg_src[10 * vg_ss];
+    const float vg_y0_3 = vg_src[3 * vg_ss] + vg_src[7 * vg_ss] + vg_src[11 * vg_ss];
+    const float vg_y1_0 = vg_src[4 * vg_ss] - vg_src[8 * vg_ss] + vg_src[12 * vg_ss];
+    const float vg_y1_1 = vg_src[5 * vg_ss] - vg_src[9 * vg_ss] + vg_src[13 * vg_ss];
+    const float vg_y1_2 = vg_src[6 * vg_ss] - vg_src[10 * vg_ss] + vg_src[14 * vg_ss];
+    const float vg_y1_3 = vg_src[7 * vg_ss] - vg_src[11 * vg_ss] + vg_src[15 * vg_ss];
+    vg_dst[0 * vg_ds] = vg_y0_0 + vg_y0_1 + vg_y0_2;
+    vg_dst[1 * vg_ds] = vg_y0_1 - vg_y0_2 + vg_y0_3;
+    vg_dst[2 * vg_ds] = vg_y1_0 + vg_y1_1 + vg_y1_2;
+    vg_dst[3 * vg_ds] = vg_y1_1 - vg_y1_2 + vg_y1_3;
+}
+
+
+// V = Bᵀ d B for 6×6 data tiles: element e at src[e·ss], written to dst[e·ds]
+static __device__ __forceinline__ void vg_winograd_f4x4_3x3_data(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
+{
+    const float vg_y0_0 = 2*vg_src[0 * vg_ss] - 3*vg_src[6 * vg_ss] - 4*vg_src[12 * vg_ss] + 3*vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
+    const float vg_y0_1 = 2*vg_src[1 * vg_ss] - 3*vg_src[7 * vg_ss] - 4*vg_src[13 * vg_ss] + 3*vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
+    const float vg_y0_2 = 2*vg_src[2 * vg_ss] - 3*vg_src[8 * vg_ss] - 4*vg_src[14 * vg_ss] + 3*vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
+    const float vg_y0_3 = 2*vg_src[3 * vg_ss] - 3*vg_src[9 * vg_ss] - 4*vg_src[15 * vg_ss] + 3*vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
+    const float vg_y0_4 = 2*vg_src[4 * vg_ss] - 3*vg_src[10 * vg_ss] - 4*vg_src[16 * vg_ss] + 3*vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
+    const float vg_y0_5 = 2*vg_src[5 * vg_ss] - 3*vg_src[11 * vg_ss] - 4*vg_src[17 * vg_ss] + 3*vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
+    const float vg_y1_0 = 2*vg_src[6 * vg_ss] - vg_src[12 * vg_ss] - 5*vg_src[18 * vg_ss] - 2*vg_src[24 * vg_ss];
+    const float vg_y1_1 = 2*vg_src[7 * vg_ss] - vg_src[13 * vg_ss] - 5*vg_src[19 * vg_ss] - 2*vg_src[25 * vg_ss];
+    const float vg_y1_2 = 2*vg_src[8 * vg_ss] - vg_src[14 * vg_ss] - 5*vg_src[20 * vg_ss] - 2*vg_src[26 * vg_ss];
+    const float vg_y1_3 = 2*vg_src[9 * vg_ss] - vg_src[15 * vg_ss] - 5*vg_src[21 * vg_ss] - 2*vg_src[27 * vg_ss];
+    const float vg_y1_4 = 2*vg_src[10 * vg_ss] - vg_src[16 * vg_ss] - 5*vg_src[22 * vg_ss] - 2*vg_src[28 * vg_ss];
+    const float vg_y1_5 = 2*vg_src[11 * vg_ss] - vg_src[17 * vg_ss] - 5*vg_src[23 * vg_ss] - 2*vg_src[29 * vg_ss];
+    const float vg_y2_0 = 2*vg_src[6 * vg_ss] - 5*vg_src[12 * vg_ss] + vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
+    const float vg_y2_1 = 2*vg_src[7 * vg_ss] - 5*vg_src[13 * vg_ss] + vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
+    const float vg_y2_2 = 2*vg_src[8 * vg_ss] - 5*vg_src[14 * vg_ss] + vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
+    const float vg_y2_3 = 2*vg_src[9 * vg_ss] - 5*vg_src[15 * vg_ss] + vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
+    const float vg_y2_4 = 2*vg_src[10 * vg_ss] - 5*vg_src[16 * vg_ss] + vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
+    const float vg_y2_5 = 2*vg_src[11 * vg_ss] - 5*vg_src[17 * vg_ss] + vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
+    const float vg_y3_0 = 2*vg_src[6 * vg_ss] + vg_src[12 * vg_ss] - 2*vg_src[18 * vg_ss] - vg_src[24 * vg_ss];
+    const float vg_y3_1 = 2*vg_src[7 * vg_ss] + vg_src[13 * vg_ss] - 2*vg_src[19 * vg_ss] - vg_src[25 * vg_ss];
+    const float vg_y3_2 = 2*vg_src[8 * vg_ss] + vg_src[14 * vg_ss] - 2*vg_src[20 * vg_ss] - vg_src[26 * vg_ss];
+    const float vg_y3_3 = 2*vg_src[9 * vg_ss] + vg_src[15 * vg_ss] - 2*vg_src[21 * vg_ss] - vg_src[27 * vg_ss];
+    const float vg_y3_4 = 2*vg_src[10 * vg_ss] + vg_src[16 * vg_ss] - 2*vg_src[22 * vg_ss] - vg_src[28 * vg_ss];
+    const float vg_y3_5 = 2*vg_src[11 * vg_ss] + vg_src[17 * vg_ss] - 2*vg_src[23 * vg_ss] - vg_src[29 * vg_ss];
+    const float vg_y4_0 = vg_src[6 * vg_ss] - 2*vg_src[12 * vg_ss] - vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
+    const float vg_y4_1 = vg_src[7 * vg_ss] - 2*vg_src[13 * vg_ss] - vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
+    const float vg_y4_2 = vg_src[8 * vg_ss] - 2*vg_src[14 * vg_ss] - vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
+    const float vg_y4_3 = vg_src[9 * vg_ss] - 2*vg_src[15 * vg_ss] - vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
+    const float vg_y4_4 = vg_src[10 * vg_ss] - 2*vg_src[16 * vg_ss] - vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
+    const float vg_y4_5 = vg_src[11 * vg_ss] - 2*vg_src[17 * vg_ss] - vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
+    const float vg_y5_0 = 2*vg_src[6 * vg_ss] - 3*vg_src[12 * vg_ss] - 4*vg_src[18 * vg_ss] + 3*vg_src[24 * vg_ss] + 2*vg_src[30 * vg_ss];
+    const float vg_y5_1 = 2*vg_src[7 * vg_ss] - 3*vg_src[13 * vg_ss] - 4*vg_src[19 * vg_ss] + 3*vg_src[25 * vg_ss] + 2*vg_src[31 * vg_ss];
+    const float vg_y5_2 = 2*vg_src[8 * vg_ss] - 3*vg_src[14 * vg_ss] - 4*vg_src[20 * vg_ss] + 3*vg_src[26 * vg_ss] + 2*vg_src[32 * vg_ss];
+    const float vg_y5_3 = 2*vg_src[9 * vg_ss] - 3*vg_src[15 * vg_ss] - 4*vg_src[21 * vg_ss] + 3*vg_src[27 * vg_ss] + 2*vg_src[33 * vg_ss];
+    const float vg_y5_4 = 2*vg_src[10 * vg_ss] - 3*vg_src[16 * vg_ss] - 4*vg_src[22 * vg_ss] + 3*vg_src[28 * vg_ss] + 2*vg_src[34 * vg_ss];
+    const float vg_y5_5 = 2*vg_src[11 * vg_ss] - 3*vg_src[17 * vg_ss] - 4*vg_src[23 * vg_ss] + 3*vg_src[29 * vg_ss] + 2*vg_src[35 * vg_ss];
+    vg_dst[0 * vg_ds] = 2*vg_y0_0 - 3*vg_y0_1 - 4*vg_y0_2 + 3*vg_y0_3 + 2*vg_y0_4;
+    vg_dst[1 * vg_ds] = 2*vg_y0_1 - vg_y0_2 - 5*vg_y0_3 - 2*vg_y0_4;
+    vg_dst[2 * vg_ds] = 2*vg_y0_1 - 5*vg_y0_2 + vg_y0_3 + 2*vg_y0_4;
+    vg_dst[3 * vg_ds] = 2*vg_y0_1 + vg_y0_2 - 2*vg_y0_3 - vg_y0_4;
+    vg_dst[4 * vg_ds] = vg_y0_1 - 2*vg_y0_2 - vg_y0_3 + 2*vg_y0_4;
+    vg_dst[5 * vg_ds] = 2*vg_y0_1 - 3*vg_y0_2 - 4*vg_y0_3 + 3*vg_y0_4 + 2*vg_y0_5;
+    vg_dst[6 * vg_ds] = 2*vg_y1_0 - 3*vg_y1_1 - 4*vg_y1_2 + 3*vg_y1_3 + 2*vg_y1_4;
+    vg_dst[7 * vg_ds] = 2*vg_y1_1 - vg_y1_2 - 5*vg_y1_3 - 2*vg_y1_4;
+    vg_dst[8 * vg_ds] = 2*vg_y1_1 - 5*vg_y1_2 + vg_y1_3 + 2*vg_y1_4;
+    vg_dst[9 * vg_ds] = 2*vg_y1_1 + vg_y1_2 - 2*vg_y1_3 - vg_y1_4;
+    vg_dst[10 * vg_ds] = vg_y1_1 - 2*vg_y1_2 - vg_y1_3 + 2*vg_y1_4;
+    vg_dst[11 * vg_ds] = 2*vg_y1_1 - 3*vg_y1_2 - 4*vg_y1_3 + 3*vg_y1_4 + 2*vg_y1_5;
+    vg_dst[12 * vg_ds] = 2*vg_y2_0 - 3*vg_y2_1 - 4*vg_y2_2 + 3*vg_y2_3 + 2*vg_y2_4;
+    vg_dst[13 * vg_ds] = 2*vg_y2_1 - vg_y2_2 - 5*vg_y2_3 - 2*vg_y2_4;
+    vg_dst[14 * vg_ds] = 2*vg_y2_1 - 5*vg_y2_2 + vg_y2_3 + 2*vg_y2_4;
+    vg_dst[15 * vg_ds] = 2*vg_y2_1 + vg_y2_2 - 2*vg_y2_3 - vg_y2_4;
+    vg_dst[16 * vg_ds] = vg_y2_1 - 2*vg_y2_2 - vg_y2_3 + 2*vg_y2_4;
+    vg_dst[17 * vg_ds] = 2*vg_y2_1 - 3*vg_y2_2 - 4*vg_y2_3 + 3*vg_y2_4 + 2*vg_y2_5;
+    vg_dst[18 * vg_ds] = 2*vg_y3_0 - 3*vg_y3_1 - 4*vg_y3_2 + 3*vg_y3_3 + 2*vg_y3_4;
+    vg_dst[19 * vg_ds] = 2*vg_y3_1 - vg_y3_2 - 5*vg_y3_3 - 2*vg_y3_4;
+    vg_dst[20 * vg_ds] = 2*vg_y3_1 - 5*vg_y3_2 + vg_y3_3 + 2*vg_y3_4;
+    vg_dst[21 * vg_ds] = 2*vg_y3_1 + vg_y3_2 - 2*vg_y3_3 - vg_y3_4;
+    vg_dst[22 * vg_ds] = vg_y3_1 - 2*vg_y3_2 - vg_y3_3 + 2*vg_y3_4;
+    vg_dst[23 * vg_ds] = 2*vg_y3_1 - 3*vg_y3_2 - 4*vg_y3_3 + 3*vg_y3_4 + 2*vg_y3_5;
+    vg_dst[24 * vg_ds] = 2*vg_y4_0 - 3*vg_y4_1 - 4*vg_y4_2 + 3*vg_y4_3 + 2*vg_y4_4;
+    vg_dst[25 * vg_ds] = 2*vg_y4_1 - vg_y4_2 - 5*vg_y4_3 - 2*vg_y4_4;
+    vg_dst[26 * vg_ds] = 2*vg_y4_1 - 5*vg_y4_2 + vg_y4_3 + 2*vg_y4_4;
+    vg_dst[27 * vg_ds] = 2*vg_y4_1 + vg_y4_2 - 2*vg_y4_3 - vg_y4_4;
+    vg_dst[28 * vg_ds] = vg_y4_1 - 2*vg_y4_2 - vg_y4_3 + 2*vg_y4_4;
+    vg_dst[29 * vg_ds] = 2*vg_y4_1 - 3*vg_y4_2 - 4*vg_y4_3 + 3*vg_y4_4 + 2*vg_y4_5;
+    vg_dst[30 * vg_ds] = 2*vg_y5_0 - 3*vg_y5_1 - 4*vg_y5_2 + 3*vg_y5_3 + 2*vg_y5_4;
+    vg_dst[31 * vg_ds] = 2*vg_y5_1 - vg_y5_2 - 5*vg_y5_3 - 2*vg_y5_4;
+    vg_dst[32 * vg_ds] = 2*vg_y5_1 - 5*vg_y5_2 + vg_y5_3 + 2*vg_y5_4;
+    vg_dst[33 * vg_ds] = 2*vg_y5_1 + vg_y5_2 - 2*vg_y5_3 - vg_y5_4;
+    vg_dst[34 * vg_ds] = vg_y5_1 - 2*vg_y5_2 - vg_y5_3 + 2*vg_y5_4;
+    vg_dst[35 * vg_ds] = 2*vg_y5_1 - 3*vg_y5_2 - 4*vg_y5_3 + 3*vg_y5_4 + 2*vg_y5_5;
+}
+
+
+// U = G g Gᵀ for 3×3 filters: element e at src[e·ss], written to dst[e·ds]
+static __device__ __forceinline__ void vg_winograd_f4x4_3x3_filter(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
+{
+    const float vg_y0_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss];
+    const float vg_y0_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss];
+    const float vg_y0_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss];
+    const float vg_y1_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss] - (1.0f/6.0f)*vg_src[3 * vg_ss] - (1.0f/6.0f)*vg_src[6 * vg_ss];
+    const float vg_y1_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss] - (1.0f/6.0f)*vg_src[4 * vg_ss] - (1.0f/6.0f)*vg_src[7 * vg_ss];
+    const float vg_y1_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss] - (1.0f/6.0f)*vg_src[5 * vg_ss] - (1.0f/6.0f)*vg_src[8 * vg_ss];
+    const float vg_y2_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss] + ((1.0f/6.0f))*vg_src[3 * vg_ss] - (1.0f/6.0f)*vg_src[6 * vg_ss];
+    const float vg_y2_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss] + ((1.0f/6.0f))*vg_src[4 * vg_ss] - (1.0f/6.0f)*vg_src[7 * vg_ss];
+    const float vg_y2_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss] + ((1.0f/6.0f))*vg_src[5 * vg_ss] - (1.0f/6.0f)*vg_src[8 * vg_ss];
+    const float vg_y3_0 = ((16.0f/15.0f))*vg_src[0 * vg_ss] + ((8.0f/15.0f))*vg_src[3 * vg_ss] + ((4.0f/15.0f))*vg_src[6 * vg_ss];
+    const float vg_y3_1 = ((16.0f/15.0f))*vg_src[1 * vg_ss] + ((8.0f/15.0f))*vg_src[4 * vg_ss] + ((4.0f/15.0f))*vg_src[7 * vg_ss];
+    const float vg_y3_2 = ((16.0f/15.0f))*vg_src[2 * vg_ss] + ((8.0f/15.0f))*vg_src[5 * vg_ss] + ((4.0f/15.0f))*vg_src[8 * vg_ss];
+    const float vg_y4_0 = ((1.0f/30.0f))*vg_src[0 * vg_ss] - (1.0f/15.0f)*vg_src[3 * vg_ss] + ((2.0f/15.0f))*vg_src[6 * vg_ss];
+    const float vg_y4_1 = ((1.0f/30.0f))*vg_src[1 * vg_ss] - (1.0f/15.0f)*vg_src[4 * vg_ss] + ((2.0f/15.0f))*vg_src[7 * vg_ss];
+    const float vg_y4_2 = ((1.0f/30.0f))*vg_src[2 * vg_ss] - (1.0f/15.0f)*vg_src[5 * vg_ss] + ((2.0f/15.0f))*vg_src[8 * vg_ss];
+    const float vg_y5_0 = ((1.0f/2.0f))*vg_src[6 * vg_ss];
+    const float vg_y5_1 = ((1.0f/2.0f))*vg_src[7 * vg_ss];
+    const float vg_y5_2 = ((1.0f/2.0f))*vg_src[8 * vg_ss];
+    vg_dst[0 * vg_ds] = ((1.0f/2.0f))*vg_y0_0;
+    vg_dst[1 * vg_ds] = -(1.0f/6.0f)*vg_y0_0 - (1.0f/6.0f)*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
+    vg_dst[2 * vg_ds] = -(1.0f/6.0f)*vg_y0_0 + ((1.0f/6.0f))*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
+    vg_dst[3 * vg_ds] = ((16.0f/15.0f))*vg_y0_0 + ((8.0f/15.0f))*vg_y0_1 + ((4.0f/15.0f))*vg_y0_2;
+    vg_dst[4 * vg_ds] = ((1.0f/30.0f))*vg_y0_0 - (1.0f/15.0f)*vg_y0_1 + ((2.0f/15.0f))*vg_y0_2;
+    vg_dst[5 * vg_ds] = ((1.0f/2.0f))*vg_y0_2;
+    vg_dst[6 * vg_ds] = ((1.0f/2.0f))*vg_y1_0;
+    vg_dst[7 * vg_ds] = -(1.0f/6.0f)*vg_y1_0 - (1.0f/6.0f)*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
+    vg_dst[8 * vg_ds] = -(1.0f/6.0f)*vg_y1_0 + ((1.0f/6.0f))*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
+    vg_dst[9 * vg_ds] = ((16.0f/15.0f))*vg_y1_0 + ((8.0f/15.0f))*vg_y1_1 + ((4.0f/15.0f))*vg_y1_2;
+    vg_dst[10 * vg_ds] = ((1.0f/30.0f))*vg_y1_0 - (1.0f/15.0f)*vg_y1_1 + ((2.0f/15.0f))*vg_y1_2;
+    vg_dst[11 * vg_ds] = ((1.0f/2.0f))*vg_y1_2;
+    vg_dst[12 * vg_ds] = ((1.0f/2.0f))*vg_y2_0;
+    vg_dst[13 * vg_ds] = -(1.0f/6.0f)*vg_y2_0 - (1.0f/6.0f)*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
+    vg_dst[14 * vg_ds] = -(1.0f/6.0f)*vg_y2_0 + ((1.0f/6.0f))*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
+    vg_dst[15 * vg_ds] = ((16.0f/15.0f))*vg_y2_0 + ((8.0f/15.0f))*vg_y2_1 + ((4.0f/15.0f))*vg_y2_2;
+    vg_dst[16 * vg_ds] = ((1.0f/30.0f))*vg_y2_0 - (1.0f/15.0f)*vg_y2_1 + ((2.0f/15.0f))*vg_y2_2;
+    vg_dst[17 * vg_ds] = ((1.0f/2.0f))*vg_y2_2;
+    vg_dst[18 * vg_ds] = ((1.0f/2.0f))*vg_y3_0;
+    vg_dst[19 * vg_ds] = -(1.0f/6.0f)*vg_y3_0 - (1.0f/6.0f)*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
+    vg_dst[20 * vg_ds] = -(1.0f/6.0f)*vg_y3_0 + ((1.0f/6.0f))*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
+    vg_dst[21 * vg_ds] = ((16.0f/15.0f))*vg_y3_0 + ((8.0f/15.0f))*vg_y3_1 + ((4.0f/15.0f))*vg_y3_2;
+    vg_dst[22 * vg_ds] = ((1.0f/30.0f))*vg_y3_0 - (1.0f/15.0f)*vg_y3_1 + ((2.0f/15.0f))*vg_y3_2;
+    vg_dst[23 * vg_ds] = ((1.0f/2.0f))*vg_y3_2;
+    vg_dst[24 * vg_ds] = ((1.0f/2.0f))*vg_y4_0;
+    vg_dst[25 * vg_ds] = -(1.0f/6.0f)*vg_y4_0 - (1.0f/6.0f)*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
+    vg_dst[26 * vg_ds] = -(1.0f/6.0f)*vg_y4_0 + ((1.0f/6.0f))*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
+    vg_dst[27 * vg_ds] = ((16.0f/15.0f))*vg_y4_0 + ((8.0f/15.0f))*vg_y4_1 + ((4.0f/15.0f))*vg_y4_2;
+    vg_dst[28 * vg_ds] = ((1.0f/30.0f))*vg_y4_0 - (1.0f/15.0f)*vg_y4_1 + ((2.0f/15.0f))*vg_y4_2;
+    vg_dst[29 * vg_ds] = ((1.0f/2.0f))*vg_y4_2;
+    vg_dst[30 * vg_ds] = ((1.0f/2.0f))*vg_y5_0;
+    vg_dst[31 * vg_ds] = -(1.0f/6.0f)*vg_y5_0 - (1.0f/6.0f)*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
+    vg_dst[32 * vg_ds] = -(1.0f/6.0f)*vg_y5_0 + ((1.0f/6.0f))*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
+    vg_dst[33 * vg_ds] = ((16.0f/15.0f))*vg_y5_0 + ((8.0f/15.0f))*vg_y5_1 + ((4.0f/15.0f))*vg_y5_2;
+    vg_dst[34 * vg_ds] = ((1.0f/30.0f))*vg_y5_0 - (1.0f/15.0f)*vg_y5_1 + ((2.0f/15.0f))*vg_y5_2;
+    vg_dst[35 * vg_ds] = ((1.0f/2.0f))*vg_y5_2;
+}
+
+
+// Y = Aᵀ M A, 4×4 outputs: element e at src[e·ss], written to dst[e·ds]
+static __device__ __forceinline__ void vg_winograd_f4x4_3x3_output(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
+{
+    const float vg_y0_0 = vg_src[0 * vg_ss] + vg_src[6 * vg_ss] + vg_src[12 * vg_ss] + vg_src[18 * vg_ss] + vg_src[24 * vg_ss];
+    const float vg_y0_1 = vg_src[1 * vg_ss] + vg_src[7 * vg_ss] + vg_src[13 * vg_ss] + vg_src[19 * vg_ss] + vg_src[25 * vg_ss];
+    const float vg_y0_2 = vg_src[2 * vg_ss] + vg_src[8 * vg_ss] + vg_src[14 * vg_ss] + vg_src[20 * vg_ss] + vg_src[26 * vg_ss];
+    const float vg_y0_3 = vg_src[3 * vg_ss] + vg_src[9 * vg_ss] + vg_src[15 * vg_ss] + vg_src[21 * vg_ss] + vg_src[27 * vg_ss];
+    const float vg_y0_4 = vg_src[4 * vg_ss] + vg_src[10 * vg_ss] + vg_src[16 * vg_ss] + vg_src[22 * vg_ss] + vg_src[28 * vg_ss];
+    const float vg_y0_5 = vg_src[5 * vg_ss] + vg_src[11 * vg_ss] + vg_src[17 * vg_ss] + vg_src[23 * vg_ss] + vg_src[29 * vg_ss];
+    const float vg_y1_0 = vg_src[6 * vg_ss] - vg_src[12 * vg_ss] + ((1.0f/2.0f))*vg_src[18 * vg_ss] - 2*vg_src[24 * vg_ss];
+    const float vg_y1_1 = vg_src[7 * vg_ss] - vg_src[13 * vg_ss] + ((1.0f/2.0f))*vg_src[19 * vg_ss] - 2*vg_src[25 * vg_ss];
+    const float vg_y1_2 = vg_src[8 * vg_ss] - vg_src[14 * vg_ss] + ((1.0f/2.0f))*vg_src[20 * vg_ss] - 2*vg_src[26 * vg_ss];
+    const float vg_y1_3 = vg_src[9 * vg_ss] - vg_src[15 * vg_ss] + ((1.0f/2.0f))*vg_src[21 * vg_ss] - 2*vg_src[27 * vg_ss];
+    const float vg_y1_4 = vg_src[10 * vg_ss] - vg_src[16 * vg_ss] + ((1.0f/2.0f))*vg_src[22 * vg_ss] - 2*vg_src[28 * vg_ss];
+    const float vg_y1_5 = vg_src[11 * vg_ss] - vg_src[17 * vg_ss] + ((1.0f/2.0f))*vg_src[23 * vg_ss] - 2*vg_src[29 * vg_ss];
+    const float vg_y2_0 = vg_src[6 * vg_ss] + vg_src[12 * vg_ss] + ((1.0f/4.0f))*vg_src[18 * vg_ss] + 4*vg_src[24 * vg_ss];
+    const float vg_y2_1 = vg_src[7 * vg_ss] + vg_src[13 * vg_ss] + ((1.0f/4.0f))*vg_src[19 * vg_ss] + 4*vg_src[25 * vg_ss];
+    const float vg_y2_2 = vg_src[8 * vg_ss] + vg_src[14 * vg_ss] + ((1.0f/4.0f))*vg_src[20 * vg_ss] + 4*vg_src[26 * vg_ss];
+    const float vg_y2_3 = vg_src[9 * vg_ss] + vg_src[15 * vg_ss] + ((1.0f/4.0f))*vg_src[21 * vg_ss] + 4*vg_src[27 * vg_ss];
+    const float vg_y2_4 = vg_src[10 * vg_ss] + vg_src[16 * vg_ss] + ((1.0f/4.0f))*vg_src[22 * vg_ss] + 4*vg_src[28 * vg_ss];
+    const float vg_y2_5 = vg_src[11 * vg_ss] + vg_src[17 * vg_ss] + ((1.0f/4.0f))*vg_src[23 * vg_ss] + 4*vg_src[29 * vg_ss];
+    const float vg_y3_0 = vg_src[6 * vg_ss] - vg_src[12 * vg_ss] + ((1.0f/8.0f))*vg_src[18 * vg_ss] - 8*vg_src[24 * vg_ss] + vg_src[30 * vg_ss];
+    const float vg_y3_1 = vg_src[7 * vg_ss] - vg_src[13 * vg_ss] + ((1.0f/8.0f))*vg_src[19 * vg_ss] - 8*vg_src[25 * vg_ss] + vg_src[31 * vg_ss];
+    const float vg_y3_2 = vg_src[8 * vg_ss] - vg_src[14 * vg_ss] + ((1.0f/8.0f))*vg_src[20 * vg_ss] - 8*vg_src[26 * vg_ss] + vg_src[32 * vg_ss];
+    const float vg_y3_3 = vg_src[9 * vg_ss] - vg_src[15 * vg_ss] + ((1.0f/8.0f))*vg_src[21 * vg_ss] - 8*vg_src[27 * vg_ss] + vg_src[33 * vg_ss];
+    const float vg_y3_4 = vg_src[10 * vg_ss] - vg_src[16 * vg_ss] + ((1.0f/8.0f))*vg_src[22 * vg_ss] - 8*vg_src[28 * vg_ss] + vg_src[34 * vg_ss];
+    const float vg_y3_5 = vg_src[11 * vg_ss] - vg_src[17 * vg_ss] + ((1.0f/8.0f))*vg_src[23 * vg_ss] - 8*vg_src[29 * vg_ss] + vg_src[35 * vg_ss];
+    vg_dst[0 * vg_ds] = vg_y0_0 + vg_y0_1 + vg_y0_2 + vg_y0_3 + vg_y0_4;
+    vg_dst[1 * vg_ds] = vg_y0_1 - vg_y0_2 + ((1.0f/2.0f))*vg_y0_3 - 2*vg_y0_4;
+    vg_dst[2 * vg_ds] = vg_y0_1 + vg_y0_2 + ((1.0f/4.0f))*vg_y0_3 + 4*vg_y0_4;
+    vg_dst[3 * vg_ds] = vg_y0_1 - vg_y0_2 + ((1.0f/8.0f))*vg_y0_3 - 8*vg_y0_4 + vg_y0_5;
+    vg_dst[4 * vg_ds] = vg_y1_0 + vg_y1_1 + vg_y1_2 + vg_y1_3 + vg_y1_4;
+    vg_dst[5 * vg_ds] = vg_y1_1 - vg_y1_2 + ((1.0f/2.0f))*vg_y1_3 - 2*vg_y1_4;
+    vg_dst[6 * vg_ds] = vg_y1_1 + vg_y1_2 + ((1.0f/4.0f))*vg_y1_3 + 4*vg_y1_4;
+    vg_dst[7 * vg_ds] = vg_y1_1 - vg_y1_2 + ((1.0f/8.0f))*vg_y1_3 - 8*vg_y1_4 + vg_y1_5;
+    vg_dst[8 * vg_ds] = vg_y2_0 + vg_y2_1 + vg_y2_2 + vg_y2_3 + vg_y2_4;
+    vg_dst[9 * vg_ds] = vg_y2_1 - vg_y2_2 + ((1.0f/2.0f))*vg_y2_3 - 2*vg_y2_4;
+    vg_dst[10 * vg_ds] = vg_y2_1 + vg_y2_2 + ((1.0f/4.0f))*vg_y2_3 + 4*vg_y2_4;
+    vg_dst[11 * vg_ds] = vg_y2_1 - vg_y2_2 + ((1.0f/8.0f))*vg_y2_3 - 8*vg_y2_4 + vg_y2_5;
+    vg_dst[12 * vg_ds] = vg_y3_0 + vg_y3_1 + vg_y3_2 + vg_y3_3 + vg_y3_4;
+    vg_dst[13 * vg_ds] = vg_y3_1 - vg_y3_2 + ((1.0f/2.0f))*vg_y3_3 - 2*vg_y3_4;
+    vg_dst[14 * vg_ds] = vg_y3_1 + vg_y3_2 + ((1.0f/4.0f))*vg_y3_3 + 4*vg_y3_4;
+    vg_dst[15 * vg_ds] = vg_y3_1 - vg_y3_2 + ((1.0f/8.0f))*vg_y3_3 - 8*vg_y3_4 + vg_y3_5;
+}
+
+
+// V = Bᵀ d B for 4×4 data tiles: element e at src[e·ss], written to dst[e·ds]
+static __device__ __forceinline__ void vg_winograd_f3x3_2x2_data(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
+{
+    const float vg_y0_0 = vg_src[0 * vg_ss] - vg_src[8 * vg_ss];
+    const float vg_y0_1 = vg_src[1 * vg_ss] - vg_src[9 * vg_ss];
+    const float vg_y0_2 = vg_src[2 * vg_ss] - vg_src[10 * vg_ss];
+    const float vg_y0_3 = vg_src[3 * vg_ss] - vg_src[11 * vg_ss];
+    const float vg_y1_0 = vg_src[4 * vg_ss] + vg_src[8 * vg_ss];
+    const float vg_y1_1 = vg_src[5 * vg_ss] + vg_src[9 * vg_ss];
+    const float vg_y1_2 = vg_src[6 * vg_ss] + vg_src[10 * vg_ss];
+    const float vg_y1_3 = vg_src[7 * vg_ss] + vg_src[11 * vg_ss];
+    const float vg_y2_0 = vg_src[4 * vg_ss] - vg_src[8 * vg_ss];
+    const float vg_y2_1 = vg_src[5 * vg_ss] - vg_src[9 * vg_ss];
+    const float vg_y2_2 = vg_src[6 * vg_ss] - vg_src[10 * vg_ss];
+    const float vg_y2_3 = vg_src[7 * vg_ss] - vg_src[11 * vg_ss];
+    const float vg_y3_0 = vg_src[4 * vg_ss] - vg_src[12 * vg_ss];
+    const float vg_y3_1 = vg_src[5 * vg_ss] - vg_src[13 * vg_ss];
+    const float vg_y3_2 = vg_src[6 * vg_ss] - vg_src[14 * vg_ss];
+    const float vg_y3_3 = vg_src[7 * vg_ss] - vg_src[15 * vg_ss];
+    vg_dst[0 * vg_ds] = vg_y0_0 - vg_y0_2;
+    vg_dst[1 * vg_ds] = vg_y0_1 + vg_y0_2;
+    vg_dst[2 * vg_ds] = vg_y0_1 - vg_y0_2;
+    vg_dst[3 * vg_ds] = vg_y0_1 - vg_y0_3;
+    vg_dst[4 * vg_ds] = vg_y1_0 - vg_y1_2;
+    vg_dst[5 * vg_ds] = vg_y1_1 + vg_y1_2;
+    vg_dst[6 * vg_ds] = vg_y1_1 - vg_y1_2;
+    vg_dst[7 * vg_ds] = vg_y1_1 - vg_y1_3;
+    vg_dst[8 * vg_ds] = vg_y2_0 - vg_y2_2;
+    vg_dst[9 * vg_ds] = vg_y2_1 + vg_y2_2;
+    vg_dst[10 * vg_ds] = vg_y2_1 - vg_y2_2;
+    vg_dst[11 * vg_ds] = vg_y2_1 - vg_y2_3;
+    vg_dst[12 * vg_ds] = vg_y3_0 - vg_y3_2;
+    vg_dst[13 * vg_ds] = vg_y3_1 + vg_y3_2;
+    vg_dst[14 * vg_ds] = vg_y3_1 - vg_y3_2;
+    vg_dst[15 * vg_ds] = vg_y3_1 - vg_y3_3;
+}
+
+
+// U = G g Gᵀ for 2×2 filters: element e at src[e·ss], written to dst[e·ds]
+static __device__ __forceinline__ void vg_winograd_f3x3_2x2_filter(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
+{
+    const float vg_y0_0 = vg_src[0 * vg_ss];
+    const float vg_y0_1 = vg_src[1 * vg_ss];
+    const float vg_y1_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss] + ((1.0f/2.0f))*vg_src[2 * vg_ss];
+    const float vg_y1_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss] + ((1.0f/2.0f))*vg_src[3 * vg_ss];
+    const float vg_y2_0 = -(1.0f/2.0f)*vg_src[0 * vg_ss] + ((1.0f/2.0f))*vg_src[2 * vg_ss];
+    const float vg_y2_1 = -(1.0f/2.0f)*vg_src[1 * vg_ss] + ((1.0f/2.0f))*vg_src[3 * vg_ss];
+    const float vg_y3_0 = -vg_src[2 * vg_ss];
+    const float vg_y3_1 = -vg_src[3 * vg_ss];
+    vg_dst[0 * vg_ds] = vg_y0_0;
+    vg_dst[1 * vg_ds] = ((1.0f/2.0f))*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1;
+    vg_dst[2 * vg_ds] = -(1.0f/2.0f)*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1;
+    vg_dst[3 * vg_ds] = -vg_y0_1;
+    vg_dst[4 * vg_ds] = vg_y1_0;
+    vg_dst[5 * vg_ds] = ((1.0f/2.0f))*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1;
+    vg_dst[6 * vg_ds] = -(1.0f/2.0f)*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1;
+    vg_dst[7 * vg_ds] = -vg_y1_1;
+    vg_dst[8 * vg_ds] = vg_y2_0;
+    vg_dst[9 * vg_ds] = ((1.0f/2.0f))*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1;
+    vg_dst[10 * vg_ds] = -(1.0f/2.0f)*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1;
+    vg_dst[11 * vg_ds] = -vg_y2_1;
+    vg_dst[12 * vg_ds] = vg_y3_0;
+    vg_dst[13 * vg_ds] = ((1.0f/2.0f))*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1;
+    vg_dst[14 * vg_ds] = -(1.0f/2.0f)*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1;
+    vg_dst[15 * vg_ds] = -vg_y3_1;
+}
+
+
+// Y = Aᵀ M A, 3×3 outputs: element e at src[e·ss], written to dst[e·ds]
+static __device__ __forceinline__ void vg_winograd_f3x3_2x2_output(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
+{
+    const float vg_y0_0 = vg_src[0 * vg_ss] + vg_src[4 * vg_ss] + vg_src[8 * vg_ss];
+    const float vg_y0_1 = vg_src[1 * vg_ss] + vg_src[5 * vg_ss] + vg_src[9 * vg_ss];
+    const float vg_y0_2 = vg_src[2 * vg_ss] + vg_src[6 * vg_ss] + vg_src[10 * vg_ss];
+    const float vg_y0_3 = vg_src[3 * vg_ss] + vg_src[7 * vg_ss] + vg_src[11 * vg_ss];
+    const float vg_y1_0 = vg_src[4 * vg_ss] - vg_src[8 * vg_ss];
+    const float vg_y1_1 = vg_src[5 * vg_ss] - vg_src[9 * vg_ss];
+    const float vg_y1_2 = vg_src[6 * vg_ss] - vg_src[10 * vg_ss];
+    const float vg_y1_3 = vg_src[7 * vg_ss] - vg_src[11 * vg_ss];
+    const float vg_y2_0 = vg_src[4 * vg_ss] + vg_src[8 * vg_ss] + vg_src[12 * vg_ss];
+    const float vg_y2_1 = vg_src[5 * vg_ss] + vg_src[9 * vg_ss] + vg_src[13 * vg_ss];
+    const float vg_y2_2 = vg_src[6 * vg_ss] + vg_src[10 * vg_ss] + vg_src[14 * vg_ss];
+    const float vg_y2_3 = vg_src[7 * vg_ss] + vg_src[11 * vg_ss] + vg_src[15 * vg_ss];
+    vg_dst[0 * vg_ds] = vg_y0_0 + vg_y0_1 + vg_y0_2;
+    vg_dst[1 * vg_ds] = vg_y0_1 - vg_y0_2;
+    vg_dst[2 * vg_ds] = vg_y0_1 + vg_y0_2 + vg_y0_3;
+    vg_dst[3 * vg_ds] = vg_y1_0 + vg_y1_1 + vg_y1_2;
+    vg_dst[4 * vg_ds] = vg_y1_1 - vg_y1_2;
+    vg_dst[5 * vg_ds] = vg_y1_1 + vg_y1_2 + vg_y1_3;
+    vg_dst[6 * vg_ds] = vg_y2_0 + vg_y2_1 + vg_y2_2;
+    vg_dst[7 * vg_ds] = vg_y2_1 - vg_y2_2;
+    vg_dst[8 * vg_ds] = vg_y2_1 + vg_y2_2 + vg_y2_3;
+}
+
+
+// V = Bᵀ d B for 6×6 data tiles: element e at src[e·ss], written to dst[e·ds]
+static __device__ __forceinline__ void vg_winograd_f3x3_4x4_data(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
+{
+    const float vg_y0_0 = 2*vg_src[0 * vg_ss] - 3*vg_src[6 * vg_ss] - 4*vg_src[12 * vg_ss] + 3*vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
+    const float vg_y0_1 = 2*vg_src[1 * vg_ss] - 3*vg_src[7 * vg_ss] - 4*vg_src[13 * vg_ss] + 3*vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
+    const float vg_y0_2 = 2*vg_src[2 * vg_ss] - 3*vg_src[8 * vg_ss] - 4*vg_src[14 * vg_ss] + 3*vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
+    const float vg_y0_3 = 2*vg_src[3 * vg_ss] - 3*vg_src[9 * vg_ss] - 4*vg_src[15 * vg_ss] + 3*vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
+    const float vg_y0_4 = 2*vg_src[4 * vg_ss] - 3*vg_src[10 * vg_ss] - 4*vg_src[16 * vg_ss] + 3*vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
+    const float vg_y0_5 = 2*vg_src[5 * vg_ss] - 3*vg_src[11 * vg_ss] - 4*vg_src[17 * vg_ss] + 3*vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
+    const float vg_y1_0 = 2*vg_src[6 * vg_ss] - vg_src[12 * vg_ss] - 5*vg_src[18 * vg_ss] - 2*vg_src[24 * vg_ss];
+    const float vg_y1_1 = 2*vg_src[7 * vg_ss] - vg_src[13 * vg_ss] - 5*vg_src[19 * vg_ss] - 2*vg_src[25 * vg_ss];
+    const float vg_y1_2 = 2*vg_src[8 * vg_ss] - vg_src[14 * vg_ss] - 5*vg_src[20 * vg_ss] - 2*vg_src[26 * vg_ss];
+    const float vg_y1_3 = 2*vg_src[9 * vg_ss] - vg_src[15 * vg_ss] - 5*vg_src[21 * vg_ss] - 2*vg_src[27 * vg_ss];
+    const float vg_y1_4 = 2*vg_src[10 * vg_ss] - vg_src[16 * vg_ss] - 5*vg_src[22 * vg_ss] - 2*vg_src[28 * vg_ss];
+    const float vg_y1_5 = 2*vg_src[11 * vg_ss] - vg_src[17 * vg_ss] - 5*vg_src[23 * vg_ss] - 2*vg_src[29 * vg_ss];
+    const float vg_y2_0 = 2*vg_src[6 * vg_ss] - 5*vg_src[12 * vg_ss] + vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
+    const float vg_y2_1 = 2*vg_src[7 * vg_ss] - 5*vg_src[13 * vg_ss] + vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
+    const float vg_y2_2 = 2*vg_src[8 * vg_ss] - 5*vg_src[14 * vg_ss] + vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
+    const float vg_y2_3 = 2*vg_src[9 * vg_ss] - 5*vg_src[15 * vg_ss] + vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
+    const float vg_y2_4 = 2*vg_src[10 * vg_ss] - 5*vg_src[16 * vg_ss] + vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
+    const float vg_y2_5 = 2*vg_src[11 * vg_ss] - 5*vg_src[17 * vg_ss] + vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
+    const float vg_y3_0 = 2*vg_src[6 * vg_ss] + vg_src[12 * vg_ss] - 2*vg_src[18 * vg_ss] - vg_src[24 * vg_ss];
+    const float vg_y3_1 = 2*vg_src[7 * vg_ss] + vg_src[13 * vg_ss] - 2*vg_src[19 * vg_ss] - vg_src[25 * vg_ss];
+    const float vg_y3_2 = 2*vg_src[8 * vg_ss] + vg_src[14 * vg_ss] - 2*vg_src[20 * vg_ss] - vg_src[26 * vg_ss];
+    const float vg_y3_3 = 2*vg_src[9 * vg_ss] + vg_src[15 * vg_ss] - 2*vg_src[21 * vg_ss] - vg_src[27 * vg_ss];
+    const float vg_y3_4 = 2*vg_src[10 * vg_ss] + vg_src[16 * vg_ss] - 2*vg_src[22 * vg_ss] - vg_src[28 * vg_ss];
+    const float vg_y3_5 = 2*vg_src[11 * vg_ss] + vg_src[17 * vg_ss] - 2*vg_src[23 * vg_ss] - vg_src[29 * vg_ss];
+    const float vg_y4_0 = vg_src[6 * vg_ss] - 2*vg_src[12 * vg_ss] - vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
+    const float vg_y4_1 = vg_src[7 * vg_ss] - 2*vg_src[13 * vg_ss] - vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
+    const float vg_y4_2 = vg_src[8 * vg_ss] - 2*vg_src[14 * vg_ss] - vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
+    const float vg_y4_3 = vg_src[9 * vg_ss] - 2*vg_src[15 * vg_ss] - vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
+    const float vg_y4_4 = vg_src[10 * vg_ss] - 2*vg_src[16 * vg_ss] - vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
+    const float vg_y4_5 = vg_src[11 * vg_ss] - 2*vg_src[17 * vg_ss] - vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
+    const float vg_y5_0 = 2*vg_src[6 * vg_ss] - 3*vg_src[12 * vg_ss] - 4*vg_src[18 * vg_ss] + 3*vg_src[24 * vg_ss] + 2*vg_src[30 * vg_ss];
+    const float vg_y5_1 = 2*vg_src[7 * vg_ss] - 3*vg_src[13 * vg_ss] - 4*vg_src[19 * vg_ss] + 3*vg_src[25 * vg_ss] + 2*vg_src[31 * vg_ss];
+    const float vg_y5_2 = 2*vg_src[8 * vg_ss] - 3*vg_src[14 * vg_ss] - 4*vg_src[20 * vg_ss] + 3*vg_src[26 * vg_ss] + 2*vg_src[32 * vg_ss];
+    const float vg_y5_3 = 2*vg_src[9 * vg_ss] - 3*vg_src[15 * vg_ss] - 4*vg_src[21 * vg_ss] + 3*vg_src[27 * vg_ss] + 2*vg_src[33 * vg_ss];
+    const float vg_y5_4 = 2*vg_src[10 * vg_ss] - 3*vg_src[16 * vg_ss] - 4*vg_src[22 * vg_ss] + 3*vg_src[28 * vg_ss] + 2*vg_src[34 * vg_ss];
+    const float vg_y5_5 = 2*vg_src[11 * vg_ss] - 3*vg_src[17 * vg_ss] - 4*vg_src[23 * vg_ss] + 3*vg_src[29 * vg_ss] + 2*vg_src[35 * vg_ss];
+    vg_dst[0 * vg_ds] = 2*vg_y0_0 - 3*vg_y0_1 - 4*vg_y0_2 + 3*vg_y0_3 + 2*vg_y0_4;
+    vg_dst[1 * vg_ds] = 2*vg_y0_1 - vg_y0_2 - 5*vg_y0_3 - 2*vg_y0_4;
+    vg_dst[2 * vg_ds] = 2*vg_y0_1 - 5*vg_y0_2 + vg_y0_3 + 2*vg_y0_4;
+    vg_dst[3 * vg_ds] = 2*vg_y0_1 + vg_y0_2 - 2*vg_y0_3 - vg_y0_4;
+    vg_dst[4 * vg_ds] = vg_y0_1 - 2*vg_y0_2 - vg_y0_3 + 2*vg_y0_4;
+    vg_dst[5 * vg_ds] = 2*vg_y0_1 - 3*vg_y0_2 - 4*vg_y0_3 + 3*vg_y0_4 + 2*vg_y0_5;
+    vg_dst[6 * vg_ds] = 2*vg_y1_0 - 3*vg_y1_1 - 4*vg_y1_2 + 3*vg_y1_3 + 2*vg_y1_4;
+    vg_dst[7 * vg_ds] = 2*vg_y1_1 - vg_y1_2 - 5*vg_y1_3 - 2*vg_y1_4;
+    vg_dst[8 * vg_ds] = 2*vg_y1_1 - 5*vg_y1_2 + vg_y1_3 + 2*vg_y1_4;
+    vg_dst[9 * vg_ds] = 2*vg_y1_1 + vg_y1_2 - 2*vg_y1_3 - vg_y1_4;
+    vg_dst[10 * vg_ds] = vg_y1_1 - 2*vg_y1_2 - vg_y1_3 + 2*vg_y1_4;
+    vg_dst[11 * vg_ds] = 2*vg_y1_1 - 3*vg_y1_2 - 4*vg_y1_3 + 3*vg_y1_4 + 2*vg_y1_5;
+    vg_dst[12 * vg_ds] = 2*vg_y2_0 - 3*vg_y2_1 - 4*vg_y2_2 + 3*vg_y2_3 + 2*vg_y2_4;
+    vg_dst[13 * vg_ds] = 2*vg_y2_1 - vg_y2_2 - 5*vg_y2_3 - 2*vg_y2_4;
+    vg_dst[14 * vg_ds] = 2*vg_y2_1 - 5*vg_y2_2 + vg_y2_3 + 2*vg_y2_4;
+    vg_dst[15 * vg_ds] = 2*vg_y2_1 + vg_y2_2 - 2*vg_y2_3 - vg_y2_4;
+    vg_dst[16 * vg_ds] = vg_y2_1 - 2*vg_y2_2 - vg_y2_3 + 2*vg_y2_4;
+    vg_dst[17 * vg_ds] = 2*vg_y2_1 - 3*vg_y2_2 - 4*vg_y2_3 + 3*vg_y2_4 + 2*vg_y2_5;
+    vg_dst[18 * vg_ds] = 2*vg_y3_0 - 3*vg_y3_1 - 4*vg_y3_2 + 3*vg_y3_3 + 2*vg_y3_4;
+    vg_dst[19 * vg_ds] = 2*vg_y3_1 - vg_y3_2 - 5*vg_y3_3 - 2*vg_y3_4;
+    vg_dst[20 * vg_ds] = 2*vg_y3_1 - 5*vg_y3_2 + vg_y3_3 + 2*vg_y3_4;
+    vg_dst[21 * vg_ds] = 2*vg_y3_1 + vg_y3_2 - 2*vg_y3_3 - vg_y3_4;
+    vg_dst[22 * vg_ds] = vg_y3_1 - 2*vg_y3_2 - vg_y3_3 + 2*vg_y3_4;
+    vg_dst[23 * vg_ds] = 2*vg_y3_1 - 3*vg_y3_2 - 4*vg_y3_3 + 3*vg_y3_4 + 2*vg_y3_5;
+    vg_dst[24 * vg_ds] = 2*vg_y4_0 - 3*vg_y4_1 - 4*vg_y4_2 + 3*vg_y4_3 + 2*vg_y4_4;
+    vg_dst[25 * vg_ds] = 2*vg_y4_1 - vg_y4_2 - 5*vg_y4_3 - 2*vg_y4_4;
+    vg_dst[26 * vg_ds] = 2*vg_y4_1 - 5*vg_y4_2 + vg_y4_3 + 2*vg_y4_4;
+    vg_dst[27 * vg_ds] = 2*vg_y4_1 + vg_y4_2 - 2*vg_y4_3 - vg_y4_4;
+    vg_dst[28 * vg_ds] = vg_y4_1 - 2*vg_y4_2 - vg_y4_3 + 2*vg_y4_4;
+    vg_dst[29 * vg_ds] = 2*vg_y4_1 - 3*vg_y4_2 - 4*vg_y4_3 + 3*vg_y4_4 + 2*vg_y4_5;
+    vg_dst[30 * vg_ds] = 2*vg_y5_0 - 3*vg_y5_1 - 4*vg_y5_2 + 3*vg_y5_3 + 2*vg_y5_4;
+    vg_dst[31 * vg_ds] = 2*vg_y5_1 - vg_y5_2 - 5*vg_y5_3 - 2*vg_y5_4;
+    vg_dst[32 * vg_ds] = 2*vg_y5_1 - 5*vg_y5_2 + vg_y5_3 + 2*vg_y5_4;
+    vg_dst[33 * vg_ds] = 2*vg_y5_1 + vg_y5_2 - 2*vg_y5_3 - vg_y5_4;
+    vg_dst[34 * vg_ds] = vg_y5_1 - 2*vg_y5_2 - vg_y5_3 + 2*vg_y5_4;
+    vg_dst[35 * vg_ds] = 2*vg_y5_1 - 3*vg_y5_2 - 4*vg_y5_3 + 3*vg_y5_4 + 2*vg_y5_5;
+}
+
+
+// U = G g Gᵀ for 4×4 filters: element e at src[e·ss], written to dst[e·ds]
+static __device__ __forceinline__ void vg_winograd_f3x3_4x4_filter(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
+{
+    const float vg_y0_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss];
+    const float vg_y0_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss];
+    const float vg_y0_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss];
+    const float vg_y0_3 = ((1.0f/2.0f))*vg_src[3 * vg_ss];
+    const float vg_y1_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss] - (1.0f/6.0f)*vg_src[4 * vg_ss] - (1.0f/6.0f)*vg_src[8 * vg_ss] - (1.0f/6.0f)*vg_src[12 * vg_ss];
+    const float vg_y1_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss] - (1.0f/6.0f)*vg_src[5 * vg_ss] - (1.0f/6.0f)*vg_src[9 * vg_ss] - (1.0f/6.0f)*vg_src[13 * vg_ss];
+    const float vg_y1_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss] - (1.0f/6.0f)*vg_src[6 * vg_ss] - (1.0f/6.0f)*vg_src[10 * vg_ss] - (1.0f/6.0f)*vg_src[14 * vg_ss];
+    const float vg_y1_3 = -(1.0f/6.0f)*vg_src[3 * vg_ss] - (1.0f/6.0f)*vg_src[7 * vg_ss] - (1.0f/6.0f)*vg_src[11 * vg_ss] - (1.0f/6.0f)*vg_src[15 * vg_ss];
+    const float vg_y2_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss] + ((1.0f/6.0f))*vg_src[4 * vg_ss] - (1.0f/6.0f)*vg_src[8 * vg_ss] + ((1.0f/6.0f))*vg_src[12 * vg_ss];
+    const float vg_y2_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss] + ((1.0f/6.0f))*vg_src[5 * vg_ss] - (1.0f/6.0f)*vg_src[9 * vg_ss] + ((1.0f/6.0f))*vg_src[13 * vg_ss];
+    const float vg_y2_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss] + ((1.0f/6.0f))*vg_src[6 * vg_ss] - (1.0f/6.0f)*vg_src[10 * vg_ss] + ((1.0f/6.0f))*vg_src[14 * vg_ss];
+    const float vg_y2_3 = -(1.0f/6.0f)*vg_src[3 * vg_ss] + ((1.0f/6.0f))*vg_src[7 * vg_ss] - (1.0f/6.0f)*vg_src[11 * vg_ss] + ((1.0f/6.0f))*vg_src[15 * vg_ss];
+    const float vg_y3_0 = ((16.0f/15.0f))*vg_src[0 * vg_ss] + ((8.0f/15.0f))*vg_src[4 * vg_ss] + ((4.0f/15.0f))*vg_src[8 * vg_ss] + ((2.0f/15.0f))*vg_src[12 * vg_ss];
+    const float vg_y3_1 = ((16.0f/15.0f))*vg_src[1 * vg_ss] + ((8.0f/15.0f))*vg_src[5 * vg_ss] + ((4.0f/15.0f))*vg_src[9 * vg_ss] + ((2.0f/15.0f))*vg_src[13 * vg_ss];
+    const float vg_y3_2 = ((16.0f/15.0f))*vg_src[2 * vg_ss] + ((8.0f/15.0f))*vg_src[6 * vg_ss] + ((4.0f/15.0f))*vg_src[10 * vg_ss] + ((2.0f/15.0f))*vg_src[14 * vg_ss];
+    const float vg_y3_3 = ((16.0f/15.0f))*vg_src[3 * vg_ss] + ((8.0f/15.0f))*vg_src[7 * vg_ss] + ((4.0f/15.0f))*vg_src[11 * vg_ss] + ((2.0f/15.0f))*vg_src[15 * vg_ss];
+    const float vg_y4_0 = ((1.0f/30.0f))*vg_src[0 * vg_ss] - (1.0f/15.0f)*vg_src[4 * vg_ss] + ((2.0f/15.0f))*vg_src[8 * vg_ss] - (4.0f/15.0f)*vg_src[12 * vg_ss];
+    const float vg_y4_1 = ((1.0f/30.0f))*vg_src[1 * vg_ss] - (1.0f/15.0f)*vg_src[5 * vg_ss] + ((2.0f/15.0f))*vg_src[9 * vg_ss] - (4.0f/15.0f)*vg_src[13 * vg_ss];
+    const float vg_y4_2 = ((1.0f/30.0f))*vg_src[2 * vg_ss] - (1.0f/15.0f)*vg_src[6 * vg_ss] + ((2.0f/15.0f))*vg_src[10 * vg_ss] - (4.0f/15.0f)*vg_src[14 * vg_ss];
+    const float vg_y4_3 = ((1.0f/30.0f))*vg_src[3 * vg_ss] - (1.0f/15.0f)*vg_src[7 * vg_ss] + ((2.0f/15.0f))*vg_src[11 * vg_ss] - (4.0f/15.0f)*vg_src[15 * vg_ss];
+    const float vg_y5_0 = ((1.0f/2.0f))*vg_src[12 * vg_ss];
+    const float vg_y5_1 = ((1.0f/2.0f))*vg_src[13 * vg_ss];
+    const float vg_y5_2 = ((1.0f/2.0f))*vg_src[14 * vg_ss];
+    const float vg_y5_3 = ((1.0f/2.0f))*vg_src[15 * vg_ss];
+    vg_dst[0 * vg_ds] = ((1.0f/2.0f))*vg_y0_0;
+    vg_dst[1 * vg_ds] = -(1.0f/6.0f)*vg_y0_0 - (1.0f/6.0f)*vg_y0_1 - (1.0f/6.0f)*vg_y0_2 - (1.0f/6.0f)*vg_y0_3;
+    vg_dst[2 * vg_ds] = -(1.0f/6.0f)*vg_y0_0 + ((1.0f/6.0f))*vg_y0_1 - (1.0f/6.0f)*vg_y0_2 + ((1.0f/6.0f))*vg_y0_3;
+    vg_dst[3 * vg_ds] = ((16.0f/15.0f))*vg_y0_0 + ((8.0f/15.0f))*vg_y0_1 + ((4.0f/15.0f))*vg_y0_2 + ((2.0f/15.0f))*vg_y0_3;
+    vg_dst[4 * vg_ds] = ((1.0f/30.0f))*vg_y0_0 - (1.0f/15.0f)*vg_y0_1 + ((2.0f/15.0f))*vg_y0_2 - (4.0f/15.0f)*vg_y0_3;
+    vg_dst[5 * vg_ds] = ((1.0f/2.0f))*vg_y0_3;
+    vg_dst[6 * vg_ds] = ((1.0f/2.0f))*vg_y1_0;
+    vg_dst[7 * vg_ds] = -(1.0f/6.0f)*vg_y1_0 - (1.0f/6.0f)*vg_y1_1 - (1.0f/6.0f)*vg_y1_2 - (1.0f/6.0f)*vg_y1_3;
+    vg_dst[8 * vg_ds] = -(1.0f/6.0f)*vg_y1_0 + ((1.0f/6.0f))*vg_y1_1 - (1.0f/6.0f)*vg_y1_2 + ((1.0f/6.0f))*vg_y1_3;
+    vg_dst[9 * vg_ds] = ((16.0f/15.0f))*vg_y1_0 + ((8.0f/15.0f))*vg_y1_1 + ((4.0f/15.0f))*vg_y1_2 + ((2.0f/15.0f))*vg_y1_3;
+    vg_dst[10 * vg_ds] = ((1.0f/30.0f))*vg_y1_0 - (1.0f/15.0f)*vg_y1_1 + ((2.0f/15.0f))*vg_y1_2 - (4.0f/15.0f)*vg_y1_3;
+    vg_dst[11 * vg_ds] = ((1.0f/2.0f))*vg_y1_3;
+    vg_dst[12 * vg_ds] = ((1.0f/2.0f))*vg_y2_0;
+    vg_dst[13 * vg_ds] = -(1.0f/6.0f)*vg_y2_0 - (1.0f/6.0f)*vg_y2_1 - (1.0f/6.0f)*vg_y2_2 - (1.0f/6.0f)*vg_y2_3;
+    vg_dst[14 * vg_ds] = -(1.0f/6.0f)*vg_y2_0 + ((1.0f/6.0f))*vg_y2_1 - (1.0f/6.0f)*vg_y2_2 + ((1.0f/6.0f))*vg_y2_3;
+    vg_dst[15 * vg_ds] = ((16.0f/15.0f))*vg_y2_0 + ((8.0f/15.0f))*vg_y2_1 + ((4.0f/15.0f))*vg_y2_2 + ((2.0f/15.0f))*vg_y2_3;
+    vg_dst[16 * vg_ds] = ((1.0f/30.0f))*vg_y2_0 - (1.0f/15.0f)*vg_y2_1 + ((2.0f/15.0f))*vg_y2_2 - (4.0f/15.0f)*vg_y2_3;
+    vg_dst[17 * vg_ds] = ((1.0f/2.0f))*vg_y2_3;
+    vg_dst[18 * vg_ds] = ((1.0f/2.0f))*vg_y3_0;
+    vg_dst[19 * vg_ds] = -(1.0f/6.0f)*vg_y3_0 - (1.0f/6.0f)*vg_y3_1 - (1.0f/6.0f)*vg_y3_2 - (1.0f/6.0f)*vg_y3_3;
+    vg_dst[20 * vg_ds] = -(1.0f/6.0f)*vg_y3_0 + ((1.0f/6.0f))*vg_y3_1 - (1.0f/6.0f)*vg_y3_2 + ((1.0f/6.0f))*vg_y3_3;
+    vg_dst[21 * vg_ds] = ((16.0f/15.0f))*vg_y3_0 + ((8.0f/15.0f))*vg_y3_1 + ((4.0f/15.0f))*vg_y3_2 + ((2.0f/15.0f))*vg_y3_3;
+    vg_dst[22 * vg_ds] = ((1.0f/30.0f))*vg_y3_0 - (1.0f/15.0f)*vg_y3_1 + ((2.0f/15.0f))*vg_y3_2 - (4.0f/15.0f)*vg_y3_3;
+    vg_dst[23 * vg_ds] = ((1.0f/2.0f))*vg_y3_3;
+    vg_dst[24 * vg_ds] = ((1.0f/2.0f))*vg_y4_0;
+    vg_dst[25 * vg_ds] = -(1.0f/6.0f)*vg_y4_0 - (1.0f/6.0f)*vg_y4_1 - (1.0f/6.0f)*vg_y4_2 - (1.0f/6.0f)*vg_y4_3;
+    vg_dst[26 * vg_ds] = -(1.0f/6.0f)*vg_y4_0 + ((1.0f/6.0f))*vg_y4_1 - (1.0f/6.0f)*vg_y4_2 + ((1.0f/6.0f))*vg_y4_3;
+    vg_dst[27 * vg_ds] = ((16.0f/15.0f))*vg_y4_0 + ((8.0f/15.0f))*vg_y4_1 + ((4.0f/15.0f))*vg_y4_2 + ((2.0f/15.0f))*vg_y4_3;
+    vg_dst[28 * vg_ds] = ((1.0f/30.0f))*vg_y4_0 - (1.0f/15.0f)*vg_y4_1 + ((2.0f/15.0f))*vg_y4_2 - (4.0f/15.0f)*vg_y4_3;
+    vg_dst[29 * vg_ds] = ((1.0f/2.0f))*vg_y4_3;
+    vg_dst[30 * vg_ds] = ((1.0f/2.0f))*vg_y5_0;
+    vg_dst[31 * vg_ds] = -(1.0f/6.0f)*vg_y5_0 - (1.0f/6.0f)*vg_y5_1 - (1.0f/6.0f)*vg_y5_2 - (1.0f/6.0f)*vg_y5_3;
+    vg_dst[32 * vg_ds] = -(1.0f/6.0f)*vg_y5_0 + ((1.0f/6.0f))*vg_y5_1 - (1.0f/6.0f)*vg_y5_2 + ((1.0f/6.0f))*vg_y5_3;
+    vg_dst[33 * vg_ds] = ((16.0f/15.0f))*vg_y5_0 + ((8.0f/15.0f))*vg_y5_1 + ((4.0f/15.0f))*vg_y5_2 + ((2.0f/15.0f))*vg_y5_3;
+    vg_dst[34 * vg_ds] = ((1.0f/30.0f))*vg_y5_0 - (1.0f/15.0f)*vg_y5_1 + ((2.0f/15.0f))*vg_y5_2 - (4.0f/15.0f)*vg_y5_3;
+    vg_dst[35 * vg_ds] = ((1.0f/2.0f))*vg_y5_3;
+}
+
+
+// Y = Aᵀ M A, 3×3 outputs: element e at src[e·ss], written to dst[e·ds]
+static __device__ __forceinline__ void vg_winograd_f3x3_4x4_output(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
+{
+    const float vg_y0_0 = vg_src[0 * vg_ss] + vg_src[6 * vg_ss] + vg_src[12 * vg_ss] + vg_src[18 * vg_ss] + vg_src[24 * vg_ss];
+    const float vg_y0_1 = vg_src[1 * vg_ss] + vg_src[7 * vg_ss] + vg_src[13 * vg_ss] + vg_src[19 * vg_ss] + vg_src[25 * vg_ss];
+    const float vg_y0_2 = vg_src[2 * vg_ss] + vg_src[8 * vg_ss] + vg_src[14 * vg_ss] + vg_src[20 * vg_ss] + vg_src[26 * vg_ss];
+    const float vg_y0_3 = vg_src[3 * vg_ss] + vg_src[9 * vg_ss] + vg_src[15 * vg_ss] + vg_src[21 * vg_ss] + vg_src[27 * vg_ss];
+    const float vg_y0_4 = vg_src[4 * vg_ss] + vg_src[10 * vg_ss] + vg_src[16 * vg_ss] + vg_src[22 * vg_ss] + vg_src[28 * vg_ss];
+    const float vg_y0_5 = vg_src[5 * vg_ss] + vg_src[11 * vg_ss] + vg_src[17 * vg_ss] + vg_src[23 * vg_ss] + vg_src[29 * vg_ss];
+    const float vg_y1_0 = vg_src[6 * vg_ss] - vg_src[12 * vg_ss] + ((1.0f/2.0f))*vg_src[18 * vg_ss] - 2*vg_src[24 * vg_ss];
+    const float vg_y1_1 = vg_src[7 * vg_ss] - vg_src[13 * vg_ss] + ((1.0f/2.0f))*vg_src[19 * vg_ss] - 2*vg_src[25 * vg_ss];
+    const float vg_y1_2 = vg_src[8 * vg_ss] - vg_src[14 * vg_ss] + ((1.0f/2.0f))*vg_src[20 * vg_ss] - 2*vg_src[26 * vg_ss];
+    const float vg_y1_3 = vg_src[9 * vg_ss] - vg_src[15 * vg_ss] + ((1.0f/2.0f))*vg_src[21 * vg_ss] - 2*vg_src[27 * vg_ss];
+    const float vg_y1_4 = vg_src[10 * vg_ss] - vg_src[16 * vg_ss] + ((1.0f/2.0f))*vg_src[22 * vg_ss] - 2*vg_src[28 * vg_ss];
+    const float vg_y1_5 = vg_src[11 * vg_ss] - vg_src[17 * vg_ss] + ((1.0f/2.0f))*vg_src[23 * vg_ss] - 2*vg_src[29 * vg_ss];
+    const float vg_y2_0 = vg_src[6 * vg_ss] + vg_src[12 * vg_ss] + ((1.0f/4.0f))*vg_src[18 * vg_ss] + 4*vg_src[24 * vg_ss] + vg_src[30 * vg_ss];
+    const float vg_y2_1 = vg_src[7 * vg_ss] + vg_src[13 * vg_ss] + ((1.0f/4.0f))*vg_src[19 * vg_ss] + 4*vg_src[25 * vg_ss] + vg_src[31 * vg_ss];
+    const float vg_y2_2 = vg_src[8 * vg_ss] + vg_src[14 * vg_ss] + ((1.0f/4.0f))*vg_src[20 * vg_ss] + 4*vg_src[26 * vg_ss] + vg_src[32 * vg_ss];
+    const float vg_y2_3 = vg_src[9 * vg_ss] + vg_src[15 * vg_ss] + ((1.0f/4.0f))*vg_src[21 * vg_ss] + 4*vg_src[27 * vg_ss] + vg_src[33 * vg_ss];
+    const float vg_y2_4 = vg_src[10 * vg_ss] + vg_src[16 * vg_ss] + ((1.0f/4.0f))*vg_src[22 * vg_ss] + 4*vg_src[28 * vg_ss] + vg_src[34 * vg_ss];
+    const float vg_y2_5 = vg_src[11 * vg_ss] + vg_src[17 * vg_ss] + ((1.0f/4.0f))*vg_src[23 * vg_ss] + 4*vg_src[29 * vg_ss] + vg_src[35 * vg_ss];
+    vg_dst[0 * vg_ds] = vg_y0_0 + vg_y0_1 + vg_y0_2 + vg_y0_3 + vg_y0_4;
+    vg_dst[1 * vg_ds] = vg_y0_1 - vg_y0_2 + ((1.0f/2.0f))*vg_y0_3 - 2*vg_y0_4;
+    vg_dst[2 * vg_ds] = vg_y0_1 + vg_y0_2 + ((1.0f/4.0f))*vg_y0_3 + 4*vg_y0_4 + vg_y0_5;
+    vg_dst[3 * vg_ds] = vg_y1_0 + vg_y1_1 + vg_y1_2 + vg_y1_3 + vg_y1_4;
+    vg_dst[4 * vg_ds] = vg_y1_1 - vg_y1_2 + ((1.0f/2.0f))*vg_y1_3 - 2*vg_y1_4;
+    vg_dst[5 * vg_ds] = vg_y1_1 + vg_y1_2 + ((1.0f/4.0f))*vg_y1_3 + 4*vg_y1_4 + vg_y1_5;
+    vg_dst[6 * vg_ds] = vg_y2_0 + vg_y2_1 + vg_y2_2 + vg_y2_3 + vg_y2_4;
+    vg_dst[7 * vg_ds] = vg_y2_1 - vg_y2_2 + ((1.0f/2.0f))*vg_y2_3 - 2*vg_y2_4;
+    vg_dst[8 * vg_ds] = vg_y2_1 + vg_y2_2 + ((1.0f/4.0f))*vg_y2_3 + 4*vg_y2_4 + vg_y2_5;
+}
+
+
 // convolution2d_forward_y: contraction (Convolution2D, forward)
 //   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j], (ic, 0, IC - 1), (di, -K, K), (dj, -K, K))  (eq. 1)
 //   specialised: K=1
@@ -610,90 +1159,6 @@ convolution2d_forward_y_simple(const float *__restrict__ w, const float *__restr
 //   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j], (ic, 0, IC - 1), (di, -K, K), (dj, -K, K))  (eq. 1)
 //   specialised: K=1
 //   as Winograd F(2×2, 3×3) (points 0, 1, -1, ∞; vggen.derive.winograd), proved equal by `vggen check`
-// V = Bᵀ d B for 4×4 data tiles: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_forward_y_winograd2_data(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = vg_src[0 * vg_ss] - vg_src[8 * vg_ss];
-    const float vg_y0_1 = vg_src[1 * vg_ss] - vg_src[9 * vg_ss];
-    const float vg_y0_2 = vg_src[2 * vg_ss] - vg_src[10 * vg_ss];
-    const float vg_y0_3 = vg_src[3 * vg_ss] - vg_src[11 * vg_ss];
-    const float vg_y1_0 = vg_src[4 * vg_ss] + vg_src[8 * vg_ss];
-    const float vg_y1_1 = vg_src[5 * vg_ss] + vg_src[9 * vg_ss];
-    const float vg_y1_2 = vg_src[6 * vg_ss] + vg_src[10 * vg_ss];
-    const float vg_y1_3 = vg_src[7 * vg_ss] + vg_src[11 * vg_ss];
-    const float vg_y2_0 = vg_src[4 * vg_ss] - vg_src[8 * vg_ss];
-    const float vg_y2_1 = vg_src[5 * vg_ss] - vg_src[9 * vg_ss];
-    const float vg_y2_2 = vg_src[6 * vg_ss] - vg_src[10 * vg_ss];
-    const float vg_y2_3 = vg_src[7 * vg_ss] - vg_src[11 * vg_ss];
-    const float vg_y3_0 = vg_src[4 * vg_ss] - vg_src[12 * vg_ss];
-    const float vg_y3_1 = vg_src[5 * vg_ss] - vg_src[13 * vg_ss];
-    const float vg_y3_2 = vg_src[6 * vg_ss] - vg_src[14 * vg_ss];
-    const float vg_y3_3 = vg_src[7 * vg_ss] - vg_src[15 * vg_ss];
-    vg_dst[0 * vg_ds] = vg_y0_0 - vg_y0_2;
-    vg_dst[1 * vg_ds] = vg_y0_1 + vg_y0_2;
-    vg_dst[2 * vg_ds] = vg_y0_1 - vg_y0_2;
-    vg_dst[3 * vg_ds] = vg_y0_1 - vg_y0_3;
-    vg_dst[4 * vg_ds] = vg_y1_0 - vg_y1_2;
-    vg_dst[5 * vg_ds] = vg_y1_1 + vg_y1_2;
-    vg_dst[6 * vg_ds] = vg_y1_1 - vg_y1_2;
-    vg_dst[7 * vg_ds] = vg_y1_1 - vg_y1_3;
-    vg_dst[8 * vg_ds] = vg_y2_0 - vg_y2_2;
-    vg_dst[9 * vg_ds] = vg_y2_1 + vg_y2_2;
-    vg_dst[10 * vg_ds] = vg_y2_1 - vg_y2_2;
-    vg_dst[11 * vg_ds] = vg_y2_1 - vg_y2_3;
-    vg_dst[12 * vg_ds] = vg_y3_0 - vg_y3_2;
-    vg_dst[13 * vg_ds] = vg_y3_1 + vg_y3_2;
-    vg_dst[14 * vg_ds] = vg_y3_1 - vg_y3_2;
-    vg_dst[15 * vg_ds] = vg_y3_1 - vg_y3_3;
-}
-// U = G g Gᵀ for 3×3 filters: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_forward_y_winograd2_filter(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = vg_src[0 * vg_ss];
-    const float vg_y0_1 = vg_src[1 * vg_ss];
-    const float vg_y0_2 = vg_src[2 * vg_ss];
-    const float vg_y1_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss] + ((1.0f/2.0f))*vg_src[3 * vg_ss] + ((1.0f/2.0f))*vg_src[6 * vg_ss];
-    const float vg_y1_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss] + ((1.0f/2.0f))*vg_src[4 * vg_ss] + ((1.0f/2.0f))*vg_src[7 * vg_ss];
-    const float vg_y1_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss] + ((1.0f/2.0f))*vg_src[5 * vg_ss] + ((1.0f/2.0f))*vg_src[8 * vg_ss];
-    const float vg_y2_0 = -(1.0f/2.0f)*vg_src[0 * vg_ss] + ((1.0f/2.0f))*vg_src[3 * vg_ss] - (1.0f/2.0f)*vg_src[6 * vg_ss];
-    const float vg_y2_1 = -(1.0f/2.0f)*vg_src[1 * vg_ss] + ((1.0f/2.0f))*vg_src[4 * vg_ss] - (1.0f/2.0f)*vg_src[7 * vg_ss];
-    const float vg_y2_2 = -(1.0f/2.0f)*vg_src[2 * vg_ss] + ((1.0f/2.0f))*vg_src[5 * vg_ss] - (1.0f/2.0f)*vg_src[8 * vg_ss];
-    const float vg_y3_0 = -vg_src[6 * vg_ss];
-    const float vg_y3_1 = -vg_src[7 * vg_ss];
-    const float vg_y3_2 = -vg_src[8 * vg_ss];
-    vg_dst[0 * vg_ds] = vg_y0_0;
-    vg_dst[1 * vg_ds] = ((1.0f/2.0f))*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 + ((1.0f/2.0f))*vg_y0_2;
-    vg_dst[2 * vg_ds] = -(1.0f/2.0f)*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 - (1.0f/2.0f)*vg_y0_2;
-    vg_dst[3 * vg_ds] = -vg_y0_2;
-    vg_dst[4 * vg_ds] = vg_y1_0;
-    vg_dst[5 * vg_ds] = ((1.0f/2.0f))*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 + ((1.0f/2.0f))*vg_y1_2;
-    vg_dst[6 * vg_ds] = -(1.0f/2.0f)*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 - (1.0f/2.0f)*vg_y1_2;
-    vg_dst[7 * vg_ds] = -vg_y1_2;
-    vg_dst[8 * vg_ds] = vg_y2_0;
-    vg_dst[9 * vg_ds] = ((1.0f/2.0f))*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 + ((1.0f/2.0f))*vg_y2_2;
-    vg_dst[10 * vg_ds] = -(1.0f/2.0f)*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 - (1.0f/2.0f)*vg_y2_2;
-    vg_dst[11 * vg_ds] = -vg_y2_2;
-    vg_dst[12 * vg_ds] = vg_y3_0;
-    vg_dst[13 * vg_ds] = ((1.0f/2.0f))*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 + ((1.0f/2.0f))*vg_y3_2;
-    vg_dst[14 * vg_ds] = -(1.0f/2.0f)*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 - (1.0f/2.0f)*vg_y3_2;
-    vg_dst[15 * vg_ds] = -vg_y3_2;
-}
-// Y = Aᵀ M A, 2×2 outputs: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_forward_y_winograd2_output(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = vg_src[0 * vg_ss] + vg_src[4 * vg_ss] + vg_src[8 * vg_ss];
-    const float vg_y0_1 = vg_src[1 * vg_ss] + vg_src[5 * vg_ss] + vg_src[9 * vg_ss];
-    const float vg_y0_2 = vg_src[2 * vg_ss] + vg_src[6 * vg_ss] + vg_src[10 * vg_ss];
-    const float vg_y0_3 = vg_src[3 * vg_ss] + vg_src[7 * vg_ss] + vg_src[11 * vg_ss];
-    const float vg_y1_0 = vg_src[4 * vg_ss] - vg_src[8 * vg_ss] + vg_src[12 * vg_ss];
-    const float vg_y1_1 = vg_src[5 * vg_ss] - vg_src[9 * vg_ss] + vg_src[13 * vg_ss];
-    const float vg_y1_2 = vg_src[6 * vg_ss] - vg_src[10 * vg_ss] + vg_src[14 * vg_ss];
-    const float vg_y1_3 = vg_src[7 * vg_ss] - vg_src[11 * vg_ss] + vg_src[15 * vg_ss];
-    vg_dst[0 * vg_ds] = vg_y0_0 + vg_y0_1 + vg_y0_2;
-    vg_dst[1 * vg_ds] = vg_y0_1 - vg_y0_2 + vg_y0_3;
-    vg_dst[2 * vg_ds] = vg_y1_0 + vg_y1_1 + vg_y1_2;
-    vg_dst[3 * vg_ds] = vg_y1_1 - vg_y1_2 + vg_y1_3;
-}
 extern "C" __global__ void __launch_bounds__(VG_THREADS)
 convolution2d_forward_y_winograd2(const float *__restrict__ w, const float *__restrict__ x, float *__restrict__ y, int B, int H, int IC, int OC, int W)
 {
@@ -742,7 +1207,7 @@ convolution2d_forward_y_winograd2(const float *__restrict__ w, const float *__re
                     vg_x[6] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 6] : 0.0f;
                     vg_x[7] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 7] : 0.0f;
                     vg_x[8] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 8] : 0.0f;
-                    convolution2d_forward_y_winograd2_filter(vg_x, 1, vg_left + vg_q * 16 + vg_r, 128);
+                    vg_winograd_f2x2_3x3_filter(vg_x, 1, vg_left + vg_q * 16 + vg_r, 128);
                 }
                 else
                 {
@@ -759,7 +1224,7 @@ convolution2d_forward_y_winograd2(const float *__restrict__ w, const float *__re
                         const int vg_wr = vg_tr - 1 + vg_e / 4, vg_ws = vg_tc - 1 + vg_e % 4;
                         vg_x[vg_e] = (vg_live && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? x[W*(H*(IC*vg_wb + vg_wc) + vg_wr) + vg_ws] : 0.0f;
                     }
-                    convolution2d_forward_y_winograd2_data(vg_x, 1, vg_right + vg_q * 16 + vg_s, 128);
+                    vg_winograd_f2x2_3x3_data(vg_x, 1, vg_right + vg_q * 16 + vg_s, 128);
                 }
             }
             __syncthreads();
@@ -802,7 +1267,7 @@ convolution2d_forward_y_winograd2(const float *__restrict__ w, const float *__re
         for (int vg_p = threadIdx.x; vg_p < 256; vg_p += blockDim.x)
         {
             float vg_y[4];
-            convolution2d_forward_y_winograd2_output(vg_sh + vg_p, 256, vg_y, 1);
+            vg_winograd_f2x2_3x3_output(vg_sh + vg_p, 256, vg_y, 1);
             const int vg_wo = vg_rb + vg_p / 16;
             const long long vg_t = vg_sb + vg_p % 16;
             if (vg_wo < OC && vg_t < vg_T)
@@ -826,184 +1291,6 @@ convolution2d_forward_y_winograd2(const float *__restrict__ w, const float *__re
 //   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j], (ic, 0, IC - 1), (di, -K, K), (dj, -K, K))  (eq. 1)
 //   specialised: K=1
 //   as Winograd F(4×4, 3×3) (points 0, 1, -1, 1/2, -2, ∞; vggen.derive.winograd), proved equal by `vggen check`
-// V = Bᵀ d B for 6×6 data tiles: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_forward_y_winograd4_data(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = 2*vg_src[0 * vg_ss] - 3*vg_src[6 * vg_ss] - 4*vg_src[12 * vg_ss] + 3*vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
-    const float vg_y0_1 = 2*vg_src[1 * vg_ss] - 3*vg_src[7 * vg_ss] - 4*vg_src[13 * vg_ss] + 3*vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
-    const float vg_y0_2 = 2*vg_src[2 * vg_ss] - 3*vg_src[8 * vg_ss] - 4*vg_src[14 * vg_ss] + 3*vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
-    const float vg_y0_3 = 2*vg_src[3 * vg_ss] - 3*vg_src[9 * vg_ss] - 4*vg_src[15 * vg_ss] + 3*vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
-    const float vg_y0_4 = 2*vg_src[4 * vg_ss] - 3*vg_src[10 * vg_ss] - 4*vg_src[16 * vg_ss] + 3*vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
-    const float vg_y0_5 = 2*vg_src[5 * vg_ss] - 3*vg_src[11 * vg_ss] - 4*vg_src[17 * vg_ss] + 3*vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
-    const float vg_y1_0 = 2*vg_src[6 * vg_ss] - vg_src[12 * vg_ss] - 5*vg_src[18 * vg_ss] - 2*vg_src[24 * vg_ss];
-    const float vg_y1_1 = 2*vg_src[7 * vg_ss] - vg_src[13 * vg_ss] - 5*vg_src[19 * vg_ss] - 2*vg_src[25 * vg_ss];
-    const float vg_y1_2 = 2*vg_src[8 * vg_ss] - vg_src[14 * vg_ss] - 5*vg_src[20 * vg_ss] - 2*vg_src[26 * vg_ss];
-    const float vg_y1_3 = 2*vg_src[9 * vg_ss] - vg_src[15 * vg_ss] - 5*vg_src[21 * vg_ss] - 2*vg_src[27 * vg_ss];
-    const float vg_y1_4 = 2*vg_src[10 * vg_ss] - vg_src[16 * vg_ss] - 5*vg_src[22 * vg_ss] - 2*vg_src[28 * vg_ss];
-    const float vg_y1_5 = 2*vg_src[11 * vg_ss] - vg_src[17 * vg_ss] - 5*vg_src[23 * vg_ss] - 2*vg_src[29 * vg_ss];
-    const float vg_y2_0 = 2*vg_src[6 * vg_ss] - 5*vg_src[12 * vg_ss] + vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
-    const float vg_y2_1 = 2*vg_src[7 * vg_ss] - 5*vg_src[13 * vg_ss] + vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
-    const float vg_y2_2 = 2*vg_src[8 * vg_ss] - 5*vg_src[14 * vg_ss] + vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
-    const float vg_y2_3 = 2*vg_src[9 * vg_ss] - 5*vg_src[15 * vg_ss] + vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
-    const float vg_y2_4 = 2*vg_src[10 * vg_ss] - 5*vg_src[16 * vg_ss] + vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
-    const float vg_y2_5 = 2*vg_src[11 * vg_ss] - 5*vg_src[17 * vg_ss] + vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
-    const float vg_y3_0 = 2*vg_src[6 * vg_ss] + vg_src[12 * vg_ss] - 2*vg_src[18 * vg_ss] - vg_src[24 * vg_ss];
-    const float vg_y3_1 = 2*vg_src[7 * vg_ss] + vg_src[13 * vg_ss] - 2*vg_src[19 * vg_ss] - vg_src[25 * vg_ss];
-    const float vg_y3_2 = 2*vg_src[8 * vg_ss] + vg_src[14 * vg_ss] - 2*vg_src[20 * vg_ss] - vg_src[26 * vg_ss];
-    const float vg_y3_3 = 2*vg_src[9 * vg_ss] + vg_src[15 * vg_ss] - 2*vg_src[21 * vg_ss] - vg_src[27 * vg_ss];
-    const float vg_y3_4 = 2*vg_src[10 * vg_ss] + vg_src[16 * vg_ss] - 2*vg_src[22 * vg_ss] - vg_src[28 * vg_ss];
-    const float vg_y3_5 = 2*vg_src[11 * vg_ss] + vg_src[17 * vg_ss] - 2*vg_src[23 * vg_ss] - vg_src[29 * vg_ss];
-    const float vg_y4_0 = vg_src[6 * vg_ss] - 2*vg_src[12 * vg_ss] - vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
-    const float vg_y4_1 = vg_src[7 * vg_ss] - 2*vg_src[13 * vg_ss] - vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
-    const float vg_y4_2 = vg_src[8 * vg_ss] - 2*vg_src[14 * vg_ss] - vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
-    const float vg_y4_3 = vg_src[9 * vg_ss] - 2*vg_src[15 * vg_ss] - vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
-    const float vg_y4_4 = vg_src[10 * vg_ss] - 2*vg_src[16 * vg_ss] - vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
-    const float vg_y4_5 = vg_src[11 * vg_ss] - 2*vg_src[17 * vg_ss] - vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
-    const float vg_y5_0 = 2*vg_src[6 * vg_ss] - 3*vg_src[12 * vg_ss] - 4*vg_src[18 * vg_ss] + 3*vg_src[24 * vg_ss] + 2*vg_src[30 * vg_ss];
-    const float vg_y5_1 = 2*vg_src[7 * vg_ss] - 3*vg_src[13 * vg_ss] - 4*vg_src[19 * vg_ss] + 3*vg_src[25 * vg_ss] + 2*vg_src[31 * vg_ss];
-    const float vg_y5_2 = 2*vg_src[8 * vg_ss] - 3*vg_src[14 * vg_ss] - 4*vg_src[20 * vg_ss] + 3*vg_src[26 * vg_ss] + 2*vg_src[32 * vg_ss];
-    const float vg_y5_3 = 2*vg_src[9 * vg_ss] - 3*vg_src[15 * vg_ss] - 4*vg_src[21 * vg_ss] + 3*vg_src[27 * vg_ss] + 2*vg_src[33 * vg_ss];
-    const float vg_y5_4 = 2*vg_src[10 * vg_ss] - 3*vg_src[16 * vg_ss] - 4*vg_src[22 * vg_ss] + 3*vg_src[28 * vg_ss] + 2*vg_src[34 * vg_ss];
-    const float vg_y5_5 = 2*vg_src[11 * vg_ss] - 3*vg_src[17 * vg_ss] - 4*vg_src[23 * vg_ss] + 3*vg_src[29 * vg_ss] + 2*vg_src[35 * vg_ss];
-    vg_dst[0 * vg_ds] = 2*vg_y0_0 - 3*vg_y0_1 - 4*vg_y0_2 + 3*vg_y0_3 + 2*vg_y0_4;
-    vg_dst[1 * vg_ds] = 2*vg_y0_1 - vg_y0_2 - 5*vg_y0_3 - 2*vg_y0_4;
-    vg_dst[2 * vg_ds] = 2*vg_y0_1 - 5*vg_y0_2 + vg_y0_3 + 2*vg_y0_4;
-    vg_dst[3 * vg_ds] = 2*vg_y0_1 + vg_y0_2 - 2*vg_y0_3 - vg_y0_4;
-    vg_dst[4 * vg_ds] = vg_y0_1 - 2*vg_y0_2 - vg_y0_3 + 2*vg_y0_4;
-    vg_dst[5 * vg_ds] = 2*vg_y0_1 - 3*vg_y0_2 - 4*vg_y0_3 + 3*vg_y0_4 + 2*vg_y0_5;
-    vg_dst[6 * vg_ds] = 2*vg_y1_0 - 3*vg_y1_1 - 4*vg_y1_2 + 3*vg_y1_3 + 2*vg_y1_4;
-    vg_dst[7 * vg_ds] = 2*vg_y1_1 - vg_y1_2 - 5*vg_y1_3 - 2*vg_y1_4;
-    vg_dst[8 * vg_ds] = 2*vg_y1_1 - 5*vg_y1_2 + vg_y1_3 + 2*vg_y1_4;
-    vg_dst[9 * vg_ds] = 2*vg_y1_1 + vg_y1_2 - 2*vg_y1_3 - vg_y1_4;
-    vg_dst[10 * vg_ds] = vg_y1_1 - 2*vg_y1_2 - vg_y1_3 + 2*vg_y1_4;
-    vg_dst[11 * vg_ds] = 2*vg_y1_1 - 3*vg_y1_2 - 4*vg_y1_3 + 3*vg_y1_4 + 2*vg_y1_5;
-    vg_dst[12 * vg_ds] = 2*vg_y2_0 - 3*vg_y2_1 - 4*vg_y2_2 + 3*vg_y2_3 + 2*vg_y2_4;
-    vg_dst[13 * vg_ds] = 2*vg_y2_1 - vg_y2_2 - 5*vg_y2_3 - 2*vg_y2_4;
-    vg_dst[14 * vg_ds] = 2*vg_y2_1 - 5*vg_y2_2 + vg_y2_3 + 2*vg_y2_4;
-    vg_dst[15 * vg_ds] = 2*vg_y2_1 + vg_y2_2 - 2*vg_y2_3 - vg_y2_4;
-    vg_dst[16 * vg_ds] = vg_y2_1 - 2*vg_y2_2 - vg_y2_3 + 2*vg_y2_4;
-    vg_dst[17 * vg_ds] = 2*vg_y2_1 - 3*vg_y2_2 - 4*vg_y2_3 + 3*vg_y2_4 + 2*vg_y2_5;
-    vg_dst[18 * vg_ds] = 2*vg_y3_0 - 3*vg_y3_1 - 4*vg_y3_2 + 3*vg_y3_3 + 2*vg_y3_4;
-    vg_dst[19 * vg_ds] = 2*vg_y3_1 - vg_y3_2 - 5*vg_y3_3 - 2*vg_y3_4;
-    vg_dst[20 * vg_ds] = 2*vg_y3_1 - 5*vg_y3_2 + vg_y3_3 + 2*vg_y3_4;
-    vg_dst[21 * vg_ds] = 2*vg_y3_1 + vg_y3_2 - 2*vg_y3_3 - vg_y3_4;
-    vg_dst[22 * vg_ds] = vg_y3_1 - 2*vg_y3_2 - vg_y3_3 + 2*vg_y3_4;
-    vg_dst[23 * vg_ds] = 2*vg_y3_1 - 3*vg_y3_2 - 4*vg_y3_3 + 3*vg_y3_4 + 2*vg_y3_5;
-    vg_dst[24 * vg_ds] = 2*vg_y4_0 - 3*vg_y4_1 - 4*vg_y4_2 + 3*vg_y4_3 + 2*vg_y4_4;
-    vg_dst[25 * vg_ds] = 2*vg_y4_1 - vg_y4_2 - 5*vg_y4_3 - 2*vg_y4_4;
-    vg_dst[26 * vg_ds] = 2*vg_y4_1 - 5*vg_y4_2 + vg_y4_3 + 2*vg_y4_4;
-    vg_dst[27 * vg_ds] = 2*vg_y4_1 + vg_y4_2 - 2*vg_y4_3 - vg_y4_4;
-    vg_dst[28 * vg_ds] = vg_y4_1 - 2*vg_y4_2 - vg_y4_3 + 2*vg_y4_4;
-    vg_dst[29 * vg_ds] = 2*vg_y4_1 - 3*vg_y4_2 - 4*vg_y4_3 + 3*vg_y4_4 + 2*vg_y4_5;
-    vg_dst[30 * vg_ds] = 2*vg_y5_0 - 3*vg_y5_1 - 4*vg_y5_2 + 3*vg_y5_3 + 2*vg_y5_4;
-    vg_dst[31 * vg_ds] = 2*vg_y5_1 - vg_y5_2 - 5*vg_y5_3 - 2*vg_y5_4;
-    vg_dst[32 * vg_ds] = 2*vg_y5_1 - 5*vg_y5_2 + vg_y5_3 + 2*vg_y5_4;
-    vg_dst[33 * vg_ds] = 2*vg_y5_1 + vg_y5_2 - 2*vg_y5_3 - vg_y5_4;
-    vg_dst[34 * vg_ds] = vg_y5_1 - 2*vg_y5_2 - vg_y5_3 + 2*vg_y5_4;
-    vg_dst[35 * vg_ds] = 2*vg_y5_1 - 3*vg_y5_2 - 4*vg_y5_3 + 3*vg_y5_4 + 2*vg_y5_5;
-}
-// U = G g Gᵀ for 3×3 filters: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_forward_y_winograd4_filter(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss];
-    const float vg_y0_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss];
-    const float vg_y0_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss];
-    const float vg_y1_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss] - (1.0f/6.0f)*vg_src[3 * vg_ss] - (1.0f/6.0f)*vg_src[6 * vg_ss];
-    const float vg_y1_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss] - (1.0f/6.0f)*vg_src[4 * vg_ss] - (1.0f/6.0f)*vg_src[7 * vg_ss];
-    const float vg_y1_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss] - (1.0f/6.0f)*vg_src[5 * vg_ss] - (1.0f/6.0f)*vg_src[8 * vg_ss];
-    const float vg_y2_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss] + ((1.0f/6.0f))*vg_src[3 * vg_ss] - (1.0f/6.0f)*vg_src[6 * vg_ss];
-    const float vg_y2_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss] + ((1.0f/6.0f))*vg_src[4 * vg_ss] - (1.0f/6.0f)*vg_src[7 * vg_ss];
-    const float vg_y2_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss] + ((1.0f/6.0f))*vg_src[5 * vg_ss] - (1.0f/6.0f)*vg_src[8 * vg_ss];
-    const float vg_y3_0 = ((16.0f/15.0f))*vg_src[0 * vg_ss] + ((8.0f/15.0f))*vg_src[3 * vg_ss] + ((4.0f/15.0f))*vg_src[6 * vg_ss];
-    const float vg_y3_1 = ((16.0f/15.0f))*vg_src[1 * vg_ss] + ((8.0f/15.0f))*vg_src[4 * vg_ss] + ((4.0f/15.0f))*vg_src[7 * vg_ss];
-    const float vg_y3_2 = ((16.0f/15.0f))*vg_src[2 * vg_ss] + ((8.0f/15.0f))*vg_src[5 * vg_ss] + ((4.0f/15.0f))*vg_src[8 * vg_ss];
-    const float vg_y4_0 = ((1.0f/30.0f))*vg_src[0 * vg_ss] - (1.0f/15.0f)*vg_src[3 * vg_ss] + ((2.0f/15.0f))*vg_src[6 * vg_ss];
-    const float vg_y4_1 = ((1.0f/30.0f))*vg_src[1 * vg_ss] - (1.0f/15.0f)*vg_src[4 * vg_ss] + ((2.0f/15.0f))*vg_src[7 * vg_ss];
-    const float vg_y4_2 = ((1.0f/30.0f))*vg_src[2 * vg_ss] - (1.0f/15.0f)*vg_src[5 * vg_ss] + ((2.0f/15.0f))*vg_src[8 * vg_ss];
-    const float vg_y5_0 = ((1.0f/2.0f))*vg_src[6 * vg_ss];
-    const float vg_y5_1 = ((1.0f/2.0f))*vg_src[7 * vg_ss];
-    const float vg_y5_2 = ((1.0f/2.0f))*vg_src[8 * vg_ss];
-    vg_dst[0 * vg_ds] = ((1.0f/2.0f))*vg_y0_0;
-    vg_dst[1 * vg_ds] = -(1.0f/6.0f)*vg_y0_0 - (1.0f/6.0f)*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
-    vg_dst[2 * vg_ds] = -(1.0f/6.0f)*vg_y0_0 + ((1.0f/6.0f))*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
-    vg_dst[3 * vg_ds] = ((16.0f/15.0f))*vg_y0_0 + ((8.0f/15.0f))*vg_y0_1 + ((4.0f/15.0f))*vg_y0_2;
-    vg_dst[4 * vg_ds] = ((1.0f/30.0f))*vg_y0_0 - (1.0f/15.0f)*vg_y0_1 + ((2.0f/15.0f))*vg_y0_2;
-    vg_dst[5 * vg_ds] = ((1.0f/2.0f))*vg_y0_2;
-    vg_dst[6 * vg_ds] = ((1.0f/2.0f))*vg_y1_0;
-    vg_dst[7 * vg_ds] = -(1.0f/6.0f)*vg_y1_0 - (1.0f/6.0f)*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
-    vg_dst[8 * vg_ds] = -(1.0f/6.0f)*vg_y1_0 + ((1.0f/6.0f))*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
-    vg_dst[9 * vg_ds] = ((16.0f/15.0f))*vg_y1_0 + ((8.0f/15.0f))*vg_y1_1 + ((4.0f/15.0f))*vg_y1_2;
-    vg_dst[10 * vg_ds] = ((1.0f/30.0f))*vg_y1_0 - (1.0f/15.0f)*vg_y1_1 + ((2.0f/15.0f))*vg_y1_2;
-    vg_dst[11 * vg_ds] = ((1.0f/2.0f))*vg_y1_2;
-    vg_dst[12 * vg_ds] = ((1.0f/2.0f))*vg_y2_0;
-    vg_dst[13 * vg_ds] = -(1.0f/6.0f)*vg_y2_0 - (1.0f/6.0f)*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
-    vg_dst[14 * vg_ds] = -(1.0f/6.0f)*vg_y2_0 + ((1.0f/6.0f))*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
-    vg_dst[15 * vg_ds] = ((16.0f/15.0f))*vg_y2_0 + ((8.0f/15.0f))*vg_y2_1 + ((4.0f/15.0f))*vg_y2_2;
-    vg_dst[16 * vg_ds] = ((1.0f/30.0f))*vg_y2_0 - (1.0f/15.0f)*vg_y2_1 + ((2.0f/15.0f))*vg_y2_2;
-    vg_dst[17 * vg_ds] = ((1.0f/2.0f))*vg_y2_2;
-    vg_dst[18 * vg_ds] = ((1.0f/2.0f))*vg_y3_0;
-    vg_dst[19 * vg_ds] = -(1.0f/6.0f)*vg_y3_0 - (1.0f/6.0f)*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
-    vg_dst[20 * vg_ds] = -(1.0f/6.0f)*vg_y3_0 + ((1.0f/6.0f))*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
-    vg_dst[21 * vg_ds] = ((16.0f/15.0f))*vg_y3_0 + ((8.0f/15.0f))*vg_y3_1 + ((4.0f/15.0f))*vg_y3_2;
-    vg_dst[22 * vg_ds] = ((1.0f/30.0f))*vg_y3_0 - (1.0f/15.0f)*vg_y3_1 + ((2.0f/15.0f))*vg_y3_2;
-    vg_dst[23 * vg_ds] = ((1.0f/2.0f))*vg_y3_2;
-    vg_dst[24 * vg_ds] = ((1.0f/2.0f))*vg_y4_0;
-    vg_dst[25 * vg_ds] = -(1.0f/6.0f)*vg_y4_0 - (1.0f/6.0f)*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
-    vg_dst[26 * vg_ds] = -(1.0f/6.0f)*vg_y4_0 + ((1.0f/6.0f))*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
-    vg_dst[27 * vg_ds] = ((16.0f/15.0f))*vg_y4_0 + ((8.0f/15.0f))*vg_y4_1 + ((4.0f/15.0f))*vg_y4_2;
-    vg_dst[28 * vg_ds] = ((1.0f/30.0f))*vg_y4_0 - (1.0f/15.0f)*vg_y4_1 + ((2.0f/15.0f))*vg_y4_2;
-    vg_dst[29 * vg_ds] = ((1.0f/2.0f))*vg_y4_2;
-    vg_dst[30 * vg_ds] = ((1.0f/2.0f))*vg_y5_0;
-    vg_dst[31 * vg_ds] = -(1.0f/6.0f)*vg_y5_0 - (1.0f/6.0f)*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
-    vg_dst[32 * vg_ds] = -(1.0f/6.0f)*vg_y5_0 + ((1.0f/6.0f))*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
-    vg_dst[33 * vg_ds] = ((16.0f/15.0f))*vg_y5_0 + ((8.0f/15.0f))*vg_y5_1 + ((4.0f/15.0f))*vg_y5_2;
-    vg_dst[34 * vg_ds] = ((1.0f/30.0f))*vg_y5_0 - (1.0f/15.0f)*vg_y5_1 + ((2.0f/15.0f))*vg_y5_2;
-    vg_dst[35 * vg_ds] = ((1.0f/2.0f))*vg_y5_2;
-}
-// Y = Aᵀ M A, 4×4 outputs: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_forward_y_winograd4_output(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = vg_src[0 * vg_ss] + vg_src[6 * vg_ss] + vg_src[12 * vg_ss] + vg_src[18 * vg_ss] + vg_src[24 * vg_ss];
-    const float vg_y0_1 = vg_src[1 * vg_ss] + vg_src[7 * vg_ss] + vg_src[13 * vg_ss] + vg_src[19 * vg_ss] + vg_src[25 * vg_ss];
-    const float vg_y0_2 = vg_src[2 * vg_ss] + vg_src[8 * vg_ss] + vg_src[14 * vg_ss] + vg_src[20 * vg_ss] + vg_src[26 * vg_ss];
-    const float vg_y0_3 = vg_src[3 * vg_ss] + vg_src[9 * vg_ss] + vg_src[15 * vg_ss] + vg_src[21 * vg_ss] + vg_src[27 * vg_ss];
-    const float vg_y0_4 = vg_src[4 * vg_ss] + vg_src[10 * vg_ss] + vg_src[16 * vg_ss] + vg_src[22 * vg_ss] + vg_src[28 * vg_ss];
-    const float vg_y0_5 = vg_src[5 * vg_ss] + vg_src[11 * vg_ss] + vg_src[17 * vg_ss] + vg_src[23 * vg_ss] + vg_src[29 * vg_ss];
-    const float vg_y1_0 = vg_src[6 * vg_ss] - vg_src[12 * vg_ss] + ((1.0f/2.0f))*vg_src[18 * vg_ss] - 2*vg_src[24 * vg_ss];
-    const float vg_y1_1 = vg_src[7 * vg_ss] - vg_src[13 * vg_ss] + ((1.0f/2.0f))*vg_src[19 * vg_ss] - 2*vg_src[25 * vg_ss];
-    const float vg_y1_2 = vg_src[8 * vg_ss] - vg_src[14 * vg_ss] + ((1.0f/2.0f))*vg_src[20 * vg_ss] - 2*vg_src[26 * vg_ss];
-    const float vg_y1_3 = vg_src[9 * vg_ss] - vg_src[15 * vg_ss] + ((1.0f/2.0f))*vg_src[21 * vg_ss] - 2*vg_src[27 * vg_ss];
-    const float vg_y1_4 = vg_src[10 * vg_ss] - vg_src[16 * vg_ss] + ((1.0f/2.0f))*vg_src[22 * vg_ss] - 2*vg_src[28 * vg_ss];
-    const float vg_y1_5 = vg_src[11 * vg_ss] - vg_src[17 * vg_ss] + ((1.0f/2.0f))*vg_src[23 * vg_ss] - 2*vg_src[29 * vg_ss];
-    const float vg_y2_0 = vg_src[6 * vg_ss] + vg_src[12 * vg_ss] + ((1.0f/4.0f))*vg_src[18 * vg_ss] + 4*vg_src[24 * vg_ss];
-    const float vg_y2_1 = vg_src[7 * vg_ss] + vg_src[13 * vg_ss] + ((1.0f/4.0f))*vg_src[19 * vg_ss] + 4*vg_src[25 * vg_ss];
-    const float vg_y2_2 = vg_src[8 * vg_ss] + vg_src[14 * vg_ss] + ((1.0f/4.0f))*vg_src[20 * vg_ss] + 4*vg_src[26 * vg_ss];
-    const float vg_y2_3 = vg_src[9 * vg_ss] + vg_src[15 * vg_ss] + ((1.0f/4.0f))*vg_src[21 * vg_ss] + 4*vg_src[27 * vg_ss];
-    const float vg_y2_4 = vg_src[10 * vg_ss] + vg_src[16 * vg_ss] + ((1.0f/4.0f))*vg_src[22 * vg_ss] + 4*vg_src[28 * vg_ss];
-    const float vg_y2_5 = vg_src[11 * vg_ss] + vg_src[17 * vg_ss] + ((1.0f/4.0f))*vg_src[23 * vg_ss] + 4*vg_src[29 * vg_ss];
-    const float vg_y3_0 = vg_src[6 * vg_ss] - vg_src[12 * vg_ss] + ((1.0f/8.0f))*vg_src[18 * vg_ss] - 8*vg_src[24 * vg_ss] + vg_src[30 * vg_ss];
-    const float vg_y3_1 = vg_src[7 * vg_ss] - vg_src[13 * vg_ss] + ((1.0f/8.0f))*vg_src[19 * vg_ss] - 8*vg_src[25 * vg_ss] + vg_src[31 * vg_ss];
-    const float vg_y3_2 = vg_src[8 * vg_ss] - vg_src[14 * vg_ss] + ((1.0f/8.0f))*vg_src[20 * vg_ss] - 8*vg_src[26 * vg_ss] + vg_src[32 * vg_ss];
-    const float vg_y3_3 = vg_src[9 * vg_ss] - vg_src[15 * vg_ss] + ((1.0f/8.0f))*vg_src[21 * vg_ss] - 8*vg_src[27 * vg_ss] + vg_src[33 * vg_ss];
-    const float vg_y3_4 = vg_src[10 * vg_ss] - vg_src[16 * vg_ss] + ((1.0f/8.0f))*vg_src[22 * vg_ss] - 8*vg_src[28 * vg_ss] + vg_src[34 * vg_ss];
-    const float vg_y3_5 = vg_src[11 * vg_ss] - vg_src[17 * vg_ss] + ((1.0f/8.0f))*vg_src[23 * vg_ss] - 8*vg_src[29 * vg_ss] + vg_src[35 * vg_ss];
-    vg_dst[0 * vg_ds] = vg_y0_0 + vg_y0_1 + vg_y0_2 + vg_y0_3 + vg_y0_4;
-    vg_dst[1 * vg_ds] = vg_y0_1 - vg_y0_2 + ((1.0f/2.0f))*vg_y0_3 - 2*vg_y0_4;
-    vg_dst[2 * vg_ds] = vg_y0_1 + vg_y0_2 + ((1.0f/4.0f))*vg_y0_3 + 4*vg_y0_4;
-    vg_dst[3 * vg_ds] = vg_y0_1 - vg_y0_2 + ((1.0f/8.0f))*vg_y0_3 - 8*vg_y0_4 + vg_y0_5;
-    vg_dst[4 * vg_ds] = vg_y1_0 + vg_y1_1 + vg_y1_2 + vg_y1_3 + vg_y1_4;
-    vg_dst[5 * vg_ds] = vg_y1_1 - vg_y1_2 + ((1.0f/2.0f))*vg_y1_3 - 2*vg_y1_4;
-    vg_dst[6 * vg_ds] = vg_y1_1 + vg_y1_2 + ((1.0f/4.0f))*vg_y1_3 + 4*vg_y1_4;
-    vg_dst[7 * vg_ds] = vg_y1_1 - vg_y1_2 + ((1.0f/8.0f))*vg_y1_3 - 8*vg_y1_4 + vg_y1_5;
-    vg_dst[8 * vg_ds] = vg_y2_0 + vg_y2_1 + vg_y2_2 + vg_y2_3 + vg_y2_4;
-    vg_dst[9 * vg_ds] = vg_y2_1 - vg_y2_2 + ((1.0f/2.0f))*vg_y2_3 - 2*vg_y2_4;
-    vg_dst[10 * vg_ds] = vg_y2_1 + vg_y2_2 + ((1.0f/4.0f))*vg_y2_3 + 4*vg_y2_4;
-    vg_dst[11 * vg_ds] = vg_y2_1 - vg_y2_2 + ((1.0f/8.0f))*vg_y2_3 - 8*vg_y2_4 + vg_y2_5;
-    vg_dst[12 * vg_ds] = vg_y3_0 + vg_y3_1 + vg_y3_2 + vg_y3_3 + vg_y3_4;
-    vg_dst[13 * vg_ds] = vg_y3_1 - vg_y3_2 + ((1.0f/2.0f))*vg_y3_3 - 2*vg_y3_4;
-    vg_dst[14 * vg_ds] = vg_y3_1 + vg_y3_2 + ((1.0f/4.0f))*vg_y3_3 + 4*vg_y3_4;
-    vg_dst[15 * vg_ds] = vg_y3_1 - vg_y3_2 + ((1.0f/8.0f))*vg_y3_3 - 8*vg_y3_4 + vg_y3_5;
-}
 extern "C" __global__ void __launch_bounds__(VG_THREADS)
 convolution2d_forward_y_winograd4(const float *__restrict__ w, const float *__restrict__ x, float *__restrict__ y, int B, int H, int IC, int OC, int W)
 {
@@ -1052,7 +1339,7 @@ convolution2d_forward_y_winograd4(const float *__restrict__ w, const float *__re
                     vg_x[6] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 6] : 0.0f;
                     vg_x[7] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 7] : 0.0f;
                     vg_x[8] = vg_live ? w[9*IC*vg_wo + 9*vg_wc + 8] : 0.0f;
-                    convolution2d_forward_y_winograd4_filter(vg_x, 1, vg_left + vg_q * 16 + vg_r, 128);
+                    vg_winograd_f4x4_3x3_filter(vg_x, 1, vg_left + vg_q * 16 + vg_r, 128);
                 }
                 else
                 {
@@ -1069,7 +1356,7 @@ convolution2d_forward_y_winograd4(const float *__restrict__ w, const float *__re
                         const int vg_wr = vg_tr - 1 + vg_e / 6, vg_ws = vg_tc - 1 + vg_e % 6;
                         vg_x[vg_e] = (vg_live && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? x[W*(H*(IC*vg_wb + vg_wc) + vg_wr) + vg_ws] : 0.0f;
                     }
-                    convolution2d_forward_y_winograd4_data(vg_x, 1, vg_right + vg_q * 16 + vg_s, 128);
+                    vg_winograd_f4x4_3x3_data(vg_x, 1, vg_right + vg_q * 16 + vg_s, 128);
                 }
             }
             __syncthreads();
@@ -1112,7 +1399,7 @@ convolution2d_forward_y_winograd4(const float *__restrict__ w, const float *__re
         for (int vg_p = threadIdx.x; vg_p < 256; vg_p += blockDim.x)
         {
             float vg_y[16];
-            convolution2d_forward_y_winograd4_output(vg_sh + vg_p, 256, vg_y, 1);
+            vg_winograd_f4x4_3x3_output(vg_sh + vg_p, 256, vg_y, 1);
             const int vg_wo = vg_rb + vg_p / 16;
             const long long vg_t = vg_sb + vg_p % 16;
             if (vg_wo < OC && vg_t < vg_T)
@@ -1551,90 +1838,6 @@ convolution2d_backward_g_x_simple(const float *__restrict__ g_y, const float *__
 //   g_x[b, ic, i, j] = Sum(Piecewise((g_y[b, oc, -di + i, -dj + j]*w[oc, ic, di, dj], (di - i <= 0) & (dj - j <= 0) & (H >= -di + i + 1) & (W >= -dj + j + 1)), (0, True)), (oc, 0, OC - 1), (di, -K, K), (dj, -K, K))  (∂L/∂x)
 //   specialised: K=1
 //   as Winograd F(2×2, 3×3) (points 0, 1, -1, ∞; vggen.derive.winograd), proved equal by `vggen check`
-// V = Bᵀ d B for 4×4 data tiles: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_backward_g_x_winograd2_data(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = vg_src[0 * vg_ss] - vg_src[8 * vg_ss];
-    const float vg_y0_1 = vg_src[1 * vg_ss] - vg_src[9 * vg_ss];
-    const float vg_y0_2 = vg_src[2 * vg_ss] - vg_src[10 * vg_ss];
-    const float vg_y0_3 = vg_src[3 * vg_ss] - vg_src[11 * vg_ss];
-    const float vg_y1_0 = vg_src[4 * vg_ss] + vg_src[8 * vg_ss];
-    const float vg_y1_1 = vg_src[5 * vg_ss] + vg_src[9 * vg_ss];
-    const float vg_y1_2 = vg_src[6 * vg_ss] + vg_src[10 * vg_ss];
-    const float vg_y1_3 = vg_src[7 * vg_ss] + vg_src[11 * vg_ss];
-    const float vg_y2_0 = vg_src[4 * vg_ss] - vg_src[8 * vg_ss];
-    const float vg_y2_1 = vg_src[5 * vg_ss] - vg_src[9 * vg_ss];
-    const float vg_y2_2 = vg_src[6 * vg_ss] - vg_src[10 * vg_ss];
-    const float vg_y2_3 = vg_src[7 * vg_ss] - vg_src[11 * vg_ss];
-    const float vg_y3_0 = vg_src[4 * vg_ss] - vg_src[12 * vg_ss];
-    const float vg_y3_1 = vg_src[5 * vg_ss] - vg_src[13 * vg_ss];
-    const float vg_y3_2 = vg_src[6 * vg_ss] - vg_src[14 * vg_ss];
-    const float vg_y3_3 = vg_src[7 * vg_ss] - vg_src[15 * vg_ss];
-    vg_dst[0 * vg_ds] = vg_y0_0 - vg_y0_2;
-    vg_dst[1 * vg_ds] = vg_y0_1 + vg_y0_2;
-    vg_dst[2 * vg_ds] = vg_y0_1 - vg_y0_2;
-    vg_dst[3 * vg_ds] = vg_y0_1 - vg_y0_3;
-    vg_dst[4 * vg_ds] = vg_y1_0 - vg_y1_2;
-    vg_dst[5 * vg_ds] = vg_y1_1 + vg_y1_2;
-    vg_dst[6 * vg_ds] = vg_y1_1 - vg_y1_2;
-    vg_dst[7 * vg_ds] = vg_y1_1 - vg_y1_3;
-    vg_dst[8 * vg_ds] = vg_y2_0 - vg_y2_2;
-    vg_dst[9 * vg_ds] = vg_y2_1 + vg_y2_2;
-    vg_dst[10 * vg_ds] = vg_y2_1 - vg_y2_2;
-    vg_dst[11 * vg_ds] = vg_y2_1 - vg_y2_3;
-    vg_dst[12 * vg_ds] = vg_y3_0 - vg_y3_2;
-    vg_dst[13 * vg_ds] = vg_y3_1 + vg_y3_2;
-    vg_dst[14 * vg_ds] = vg_y3_1 - vg_y3_2;
-    vg_dst[15 * vg_ds] = vg_y3_1 - vg_y3_3;
-}
-// U = G g Gᵀ for 3×3 filters: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_backward_g_x_winograd2_filter(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = vg_src[0 * vg_ss];
-    const float vg_y0_1 = vg_src[1 * vg_ss];
-    const float vg_y0_2 = vg_src[2 * vg_ss];
-    const float vg_y1_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss] + ((1.0f/2.0f))*vg_src[3 * vg_ss] + ((1.0f/2.0f))*vg_src[6 * vg_ss];
-    const float vg_y1_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss] + ((1.0f/2.0f))*vg_src[4 * vg_ss] + ((1.0f/2.0f))*vg_src[7 * vg_ss];
-    const float vg_y1_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss] + ((1.0f/2.0f))*vg_src[5 * vg_ss] + ((1.0f/2.0f))*vg_src[8 * vg_ss];
-    const float vg_y2_0 = -(1.0f/2.0f)*vg_src[0 * vg_ss] + ((1.0f/2.0f))*vg_src[3 * vg_ss] - (1.0f/2.0f)*vg_src[6 * vg_ss];
-    const float vg_y2_1 = -(1.0f/2.0f)*vg_src[1 * vg_ss] + ((1.0f/2.0f))*vg_src[4 * vg_ss] - (1.0f/2.0f)*vg_src[7 * vg_ss];
-    const float vg_y2_2 = -(1.0f/2.0f)*vg_src[2 * vg_ss] + ((1.0f/2.0f))*vg_src[5 * vg_ss] - (1.0f/2.0f)*vg_src[8 * vg_ss];
-    const float vg_y3_0 = -vg_src[6 * vg_ss];
-    const float vg_y3_1 = -vg_src[7 * vg_ss];
-    const float vg_y3_2 = -vg_src[8 * vg_ss];
-    vg_dst[0 * vg_ds] = vg_y0_0;
-    vg_dst[1 * vg_ds] = ((1.0f/2.0f))*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 + ((1.0f/2.0f))*vg_y0_2;
-    vg_dst[2 * vg_ds] = -(1.0f/2.0f)*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1 - (1.0f/2.0f)*vg_y0_2;
-    vg_dst[3 * vg_ds] = -vg_y0_2;
-    vg_dst[4 * vg_ds] = vg_y1_0;
-    vg_dst[5 * vg_ds] = ((1.0f/2.0f))*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 + ((1.0f/2.0f))*vg_y1_2;
-    vg_dst[6 * vg_ds] = -(1.0f/2.0f)*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1 - (1.0f/2.0f)*vg_y1_2;
-    vg_dst[7 * vg_ds] = -vg_y1_2;
-    vg_dst[8 * vg_ds] = vg_y2_0;
-    vg_dst[9 * vg_ds] = ((1.0f/2.0f))*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 + ((1.0f/2.0f))*vg_y2_2;
-    vg_dst[10 * vg_ds] = -(1.0f/2.0f)*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1 - (1.0f/2.0f)*vg_y2_2;
-    vg_dst[11 * vg_ds] = -vg_y2_2;
-    vg_dst[12 * vg_ds] = vg_y3_0;
-    vg_dst[13 * vg_ds] = ((1.0f/2.0f))*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 + ((1.0f/2.0f))*vg_y3_2;
-    vg_dst[14 * vg_ds] = -(1.0f/2.0f)*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1 - (1.0f/2.0f)*vg_y3_2;
-    vg_dst[15 * vg_ds] = -vg_y3_2;
-}
-// Y = Aᵀ M A, 2×2 outputs: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_backward_g_x_winograd2_output(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = vg_src[0 * vg_ss] + vg_src[4 * vg_ss] + vg_src[8 * vg_ss];
-    const float vg_y0_1 = vg_src[1 * vg_ss] + vg_src[5 * vg_ss] + vg_src[9 * vg_ss];
-    const float vg_y0_2 = vg_src[2 * vg_ss] + vg_src[6 * vg_ss] + vg_src[10 * vg_ss];
-    const float vg_y0_3 = vg_src[3 * vg_ss] + vg_src[7 * vg_ss] + vg_src[11 * vg_ss];
-    const float vg_y1_0 = vg_src[4 * vg_ss] - vg_src[8 * vg_ss] + vg_src[12 * vg_ss];
-    const float vg_y1_1 = vg_src[5 * vg_ss] - vg_src[9 * vg_ss] + vg_src[13 * vg_ss];
-    const float vg_y1_2 = vg_src[6 * vg_ss] - vg_src[10 * vg_ss] + vg_src[14 * vg_ss];
-    const float vg_y1_3 = vg_src[7 * vg_ss] - vg_src[11 * vg_ss] + vg_src[15 * vg_ss];
-    vg_dst[0 * vg_ds] = vg_y0_0 + vg_y0_1 + vg_y0_2;
-    vg_dst[1 * vg_ds] = vg_y0_1 - vg_y0_2 + vg_y0_3;
-    vg_dst[2 * vg_ds] = vg_y1_0 + vg_y1_1 + vg_y1_2;
-    vg_dst[3 * vg_ds] = vg_y1_1 - vg_y1_2 + vg_y1_3;
-}
 extern "C" __global__ void __launch_bounds__(VG_THREADS)
 convolution2d_backward_g_x_winograd2(const float *__restrict__ g_y, const float *__restrict__ w, float *__restrict__ g_x, int B, int H, int IC, int OC, int W)
 {
@@ -1683,7 +1886,7 @@ convolution2d_backward_g_x_winograd2(const float *__restrict__ g_y, const float 
                     vg_x[6] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 2] : 0.0f;
                     vg_x[7] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 1] : 0.0f;
                     vg_x[8] = vg_live ? w[9*IC*vg_wc + 9*vg_wo] : 0.0f;
-                    convolution2d_backward_g_x_winograd2_filter(vg_x, 1, vg_left + vg_q * 16 + vg_r, 128);
+                    vg_winograd_f2x2_3x3_filter(vg_x, 1, vg_left + vg_q * 16 + vg_r, 128);
                 }
                 else
                 {
@@ -1700,7 +1903,7 @@ convolution2d_backward_g_x_winograd2(const float *__restrict__ g_y, const float 
                         const int vg_wr = vg_tr - 1 + vg_e / 4, vg_ws = vg_tc - 1 + vg_e % 4;
                         vg_x[vg_e] = (vg_live && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? g_y[W*(H*(OC*vg_wb + vg_wc) + vg_wr) + vg_ws] : 0.0f;
                     }
-                    convolution2d_backward_g_x_winograd2_data(vg_x, 1, vg_right + vg_q * 16 + vg_s, 128);
+                    vg_winograd_f2x2_3x3_data(vg_x, 1, vg_right + vg_q * 16 + vg_s, 128);
                 }
             }
             __syncthreads();
@@ -1743,7 +1946,7 @@ convolution2d_backward_g_x_winograd2(const float *__restrict__ g_y, const float 
         for (int vg_p = threadIdx.x; vg_p < 256; vg_p += blockDim.x)
         {
             float vg_y[4];
-            convolution2d_backward_g_x_winograd2_output(vg_sh + vg_p, 256, vg_y, 1);
+            vg_winograd_f2x2_3x3_output(vg_sh + vg_p, 256, vg_y, 1);
             const int vg_wo = vg_rb + vg_p / 16;
             const long long vg_t = vg_sb + vg_p % 16;
             if (vg_wo < IC && vg_t < vg_T)
@@ -1767,184 +1970,6 @@ convolution2d_backward_g_x_winograd2(const float *__restrict__ g_y, const float 
 //   g_x[b, ic, i, j] = Sum(Piecewise((g_y[b, oc, -di + i, -dj + j]*w[oc, ic, di, dj], (di - i <= 0) & (dj - j <= 0) & (H >= -di + i + 1) & (W >= -dj + j + 1)), (0, True)), (oc, 0, OC - 1), (di, -K, K), (dj, -K, K))  (∂L/∂x)
 //   specialised: K=1
 //   as Winograd F(4×4, 3×3) (points 0, 1, -1, 1/2, -2, ∞; vggen.derive.winograd), proved equal by `vggen check`
-// V = Bᵀ d B for 6×6 data tiles: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_backward_g_x_winograd4_data(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = 2*vg_src[0 * vg_ss] - 3*vg_src[6 * vg_ss] - 4*vg_src[12 * vg_ss] + 3*vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
-    const float vg_y0_1 = 2*vg_src[1 * vg_ss] - 3*vg_src[7 * vg_ss] - 4*vg_src[13 * vg_ss] + 3*vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
-    const float vg_y0_2 = 2*vg_src[2 * vg_ss] - 3*vg_src[8 * vg_ss] - 4*vg_src[14 * vg_ss] + 3*vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
-    const float vg_y0_3 = 2*vg_src[3 * vg_ss] - 3*vg_src[9 * vg_ss] - 4*vg_src[15 * vg_ss] + 3*vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
-    const float vg_y0_4 = 2*vg_src[4 * vg_ss] - 3*vg_src[10 * vg_ss] - 4*vg_src[16 * vg_ss] + 3*vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
-    const float vg_y0_5 = 2*vg_src[5 * vg_ss] - 3*vg_src[11 * vg_ss] - 4*vg_src[17 * vg_ss] + 3*vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
-    const float vg_y1_0 = 2*vg_src[6 * vg_ss] - vg_src[12 * vg_ss] - 5*vg_src[18 * vg_ss] - 2*vg_src[24 * vg_ss];
-    const float vg_y1_1 = 2*vg_src[7 * vg_ss] - vg_src[13 * vg_ss] - 5*vg_src[19 * vg_ss] - 2*vg_src[25 * vg_ss];
-    const float vg_y1_2 = 2*vg_src[8 * vg_ss] - vg_src[14 * vg_ss] - 5*vg_src[20 * vg_ss] - 2*vg_src[26 * vg_ss];
-    const float vg_y1_3 = 2*vg_src[9 * vg_ss] - vg_src[15 * vg_ss] - 5*vg_src[21 * vg_ss] - 2*vg_src[27 * vg_ss];
-    const float vg_y1_4 = 2*vg_src[10 * vg_ss] - vg_src[16 * vg_ss] - 5*vg_src[22 * vg_ss] - 2*vg_src[28 * vg_ss];
-    const float vg_y1_5 = 2*vg_src[11 * vg_ss] - vg_src[17 * vg_ss] - 5*vg_src[23 * vg_ss] - 2*vg_src[29 * vg_ss];
-    const float vg_y2_0 = 2*vg_src[6 * vg_ss] - 5*vg_src[12 * vg_ss] + vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
-    const float vg_y2_1 = 2*vg_src[7 * vg_ss] - 5*vg_src[13 * vg_ss] + vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
-    const float vg_y2_2 = 2*vg_src[8 * vg_ss] - 5*vg_src[14 * vg_ss] + vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
-    const float vg_y2_3 = 2*vg_src[9 * vg_ss] - 5*vg_src[15 * vg_ss] + vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
-    const float vg_y2_4 = 2*vg_src[10 * vg_ss] - 5*vg_src[16 * vg_ss] + vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
-    const float vg_y2_5 = 2*vg_src[11 * vg_ss] - 5*vg_src[17 * vg_ss] + vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
-    const float vg_y3_0 = 2*vg_src[6 * vg_ss] + vg_src[12 * vg_ss] - 2*vg_src[18 * vg_ss] - vg_src[24 * vg_ss];
-    const float vg_y3_1 = 2*vg_src[7 * vg_ss] + vg_src[13 * vg_ss] - 2*vg_src[19 * vg_ss] - vg_src[25 * vg_ss];
-    const float vg_y3_2 = 2*vg_src[8 * vg_ss] + vg_src[14 * vg_ss] - 2*vg_src[20 * vg_ss] - vg_src[26 * vg_ss];
-    const float vg_y3_3 = 2*vg_src[9 * vg_ss] + vg_src[15 * vg_ss] - 2*vg_src[21 * vg_ss] - vg_src[27 * vg_ss];
-    const float vg_y3_4 = 2*vg_src[10 * vg_ss] + vg_src[16 * vg_ss] - 2*vg_src[22 * vg_ss] - vg_src[28 * vg_ss];
-    const float vg_y3_5 = 2*vg_src[11 * vg_ss] + vg_src[17 * vg_ss] - 2*vg_src[23 * vg_ss] - vg_src[29 * vg_ss];
-    const float vg_y4_0 = vg_src[6 * vg_ss] - 2*vg_src[12 * vg_ss] - vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
-    const float vg_y4_1 = vg_src[7 * vg_ss] - 2*vg_src[13 * vg_ss] - vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
-    const float vg_y4_2 = vg_src[8 * vg_ss] - 2*vg_src[14 * vg_ss] - vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
-    const float vg_y4_3 = vg_src[9 * vg_ss] - 2*vg_src[15 * vg_ss] - vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
-    const float vg_y4_4 = vg_src[10 * vg_ss] - 2*vg_src[16 * vg_ss] - vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
-    const float vg_y4_5 = vg_src[11 * vg_ss] - 2*vg_src[17 * vg_ss] - vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
-    const float vg_y5_0 = 2*vg_src[6 * vg_ss] - 3*vg_src[12 * vg_ss] - 4*vg_src[18 * vg_ss] + 3*vg_src[24 * vg_ss] + 2*vg_src[30 * vg_ss];
-    const float vg_y5_1 = 2*vg_src[7 * vg_ss] - 3*vg_src[13 * vg_ss] - 4*vg_src[19 * vg_ss] + 3*vg_src[25 * vg_ss] + 2*vg_src[31 * vg_ss];
-    const float vg_y5_2 = 2*vg_src[8 * vg_ss] - 3*vg_src[14 * vg_ss] - 4*vg_src[20 * vg_ss] + 3*vg_src[26 * vg_ss] + 2*vg_src[32 * vg_ss];
-    const float vg_y5_3 = 2*vg_src[9 * vg_ss] - 3*vg_src[15 * vg_ss] - 4*vg_src[21 * vg_ss] + 3*vg_src[27 * vg_ss] + 2*vg_src[33 * vg_ss];
-    const float vg_y5_4 = 2*vg_src[10 * vg_ss] - 3*vg_src[16 * vg_ss] - 4*vg_src[22 * vg_ss] + 3*vg_src[28 * vg_ss] + 2*vg_src[34 * vg_ss];
-    const float vg_y5_5 = 2*vg_src[11 * vg_ss] - 3*vg_src[17 * vg_ss] - 4*vg_src[23 * vg_ss] + 3*vg_src[29 * vg_ss] + 2*vg_src[35 * vg_ss];
-    vg_dst[0 * vg_ds] = 2*vg_y0_0 - 3*vg_y0_1 - 4*vg_y0_2 + 3*vg_y0_3 + 2*vg_y0_4;
-    vg_dst[1 * vg_ds] = 2*vg_y0_1 - vg_y0_2 - 5*vg_y0_3 - 2*vg_y0_4;
-    vg_dst[2 * vg_ds] = 2*vg_y0_1 - 5*vg_y0_2 + vg_y0_3 + 2*vg_y0_4;
-    vg_dst[3 * vg_ds] = 2*vg_y0_1 + vg_y0_2 - 2*vg_y0_3 - vg_y0_4;
-    vg_dst[4 * vg_ds] = vg_y0_1 - 2*vg_y0_2 - vg_y0_3 + 2*vg_y0_4;
-    vg_dst[5 * vg_ds] = 2*vg_y0_1 - 3*vg_y0_2 - 4*vg_y0_3 + 3*vg_y0_4 + 2*vg_y0_5;
-    vg_dst[6 * vg_ds] = 2*vg_y1_0 - 3*vg_y1_1 - 4*vg_y1_2 + 3*vg_y1_3 + 2*vg_y1_4;
-    vg_dst[7 * vg_ds] = 2*vg_y1_1 - vg_y1_2 - 5*vg_y1_3 - 2*vg_y1_4;
-    vg_dst[8 * vg_ds] = 2*vg_y1_1 - 5*vg_y1_2 + vg_y1_3 + 2*vg_y1_4;
-    vg_dst[9 * vg_ds] = 2*vg_y1_1 + vg_y1_2 - 2*vg_y1_3 - vg_y1_4;
-    vg_dst[10 * vg_ds] = vg_y1_1 - 2*vg_y1_2 - vg_y1_3 + 2*vg_y1_4;
-    vg_dst[11 * vg_ds] = 2*vg_y1_1 - 3*vg_y1_2 - 4*vg_y1_3 + 3*vg_y1_4 + 2*vg_y1_5;
-    vg_dst[12 * vg_ds] = 2*vg_y2_0 - 3*vg_y2_1 - 4*vg_y2_2 + 3*vg_y2_3 + 2*vg_y2_4;
-    vg_dst[13 * vg_ds] = 2*vg_y2_1 - vg_y2_2 - 5*vg_y2_3 - 2*vg_y2_4;
-    vg_dst[14 * vg_ds] = 2*vg_y2_1 - 5*vg_y2_2 + vg_y2_3 + 2*vg_y2_4;
-    vg_dst[15 * vg_ds] = 2*vg_y2_1 + vg_y2_2 - 2*vg_y2_3 - vg_y2_4;
-    vg_dst[16 * vg_ds] = vg_y2_1 - 2*vg_y2_2 - vg_y2_3 + 2*vg_y2_4;
-    vg_dst[17 * vg_ds] = 2*vg_y2_1 - 3*vg_y2_2 - 4*vg_y2_3 + 3*vg_y2_4 + 2*vg_y2_5;
-    vg_dst[18 * vg_ds] = 2*vg_y3_0 - 3*vg_y3_1 - 4*vg_y3_2 + 3*vg_y3_3 + 2*vg_y3_4;
-    vg_dst[19 * vg_ds] = 2*vg_y3_1 - vg_y3_2 - 5*vg_y3_3 - 2*vg_y3_4;
-    vg_dst[20 * vg_ds] = 2*vg_y3_1 - 5*vg_y3_2 + vg_y3_3 + 2*vg_y3_4;
-    vg_dst[21 * vg_ds] = 2*vg_y3_1 + vg_y3_2 - 2*vg_y3_3 - vg_y3_4;
-    vg_dst[22 * vg_ds] = vg_y3_1 - 2*vg_y3_2 - vg_y3_3 + 2*vg_y3_4;
-    vg_dst[23 * vg_ds] = 2*vg_y3_1 - 3*vg_y3_2 - 4*vg_y3_3 + 3*vg_y3_4 + 2*vg_y3_5;
-    vg_dst[24 * vg_ds] = 2*vg_y4_0 - 3*vg_y4_1 - 4*vg_y4_2 + 3*vg_y4_3 + 2*vg_y4_4;
-    vg_dst[25 * vg_ds] = 2*vg_y4_1 - vg_y4_2 - 5*vg_y4_3 - 2*vg_y4_4;
-    vg_dst[26 * vg_ds] = 2*vg_y4_1 - 5*vg_y4_2 + vg_y4_3 + 2*vg_y4_4;
-    vg_dst[27 * vg_ds] = 2*vg_y4_1 + vg_y4_2 - 2*vg_y4_3 - vg_y4_4;
-    vg_dst[28 * vg_ds] = vg_y4_1 - 2*vg_y4_2 - vg_y4_3 + 2*vg_y4_4;
-    vg_dst[29 * vg_ds] = 2*vg_y4_1 - 3*vg_y4_2 - 4*vg_y4_3 + 3*vg_y4_4 + 2*vg_y4_5;
-    vg_dst[30 * vg_ds] = 2*vg_y5_0 - 3*vg_y5_1 - 4*vg_y5_2 + 3*vg_y5_3 + 2*vg_y5_4;
-    vg_dst[31 * vg_ds] = 2*vg_y5_1 - vg_y5_2 - 5*vg_y5_3 - 2*vg_y5_4;
-    vg_dst[32 * vg_ds] = 2*vg_y5_1 - 5*vg_y5_2 + vg_y5_3 + 2*vg_y5_4;
-    vg_dst[33 * vg_ds] = 2*vg_y5_1 + vg_y5_2 - 2*vg_y5_3 - vg_y5_4;
-    vg_dst[34 * vg_ds] = vg_y5_1 - 2*vg_y5_2 - vg_y5_3 + 2*vg_y5_4;
-    vg_dst[35 * vg_ds] = 2*vg_y5_1 - 3*vg_y5_2 - 4*vg_y5_3 + 3*vg_y5_4 + 2*vg_y5_5;
-}
-// U = G g Gᵀ for 3×3 filters: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_backward_g_x_winograd4_filter(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss];
-    const float vg_y0_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss];
-    const float vg_y0_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss];
-    const float vg_y1_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss] - (1.0f/6.0f)*vg_src[3 * vg_ss] - (1.0f/6.0f)*vg_src[6 * vg_ss];
-    const float vg_y1_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss] - (1.0f/6.0f)*vg_src[4 * vg_ss] - (1.0f/6.0f)*vg_src[7 * vg_ss];
-    const float vg_y1_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss] - (1.0f/6.0f)*vg_src[5 * vg_ss] - (1.0f/6.0f)*vg_src[8 * vg_ss];
-    const float vg_y2_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss] + ((1.0f/6.0f))*vg_src[3 * vg_ss] - (1.0f/6.0f)*vg_src[6 * vg_ss];
-    const float vg_y2_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss] + ((1.0f/6.0f))*vg_src[4 * vg_ss] - (1.0f/6.0f)*vg_src[7 * vg_ss];
-    const float vg_y2_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss] + ((1.0f/6.0f))*vg_src[5 * vg_ss] - (1.0f/6.0f)*vg_src[8 * vg_ss];
-    const float vg_y3_0 = ((16.0f/15.0f))*vg_src[0 * vg_ss] + ((8.0f/15.0f))*vg_src[3 * vg_ss] + ((4.0f/15.0f))*vg_src[6 * vg_ss];
-    const float vg_y3_1 = ((16.0f/15.0f))*vg_src[1 * vg_ss] + ((8.0f/15.0f))*vg_src[4 * vg_ss] + ((4.0f/15.0f))*vg_src[7 * vg_ss];
-    const float vg_y3_2 = ((16.0f/15.0f))*vg_src[2 * vg_ss] + ((8.0f/15.0f))*vg_src[5 * vg_ss] + ((4.0f/15.0f))*vg_src[8 * vg_ss];
-    const float vg_y4_0 = ((1.0f/30.0f))*vg_src[0 * vg_ss] - (1.0f/15.0f)*vg_src[3 * vg_ss] + ((2.0f/15.0f))*vg_src[6 * vg_ss];
-    const float vg_y4_1 = ((1.0f/30.0f))*vg_src[1 * vg_ss] - (1.0f/15.0f)*vg_src[4 * vg_ss] + ((2.0f/15.0f))*vg_src[7 * vg_ss];
-    const float vg_y4_2 = ((1.0f/30.0f))*vg_src[2 * vg_ss] - (1.0f/15.0f)*vg_src[5 * vg_ss] + ((2.0f/15.0f))*vg_src[8 * vg_ss];
-    const float vg_y5_0 = ((1.0f/2.0f))*vg_src[6 * vg_ss];
-    const float vg_y5_1 = ((1.0f/2.0f))*vg_src[7 * vg_ss];
-    const float vg_y5_2 = ((1.0f/2.0f))*vg_src[8 * vg_ss];
-    vg_dst[0 * vg_ds] = ((1.0f/2.0f))*vg_y0_0;
-    vg_dst[1 * vg_ds] = -(1.0f/6.0f)*vg_y0_0 - (1.0f/6.0f)*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
-    vg_dst[2 * vg_ds] = -(1.0f/6.0f)*vg_y0_0 + ((1.0f/6.0f))*vg_y0_1 - (1.0f/6.0f)*vg_y0_2;
-    vg_dst[3 * vg_ds] = ((16.0f/15.0f))*vg_y0_0 + ((8.0f/15.0f))*vg_y0_1 + ((4.0f/15.0f))*vg_y0_2;
-    vg_dst[4 * vg_ds] = ((1.0f/30.0f))*vg_y0_0 - (1.0f/15.0f)*vg_y0_1 + ((2.0f/15.0f))*vg_y0_2;
-    vg_dst[5 * vg_ds] = ((1.0f/2.0f))*vg_y0_2;
-    vg_dst[6 * vg_ds] = ((1.0f/2.0f))*vg_y1_0;
-    vg_dst[7 * vg_ds] = -(1.0f/6.0f)*vg_y1_0 - (1.0f/6.0f)*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
-    vg_dst[8 * vg_ds] = -(1.0f/6.0f)*vg_y1_0 + ((1.0f/6.0f))*vg_y1_1 - (1.0f/6.0f)*vg_y1_2;
-    vg_dst[9 * vg_ds] = ((16.0f/15.0f))*vg_y1_0 + ((8.0f/15.0f))*vg_y1_1 + ((4.0f/15.0f))*vg_y1_2;
-    vg_dst[10 * vg_ds] = ((1.0f/30.0f))*vg_y1_0 - (1.0f/15.0f)*vg_y1_1 + ((2.0f/15.0f))*vg_y1_2;
-    vg_dst[11 * vg_ds] = ((1.0f/2.0f))*vg_y1_2;
-    vg_dst[12 * vg_ds] = ((1.0f/2.0f))*vg_y2_0;
-    vg_dst[13 * vg_ds] = -(1.0f/6.0f)*vg_y2_0 - (1.0f/6.0f)*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
-    vg_dst[14 * vg_ds] = -(1.0f/6.0f)*vg_y2_0 + ((1.0f/6.0f))*vg_y2_1 - (1.0f/6.0f)*vg_y2_2;
-    vg_dst[15 * vg_ds] = ((16.0f/15.0f))*vg_y2_0 + ((8.0f/15.0f))*vg_y2_1 + ((4.0f/15.0f))*vg_y2_2;
-    vg_dst[16 * vg_ds] = ((1.0f/30.0f))*vg_y2_0 - (1.0f/15.0f)*vg_y2_1 + ((2.0f/15.0f))*vg_y2_2;
-    vg_dst[17 * vg_ds] = ((1.0f/2.0f))*vg_y2_2;
-    vg_dst[18 * vg_ds] = ((1.0f/2.0f))*vg_y3_0;
-    vg_dst[19 * vg_ds] = -(1.0f/6.0f)*vg_y3_0 - (1.0f/6.0f)*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
-    vg_dst[20 * vg_ds] = -(1.0f/6.0f)*vg_y3_0 + ((1.0f/6.0f))*vg_y3_1 - (1.0f/6.0f)*vg_y3_2;
-    vg_dst[21 * vg_ds] = ((16.0f/15.0f))*vg_y3_0 + ((8.0f/15.0f))*vg_y3_1 + ((4.0f/15.0f))*vg_y3_2;
-    vg_dst[22 * vg_ds] = ((1.0f/30.0f))*vg_y3_0 - (1.0f/15.0f)*vg_y3_1 + ((2.0f/15.0f))*vg_y3_2;
-    vg_dst[23 * vg_ds] = ((1.0f/2.0f))*vg_y3_2;
-    vg_dst[24 * vg_ds] = ((1.0f/2.0f))*vg_y4_0;
-    vg_dst[25 * vg_ds] = -(1.0f/6.0f)*vg_y4_0 - (1.0f/6.0f)*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
-    vg_dst[26 * vg_ds] = -(1.0f/6.0f)*vg_y4_0 + ((1.0f/6.0f))*vg_y4_1 - (1.0f/6.0f)*vg_y4_2;
-    vg_dst[27 * vg_ds] = ((16.0f/15.0f))*vg_y4_0 + ((8.0f/15.0f))*vg_y4_1 + ((4.0f/15.0f))*vg_y4_2;
-    vg_dst[28 * vg_ds] = ((1.0f/30.0f))*vg_y4_0 - (1.0f/15.0f)*vg_y4_1 + ((2.0f/15.0f))*vg_y4_2;
-    vg_dst[29 * vg_ds] = ((1.0f/2.0f))*vg_y4_2;
-    vg_dst[30 * vg_ds] = ((1.0f/2.0f))*vg_y5_0;
-    vg_dst[31 * vg_ds] = -(1.0f/6.0f)*vg_y5_0 - (1.0f/6.0f)*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
-    vg_dst[32 * vg_ds] = -(1.0f/6.0f)*vg_y5_0 + ((1.0f/6.0f))*vg_y5_1 - (1.0f/6.0f)*vg_y5_2;
-    vg_dst[33 * vg_ds] = ((16.0f/15.0f))*vg_y5_0 + ((8.0f/15.0f))*vg_y5_1 + ((4.0f/15.0f))*vg_y5_2;
-    vg_dst[34 * vg_ds] = ((1.0f/30.0f))*vg_y5_0 - (1.0f/15.0f)*vg_y5_1 + ((2.0f/15.0f))*vg_y5_2;
-    vg_dst[35 * vg_ds] = ((1.0f/2.0f))*vg_y5_2;
-}
-// Y = Aᵀ M A, 4×4 outputs: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_backward_g_x_winograd4_output(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = vg_src[0 * vg_ss] + vg_src[6 * vg_ss] + vg_src[12 * vg_ss] + vg_src[18 * vg_ss] + vg_src[24 * vg_ss];
-    const float vg_y0_1 = vg_src[1 * vg_ss] + vg_src[7 * vg_ss] + vg_src[13 * vg_ss] + vg_src[19 * vg_ss] + vg_src[25 * vg_ss];
-    const float vg_y0_2 = vg_src[2 * vg_ss] + vg_src[8 * vg_ss] + vg_src[14 * vg_ss] + vg_src[20 * vg_ss] + vg_src[26 * vg_ss];
-    const float vg_y0_3 = vg_src[3 * vg_ss] + vg_src[9 * vg_ss] + vg_src[15 * vg_ss] + vg_src[21 * vg_ss] + vg_src[27 * vg_ss];
-    const float vg_y0_4 = vg_src[4 * vg_ss] + vg_src[10 * vg_ss] + vg_src[16 * vg_ss] + vg_src[22 * vg_ss] + vg_src[28 * vg_ss];
-    const float vg_y0_5 = vg_src[5 * vg_ss] + vg_src[11 * vg_ss] + vg_src[17 * vg_ss] + vg_src[23 * vg_ss] + vg_src[29 * vg_ss];
-    const float vg_y1_0 = vg_src[6 * vg_ss] - vg_src[12 * vg_ss] + ((1.0f/2.0f))*vg_src[18 * vg_ss] - 2*vg_src[24 * vg_ss];
-    const float vg_y1_1 = vg_src[7 * vg_ss] - vg_src[13 * vg_ss] + ((1.0f/2.0f))*vg_src[19 * vg_ss] - 2*vg_src[25 * vg_ss];
-    const float vg_y1_2 = vg_src[8 * vg_ss] - vg_src[14 * vg_ss] + ((1.0f/2.0f))*vg_src[20 * vg_ss] - 2*vg_src[26 * vg_ss];
-    const float vg_y1_3 = vg_src[9 * vg_ss] - vg_src[15 * vg_ss] + ((1.0f/2.0f))*vg_src[21 * vg_ss] - 2*vg_src[27 * vg_ss];
-    const float vg_y1_4 = vg_src[10 * vg_ss] - vg_src[16 * vg_ss] + ((1.0f/2.0f))*vg_src[22 * vg_ss] - 2*vg_src[28 * vg_ss];
-    const float vg_y1_5 = vg_src[11 * vg_ss] - vg_src[17 * vg_ss] + ((1.0f/2.0f))*vg_src[23 * vg_ss] - 2*vg_src[29 * vg_ss];
-    const float vg_y2_0 = vg_src[6 * vg_ss] + vg_src[12 * vg_ss] + ((1.0f/4.0f))*vg_src[18 * vg_ss] + 4*vg_src[24 * vg_ss];
-    const float vg_y2_1 = vg_src[7 * vg_ss] + vg_src[13 * vg_ss] + ((1.0f/4.0f))*vg_src[19 * vg_ss] + 4*vg_src[25 * vg_ss];
-    const float vg_y2_2 = vg_src[8 * vg_ss] + vg_src[14 * vg_ss] + ((1.0f/4.0f))*vg_src[20 * vg_ss] + 4*vg_src[26 * vg_ss];
-    const float vg_y2_3 = vg_src[9 * vg_ss] + vg_src[15 * vg_ss] + ((1.0f/4.0f))*vg_src[21 * vg_ss] + 4*vg_src[27 * vg_ss];
-    const float vg_y2_4 = vg_src[10 * vg_ss] + vg_src[16 * vg_ss] + ((1.0f/4.0f))*vg_src[22 * vg_ss] + 4*vg_src[28 * vg_ss];
-    const float vg_y2_5 = vg_src[11 * vg_ss] + vg_src[17 * vg_ss] + ((1.0f/4.0f))*vg_src[23 * vg_ss] + 4*vg_src[29 * vg_ss];
-    const float vg_y3_0 = vg_src[6 * vg_ss] - vg_src[12 * vg_ss] + ((1.0f/8.0f))*vg_src[18 * vg_ss] - 8*vg_src[24 * vg_ss] + vg_src[30 * vg_ss];
-    const float vg_y3_1 = vg_src[7 * vg_ss] - vg_src[13 * vg_ss] + ((1.0f/8.0f))*vg_src[19 * vg_ss] - 8*vg_src[25 * vg_ss] + vg_src[31 * vg_ss];
-    const float vg_y3_2 = vg_src[8 * vg_ss] - vg_src[14 * vg_ss] + ((1.0f/8.0f))*vg_src[20 * vg_ss] - 8*vg_src[26 * vg_ss] + vg_src[32 * vg_ss];
-    const float vg_y3_3 = vg_src[9 * vg_ss] - vg_src[15 * vg_ss] + ((1.0f/8.0f))*vg_src[21 * vg_ss] - 8*vg_src[27 * vg_ss] + vg_src[33 * vg_ss];
-    const float vg_y3_4 = vg_src[10 * vg_ss] - vg_src[16 * vg_ss] + ((1.0f/8.0f))*vg_src[22 * vg_ss] - 8*vg_src[28 * vg_ss] + vg_src[34 * vg_ss];
-    const float vg_y3_5 = vg_src[11 * vg_ss] - vg_src[17 * vg_ss] + ((1.0f/8.0f))*vg_src[23 * vg_ss] - 8*vg_src[29 * vg_ss] + vg_src[35 * vg_ss];
-    vg_dst[0 * vg_ds] = vg_y0_0 + vg_y0_1 + vg_y0_2 + vg_y0_3 + vg_y0_4;
-    vg_dst[1 * vg_ds] = vg_y0_1 - vg_y0_2 + ((1.0f/2.0f))*vg_y0_3 - 2*vg_y0_4;
-    vg_dst[2 * vg_ds] = vg_y0_1 + vg_y0_2 + ((1.0f/4.0f))*vg_y0_3 + 4*vg_y0_4;
-    vg_dst[3 * vg_ds] = vg_y0_1 - vg_y0_2 + ((1.0f/8.0f))*vg_y0_3 - 8*vg_y0_4 + vg_y0_5;
-    vg_dst[4 * vg_ds] = vg_y1_0 + vg_y1_1 + vg_y1_2 + vg_y1_3 + vg_y1_4;
-    vg_dst[5 * vg_ds] = vg_y1_1 - vg_y1_2 + ((1.0f/2.0f))*vg_y1_3 - 2*vg_y1_4;
-    vg_dst[6 * vg_ds] = vg_y1_1 + vg_y1_2 + ((1.0f/4.0f))*vg_y1_3 + 4*vg_y1_4;
-    vg_dst[7 * vg_ds] = vg_y1_1 - vg_y1_2 + ((1.0f/8.0f))*vg_y1_3 - 8*vg_y1_4 + vg_y1_5;
-    vg_dst[8 * vg_ds] = vg_y2_0 + vg_y2_1 + vg_y2_2 + vg_y2_3 + vg_y2_4;
-    vg_dst[9 * vg_ds] = vg_y2_1 - vg_y2_2 + ((1.0f/2.0f))*vg_y2_3 - 2*vg_y2_4;
-    vg_dst[10 * vg_ds] = vg_y2_1 + vg_y2_2 + ((1.0f/4.0f))*vg_y2_3 + 4*vg_y2_4;
-    vg_dst[11 * vg_ds] = vg_y2_1 - vg_y2_2 + ((1.0f/8.0f))*vg_y2_3 - 8*vg_y2_4 + vg_y2_5;
-    vg_dst[12 * vg_ds] = vg_y3_0 + vg_y3_1 + vg_y3_2 + vg_y3_3 + vg_y3_4;
-    vg_dst[13 * vg_ds] = vg_y3_1 - vg_y3_2 + ((1.0f/2.0f))*vg_y3_3 - 2*vg_y3_4;
-    vg_dst[14 * vg_ds] = vg_y3_1 + vg_y3_2 + ((1.0f/4.0f))*vg_y3_3 + 4*vg_y3_4;
-    vg_dst[15 * vg_ds] = vg_y3_1 - vg_y3_2 + ((1.0f/8.0f))*vg_y3_3 - 8*vg_y3_4 + vg_y3_5;
-}
 extern "C" __global__ void __launch_bounds__(VG_THREADS)
 convolution2d_backward_g_x_winograd4(const float *__restrict__ g_y, const float *__restrict__ w, float *__restrict__ g_x, int B, int H, int IC, int OC, int W)
 {
@@ -1993,7 +2018,7 @@ convolution2d_backward_g_x_winograd4(const float *__restrict__ g_y, const float 
                     vg_x[6] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 2] : 0.0f;
                     vg_x[7] = vg_live ? w[9*IC*vg_wc + 9*vg_wo + 1] : 0.0f;
                     vg_x[8] = vg_live ? w[9*IC*vg_wc + 9*vg_wo] : 0.0f;
-                    convolution2d_backward_g_x_winograd4_filter(vg_x, 1, vg_left + vg_q * 16 + vg_r, 128);
+                    vg_winograd_f4x4_3x3_filter(vg_x, 1, vg_left + vg_q * 16 + vg_r, 128);
                 }
                 else
                 {
@@ -2010,7 +2035,7 @@ convolution2d_backward_g_x_winograd4(const float *__restrict__ g_y, const float 
                         const int vg_wr = vg_tr - 1 + vg_e / 6, vg_ws = vg_tc - 1 + vg_e % 6;
                         vg_x[vg_e] = (vg_live && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? g_y[W*(H*(OC*vg_wb + vg_wc) + vg_wr) + vg_ws] : 0.0f;
                     }
-                    convolution2d_backward_g_x_winograd4_data(vg_x, 1, vg_right + vg_q * 16 + vg_s, 128);
+                    vg_winograd_f4x4_3x3_data(vg_x, 1, vg_right + vg_q * 16 + vg_s, 128);
                 }
             }
             __syncthreads();
@@ -2053,7 +2078,7 @@ convolution2d_backward_g_x_winograd4(const float *__restrict__ g_y, const float 
         for (int vg_p = threadIdx.x; vg_p < 256; vg_p += blockDim.x)
         {
             float vg_y[16];
-            convolution2d_backward_g_x_winograd4_output(vg_sh + vg_p, 256, vg_y, 1);
+            vg_winograd_f4x4_3x3_output(vg_sh + vg_p, 256, vg_y, 1);
             const int vg_wo = vg_rb + vg_p / 16;
             const long long vg_t = vg_sb + vg_p % 16;
             if (vg_wo < IC && vg_t < vg_T)
@@ -2474,95 +2499,6 @@ convolution2d_backward_g_w_simple(const float *__restrict__ g_y, const float *__
 //   g_w[oc, ic, di, dj] = Sum(g_y[b, oc, i, j]*x[b, ic, di + i, dj + j], (b, 0, B - 1), (i, 0, H - 1), (j, 0, W - 1))  (∂L/∂w)
 //   specialised: K=1
 //   as Winograd F(3×3, 2×2) (points 0, 1, -1, ∞; vggen.derive.winograd), proved equal by `vggen check`
-// V = Bᵀ d B for 4×4 data tiles: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_backward_g_w_winograd2_data(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = vg_src[0 * vg_ss] - vg_src[8 * vg_ss];
-    const float vg_y0_1 = vg_src[1 * vg_ss] - vg_src[9 * vg_ss];
-    const float vg_y0_2 = vg_src[2 * vg_ss] - vg_src[10 * vg_ss];
-    const float vg_y0_3 = vg_src[3 * vg_ss] - vg_src[11 * vg_ss];
-    const float vg_y1_0 = vg_src[4 * vg_ss] + vg_src[8 * vg_ss];
-    const float vg_y1_1 = vg_src[5 * vg_ss] + vg_src[9 * vg_ss];
-    const float vg_y1_2 = vg_src[6 * vg_ss] + vg_src[10 * vg_ss];
-    const float vg_y1_3 = vg_src[7 * vg_ss] + vg_src[11 * vg_ss];
-    const float vg_y2_0 = vg_src[4 * vg_ss] - vg_src[8 * vg_ss];
-    const float vg_y2_1 = vg_src[5 * vg_ss] - vg_src[9 * vg_ss];
-    const float vg_y2_2 = vg_src[6 * vg_ss] - vg_src[10 * vg_ss];
-    const float vg_y2_3 = vg_src[7 * vg_ss] - vg_src[11 * vg_ss];
-    const float vg_y3_0 = vg_src[4 * vg_ss] - vg_src[12 * vg_ss];
-    const float vg_y3_1 = vg_src[5 * vg_ss] - vg_src[13 * vg_ss];
-    const float vg_y3_2 = vg_src[6 * vg_ss] - vg_src[14 * vg_ss];
-    const float vg_y3_3 = vg_src[7 * vg_ss] - vg_src[15 * vg_ss];
-    vg_dst[0 * vg_ds] = vg_y0_0 - vg_y0_2;
-    vg_dst[1 * vg_ds] = vg_y0_1 + vg_y0_2;
-    vg_dst[2 * vg_ds] = vg_y0_1 - vg_y0_2;
-    vg_dst[3 * vg_ds] = vg_y0_1 - vg_y0_3;
-    vg_dst[4 * vg_ds] = vg_y1_0 - vg_y1_2;
-    vg_dst[5 * vg_ds] = vg_y1_1 + vg_y1_2;
-    vg_dst[6 * vg_ds] = vg_y1_1 - vg_y1_2;
-    vg_dst[7 * vg_ds] = vg_y1_1 - vg_y1_3;
-    vg_dst[8 * vg_ds] = vg_y2_0 - vg_y2_2;
-    vg_dst[9 * vg_ds] = vg_y2_1 + vg_y2_2;
-    vg_dst[10 * vg_ds] = vg_y2_1 - vg_y2_2;
-    vg_dst[11 * vg_ds] = vg_y2_1 - vg_y2_3;
-    vg_dst[12 * vg_ds] = vg_y3_0 - vg_y3_2;
-    vg_dst[13 * vg_ds] = vg_y3_1 + vg_y3_2;
-    vg_dst[14 * vg_ds] = vg_y3_1 - vg_y3_2;
-    vg_dst[15 * vg_ds] = vg_y3_1 - vg_y3_3;
-}
-// U = G g Gᵀ for 2×2 filters: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_backward_g_w_winograd2_filter(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = vg_src[0 * vg_ss];
-    const float vg_y0_1 = vg_src[1 * vg_ss];
-    const float vg_y1_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss] + ((1.0f/2.0f))*vg_src[2 * vg_ss];
-    const float vg_y1_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss] + ((1.0f/2.0f))*vg_src[3 * vg_ss];
-    const float vg_y2_0 = -(1.0f/2.0f)*vg_src[0 * vg_ss] + ((1.0f/2.0f))*vg_src[2 * vg_ss];
-    const float vg_y2_1 = -(1.0f/2.0f)*vg_src[1 * vg_ss] + ((1.0f/2.0f))*vg_src[3 * vg_ss];
-    const float vg_y3_0 = -vg_src[2 * vg_ss];
-    const float vg_y3_1 = -vg_src[3 * vg_ss];
-    vg_dst[0 * vg_ds] = vg_y0_0;
-    vg_dst[1 * vg_ds] = ((1.0f/2.0f))*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1;
-    vg_dst[2 * vg_ds] = -(1.0f/2.0f)*vg_y0_0 + ((1.0f/2.0f))*vg_y0_1;
-    vg_dst[3 * vg_ds] = -vg_y0_1;
-    vg_dst[4 * vg_ds] = vg_y1_0;
-    vg_dst[5 * vg_ds] = ((1.0f/2.0f))*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1;
-    vg_dst[6 * vg_ds] = -(1.0f/2.0f)*vg_y1_0 + ((1.0f/2.0f))*vg_y1_1;
-    vg_dst[7 * vg_ds] = -vg_y1_1;
-    vg_dst[8 * vg_ds] = vg_y2_0;
-    vg_dst[9 * vg_ds] = ((1.0f/2.0f))*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1;
-    vg_dst[10 * vg_ds] = -(1.0f/2.0f)*vg_y2_0 + ((1.0f/2.0f))*vg_y2_1;
-    vg_dst[11 * vg_ds] = -vg_y2_1;
-    vg_dst[12 * vg_ds] = vg_y3_0;
-    vg_dst[13 * vg_ds] = ((1.0f/2.0f))*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1;
-    vg_dst[14 * vg_ds] = -(1.0f/2.0f)*vg_y3_0 + ((1.0f/2.0f))*vg_y3_1;
-    vg_dst[15 * vg_ds] = -vg_y3_1;
-}
-// Y = Aᵀ M A, 3×3 outputs: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_backward_g_w_winograd2_output(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = vg_src[0 * vg_ss] + vg_src[4 * vg_ss] + vg_src[8 * vg_ss];
-    const float vg_y0_1 = vg_src[1 * vg_ss] + vg_src[5 * vg_ss] + vg_src[9 * vg_ss];
-    const float vg_y0_2 = vg_src[2 * vg_ss] + vg_src[6 * vg_ss] + vg_src[10 * vg_ss];
-    const float vg_y0_3 = vg_src[3 * vg_ss] + vg_src[7 * vg_ss] + vg_src[11 * vg_ss];
-    const float vg_y1_0 = vg_src[4 * vg_ss] - vg_src[8 * vg_ss];
-    const float vg_y1_1 = vg_src[5 * vg_ss] - vg_src[9 * vg_ss];
-    const float vg_y1_2 = vg_src[6 * vg_ss] - vg_src[10 * vg_ss];
-    const float vg_y1_3 = vg_src[7 * vg_ss] - vg_src[11 * vg_ss];
-    const float vg_y2_0 = vg_src[4 * vg_ss] + vg_src[8 * vg_ss] + vg_src[12 * vg_ss];
-    const float vg_y2_1 = vg_src[5 * vg_ss] + vg_src[9 * vg_ss] + vg_src[13 * vg_ss];
-    const float vg_y2_2 = vg_src[6 * vg_ss] + vg_src[10 * vg_ss] + vg_src[14 * vg_ss];
-    const float vg_y2_3 = vg_src[7 * vg_ss] + vg_src[11 * vg_ss] + vg_src[15 * vg_ss];
-    vg_dst[0 * vg_ds] = vg_y0_0 + vg_y0_1 + vg_y0_2;
-    vg_dst[1 * vg_ds] = vg_y0_1 - vg_y0_2;
-    vg_dst[2 * vg_ds] = vg_y0_1 + vg_y0_2 + vg_y0_3;
-    vg_dst[3 * vg_ds] = vg_y1_0 + vg_y1_1 + vg_y1_2;
-    vg_dst[4 * vg_ds] = vg_y1_1 - vg_y1_2;
-    vg_dst[5 * vg_ds] = vg_y1_1 + vg_y1_2 + vg_y1_3;
-    vg_dst[6 * vg_ds] = vg_y2_0 + vg_y2_1 + vg_y2_2;
-    vg_dst[7 * vg_ds] = vg_y2_1 - vg_y2_2;
-    vg_dst[8 * vg_ds] = vg_y2_1 + vg_y2_2 + vg_y2_3;
-}
 extern "C" __global__ void __launch_bounds__(VG_THREADS)
 convolution2d_backward_g_w_winograd2(const float *__restrict__ g_y, const float *__restrict__ x, float *__restrict__ g_w, int B, int H, int IC, int OC, int W)
 {
@@ -2610,7 +2546,7 @@ convolution2d_backward_g_w_winograd2(const float *__restrict__ g_y, const float 
                         const int vg_wr = vg_tr  + vg_e / 2, vg_ws = vg_tc  + vg_e % 2;
                         vg_x[vg_e] = (vg_live && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? g_y[W*(H*(OC*vg_wb + vg_wo) + vg_wr) + vg_ws] : 0.0f;
                     }
-                    convolution2d_backward_g_w_winograd2_filter(vg_x, 1, vg_left + vg_q * 16 + vg_r, 128);
+                    vg_winograd_f3x3_2x2_filter(vg_x, 1, vg_left + vg_q * 16 + vg_r, 128);
                 }
                 else
                 {
@@ -2627,7 +2563,7 @@ convolution2d_backward_g_w_winograd2(const float *__restrict__ g_y, const float 
                         const int vg_wr = vg_tr - 1 + vg_e / 4, vg_ws = vg_tc - 1 + vg_e % 4;
                         vg_x[vg_e] = (vg_live && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? x[W*(H*(IC*vg_wb + vg_wc) + vg_wr) + vg_ws] : 0.0f;
                     }
-                    convolution2d_backward_g_w_winograd2_data(vg_x, 1, vg_right + vg_q * 16 + vg_s, 128);
+                    vg_winograd_f3x3_2x2_data(vg_x, 1, vg_right + vg_q * 16 + vg_s, 128);
                 }
             }
             __syncthreads();
@@ -2670,7 +2606,7 @@ convolution2d_backward_g_w_winograd2(const float *__restrict__ g_y, const float 
         for (int vg_p = threadIdx.x; vg_p < 256; vg_p += blockDim.x)
         {
             float vg_y[9];
-            convolution2d_backward_g_w_winograd2_output(vg_sh + vg_p, 256, vg_y, 1);
+            vg_winograd_f3x3_2x2_output(vg_sh + vg_p, 256, vg_y, 1);
             const int vg_wo = vg_rb + vg_p / 16;
             const int vg_wc = (int)(vg_sb + vg_p % 16);
             if (vg_wo < OC && vg_wc < IC)
@@ -2694,177 +2630,6 @@ convolution2d_backward_g_w_winograd2(const float *__restrict__ g_y, const float 
 //   g_w[oc, ic, di, dj] = Sum(g_y[b, oc, i, j]*x[b, ic, di + i, dj + j], (b, 0, B - 1), (i, 0, H - 1), (j, 0, W - 1))  (∂L/∂w)
 //   specialised: K=1
 //   as Winograd F(3×3, 4×4) (points 0, 1, -1, 1/2, -2, ∞; vggen.derive.winograd), proved equal by `vggen check`
-// V = Bᵀ d B for 6×6 data tiles: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_backward_g_w_winograd4_data(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = 2*vg_src[0 * vg_ss] - 3*vg_src[6 * vg_ss] - 4*vg_src[12 * vg_ss] + 3*vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
-    const float vg_y0_1 = 2*vg_src[1 * vg_ss] - 3*vg_src[7 * vg_ss] - 4*vg_src[13 * vg_ss] + 3*vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
-    const float vg_y0_2 = 2*vg_src[2 * vg_ss] - 3*vg_src[8 * vg_ss] - 4*vg_src[14 * vg_ss] + 3*vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
-    const float vg_y0_3 = 2*vg_src[3 * vg_ss] - 3*vg_src[9 * vg_ss] - 4*vg_src[15 * vg_ss] + 3*vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
-    const float vg_y0_4 = 2*vg_src[4 * vg_ss] - 3*vg_src[10 * vg_ss] - 4*vg_src[16 * vg_ss] + 3*vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
-    const float vg_y0_5 = 2*vg_src[5 * vg_ss] - 3*vg_src[11 * vg_ss] - 4*vg_src[17 * vg_ss] + 3*vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
-    const float vg_y1_0 = 2*vg_src[6 * vg_ss] - vg_src[12 * vg_ss] - 5*vg_src[18 * vg_ss] - 2*vg_src[24 * vg_ss];
-    const float vg_y1_1 = 2*vg_src[7 * vg_ss] - vg_src[13 * vg_ss] - 5*vg_src[19 * vg_ss] - 2*vg_src[25 * vg_ss];
-    const float vg_y1_2 = 2*vg_src[8 * vg_ss] - vg_src[14 * vg_ss] - 5*vg_src[20 * vg_ss] - 2*vg_src[26 * vg_ss];
-    const float vg_y1_3 = 2*vg_src[9 * vg_ss] - vg_src[15 * vg_ss] - 5*vg_src[21 * vg_ss] - 2*vg_src[27 * vg_ss];
-    const float vg_y1_4 = 2*vg_src[10 * vg_ss] - vg_src[16 * vg_ss] - 5*vg_src[22 * vg_ss] - 2*vg_src[28 * vg_ss];
-    const float vg_y1_5 = 2*vg_src[11 * vg_ss] - vg_src[17 * vg_ss] - 5*vg_src[23 * vg_ss] - 2*vg_src[29 * vg_ss];
-    const float vg_y2_0 = 2*vg_src[6 * vg_ss] - 5*vg_src[12 * vg_ss] + vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
-    const float vg_y2_1 = 2*vg_src[7 * vg_ss] - 5*vg_src[13 * vg_ss] + vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
-    const float vg_y2_2 = 2*vg_src[8 * vg_ss] - 5*vg_src[14 * vg_ss] + vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
-    const float vg_y2_3 = 2*vg_src[9 * vg_ss] - 5*vg_src[15 * vg_ss] + vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
-    const float vg_y2_4 = 2*vg_src[10 * vg_ss] - 5*vg_src[16 * vg_ss] + vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
-    const float vg_y2_5 = 2*vg_src[11 * vg_ss] - 5*vg_src[17 * vg_ss] + vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
-    const float vg_y3_0 = 2*vg_src[6 * vg_ss] + vg_src[12 * vg_ss] - 2*vg_src[18 * vg_ss] - vg_src[24 * vg_ss];
-    const float vg_y3_1 = 2*vg_src[7 * vg_ss] + vg_src[13 * vg_ss] - 2*vg_src[19 * vg_ss] - vg_src[25 * vg_ss];
-    const float vg_y3_2 = 2*vg_src[8 * vg_ss] + vg_src[14 * vg_ss] - 2*vg_src[20 * vg_ss] - vg_src[26 * vg_ss];
-    const float vg_y3_3 = 2*vg_src[9 * vg_ss] + vg_src[15 * vg_ss] - 2*vg_src[21 * vg_ss] - vg_src[27 * vg_ss];
-    const float vg_y3_4 = 2*vg_src[10 * vg_ss] + vg_src[16 * vg_ss] - 2*vg_src[22 * vg_ss] - vg_src[28 * vg_ss];
-    const float vg_y3_5 = 2*vg_src[11 * vg_ss] + vg_src[17 * vg_ss] - 2*vg_src[23 * vg_ss] - vg_src[29 * vg_ss];
-    const float vg_y4_0 = vg_src[6 * vg_ss] - 2*vg_src[12 * vg_ss] - vg_src[18 * vg_ss] + 2*vg_src[24 * vg_ss];
-    const float vg_y4_1 = vg_src[7 * vg_ss] - 2*vg_src[13 * vg_ss] - vg_src[19 * vg_ss] + 2*vg_src[25 * vg_ss];
-    const float vg_y4_2 = vg_src[8 * vg_ss] - 2*vg_src[14 * vg_ss] - vg_src[20 * vg_ss] + 2*vg_src[26 * vg_ss];
-    const float vg_y4_3 = vg_src[9 * vg_ss] - 2*vg_src[15 * vg_ss] - vg_src[21 * vg_ss] + 2*vg_src[27 * vg_ss];
-    const float vg_y4_4 = vg_src[10 * vg_ss] - 2*vg_src[16 * vg_ss] - vg_src[22 * vg_ss] + 2*vg_src[28 * vg_ss];
-    const float vg_y4_5 = vg_src[11 * vg_ss] - 2*vg_src[17 * vg_ss] - vg_src[23 * vg_ss] + 2*vg_src[29 * vg_ss];
-    const float vg_y5_0 = 2*vg_src[6 * vg_ss] - 3*vg_src[12 * vg_ss] - 4*vg_src[18 * vg_ss] + 3*vg_src[24 * vg_ss] + 2*vg_src[30 * vg_ss];
-    const float vg_y5_1 = 2*vg_src[7 * vg_ss] - 3*vg_src[13 * vg_ss] - 4*vg_src[19 * vg_ss] + 3*vg_src[25 * vg_ss] + 2*vg_src[31 * vg_ss];
-    const float vg_y5_2 = 2*vg_src[8 * vg_ss] - 3*vg_src[14 * vg_ss] - 4*vg_src[20 * vg_ss] + 3*vg_src[26 * vg_ss] + 2*vg_src[32 * vg_ss];
-    const float vg_y5_3 = 2*vg_src[9 * vg_ss] - 3*vg_src[15 * vg_ss] - 4*vg_src[21 * vg_ss] + 3*vg_src[27 * vg_ss] + 2*vg_src[33 * vg_ss];
-    const float vg_y5_4 = 2*vg_src[10 * vg_ss] - 3*vg_src[16 * vg_ss] - 4*vg_src[22 * vg_ss] + 3*vg_src[28 * vg_ss] + 2*vg_src[34 * vg_ss];
-    const float vg_y5_5 = 2*vg_src[11 * vg_ss] - 3*vg_src[17 * vg_ss] - 4*vg_src[23 * vg_ss] + 3*vg_src[29 * vg_ss] + 2*vg_src[35 * vg_ss];
-    vg_dst[0 * vg_ds] = 2*vg_y0_0 - 3*vg_y0_1 - 4*vg_y0_2 + 3*vg_y0_3 + 2*vg_y0_4;
-    vg_dst[1 * vg_ds] = 2*vg_y0_1 - vg_y0_2 - 5*vg_y0_3 - 2*vg_y0_4;
-    vg_dst[2 * vg_ds] = 2*vg_y0_1 - 5*vg_y0_2 + vg_y0_3 + 2*vg_y0_4;
-    vg_dst[3 * vg_ds] = 2*vg_y0_1 + vg_y0_2 - 2*vg_y0_3 - vg_y0_4;
-    vg_dst[4 * vg_ds] = vg_y0_1 - 2*vg_y0_2 - vg_y0_3 + 2*vg_y0_4;
-    vg_dst[5 * vg_ds] = 2*vg_y0_1 - 3*vg_y0_2 - 4*vg_y0_3 + 3*vg_y0_4 + 2*vg_y0_5;
-    vg_dst[6 * vg_ds] = 2*vg_y1_0 - 3*vg_y1_1 - 4*vg_y1_2 + 3*vg_y1_3 + 2*vg_y1_4;
-    vg_dst[7 * vg_ds] = 2*vg_y1_1 - vg_y1_2 - 5*vg_y1_3 - 2*vg_y1_4;
-    vg_dst[8 * vg_ds] = 2*vg_y1_1 - 5*vg_y1_2 + vg_y1_3 + 2*vg_y1_4;
-    vg_dst[9 * vg_ds] = 2*vg_y1_1 + vg_y1_2 - 2*vg_y1_3 - vg_y1_4;
-    vg_dst[10 * vg_ds] = vg_y1_1 - 2*vg_y1_2 - vg_y1_3 + 2*vg_y1_4;
-    vg_dst[11 * vg_ds] = 2*vg_y1_1 - 3*vg_y1_2 - 4*vg_y1_3 + 3*vg_y1_4 + 2*vg_y1_5;
-    vg_dst[12 * vg_ds] = 2*vg_y2_0 - 3*vg_y2_1 - 4*vg_y2_2 + 3*vg_y2_3 + 2*vg_y2_4;
-    vg_dst[13 * vg_ds] = 2*vg_y2_1 - vg_y2_2 - 5*vg_y2_3 - 2*vg_y2_4;
-    vg_dst[14 * vg_ds] = 2*vg_y2_1 - 5*vg_y2_2 + vg_y2_3 + 2*vg_y2_4;
-    vg_dst[15 * vg_ds] = 2*vg_y2_1 + vg_y2_2 - 2*vg_y2_3 - vg_y2_4;
-    vg_dst[16 * vg_ds] = vg_y2_1 - 2*vg_y2_2 - vg_y2_3 + 2*vg_y2_4;
-    vg_dst[17 * vg_ds] = 2*vg_y2_1 - 3*vg_y2_2 - 4*vg_y2_3 + 3*vg_y2_4 + 2*vg_y2_5;
-    vg_dst[18 * vg_ds] = 2*vg_y3_0 - 3*vg_y3_1 - 4*vg_y3_2 + 3*vg_y3_3 + 2*vg_y3_4;
-    vg_dst[19 * vg_ds] = 2*vg_y3_1 - vg_y3_2 - 5*vg_y3_3 - 2*vg_y3_4;
-    vg_dst[20 * vg_ds] = 2*vg_y3_1 - 5*vg_y3_2 + vg_y3_3 + 2*vg_y3_4;
-    vg_dst[21 * vg_ds] = 2*vg_y3_1 + vg_y3_2 - 2*vg_y3_3 - vg_y3_4;
-    vg_dst[22 * vg_ds] = vg_y3_1 - 2*vg_y3_2 - vg_y3_3 + 2*vg_y3_4;
-    vg_dst[23 * vg_ds] = 2*vg_y3_1 - 3*vg_y3_2 - 4*vg_y3_3 + 3*vg_y3_4 + 2*vg_y3_5;
-    vg_dst[24 * vg_ds] = 2*vg_y4_0 - 3*vg_y4_1 - 4*vg_y4_2 + 3*vg_y4_3 + 2*vg_y4_4;
-    vg_dst[25 * vg_ds] = 2*vg_y4_1 - vg_y4_2 - 5*vg_y4_3 - 2*vg_y4_4;
-    vg_dst[26 * vg_ds] = 2*vg_y4_1 - 5*vg_y4_2 + vg_y4_3 + 2*vg_y4_4;
-    vg_dst[27 * vg_ds] = 2*vg_y4_1 + vg_y4_2 - 2*vg_y4_3 - vg_y4_4;
-    vg_dst[28 * vg_ds] = vg_y4_1 - 2*vg_y4_2 - vg_y4_3 + 2*vg_y4_4;
-    vg_dst[29 * vg_ds] = 2*vg_y4_1 - 3*vg_y4_2 - 4*vg_y4_3 + 3*vg_y4_4 + 2*vg_y4_5;
-    vg_dst[30 * vg_ds] = 2*vg_y5_0 - 3*vg_y5_1 - 4*vg_y5_2 + 3*vg_y5_3 + 2*vg_y5_4;
-    vg_dst[31 * vg_ds] = 2*vg_y5_1 - vg_y5_2 - 5*vg_y5_3 - 2*vg_y5_4;
-    vg_dst[32 * vg_ds] = 2*vg_y5_1 - 5*vg_y5_2 + vg_y5_3 + 2*vg_y5_4;
-    vg_dst[33 * vg_ds] = 2*vg_y5_1 + vg_y5_2 - 2*vg_y5_3 - vg_y5_4;
-    vg_dst[34 * vg_ds] = vg_y5_1 - 2*vg_y5_2 - vg_y5_3 + 2*vg_y5_4;
-    vg_dst[35 * vg_ds] = 2*vg_y5_1 - 3*vg_y5_2 - 4*vg_y5_3 + 3*vg_y5_4 + 2*vg_y5_5;
-}
-// U = G g Gᵀ for 4×4 filters: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_backward_g_w_winograd4_filter(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = ((1.0f/2.0f))*vg_src[0 * vg_ss];
-    const float vg_y0_1 = ((1.0f/2.0f))*vg_src[1 * vg_ss];
-    const float vg_y0_2 = ((1.0f/2.0f))*vg_src[2 * vg_ss];
-    const float vg_y0_3 = ((1.0f/2.0f))*vg_src[3 * vg_ss];
-    const float vg_y1_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss] - (1.0f/6.0f)*vg_src[4 * vg_ss] - (1.0f/6.0f)*vg_src[8 * vg_ss] - (1.0f/6.0f)*vg_src[12 * vg_ss];
-    const float vg_y1_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss] - (1.0f/6.0f)*vg_src[5 * vg_ss] - (1.0f/6.0f)*vg_src[9 * vg_ss] - (1.0f/6.0f)*vg_src[13 * vg_ss];
-    const float vg_y1_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss] - (1.0f/6.0f)*vg_src[6 * vg_ss] - (1.0f/6.0f)*vg_src[10 * vg_ss] - (1.0f/6.0f)*vg_src[14 * vg_ss];
-    const float vg_y1_3 = -(1.0f/6.0f)*vg_src[3 * vg_ss] - (1.0f/6.0f)*vg_src[7 * vg_ss] - (1.0f/6.0f)*vg_src[11 * vg_ss] - (1.0f/6.0f)*vg_src[15 * vg_ss];
-    const float vg_y2_0 = -(1.0f/6.0f)*vg_src[0 * vg_ss] + ((1.0f/6.0f))*vg_src[4 * vg_ss] - (1.0f/6.0f)*vg_src[8 * vg_ss] + ((1.0f/6.0f))*vg_src[12 * vg_ss];
-    const float vg_y2_1 = -(1.0f/6.0f)*vg_src[1 * vg_ss] + ((1.0f/6.0f))*vg_src[5 * vg_ss] - (1.0f/6.0f)*vg_src[9 * vg_ss] + ((1.0f/6.0f))*vg_src[13 * vg_ss];
-    const float vg_y2_2 = -(1.0f/6.0f)*vg_src[2 * vg_ss] + ((1.0f/6.0f))*vg_src[6 * vg_ss] - (1.0f/6.0f)*vg_src[10 * vg_ss] + ((1.0f/6.0f))*vg_src[14 * vg_ss];
-    const float vg_y2_3 = -(1.0f/6.0f)*vg_src[3 * vg_ss] + ((1.0f/6.0f))*vg_src[7 * vg_ss] - (1.0f/6.0f)*vg_src[11 * vg_ss] + ((1.0f/6.0f))*vg_src[15 * vg_ss];
-    const float vg_y3_0 = ((16.0f/15.0f))*vg_src[0 * vg_ss] + ((8.0f/15.0f))*vg_src[4 * vg_ss] + ((4.0f/15.0f))*vg_src[8 * vg_ss] + ((2.0f/15.0f))*vg_src[12 * vg_ss];
-    const float vg_y3_1 = ((16.0f/15.0f))*vg_src[1 * vg_ss] + ((8.0f/15.0f))*vg_src[5 * vg_ss] + ((4.0f/15.0f))*vg_src[9 * vg_ss] + ((2.0f/15.0f))*vg_src[13 * vg_ss];
-    const float vg_y3_2 = ((16.0f/15.0f))*vg_src[2 * vg_ss] + ((8.0f/15.0f))*vg_src[6 * vg_ss] + ((4.0f/15.0f))*vg_src[10 * vg_ss] + ((2.0f/15.0f))*vg_src[14 * vg_ss];
-    const float vg_y3_3 = ((16.0f/15.0f))*vg_src[3 * vg_ss] + ((8.0f/15.0f))*vg_src[7 * vg_ss] + ((4.0f/15.0f))*vg_src[11 * vg_ss] + ((2.0f/15.0f))*vg_src[15 * vg_ss];
-    const float vg_y4_0 = ((1.0f/30.0f))*vg_src[0 * vg_ss] - (1.0f/15.0f)*vg_src[4 * vg_ss] + ((2.0f/15.0f))*vg_src[8 * vg_ss] - (4.0f/15.0f)*vg_src[12 * vg_ss];
-    const float vg_y4_1 = ((1.0f/30.0f))*vg_src[1 * vg_ss] - (1.0f/15.0f)*vg_src[5 * vg_ss] + ((2.0f/15.0f))*vg_src[9 * vg_ss] - (4.0f/15.0f)*vg_src[13 * vg_ss];
-    const float vg_y4_2 = ((1.0f/30.0f))*vg_src[2 * vg_ss] - (1.0f/15.0f)*vg_src[6 * vg_ss] + ((2.0f/15.0f))*vg_src[10 * vg_ss] - (4.0f/15.0f)*vg_src[14 * vg_ss];
-    const float vg_y4_3 = ((1.0f/30.0f))*vg_src[3 * vg_ss] - (1.0f/15.0f)*vg_src[7 * vg_ss] + ((2.0f/15.0f))*vg_src[11 * vg_ss] - (4.0f/15.0f)*vg_src[15 * vg_ss];
-    const float vg_y5_0 = ((1.0f/2.0f))*vg_src[12 * vg_ss];
-    const float vg_y5_1 = ((1.0f/2.0f))*vg_src[13 * vg_ss];
-    const float vg_y5_2 = ((1.0f/2.0f))*vg_src[14 * vg_ss];
-    const float vg_y5_3 = ((1.0f/2.0f))*vg_src[15 * vg_ss];
-    vg_dst[0 * vg_ds] = ((1.0f/2.0f))*vg_y0_0;
-    vg_dst[1 * vg_ds] = -(1.0f/6.0f)*vg_y0_0 - (1.0f/6.0f)*vg_y0_1 - (1.0f/6.0f)*vg_y0_2 - (1.0f/6.0f)*vg_y0_3;
-    vg_dst[2 * vg_ds] = -(1.0f/6.0f)*vg_y0_0 + ((1.0f/6.0f))*vg_y0_1 - (1.0f/6.0f)*vg_y0_2 + ((1.0f/6.0f))*vg_y0_3;
-    vg_dst[3 * vg_ds] = ((16.0f/15.0f))*vg_y0_0 + ((8.0f/15.0f))*vg_y0_1 + ((4.0f/15.0f))*vg_y0_2 + ((2.0f/15.0f))*vg_y0_3;
-    vg_dst[4 * vg_ds] = ((1.0f/30.0f))*vg_y0_0 - (1.0f/15.0f)*vg_y0_1 + ((2.0f/15.0f))*vg_y0_2 - (4.0f/15.0f)*vg_y0_3;
-    vg_dst[5 * vg_ds] = ((1.0f/2.0f))*vg_y0_3;
-    vg_dst[6 * vg_ds] = ((1.0f/2.0f))*vg_y1_0;
-    vg_dst[7 * vg_ds] = -(1.0f/6.0f)*vg_y1_0 - (1.0f/6.0f)*vg_y1_1 - (1.0f/6.0f)*vg_y1_2 - (1.0f/6.0f)*vg_y1_3;
-    vg_dst[8 * vg_ds] = -(1.0f/6.0f)*vg_y1_0 + ((1.0f/6.0f))*vg_y1_1 - (1.0f/6.0f)*vg_y1_2 + ((1.0f/6.0f))*vg_y1_3;
-    vg_dst[9 * vg_ds] = ((16.0f/15.0f))*vg_y1_0 + ((8.0f/15.0f))*vg_y1_1 + ((4.0f/15.0f))*vg_y1_2 + ((2.0f/15.0f))*vg_y1_3;
-    vg_dst[10 * vg_ds] = ((1.0f/30.0f))*vg_y1_0 - (1.0f/15.0f)*vg_y1_1 + ((2.0f/15.0f))*vg_y1_2 - (4.0f/15.0f)*vg_y1_3;
-    vg_dst[11 * vg_ds] = ((1.0f/2.0f))*vg_y1_3;
-    vg_dst[12 * vg_ds] = ((1.0f/2.0f))*vg_y2_0;
-    vg_dst[13 * vg_ds] = -(1.0f/6.0f)*vg_y2_0 - (1.0f/6.0f)*vg_y2_1 - (1.0f/6.0f)*vg_y2_2 - (1.0f/6.0f)*vg_y2_3;
-    vg_dst[14 * vg_ds] = -(1.0f/6.0f)*vg_y2_0 + ((1.0f/6.0f))*vg_y2_1 - (1.0f/6.0f)*vg_y2_2 + ((1.0f/6.0f))*vg_y2_3;
-    vg_dst[15 * vg_ds] = ((16.0f/15.0f))*vg_y2_0 + ((8.0f/15.0f))*vg_y2_1 + ((4.0f/15.0f))*vg_y2_2 + ((2.0f/15.0f))*vg_y2_3;
-    vg_dst[16 * vg_ds] = ((1.0f/30.0f))*vg_y2_0 - (1.0f/15.0f)*vg_y2_1 + ((2.0f/15.0f))*vg_y2_2 - (4.0f/15.0f)*vg_y2_3;
-    vg_dst[17 * vg_ds] = ((1.0f/2.0f))*vg_y2_3;
-    vg_dst[18 * vg_ds] = ((1.0f/2.0f))*vg_y3_0;
-    vg_dst[19 * vg_ds] = -(1.0f/6.0f)*vg_y3_0 - (1.0f/6.0f)*vg_y3_1 - (1.0f/6.0f)*vg_y3_2 - (1.0f/6.0f)*vg_y3_3;
-    vg_dst[20 * vg_ds] = -(1.0f/6.0f)*vg_y3_0 + ((1.0f/6.0f))*vg_y3_1 - (1.0f/6.0f)*vg_y3_2 + ((1.0f/6.0f))*vg_y3_3;
-    vg_dst[21 * vg_ds] = ((16.0f/15.0f))*vg_y3_0 + ((8.0f/15.0f))*vg_y3_1 + ((4.0f/15.0f))*vg_y3_2 + ((2.0f/15.0f))*vg_y3_3;
-    vg_dst[22 * vg_ds] = ((1.0f/30.0f))*vg_y3_0 - (1.0f/15.0f)*vg_y3_1 + ((2.0f/15.0f))*vg_y3_2 - (4.0f/15.0f)*vg_y3_3;
-    vg_dst[23 * vg_ds] = ((1.0f/2.0f))*vg_y3_3;
-    vg_dst[24 * vg_ds] = ((1.0f/2.0f))*vg_y4_0;
-    vg_dst[25 * vg_ds] = -(1.0f/6.0f)*vg_y4_0 - (1.0f/6.0f)*vg_y4_1 - (1.0f/6.0f)*vg_y4_2 - (1.0f/6.0f)*vg_y4_3;
-    vg_dst[26 * vg_ds] = -(1.0f/6.0f)*vg_y4_0 + ((1.0f/6.0f))*vg_y4_1 - (1.0f/6.0f)*vg_y4_2 + ((1.0f/6.0f))*vg_y4_3;
-    vg_dst[27 * vg_ds] = ((16.0f/15.0f))*vg_y4_0 + ((8.0f/15.0f))*vg_y4_1 + ((4.0f/15.0f))*vg_y4_2 + ((2.0f/15.0f))*vg_y4_3;
-    vg_dst[28 * vg_ds] = ((1.0f/30.0f))*vg_y4_0 - (1.0f/15.0f)*vg_y4_1 + ((2.0f/15.0f))*vg_y4_2 - (4.0f/15.0f)*vg_y4_3;
-    vg_dst[29 * vg_ds] = ((1.0f/2.0f))*vg_y4_3;
-    vg_dst[30 * vg_ds] = ((1.0f/2.0f))*vg_y5_0;
-    vg_dst[31 * vg_ds] = -(1.0f/6.0f)*vg_y5_0 - (1.0f/6.0f)*vg_y5_1 - (1.0f/6.0f)*vg_y5_2 - (1.0f/6.0f)*vg_y5_3;
-    vg_dst[32 * vg_ds] = -(1.0f/6.0f)*vg_y5_0 + ((1.0f/6.0f))*vg_y5_1 - (1.0f/6.0f)*vg_y5_2 + ((1.0f/6.0f))*vg_y5_3;
-    vg_dst[33 * vg_ds] = ((16.0f/15.0f))*vg_y5_0 + ((8.0f/15.0f))*vg_y5_1 + ((4.0f/15.0f))*vg_y5_2 + ((2.0f/15.0f))*vg_y5_3;
-    vg_dst[34 * vg_ds] = ((1.0f/30.0f))*vg_y5_0 - (1.0f/15.0f)*vg_y5_1 + ((2.0f/15.0f))*vg_y5_2 - (4.0f/15.0f)*vg_y5_3;
-    vg_dst[35 * vg_ds] = ((1.0f/2.0f))*vg_y5_3;
-}
-// Y = Aᵀ M A, 3×3 outputs: element e at src[e·ss], written to dst[e·ds]
-static __device__ __forceinline__ void convolution2d_backward_g_w_winograd4_output(const float *vg_src, int vg_ss, float *vg_dst, int vg_ds)
-{
-    const float vg_y0_0 = vg_src[0 * vg_ss] + vg_src[6 * vg_ss] + vg_src[12 * vg_ss] + vg_src[18 * vg_ss] + vg_src[24 * vg_ss];
-    const float vg_y0_1 = vg_src[1 * vg_ss] + vg_src[7 * vg_ss] + vg_src[13 * vg_ss] + vg_src[19 * vg_ss] + vg_src[25 * vg_ss];
-    const float vg_y0_2 = vg_src[2 * vg_ss] + vg_src[8 * vg_ss] + vg_src[14 * vg_ss] + vg_src[20 * vg_ss] + vg_src[26 * vg_ss];
-    const float vg_y0_3 = vg_src[3 * vg_ss] + vg_src[9 * vg_ss] + vg_src[15 * vg_ss] + vg_src[21 * vg_ss] + vg_src[27 * vg_ss];
-    const float vg_y0_4 = vg_src[4 * vg_ss] + vg_src[10 * vg_ss] + vg_src[16 * vg_ss] + vg_src[22 * vg_ss] + vg_src[28 * vg_ss];
-    const float vg_y0_5 = vg_src[5 * vg_ss] + vg_src[11 * vg_ss] + vg_src[17 * vg_ss] + vg_src[23 * vg_ss] + vg_src[29 * vg_ss];
-    const float vg_y1_0 = vg_src[6 * vg_ss] - vg_src[12 * vg_ss] + ((1.0f/2.0f))*vg_src[18 * vg_ss] - 2*vg_src[24 * vg_ss];
-    const float vg_y1_1 = vg_src[7 * vg_ss] - vg_src[13 * vg_ss] + ((1.0f/2.0f))*vg_src[19 * vg_ss] - 2*vg_src[25 * vg_ss];
-    const float vg_y1_2 = vg_src[8 * vg_ss] - vg_src[14 * vg_ss] + ((1.0f/2.0f))*vg_src[20 * vg_ss] - 2*vg_src[26 * vg_ss];
-    const float vg_y1_3 = vg_src[9 * vg_ss] - vg_src[15 * vg_ss] + ((1.0f/2.0f))*vg_src[21 * vg_ss] - 2*vg_src[27 * vg_ss];
-    const float vg_y1_4 = vg_src[10 * vg_ss] - vg_src[16 * vg_ss] + ((1.0f/2.0f))*vg_src[22 * vg_ss] - 2*vg_src[28 * vg_ss];
-    const float vg_y1_5 = vg_src[11 * vg_ss] - vg_src[17 * vg_ss] + ((1.0f/2.0f))*vg_src[23 * vg_ss] - 2*vg_src[29 * vg_ss];
-    const float vg_y2_0 = vg_src[6 * vg_ss] + vg_src[12 * vg_ss] + ((1.0f/4.0f))*vg_src[18 * vg_ss] + 4*vg_src[24 * vg_ss] + vg_src[30 * vg_ss];
-    const float vg_y2_1 = vg_src[7 * vg_ss] + vg_src[13 * vg_ss] + ((1.0f/4.0f))*vg_src[19 * vg_ss] + 4*vg_src[25 * vg_ss] + vg_src[31 * vg_ss];
-    const float vg_y2_2 = vg_src[8 * vg_ss] + vg_src[14 * vg_ss] + ((1.0f/4.0f))*vg_src[20 * vg_ss] + 4*vg_src[26 * vg_ss] + vg_src[32 * vg_ss];
-    const float vg_y2_3 = vg_src[9 * vg_ss] + vg_src[15 * vg_ss] + ((1.0f/4.0f))*vg_src[21 * vg_ss] + 4*vg_src[27 * vg_ss] + vg_src[33 * vg_ss];
-    const float vg_y2_4 = vg_src[10 * vg_ss] + vg_src[16 * vg_ss] + ((1.0f/4.0f))*vg_src[22 * vg_ss] + 4*vg_src[28 * vg_ss] + vg_src[34 * vg_ss];
-    const float vg_y2_5 = vg_src[11 * vg_ss] + vg_src[17 * vg_ss] + ((1.0f/4.0f))*vg_src[23 * vg_ss] + 4*vg_src[29 * vg_ss] + vg_src[35 * vg_ss];
-    vg_dst[0 * vg_ds] = vg_y0_0 + vg_y0_1 + vg_y0_2 + vg_y0_3 + vg_y0_4;
-    vg_dst[1 * vg_ds] = vg_y0_1 - vg_y0_2 + ((1.0f/2.0f))*vg_y0_3 - 2*vg_y0_4;
-    vg_dst[2 * vg_ds] = vg_y0_1 + vg_y0_2 + ((1.0f/4.0f))*vg_y0_3 + 4*vg_y0_4 + vg_y0_5;
-    vg_dst[3 * vg_ds] = vg_y1_0 + vg_y1_1 + vg_y1_2 + vg_y1_3 + vg_y1_4;
-    vg_dst[4 * vg_ds] = vg_y1_1 - vg_y1_2 + ((1.0f/2.0f))*vg_y1_3 - 2*vg_y1_4;
-    vg_dst[5 * vg_ds] = vg_y1_1 + vg_y1_2 + ((1.0f/4.0f))*vg_y1_3 + 4*vg_y1_4 + vg_y1_5;
-    vg_dst[6 * vg_ds] = vg_y2_0 + vg_y2_1 + vg_y2_2 + vg_y2_3 + vg_y2_4;
-    vg_dst[7 * vg_ds] = vg_y2_1 - vg_y2_2 + ((1.0f/2.0f))*vg_y2_3 - 2*vg_y2_4;
-    vg_dst[8 * vg_ds] = vg_y2_1 + vg_y2_2 + ((1.0f/4.0f))*vg_y2_3 + 4*vg_y2_4 + vg_y2_5;
-}
 extern "C" __global__ void __launch_bounds__(VG_THREADS)
 convolution2d_backward_g_w_winograd4(const float *__restrict__ g_y, const float *__restrict__ x, float *__restrict__ g_w, int B, int H, int IC, int OC, int W)
 {
@@ -2912,7 +2677,7 @@ convolution2d_backward_g_w_winograd4(const float *__restrict__ g_y, const float 
                         const int vg_wr = vg_tr  + vg_e / 4, vg_ws = vg_tc  + vg_e % 4;
                         vg_x[vg_e] = (vg_live && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? g_y[W*(H*(OC*vg_wb + vg_wo) + vg_wr) + vg_ws] : 0.0f;
                     }
-                    convolution2d_backward_g_w_winograd4_filter(vg_x, 1, vg_left + vg_q * 16 + vg_r, 128);
+                    vg_winograd_f3x3_4x4_filter(vg_x, 1, vg_left + vg_q * 16 + vg_r, 128);
                 }
                 else
                 {
@@ -2929,7 +2694,7 @@ convolution2d_backward_g_w_winograd4(const float *__restrict__ g_y, const float 
                         const int vg_wr = vg_tr - 1 + vg_e / 6, vg_ws = vg_tc - 1 + vg_e % 6;
                         vg_x[vg_e] = (vg_live && vg_wr >= 0 && vg_ws >= 0 && vg_wr <= H - 1 && vg_ws <= W - 1) ? x[W*(H*(IC*vg_wb + vg_wc) + vg_wr) + vg_ws] : 0.0f;
                     }
-                    convolution2d_backward_g_w_winograd4_data(vg_x, 1, vg_right + vg_q * 16 + vg_s, 128);
+                    vg_winograd_f3x3_4x4_data(vg_x, 1, vg_right + vg_q * 16 + vg_s, 128);
                 }
             }
             __syncthreads();
@@ -2972,7 +2737,7 @@ convolution2d_backward_g_w_winograd4(const float *__restrict__ g_y, const float 
         for (int vg_p = threadIdx.x; vg_p < 256; vg_p += blockDim.x)
         {
             float vg_y[9];
-            convolution2d_backward_g_w_winograd4_output(vg_sh + vg_p, 256, vg_y, 1);
+            vg_winograd_f3x3_4x4_output(vg_sh + vg_p, 256, vg_y, 1);
             const int vg_wo = vg_rb + vg_p / 16;
             const int vg_wc = (int)(vg_sb + vg_p % 16);
             if (vg_wo < OC && vg_wc < IC)

@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import sympy as sp
 
 from vggen.compiler.emit import generate, get_target
@@ -55,3 +56,20 @@ def test_schedules_are_the_targets():
     _, cu = generate([convolution2d()], "cuda")
     assert any(g.schedule.gemm is not None for g in c)
     assert {g.schedule.mode for g in cu} == {"thread", "block", "winograd"}
+
+
+def test_a_shared_definition_is_emitted_once_and_must_agree():
+    """Code several kernels call (the Winograd transforms) is defined once per
+    file; two kernels giving one name two texts is an error, not a silent pick."""
+    import dataclasses
+
+    from vggen.compiler.targets.base import shared_definitions
+
+    _, kernels = generate([convolution2d()], "c")
+    variants = [g for g in kernels if g.algorithm is not None]
+    assert len(shared_definitions(variants)) == 12 < sum(len(g.definitions) for g in variants)
+    g = variants[0]
+    name = next(iter(g.definitions))
+    other = dataclasses.replace(g, definitions={name: g.definitions[name] + "\n// edited"})
+    with pytest.raises(ValueError, match=name):
+        shared_definitions([g, other])

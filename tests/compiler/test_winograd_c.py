@@ -92,11 +92,14 @@ def test_variant_structure(source):
     code = kernels["convolution2d_forward_y_winograd4"].text
     assert "//   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j]" in code
     assert "F(4×4, 3×3) (points 0, 1, -1, 1/2, -2, ∞" in code
+    # the transforms: functions of the file, one per algorithm and part, called by name
     for part in ("data", "filter", "output"):
-        assert f"static inline void convolution2d_forward_y_winograd4_{part}(" in code
+        assert f"vg_winograd_f4x4_3x3_{part}(" in code and "static inline void" not in code
+        assert text.count(f"static inline void vg_winograd_f4x4_3x3_{part}(") == 1
+        assert text.count(f"static inline void vg_winograd_f3x3_4x4_{part}(") == 1      # ∂L/∂w's
     assert code.count("vg_tile_outer(") == 1 and "vg_gather(x + " in code and "vg_scatter(y + " in code
     # Bᵀ's first row for 0, ±1, ½, −2 is 2, 0, −3, −4... times d's column: the printed statement
-    assert re.search(r"const float vg_y0_0 = 2\*vg_src\[0 \* vg_ss \+ vg_t\] - 3\*vg_src\[6 \* vg_ss", code)
+    assert re.search(r"const float vg_y0_0 = 2\*vg_src\[0 \* vg_ss \+ vg_t\] - 3\*vg_src\[6 \* vg_ss", text)
     g_w = kernels["convolution2d_backward_g_w_winograd2"].text
     assert g_w.count("vg_tile_outer(") == 1 and "vg_k0 > 0);" in g_w      # Σ over tiles in k blocks, in order
 

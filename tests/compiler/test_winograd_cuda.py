@@ -36,7 +36,7 @@ SHAPES = [dict(B=2, IC=3, OC=5, H=7, W=6), dict(B=1, IC=1, OC=1, H=1, W=1),
 def emulated(tmp_path_factory):
     text, kernels = generate([convolution2d()], "cuda", SPECIALISE)
     by_name = {g.name: g for g in kernels}
-    return compile_emulation(text, kernels, tmp_path_factory.mktemp("wino")), by_name
+    return compile_emulation(text, kernels, tmp_path_factory.mktemp("wino")), by_name, text
 
 
 def test_each_convolution_kernel_has_two_winograd_variants(emulated):
@@ -57,9 +57,11 @@ def test_variant_structure(emulated):
     code = kernels["convolution2d_forward_y_winograd4"].text
     assert "//   y[b, oc, i, j] = Sum(w[oc, ic, di, dj]*x[b, ic, di + i, dj + j]" in code
     assert "F(4×4, 3×3) (points 0, 1, -1, 1/2, -2, ∞" in code
-    for part in ("data", "filter", "output"):
-        assert f"static __device__ __forceinline__ void convolution2d_forward_y_winograd4_{part}(" in code
-    assert re.search(r"const float vg_y0_0 = 2\*vg_src\[0 \* vg_ss\] - 3\*vg_src\[6 \* vg_ss\]", code)
+    text = emulated[2]
+    for part in ("data", "filter", "output"):         # the file's, once per algorithm and part
+        assert f"vg_winograd_f4x4_3x3_{part}(" in code
+        assert text.count(f"static __device__ __forceinline__ void vg_winograd_f4x4_3x3_{part}(") == 1
+    assert re.search(r"const float vg_y0_0 = 2\*vg_src\[0 \* vg_ss\] - 3\*vg_src\[6 \* vg_ss\]", text)
     assert "atomic" not in code and code.count("__global__") == 1
     g_x = kernels["convolution2d_backward_g_x_winograd2"].text
     # ∂L/∂x's tap (0, 0) reads w turned and transposed: w[c, o, 1, 1], printed from the IR
@@ -88,7 +90,7 @@ def test_variants_equal_the_convolution(emulated, sizes):
     """Each variant against float64 (relative to the output's scale, within the
     transforms' float32 bound), on a grid of one block, one smaller than the
     work and the manifest's: the same bits from each."""
-    lib, kernels = emulated
+    lib, kernels, _ = emulated
     layer = convolution2d()
     env = layer_data(layer, sizes, SPECIALISE, np.random.default_rng(sum(sizes.values())))
     for base in BASES:

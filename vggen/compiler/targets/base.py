@@ -36,6 +36,7 @@ class GeneratedKernel:
     used: set = field(default_factory=set)      # the vg_* helpers its code calls
     fallback: str | None = None    # CUDA: the name of a tiled kernel's simple-schedule copy
     algorithm: dict | None = None  # another algorithm for a kernel (its name, the kernel it replaces)
+    definitions: dict = field(default_factory=dict)   # name → code it calls that its file defines once
 
     @property
     def name(self) -> str:
@@ -127,6 +128,18 @@ def tidy(text: str) -> str:
     """A kernel's rendered text without empty lines: macros leave them where
     their blocks end, and a kernel has no intended one."""
     return "\n".join(line.rstrip() for line in text.splitlines() if line.strip()) + "\n"
+
+
+def shared_definitions(kernels: list[GeneratedKernel]) -> list[str]:
+    """The code the kernels call and their file defines once (``definitions``:
+    the Winograd transforms), first use first; a ValueError where two kernels
+    give one name two texts."""
+    out: dict[str, str] = {}
+    for g in kernels:
+        for name, text in g.definitions.items():
+            if out.setdefault(name, text) != text:
+                raise ValueError(f"{g.name}: {name} is defined differently by another kernel")
+    return list(out.values())
 
 
 def helpers_used(kernels: list[GeneratedKernel]) -> set:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jinja2
 import sympy as sp
 
 from vggen.compiler.ir import Kernel
@@ -70,18 +71,27 @@ def separable(name: str, what: str, L: sp.Matrix, R: sp.Matrix, printer, source:
     return Transform(name, what, tuple(out))
 
 
-def transforms(prefix: str, t: WinogradTransforms, printer_class, source: str, result: str) -> dict:
-    """The three transforms of ``t`` ("data", "filter", "output"), named ``<prefix>_<which>``."""
+def transforms(t: WinogradTransforms, printer_class, source: str, result: str) -> dict:
+    """The three transforms of ``t`` ("data", "filter", "output"), named by the
+    algorithm (``vg_winograd_f4x4_3x3_data``): the same functions for every kernel
+    that runs it, defined once per file (:func:`definitions`)."""
     n = t.n
 
     def one(which, what, L):
-        return separable(f"{prefix}_{which}", what, L, L, printer_class({}), source, result)
+        name = f"vg_winograd_f{t.m}x{t.m}_{t.r}x{t.r}_{which}"
+        return separable(name, what, L, L, printer_class({}), source, result)
 
     return {
         "data": one("data", f"V = Bᵀ d B for {n}×{n} data tiles", t.BT),
         "filter": one("filter", f"U = G g Gᵀ for {t.r}×{t.r} filters", t.G),
         "output": one("output", f"Y = Aᵀ M A, {t.m}×{t.m} outputs", t.AT),
     }
+
+
+def definitions(transforms: dict, template: jinja2.Template) -> dict:
+    """The transforms' functions (name → code, ``template`` rendered for each),
+    for ``GeneratedKernel.definitions``."""
+    return {t.name: template.render(t=t) for t in transforms.values()}
 
 
 def comment_lines(kernel: Kernel, t: WinogradTransforms) -> list[str]:
@@ -99,5 +109,5 @@ def algorithm_entry(kernel: Kernel, found: WinogradMatch, t: WinogradTransforms,
             "sizes": {role: str(e) for role, e in found.sizes.items()}}
 
 
-__all__ = ["ALGORITHMS", "Transform", "algorithm_entry", "algorithm_name", "comment_lines", "separable",
+__all__ = ["ALGORITHMS", "Transform", "algorithm_entry", "algorithm_name", "comment_lines", "definitions", "separable",
            "transforms", "transforms_for", "variant_name"]

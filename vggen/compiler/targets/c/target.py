@@ -11,6 +11,7 @@ from vggen.compiler.targets.base import (
     comment,
     function_helpers,
     helpers_used,
+    shared_definitions,
     tidy,
 )
 from vggen.compiler.targets.c import schedule as c_schedule
@@ -59,7 +60,8 @@ class CTarget:
         blocks = [", ".join(f"{k} = {v}" for k, v in list(C_GEMM_BLOCKS.items())[i:i + 5])
                   for i in range(0, len(C_GEMM_BLOCKS), 5)]
         used = helpers_used(kernels)
-        return env.get_template("c/file.c.j2").render(kernels=[g.text for g in kernels], what=what, used=used,
+        return env.get_template("c/file.c.j2").render(kernels=[g.text for g in kernels], what=what,
+                                                      definitions=shared_definitions(kernels), used=used,
                                                       blocks=blocks, functions=function_helpers(used, "static inline"))
 
     def manifest(self, g: GeneratedKernel) -> dict:

@@ -35,6 +35,7 @@ from vggen.compiler.targets.winograd import (
     ALGORITHMS,
     algorithm_entry,
     comment_lines,
+    definitions,
     transforms,
     transforms_for,
     variant_name,
@@ -67,6 +68,7 @@ def render_variant(kernel: Kernel, found: WinogradMatch, m: int, env: jinja2.Env
     name = variant_name(kernel.name, m)
     ir = dataclasses.replace(kernel, name=name)
     t = transforms_for(found, m)
+    fns = transforms(t, CPrinter, SOURCE, RESULT)
     p = CPrinter(kernel.tensors)
     p.used.update({"vg_tile_outer", "vg_keep", "vg_gather"} | ({"vg_scatter"} if found.form == "data" else set()))
     # the products in bf16 where the library is compiled with VG_BF16 (file.c.j2's VG_BF16_GEMM)
@@ -75,7 +77,7 @@ def render_variant(kernel: Kernel, found: WinogradMatch, m: int, env: jinja2.Env
     sizes = {role: p.code(e) for role, e in found.sizes.items()}
     text = env.get_template("c/winograd.c.j2").render(
         name=name, comment=lines, params=p.params(ir.args), form=found.form, m=t.m, n=t.n, r=t.r,
-        tile=m, sizes=sizes, transforms=transforms(name, t, CPrinter, SOURCE, RESULT),
+        tile=m, sizes=sizes, transforms=fns,
         data=_access(found.data, IN_CHANNEL, kernel.tensors, p), data_inside=p.code(found.data_inside),
         taps=[p.code(e) for row in found.taps for e in row],
         gradient=(_access(found.gradient, OUT_CHANNEL, kernel.tensors, p) if found.gradient is not None
@@ -83,7 +85,8 @@ def render_variant(kernel: Kernel, found: WinogradMatch, m: int, env: jinja2.Env
         output=(_access(found.stores[0], OUT_CHANNEL, kernel.tensors, p) if found.form == "data" else None),
         gradient_inside=p.code(found.gradient_inside) if found.gradient_inside is not None else None,
         stores=[p.code(e) for row in found.stores for e in row] if found.form == "filter" else [])
-    return GeneratedKernel(ir, "c", tidy(text), used=p.used, algorithm=algorithm_entry(kernel, found, t, m))
+    return GeneratedKernel(ir, "c", tidy(text), used=p.used, algorithm=algorithm_entry(kernel, found, t, m),
+                           definitions=definitions(fns, env.get_template("c/winograd_transform.c.j2")))
 
 
 def variants(kernel: Kernel, env: jinja2.Environment) -> list[GeneratedKernel]:

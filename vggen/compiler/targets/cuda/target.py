@@ -21,6 +21,7 @@ from vggen.compiler.targets.base import (
     comment,
     function_helpers,
     helpers_used,
+    shared_definitions,
     tidy,
 )
 from vggen.compiler.targets.cuda import mapping
@@ -91,7 +92,7 @@ class CudaTarget:
     def render_file(self, kernels: list[GeneratedKernel], what: str, env: jinja2.Environment) -> str:
         used = helpers_used(kernels)
         return env.get_template("cuda/file.cu.j2").render(
-            kernels=[g.text for g in kernels], what=what, threads=THREADS, used=used, tiled=tiled_schedule,
+            kernels=[g.text for g in kernels], definitions=shared_definitions(kernels), what=what, threads=THREADS, used=used, tiled=tiled_schedule,
             functions=function_helpers(used, "static __device__ __forceinline__"))
 
     def manifest(self, g: GeneratedKernel) -> dict:

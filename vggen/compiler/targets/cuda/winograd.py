@@ -40,6 +40,7 @@ from vggen.compiler.targets.winograd import (
     ALGORITHMS,
     algorithm_entry,
     comment_lines,
+    definitions,
     transforms,
     transforms_for,
     variant_name,
@@ -112,12 +113,13 @@ def render_variant(kernel: Kernel, found: WinogradMatch, m: int, env: jinja2.Env
     name = variant_name(kernel.name, m)
     ir = dataclasses.replace(kernel, name=name)
     t = transforms_for(found, m)
+    fns = transforms(t, CudaPrinter, SOURCE, RESULT)
     p = CudaPrinter(kernel.tensors)
     sizes = {role: p.code(e) for role, e in found.sizes.items()}
     text = env.get_template("cuda/winograd.cu.j2").render(
         name=name, comment=comment_lines(ir, t), params=p.params(ir.args), form=found.form,
         m=t.m, n=t.n, r=t.r, tile=m, sizes=sizes, b=BLOCKS, kt=BLOCKS.positions(t.n),
-        shared=BLOCKS.shared_floats(t.n), transforms=transforms(name, t, CudaPrinter, SOURCE, RESULT),
+        shared=BLOCKS.shared_floats(t.n), transforms=fns,
         data=p.code(found.data), data_inside=p.code(found.data_inside),
         taps=[p.code(e) for row in found.taps for e in row],
         gradient=p.code(found.gradient) if found.gradient is not None else None,
@@ -126,7 +128,8 @@ def render_variant(kernel: Kernel, found: WinogradMatch, m: int, env: jinja2.Env
                 else [p.code(e) for row in found.stores for e in row]))
     how = WinogradLaunch(found.form, m, {role: str(e) for role, e in found.sizes.items()})
     return GeneratedKernel(ir, "cuda", tidy(text), schedule=how, used=p.used,
-                           algorithm=algorithm_entry(kernel, found, t, m))
+                           algorithm=algorithm_entry(kernel, found, t, m),
+                           definitions=definitions(fns, env.get_template("cuda/winograd_transform.cu.j2")))
 
 
 def variants(kernel: Kernel, env: jinja2.Environment) -> list[GeneratedKernel]:
