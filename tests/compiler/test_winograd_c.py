@@ -17,7 +17,8 @@ from vggen.compiler.pipeline import lower_network
 from vggen.derive.autodiff import derive
 from vggen.derive.winograd import FLOAT32_BOUND
 from vggen.frontend import zoo
-from vggen.frontend.layers import convolution2d
+from vggen.frontend.lang import Equation, Layer, Role, Sum, Tensor, indices
+from vggen.frontend.layers import IC, OC, B, H, W, convolution2d
 from vggen.runtime.algorithms import ALGORITHMS, choose, predicted_ms
 from vggen.runtime.winograd import direct_conv2d, direct_conv2d_weight_gradient
 
@@ -183,3 +184,62 @@ def test_records_of_another_cpu_are_replaced_not_merged():
     old = {"device": "cpu A", "kernels": {"k": [rec]}}
     assert merge(old, "cpu A", {"k": [other]})["kernels"]["k"] == [rec, other]
     assert merge(old, "cpu B", {"k": [other]}) == {"device": "cpu B", "kernels": {"k": [other]}}
+
+
+# --------------------------------------------------------------------------- a layout of one's own
+
+
+def convolution_channels_last() -> Layer:
+    """Not in VGG: a 3×3 convolution written channels last, weights HWIO."""
+
+    b, oc, ic, i, j, di, dj = indices("b oc ic i j di dj")
+    x = Tensor("x", (B, H, W, IC), Role.INPUT, zero_outside=True)
+    w = Tensor("w", (3, 3, IC, OC), Role.PARAMETER, lower=(-1, -1, 0, 0))
+    y = Tensor("y", (B, H, W, OC), Role.OUTPUT)
+    return Layer("ConvolutionNHWC", [x, w, y], [Equation(
+        y[b, i, j, oc], Sum(w[di, dj, ic, oc] * x[b, i + di, j + dj, ic], (ic, 0, IC), (di, -1, 2), (dj, -1, 2)),
+        "channels last")])
+
+
+def test_a_channels_last_convolution_is_matched_by_its_roles():
+    found = {k.name: match(k) for k in lower_network([convolution_channels_last()], {})}
+    assert {n: f.form for n, f in found.items()} == {"convolutionnhwc_forward_y": "data",
+                                                      "convolutionnhwc_backward_g_x": "data",
+                                                      "convolutionnhwc_backward_g_w": "filter"}
+    fwd = found["convolutionnhwc_forward_y"]
+    assert str(fwd.data) == "x[vg_wb, vg_wr, vg_ws, vg_wc]" and str(fwd.stores[0]) == "y[vg_wb, vg_wr, vg_ws, vg_wo]"
+    assert str(fwd.taps[0][0]) == "w[-1, -1, vg_wc, vg_wo]"
+    g_w = found["convolutionnhwc_backward_g_w"]
+    assert str(g_w.gradient) == "g_y[vg_wb, vg_wr, vg_ws, vg_wo]" and str(g_w.stores[2][2]) == "g_w[1, 1, vg_wc, vg_wo]"
+
+
+@pytest.mark.parametrize("algorithm", ["winograd2", "winograd4"])
+def test_a_channels_last_convolution_runs_each_algorithm(algorithm):
+    """Through vggen.compile, forward and backward with the algorithm forced,
+    against direct and float64, on sizes no multiple of a tile."""
+    import vggen
+
+    op = vggen.compile(convolution_channels_last(), "c")
+    rng = np.random.default_rng(4)
+    b, ic, oc, h, w = 3, 5, 7, 9, 6
+    x = rng.standard_normal((b, h, w, ic)).astype(np.float32)
+    wt = rng.standard_normal((3, 3, ic, oc)).astype(np.float32)
+    gy = rng.standard_normal((b, h, w, oc)).astype(np.float32)
+    got = {}
+    for policy in ("direct", algorithm):
+        op.backend.conv_algorithm = policy
+        y = op.forward(x=x, w=wt)["y"]
+        grads = op.backward(x=x, w=wt, g_y=gy)
+        got[policy] = (y, grads["g_x"], grads["g_w"])
+    # float64, the NCHW reference on transposed arrays
+    nchw = x.astype(np.float64).transpose(0, 3, 1, 2)
+    oihw = wt.astype(np.float64).transpose(3, 2, 0, 1)
+    g_nchw = gy.astype(np.float64).transpose(0, 3, 1, 2)
+    want = (direct_conv2d(nchw, oihw).transpose(0, 2, 3, 1),
+            direct_conv2d(g_nchw, np.ascontiguousarray(oihw[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))).transpose(0, 2, 3, 1),
+            direct_conv2d_weight_gradient(nchw, g_nchw).transpose(2, 3, 1, 0))
+    bound = FLOAT32_BOUND[int(algorithm[-1])]
+    for mine, direct, ref, what in zip(got[algorithm], got["direct"], want, ("y", "g_x", "g_w")):
+        scale = np.max(np.abs(ref))
+        assert np.max(np.abs(mine - ref)) / scale < bound, what
+        assert np.max(np.abs(direct - ref)) / scale < bound, what

@@ -164,3 +164,22 @@ def test_variants_equal_the_direct_kernels_on_a_gpu(algorithm):
         for got, want, what in zip(results[algorithm], results["direct"], ("y", "g_x", "g_w")):
             scale = np.max(np.abs(want))
             assert np.max(np.abs(got - want)) / scale < FLOAT32_BOUND[int(algorithm[-1])], (what, sizes)
+
+
+def test_a_channels_last_convolution_gets_cuda_variants_that_agree(tmp_path):
+    """A user's channels-last 3×3 convolution (tests/compiler/test_winograd_c.py):
+    its six CUDA variants in emulation against float64."""
+    from tests.compiler.test_winograd_c import convolution_channels_last
+
+    layer = convolution_channels_last()
+    text, kernels = generate([layer], "cuda", SPECIALISE)
+    variants = [g for g in kernels if g.algorithm is not None]
+    assert len(variants) == 6
+    lib = compile_emulation(text, kernels, tmp_path)
+    sizes = dict(B=2, IC=5, OC=18, H=7, W=5)
+    env = layer_data(layer, sizes, SPECIALISE, np.random.default_rng(7))
+    for gk in variants:
+        want = reference(gk, env, sizes, SPECIALISE)
+        for name, got in _run(lib, gk, env, sizes, 3).items():
+            err = np.max(np.abs(got.astype(np.float64) - want[name])) / np.max(np.abs(want[name]))
+            assert err < FLOAT32_BOUND[gk.algorithm["tile"]], (gk.name, err)

@@ -13,9 +13,13 @@ gradients):
   ∂L/∂w.  Run as F(3×3, m×m): each m×m tile of G is the filter, the
   (m + 2)×(m + 2) tile of D under it the data.
 
-Anything else (dilation, stride, another window, a guard the zero padding
-does not explain, a coefficient or epilogue) is not matched and keeps its
-direct kernel.  The match records the reads and the store as IR
+The indices are written here in the document's order; the match finds each
+loop's role from how it indexes the reads and the output (plainly, or as a
+row or column shifted by a window loop), so any order matches, channels last
+(``x[b, i + di, j + dj, c]``, weights ``w[di, dj, c, o]``) too.  Anything else
+(dilation, stride, another window, a guard the zero padding does not
+explain, a coefficient or epilogue) is not matched and keeps its direct
+kernel.  The match records the reads and the store as IR
 expressions over the template's own index names, so that the target prints
 them (``vggen.compiler.targets.c.winograd``) rather than knowing a layout.
 """
@@ -111,66 +115,140 @@ def _zero_loops(loops) -> bool:
 
 
 def match(kernel: Kernel) -> WinogradMatch | None:
-    """The kernel's Winograd form, or None where it has none."""
+    """The kernel's Winograd form, or None where it has none.  Roles are found
+    from how the loops index the reads and the output, not from positions: a
+    channels-last layer (``x[b, i + di, j + dj, c]``) matches as well."""
     split = _split(kernel)
     if split is None:
         return None
     stage, r, reads, guards = split
-    par, lim = kernel.parallel, r.limits
-    if len(par) != 4 or len(lim) != 3:
+    if len(kernel.parallel) != 4 or len(r.limits) != 3:
         return None
     for data, other in (reads, reads[::-1]):
-        t = kernel.tensors[str(data.base.label)]
-        if len(data.indices) != 4 or guards != _inside(data, t, (2, 3)):
+        if len(data.indices) != 4:
             continue
-        found = _data_form(kernel, stage, data, other, t) or _filter_form(kernel, stage, data, other, t)
+        found = _data_form(kernel, stage, data, other, guards) or _filter_form(kernel, stage, data, other, guards)
         if found is not None:
             return found
     return None
 
 
-def _data_form(kernel, stage, data, other, t) -> WinogradMatch | None:
-    b, o, i, j = kernel.parallel
-    c, wi, wj = stage.reductions[0].limits
-    if tuple(data.indices[:2]) != (b.var, c.var) or not _zero_loops((b, o, i, j, c)):
+def _plain(index, loops) -> Loop | None:
+    """The loop ``index`` is exactly, or None."""
+    return next((lp for lp in loops if index == lp.var), None)
+
+
+def _data_roles(data: sp.Indexed, plain_loops, spatial_loops, window_loops):
+    """D's dims by role: (batch or channel loops read plainly, by position), and
+    per spatial dim (position, spatial loop, window loop, (s, a)); None unless
+    D reads exactly two plain loops and two windowed rows/columns."""
+    plain, spatial = {}, []
+    for d, index in enumerate(data.indices):
+        lp = _plain(index, plain_loops)
+        if lp is not None:
+            plain[d] = lp
+            continue
+        hits = [(sl, wl) for sl in spatial_loops for wl in window_loops
+                if index.free_symbols == {sl.var, wl.var}]
+        if len(hits) != 1:
+            return None
+        sl, wl = hits[0]
+        mapped = _window_map(index, wl.var, wl, sl.var)
+        if mapped is None:
+            return None
+        spatial.append((d, sl, wl, mapped))
+    if len(plain) != 2 or len(spatial) != 2 or len({s[1].var for s in spatial} | {s[2].var for s in spatial}) != 4:
         return None
-    if tuple(stage.lhs) != (b.var, o.var, i.var, j.var) or (t.shape[2], t.shape[3]) != (i.extent, j.extent):
+    return plain, spatial
+
+
+def _renamed(read: sp.Indexed, names: dict, spatial: list) -> sp.Indexed:
+    """``read`` at the template's index names: loops by ``names``, the spatial
+    dims (``spatial``: position, ...) at ROW and COL."""
+    out = [ix.xreplace(names) for ix in read.indices]
+    for (d, *_), name in zip(spatial, (ROW, COL)):
+        out[d] = name
+    return read.base[tuple(out)]
+
+
+def _same_size(t, spatial) -> bool:
+    """D's rows and columns are as many as the spatial loops run (stride 1, "same")."""
+    return all(sp.simplify(t.shape[d] - sl.extent) == 0 for d, sl, _, _ in spatial)
+
+
+def _data_form(kernel, stage, data, other, guards) -> WinogradMatch | None:
+    r = stage.reductions[0]
+    windows = [lp for lp in r.limits if lp.constant and lp.extent == 3]
+    channels = [lp for lp in r.limits if lp not in windows]
+    if len(windows) != 2 or len(channels) != 1:
         return None
-    mi, mj = _window_map(data.indices[2], wi.var, wi, i.var), _window_map(data.indices[3], wj.var, wj, j.var)
-    if mi is None or mj is None or other.free_symbols & {b.var, i.var, j.var}:
+    (c,) = channels
+    roles = _data_roles(data, [*kernel.parallel, c], kernel.parallel, windows)
+    if roles is None:
+        return None
+    plain, spatial = roles
+    t = kernel.tensors[str(data.base.label)]
+    if c not in plain.values() or guards != _inside(data, t, [d for d, *_ in spatial]) or not _same_size(t, spatial):
+        return None
+    (b,) = [lp for lp in plain.values() if lp is not c]
+    (i, wi, mi), (j, wj, mj) = ((sl, wl, m) for _, sl, wl, m in spatial)
+    (o,) = [lp for lp in kernel.parallel if lp not in (b, i, j)]
+    if not _zero_loops((b, o, i, j, c)) or set(stage.lhs) != {b.var, o.var, i.var, j.var} \
+            or len(stage.lhs) != 4 or other.free_symbols & {b.var, i.var, j.var}:
         return None
     names = {o.var: OUT_CHANNEL, c.var: IN_CHANNEL}
     taps = tuple(tuple(other.xreplace({**names, wi.var: _tap_value(*mi, u),
                                        wj.var: _tap_value(*mj, v)}) for v in TAPS) for u in TAPS)
-    out = stage.tensor.name
-    store = sp.IndexedBase(out)[BATCH, OUT_CHANNEL, ROW, COL]
-    return WinogradMatch("data", b, o, c, i, j, data.base[BATCH, IN_CHANNEL, ROW, COL], _inside_test(t),
-                         taps, None, None, (store,))
+    store = sp.IndexedBase(stage.tensor.name)[tuple(stage.lhs)].xreplace(
+        {b.var: BATCH, o.var: OUT_CHANNEL, i.var: ROW, j.var: COL})
+    return WinogradMatch("data", b, o, c, i, j, _renamed(data, {b.var: BATCH, c.var: IN_CHANNEL}, spatial),
+                         _inside_test(t, spatial), taps, None, None, (store,))
 
 
-def _filter_form(kernel, stage, data, grad, t) -> WinogradMatch | None:
-    o, c, wi, wj = kernel.parallel
-    b, i, j = stage.reductions[0].limits
-    if tuple(data.indices[:2]) != (b.var, c.var) or not _zero_loops((o, c, b, i, j)):
+def _filter_form(kernel, stage, data, grad, guards) -> WinogradMatch | None:
+    r = stage.reductions[0]
+    windows = [lp for lp in kernel.parallel if lp.constant and lp.extent == 3]
+    if len(windows) != 2:
         return None
-    if tuple(grad.indices) != (b.var, o.var, i.var, j.var) or (t.shape[2], t.shape[3]) != (i.extent, j.extent):
+    roles = _data_roles(data, [*kernel.parallel, *r.limits], list(r.limits), windows)
+    if roles is None:
         return None
-    mi, mj = _window_map(data.indices[2], wi.var, wi, i.var), _window_map(data.indices[3], wj.var, wj, j.var)
-    if mi is None or mj is None or tuple(stage.lhs) != (o.var, c.var, wi.var, wj.var):
+    plain, spatial = roles
+    t = kernel.tensors[str(data.base.label)]
+    (i, wi, mi), (j, wj, mj) = ((sl, wl, m) for _, sl, wl, m in spatial)
+    batches = [lp for lp in plain.values() if lp in r.limits]
+    chans = [lp for lp in plain.values() if lp in kernel.parallel and lp not in windows]
+    if len(batches) != 1 or len(chans) != 1 or guards != _inside(data, t, [d for d, *_ in spatial]) \
+            or not _same_size(t, spatial):
+        return None
+    (b,), (c,) = batches, chans
+    (o,) = [lp for lp in kernel.parallel if lp not in (c, wi, wj)]
+    if not _zero_loops((o, c, b, i, j)) or len(stage.lhs) != 4 \
+            or set(stage.lhs) != {o.var, c.var, wi.var, wj.var}:
+        return None
+    # G reads b, o, i, j plainly, each once
+    g_plain = [_plain(ix, (b, o, i, j)) for ix in grad.indices]
+    if len(grad.indices) != 4 or None in g_plain or len(set(lp.var for lp in g_plain)) != 4:
+        return None
+    g_tensor = kernel.tensors[str(grad.base.label)]
+    g_spatial = [(d, lp, None, None) for d, lp in enumerate(g_plain) if lp in (i, j)]
+    if [lp for _, lp, _, _ in g_spatial] != [i, j] or not _same_size(g_tensor, g_spatial):
         return None
     names = {o.var: OUT_CHANNEL, c.var: IN_CHANNEL}
     store = sp.IndexedBase(stage.tensor.name)[tuple(stage.lhs)]
     stores = tuple(tuple(store.xreplace({**names, wi.var: _tap_value(*mi, u),
                                          wj.var: _tap_value(*mj, v)}) for v in TAPS) for u in TAPS)
     gradient = grad.xreplace({b.var: BATCH, o.var: OUT_CHANNEL, i.var: ROW, j.var: COL})
-    return WinogradMatch("filter", b, o, c, i, j, data.base[BATCH, IN_CHANNEL, ROW, COL], _inside_test(t),
-                         (), gradient, _inside_test(kernel.tensors[str(grad.base.label)]), stores)
+    return WinogradMatch("filter", b, o, c, i, j, _renamed(data, {b.var: BATCH, c.var: IN_CHANNEL}, spatial),
+                         _inside_test(t, spatial), (), gradient, _inside_test(g_tensor, g_spatial), stores)
 
 
-def _inside_test(t) -> sp.Expr:
-    """ROW, COL inside D's rows and columns (the zero padding's test)."""
-    lo_r, lo_c = t.lower[2], t.lower[3]
-    return sp.And(ROW >= lo_r, ROW <= lo_r + t.shape[2] - 1, COL >= lo_c, COL <= lo_c + t.shape[3] - 1)
+def _inside_test(t, spatial) -> sp.Expr:
+    """ROW, COL inside the tensor's rows and columns (``spatial``: their dims first):
+    the zero padding's test."""
+    (dr, *_), (dc, *_) = spatial
+    lo_r, lo_c = t.lower[dr], t.lower[dc]
+    return sp.And(ROW >= lo_r, ROW <= lo_r + t.shape[dr] - 1, COL >= lo_c, COL <= lo_c + t.shape[dc] - 1)
 
 
 __all__ = ["WinogradMatch", "match", "BATCH", "OUT_CHANNEL", "IN_CHANNEL", "ROW", "COL"]
