@@ -1400,7 +1400,7 @@ void convolution2d_forward_y_winograd2(const float *restrict w, const float *res
                 vg_tr[vg_q] = vg_rest / vg_TW * 2;
                 vg_tc[vg_q] = vg_rest % vg_TW * 2;
             }
-            // V = Bᵀ d B per channel: the 4×4 data tiles start one row and column before the outputs
+            // V = Bᵀ d B per channel: the 4×4 data tiles start at row and column - 1 from the outputs'
             int vg_off[16 * VG_NR];
             for (int vg_k = 0; vg_k < 16; ++vg_k)
                 for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
@@ -1576,7 +1576,7 @@ void convolution2d_forward_y_winograd4(const float *restrict w, const float *res
                 vg_tr[vg_q] = vg_rest / vg_TW * 4;
                 vg_tc[vg_q] = vg_rest % vg_TW * 4;
             }
-            // V = Bᵀ d B per channel: the 6×6 data tiles start one row and column before the outputs
+            // V = Bᵀ d B per channel: the 6×6 data tiles start at row and column - 1 from the outputs'
             int vg_off[36 * VG_NR];
             for (int vg_k = 0; vg_k < 36; ++vg_k)
                 for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
@@ -2005,7 +2005,7 @@ void convolution2d_backward_g_x_winograd2(const float *restrict g_y, const float
                 vg_tr[vg_q] = vg_rest / vg_TW * 2;
                 vg_tc[vg_q] = vg_rest % vg_TW * 2;
             }
-            // V = Bᵀ d B per channel: the 4×4 data tiles start one row and column before the outputs
+            // V = Bᵀ d B per channel: the 4×4 data tiles start at row and column - 1 from the outputs'
             int vg_off[16 * VG_NR];
             for (int vg_k = 0; vg_k < 16; ++vg_k)
                 for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
@@ -2181,7 +2181,7 @@ void convolution2d_backward_g_x_winograd4(const float *restrict g_y, const float
                 vg_tr[vg_q] = vg_rest / vg_TW * 4;
                 vg_tc[vg_q] = vg_rest % vg_TW * 4;
             }
-            // V = Bᵀ d B per channel: the 6×6 data tiles start one row and column before the outputs
+            // V = Bᵀ d B per channel: the 6×6 data tiles start at row and column - 1 from the outputs'
             int vg_off[36 * VG_NR];
             for (int vg_k = 0; vg_k < 36; ++vg_k)
                 for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
@@ -2822,7 +2822,7 @@ void convolution2d_backward_g_w_winograd2(const float *restrict g_y, const float
                                 vg_g[(((size_t)vg_k * vg_OP + vg_p) * vg_tn + vg_t0 + vg_q) * VG_MR + vg_r]
                                     = vg_e[((size_t)vg_r * 16 + vg_k) * VG_NR + vg_q];
                 }
-                // D's 4×4 tiles under them (one row and column before), VG_NR channels c at a time,
+                // D's 4×4 tiles under them (from row and column - 1, the window's first offset), VG_NR channels c at a time,
                 // stored channel-contiguous as rows of B (channels past the last: 0)
                 for (int vg_k = 0; vg_k < 16; ++vg_k)
                     for (int vg_q = 0; vg_q < VG_NR; ++vg_q)
@@ -3047,7 +3047,7 @@ void convolution2d_backward_g_w_winograd4(const float *restrict g_y, const float
                                 vg_g[(((size_t)vg_k * vg_OP + vg_p) * vg_tn + vg_t0 + vg_q) * VG_MR + vg_r]
                                     = vg_e[((size_t)vg_r * 36 + vg_k) * VG_NR + vg_q];
                 }
-                // D's 6×6 tiles under them (one row and column before), VG_NR channels c at a time,
+                // D's 6×6 tiles under them (from row and column - 1, the window's first offset), VG_NR channels c at a time,
                 // stored channel-contiguous as rows of B (channels past the last: 0)
                 for (int vg_k = 0; vg_k < 36; ++vg_k)
                     for (int vg_q = 0; vg_q < VG_NR; ++vg_q)

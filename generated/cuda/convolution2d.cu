@@ -1218,7 +1218,7 @@ convolution2d_forward_y_winograd2(const float *__restrict__ w, const float *__re
                     const int vg_wb = (int)((vg_live ? vg_t : 0) / ((long long)vg_TH * vg_TW));
                     const int vg_tr = (int)((vg_live ? vg_t : 0) % ((long long)vg_TH * vg_TW)) / vg_TW * 2;
                     const int vg_tc = (int)((vg_live ? vg_t : 0) % ((long long)vg_TH * vg_TW)) % vg_TW * 2;
-                    // the data tile starts one row and one column before the tile's outputs (tap u reads u − 1)
+                    // the data tile starts at row and column - 1 from the tile's outputs' (the window's first offset)
                     for (int vg_e = 0; vg_e < 16; ++vg_e)
                     {
                         const int vg_wr = vg_tr - 1 + vg_e / 4, vg_ws = vg_tc - 1 + vg_e % 4;
@@ -1350,7 +1350,7 @@ convolution2d_forward_y_winograd4(const float *__restrict__ w, const float *__re
                     const int vg_wb = (int)((vg_live ? vg_t : 0) / ((long long)vg_TH * vg_TW));
                     const int vg_tr = (int)((vg_live ? vg_t : 0) % ((long long)vg_TH * vg_TW)) / vg_TW * 4;
                     const int vg_tc = (int)((vg_live ? vg_t : 0) % ((long long)vg_TH * vg_TW)) % vg_TW * 4;
-                    // the data tile starts one row and one column before the tile's outputs (tap u reads u − 1)
+                    // the data tile starts at row and column - 1 from the tile's outputs' (the window's first offset)
                     for (int vg_e = 0; vg_e < 36; ++vg_e)
                     {
                         const int vg_wr = vg_tr - 1 + vg_e / 6, vg_ws = vg_tc - 1 + vg_e % 6;
@@ -1897,7 +1897,7 @@ convolution2d_backward_g_x_winograd2(const float *__restrict__ g_y, const float 
                     const int vg_wb = (int)((vg_live ? vg_t : 0) / ((long long)vg_TH * vg_TW));
                     const int vg_tr = (int)((vg_live ? vg_t : 0) % ((long long)vg_TH * vg_TW)) / vg_TW * 2;
                     const int vg_tc = (int)((vg_live ? vg_t : 0) % ((long long)vg_TH * vg_TW)) % vg_TW * 2;
-                    // the data tile starts one row and one column before the tile's outputs (tap u reads u − 1)
+                    // the data tile starts at row and column - 1 from the tile's outputs' (the window's first offset)
                     for (int vg_e = 0; vg_e < 16; ++vg_e)
                     {
                         const int vg_wr = vg_tr - 1 + vg_e / 4, vg_ws = vg_tc - 1 + vg_e % 4;
@@ -2029,7 +2029,7 @@ convolution2d_backward_g_x_winograd4(const float *__restrict__ g_y, const float 
                     const int vg_wb = (int)((vg_live ? vg_t : 0) / ((long long)vg_TH * vg_TW));
                     const int vg_tr = (int)((vg_live ? vg_t : 0) % ((long long)vg_TH * vg_TW)) / vg_TW * 4;
                     const int vg_tc = (int)((vg_live ? vg_t : 0) % ((long long)vg_TH * vg_TW)) % vg_TW * 4;
-                    // the data tile starts one row and one column before the tile's outputs (tap u reads u − 1)
+                    // the data tile starts at row and column - 1 from the tile's outputs' (the window's first offset)
                     for (int vg_e = 0; vg_e < 36; ++vg_e)
                     {
                         const int vg_wr = vg_tr - 1 + vg_e / 6, vg_ws = vg_tc - 1 + vg_e % 6;
@@ -2557,7 +2557,7 @@ convolution2d_backward_g_w_winograd2(const float *__restrict__ g_y, const float 
                     const int vg_wb = (int)((vg_live ? vg_t : 0) / ((long long)vg_TH * vg_TW));
                     const int vg_tr = (int)((vg_live ? vg_t : 0) % ((long long)vg_TH * vg_TW)) / vg_TW * 2;
                     const int vg_tc = (int)((vg_live ? vg_t : 0) % ((long long)vg_TH * vg_TW)) % vg_TW * 2;
-                    // the data tile starts one row and one column before the tile's outputs (tap u reads u − 1)
+                    // the data tile starts at row and column - 1 from the tile's outputs' (the window's first offset)
                     for (int vg_e = 0; vg_e < 16; ++vg_e)
                     {
                         const int vg_wr = vg_tr - 1 + vg_e / 4, vg_ws = vg_tc - 1 + vg_e % 4;
@@ -2688,7 +2688,7 @@ convolution2d_backward_g_w_winograd4(const float *__restrict__ g_y, const float 
                     const int vg_wb = (int)((vg_live ? vg_t : 0) / ((long long)vg_TH * vg_TW));
                     const int vg_tr = (int)((vg_live ? vg_t : 0) % ((long long)vg_TH * vg_TW)) / vg_TW * 4;
                     const int vg_tc = (int)((vg_live ? vg_t : 0) % ((long long)vg_TH * vg_TW)) % vg_TW * 4;
-                    // the data tile starts one row and one column before the tile's outputs (tap u reads u − 1)
+                    // the data tile starts at row and column - 1 from the tile's outputs' (the window's first offset)
                     for (int vg_e = 0; vg_e < 36; ++vg_e)
                     {
                         const int vg_wr = vg_tr - 1 + vg_e / 6, vg_ws = vg_tc - 1 + vg_e % 6;

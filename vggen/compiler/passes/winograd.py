@@ -58,6 +58,12 @@ class WinogradMatch:
     stores: tuple                 # data form: (out[b, o, ROW, COL],); filter form: out(o, c) per tap, 3×3
 
     @property
+    def origin(self) -> int:
+        """Where a data tile starts, in rows and columns from its outputs' first: the
+        window's first offset (tap u reads u − 1, ``_tap_value``)."""
+        return TAPS[0] - 1
+
+    @property
     def sizes(self) -> dict:
         """Extents by role: B, C (D's channels), O, H, W."""
         return {"B": self.batch.extent, "C": self.in_channel.extent, "O": self.out_channel.extent,

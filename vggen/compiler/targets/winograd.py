@@ -94,6 +94,11 @@ def definitions(transforms: dict, template: jinja2.Template) -> dict:
     return {t.name: template.render(t=t) for t in transforms.values()}
 
 
+def shift(offset: int) -> str:
+    """An offset as the templates add it to an index: "- 1", "+ 2"."""
+    return f"{'-' if offset < 0 else '+'} {abs(offset)}"
+
+
 def comment_lines(kernel: Kernel, t: WinogradTransforms) -> list[str]:
     """The variant's comment: the direct kernel's equations, then the algorithm."""
     lines = comment(kernel)
@@ -109,5 +114,5 @@ def algorithm_entry(kernel: Kernel, found: WinogradMatch, t: WinogradTransforms,
             "sizes": {role: str(e) for role, e in found.sizes.items()}}
 
 
-__all__ = ["ALGORITHMS", "Transform", "algorithm_entry", "algorithm_name", "comment_lines", "definitions", "separable",
+__all__ = ["ALGORITHMS", "Transform", "algorithm_entry", "algorithm_name", "comment_lines", "definitions", "separable", "shift",
            "transforms", "transforms_for", "variant_name"]

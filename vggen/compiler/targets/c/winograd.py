@@ -36,6 +36,7 @@ from vggen.compiler.targets.winograd import (
     algorithm_entry,
     comment_lines,
     definitions,
+    shift,
     transforms,
     transforms_for,
     variant_name,
@@ -77,7 +78,7 @@ def render_variant(kernel: Kernel, found: WinogradMatch, m: int, env: jinja2.Env
     sizes = {role: p.code(e) for role, e in found.sizes.items()}
     text = env.get_template("c/winograd.c.j2").render(
         name=name, comment=lines, params=p.params(ir.args), form=found.form, m=t.m, n=t.n, r=t.r,
-        tile=m, sizes=sizes, transforms=fns,
+        tile=m, sizes=sizes, origin=shift(found.origin), transforms=fns,
         data=_access(found.data, IN_CHANNEL, kernel.tensors, p), data_inside=p.code(found.data_inside),
         taps=[p.code(e) for row in found.taps for e in row],
         gradient=(_access(found.gradient, OUT_CHANNEL, kernel.tensors, p) if found.gradient is not None

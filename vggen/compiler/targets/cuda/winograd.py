@@ -41,6 +41,7 @@ from vggen.compiler.targets.winograd import (
     algorithm_entry,
     comment_lines,
     definitions,
+    shift,
     transforms,
     transforms_for,
     variant_name,
@@ -118,7 +119,7 @@ def render_variant(kernel: Kernel, found: WinogradMatch, m: int, env: jinja2.Env
     sizes = {role: p.code(e) for role, e in found.sizes.items()}
     text = env.get_template("cuda/winograd.cu.j2").render(
         name=name, comment=comment_lines(ir, t), params=p.params(ir.args), form=found.form,
-        m=t.m, n=t.n, r=t.r, tile=m, sizes=sizes, b=BLOCKS, kt=BLOCKS.positions(t.n),
+        m=t.m, n=t.n, r=t.r, tile=m, sizes=sizes, origin=shift(found.origin), b=BLOCKS, kt=BLOCKS.positions(t.n),
         shared=BLOCKS.shared_floats(t.n), transforms=fns,
         data=p.code(found.data), data_inside=p.code(found.data_inside),
         taps=[p.code(e) for row in found.taps for e in row],
