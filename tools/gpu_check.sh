@@ -11,8 +11,11 @@
 # one F(4×4, 3×3)), and CUDA training on digits at
 # width 64.  If a tiled kernel disagrees with the reference, tune is skipped
 # and bench and train fall back to the simple build.
-# Usage (repository root, on a machine with a GPU): bash tools/gpu_check.sh [quick]
-# (quick: no training run).  Each phase prints the seconds elapsed when it starts.
+# Usage (repository root, on a machine with a GPU): bash tools/gpu_check.sh [PHASE ...]
+# with phases among tests, memcheck, tune, bench, train (default: all of them;
+# quick: all but train).  A device call is capped (8 minutes): split the phases
+# over calls where all of them do not fit, e.g. "tests memcheck bench", then
+# "tune bench train".  Each phase prints the seconds elapsed when it starts.
 # Logs and JSON go to a work folder, packed after every phase into
 # $OUT/gpu_check.tar.gz (a run cut short still returns what it finished); the
 # two records to commit are copied to $OUT as they are.
@@ -24,9 +27,13 @@ mkdir -p "$dest" "$out"
 pack() { tar -czf "$dest/gpu_check.tar.gz.part" -C "$out" . && mv "$dest/gpu_check.tar.gz.part" "$dest/gpu_check.tar.gz"; }
 trap pack EXIT
 py=python3
+phases="${*:-tests memcheck tune bench train}"
+[ "$phases" = quick ] && phases="tests memcheck tune bench"
+want() { case " $phases " in *" $1 "*) return 0;; *) return 1;; esac; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $py -m vggen.compiler.emit --cuda-contraction simple --out /tmp/vggen-simple > /dev/null
 
+if want tests; then
 echo "== [${SECONDS} s] CUDA kernels against the NumPy reference"
 $py -m pytest -rs -p no:cacheprovider tests/compiler/test_cuda_compile.py tests/compiler/test_cuda_tiled.py \
     tests/compiler/test_winograd_cuda.py \
@@ -48,15 +55,19 @@ pack
 echo "== [${SECONDS} s] CUDA-graph steps against eager steps"
 $py -m pytest -rs -p no:cacheprovider tests/model/test_step.py > "$out/tests_step.log" 2>&1
 tail -n 3 "$out/tests_step.log"
+fi
 
 pack
+if want memcheck; then
 echo "== [${SECONDS} s] compute-sanitizer memcheck: one training step, width 4, batch 4"
 compute-sanitizer --tool memcheck --print-limit 20 \
     $py -m vggen bench --target cuda --batch-size 4 --width 4 --steps 1 --warmup 0 --no-torch \
     > "$out/memcheck.log" 2>&1
 grep -E "ERROR SUMMARY|========= (Invalid|Error)" "$out/memcheck.log" | head -n 20
+fi
 
 pack
+if want tune; then
 echo "== [${SECONDS} s] vggen tune: B=64 and 256, width 64 (records generated/tuning.json and algorithms-cuda.json, rebuilds)"
 if [ "${VGGEN_GENERATED:-}" = "" ]; then
     $py -m vggen tune --batch-size 64 256 --width 64 > "$out/tune.log" 2>&1
@@ -64,6 +75,7 @@ if [ "${VGGEN_GENERATED:-}" = "" ]; then
     cp generated/tuning.json "$dest/tuning.json" 2>/dev/null
     cp generated/algorithms-cuda.json "$dest/algorithms-cuda.json" 2>/dev/null
     grep -E "^\| \`" "$out/tune.log" | head -n 30
+fi
 fi
 
 summary() {
@@ -77,6 +89,7 @@ for k in r["kernels"][:8]:
 PY
 }
 pack
+if want bench; then
 echo "== [${SECONDS} s] bench, width 64 (eager steps, then CUDA graphs)"
 for b in 64 256; do
     $py -m vggen bench --target cuda --batch-size "$b" --width 64 --json > "$out/bench$b.json" \
@@ -100,9 +113,10 @@ for alg in direct winograd4; do
         > "$out/bench64_$alg.json" 2> "$out/bench64_$alg.err" \
         && summary "$out/bench64_$alg.json" || tail -n 5 "$out/bench64_$alg.err"
 done
+fi
 
-[ "${1:-}" = quick ] && exit 0
 pack
+want train || exit 0
 echo "== [${SECONDS} s] train: cuda, digits, width 64"
 $py -m vggen train --target cuda --dataset digits --width 64 --epochs 10 --seed 0 \
     --metrics "$out/digits_cuda_w64.jsonl" > "$out/train.log" 2>&1
