@@ -18,14 +18,14 @@ from vggen.runtime.base import Backend
 from vggen.runtime.numpy import NumpyBackend
 
 
-def _c_backend(allow_modified_kernels: bool = False, precision: str = "fp32") -> Backend:
+def _c_backend(allow_modified_kernels: bool = False, precision: str = "fp32", generated=None) -> Backend:
     from vggen.runtime.c import CBackend
-    return CBackend(allow_modified_kernels=allow_modified_kernels, precision=precision)
+    return CBackend(generated, allow_modified_kernels=allow_modified_kernels, precision=precision)
 
 
-def _cuda_backend(allow_modified_kernels: bool = False) -> Backend:
+def _cuda_backend(allow_modified_kernels: bool = False, generated=None) -> Backend:
     from vggen.runtime.cuda import CudaBackend
-    return CudaBackend(allow_modified_kernels=allow_modified_kernels)
+    return CudaBackend(generated, allow_modified_kernels=allow_modified_kernels)
 
 
 _FACTORIES: dict[str, Callable[..., Backend]] = {
@@ -84,4 +84,12 @@ def get_backend(target: str = "auto", allow_modified_kernels: bool = False,
     return backend
 
 
-__all__ = ["PRECISIONS", "TARGETS", "cuda_available", "get_backend", "resolve_target"]
+def kernel_backend(target: str, generated) -> Backend:
+    """A new backend (not the shared one of :func:`get_backend`) for the kernels
+    in ``generated``: for a tool that rebuilds them and must run what it built."""
+    if target not in ("c", "cuda"):
+        raise VggenError(f"{target!r} runs no generated kernels: use c or cuda")
+    return _FACTORIES[target](generated=generated)
+
+
+__all__ = ["PRECISIONS", "TARGETS", "cuda_available", "get_backend", "kernel_backend", "resolve_target"]

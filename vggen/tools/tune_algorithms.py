@@ -73,10 +73,10 @@ def tune(batch_sizes: Iterable[int] = (64,), width: int = 64, generated: str | P
     from vggen.compiler.emit import build
     from vggen.model.network import Network
     from vggen.paths import generated_dir
-    from vggen.runtime import get_backend
+    from vggen.runtime import kernel_backend
 
     out_dir = Path(generated) if generated else generated_dir()
-    be = get_backend(target)
+    be = kernel_backend(target, out_dir)        # the kernels there as they are now (after a tile tuning)
     measured: dict = {}
     summary = {}
     for batch in batch_sizes:
