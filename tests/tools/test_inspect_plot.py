@@ -74,6 +74,9 @@ def test_inspect_shows_equations_and_the_generated_kernels():
         assert f"\n{name}(" in cuda
     # each tiled contraction's text holds its <name>_simple fallback too (vggen.compiler.emit);
     # then its two Winograd variants
+    # and the Winograd transforms they call, once each
+    assert cuda.count("static __device__ __forceinline__ void vg_winograd_f4x4_3x3_data(") == 1
+    assert cuda.count("static __device__ __forceinline__ void vg_winograd_") == 12
     assert cuda.count("__global__") == 3 * (2 + 2) and "(document: eq. 4, 8; kernel convolution2d_backward_g_x, " in cuda
 
 

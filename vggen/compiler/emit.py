@@ -138,6 +138,8 @@ def manifest_entry(g: GeneratedKernel, file: str) -> dict:
     }
     if g.algorithm is not None:
         entry["algorithm"] = g.algorithm
+    if g.definitions:
+        entry["calls"] = sorted(g.definitions)      # defined once in its file (the Winograd transforms)
     entry.update(get_target(g.target).manifest(g))
     return entry
 

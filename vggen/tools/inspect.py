@@ -93,6 +93,19 @@ def kernel_text(root: Path, entry: dict) -> str:
     return text
 
 
+def definition_text(root: Path, file: str, name: str) -> str:
+    """A function the file defines once for its kernels (``calls`` in the
+    manifest: a Winograd transform), with the comment line above it."""
+    path = root / file
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next((n for n, line in enumerate(lines) if line.startswith("static ") and f" {name}(" in line), None)
+    if start is None:
+        raise VggenError(f"{path} does not define {name}: generated/ is stale; run `vggen build`")
+    start -= 1 if start > 0 and lines[start - 1].startswith("//") else 0
+    end = next(n for n in range(start, len(lines)) if lines[n] == "}")
+    return "\n".join(lines[start:end + 1]) + "\n"
+
+
 # --------------------------------------------------------------------------- the listing
 
 
@@ -131,4 +144,9 @@ def inspect_layer(name: str, target: str = "c", generated: str | Path | None = N
         out.append(f"  none: the manifest in {root} lists no {target} kernel of {layer.name}")
     for e in entries:
         out += ["", kernel_text(root, e).rstrip("\n")]
+    calls = {(name, e["file"]): None for e in entries for name in e.get("calls", ())}
+    if calls:
+        out += ["", "Defined once in the file for the kernels above that call them:"]
+        for name, file in calls:
+            out += ["", definition_text(root, file, name).rstrip("\n")]
     return "\n".join(out) + "\n"
