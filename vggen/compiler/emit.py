@@ -46,9 +46,9 @@ import jinja2
 
 from vggen.atomic import write_atomic
 from vggen.compiler.ir import Kernel, layer_slug
+from vggen.compiler.measured import RECORD_FILES, load_records
 from vggen.compiler.pipeline import lower_network
 from vggen.compiler.targets.base import GeneratedKernel, Target, environment, number
-from vggen.compiler.measured import RECORD_FILES, load_records
 from vggen.compiler.targets.c.target import CTarget
 from vggen.compiler.targets.cuda.constants import THREADS as CUDA_THREADS
 from vggen.compiler.targets.cuda.schedule import TUNING_FILE, Tuning, load_tuning

@@ -18,9 +18,13 @@ import jinja2
 import sympy as sp
 
 from vggen.compiler.ir import Kernel
-from vggen.compiler.passes.winograd import WinogradMatch
+from vggen.compiler.passes.winograd import WinogradMatch, match
 from vggen.compiler.targets.base import comment
-from vggen.derive.winograd import WinogradTransforms, forward_transforms, weight_gradient_transforms
+from vggen.derive.winograd import (
+    WinogradTransforms,
+    forward_transforms,
+    weight_gradient_transforms,
+)
 
 # The tile sizes m generated for every matched kernel: F(2×2, 3×3) and F(4×4, 3×3)
 # (for ∂L/∂w, F(3×3, 2×2) and F(3×3, 4×4)).
@@ -107,6 +111,15 @@ def comment_lines(kernel: Kernel, t: WinogradTransforms) -> list[str]:
     return lines
 
 
+def variants(kernel: Kernel, env: jinja2.Environment, render) -> list:
+    """The Winograd variants of ``kernel``, ``render(kernel, found, m, env)`` for
+    each tile size m; none where it is not a 3×3 stride-1 correlation."""
+    found = match(kernel)
+    if found is None:
+        return []
+    return [render(kernel, found, m, env) for m in ALGORITHMS]
+
+
 def algorithm_entry(kernel: Kernel, found: WinogradMatch, t: WinogradTransforms, m: int) -> dict:
     """The manifest's ``algorithm`` entry of a variant (``vggen.manifest.KernelSpec.algorithm``)."""
     return {"name": algorithm_name(m), "replaces": kernel.name, "form": found.form, "tile": m,
@@ -114,5 +127,5 @@ def algorithm_entry(kernel: Kernel, found: WinogradMatch, t: WinogradTransforms,
             "sizes": {role: str(e) for role, e in found.sizes.items()}}
 
 
-__all__ = ["ALGORITHMS", "Transform", "algorithm_entry", "algorithm_name", "comment_lines", "definitions", "separable", "shift",
+__all__ = ["ALGORITHMS", "Transform", "algorithm_entry", "algorithm_name", "comment_lines", "definitions", "separable", "shift", "variants",
            "transforms", "transforms_for", "variant_name"]

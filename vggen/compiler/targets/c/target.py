@@ -5,6 +5,7 @@ from __future__ import annotations
 import jinja2
 
 from vggen.compiler.ir import Kernel
+from vggen.compiler.targets import winograd
 from vggen.compiler.targets.base import (
     GeneratedKernel,
     check_kernel_functions,
@@ -17,8 +18,8 @@ from vggen.compiler.targets.base import (
 from vggen.compiler.targets.c import schedule as c_schedule
 from vggen.compiler.targets.c.coalesce import coalesce_rows
 from vggen.compiler.targets.c.printer import CPrinter
-from vggen.compiler.targets.c.winograd import variants as winograd_variants
 from vggen.compiler.targets.c.schedule import C_GEMM_BLOCKS, Schedule
+from vggen.compiler.targets.c.winograd import render_variant as render_winograd
 
 
 class CTarget:
@@ -54,7 +55,7 @@ class CTarget:
 
     def variants(self, kernel: Kernel, env: jinja2.Environment) -> list[GeneratedKernel]:
         """Winograd F(2×2, 3×3) and F(4×4, 3×3) for a 3×3 stride-1 correlation."""
-        return winograd_variants(kernel, env)
+        return winograd.variants(kernel, env, render_winograd)
 
     def render_file(self, kernels: list[GeneratedKernel], what: str, env: jinja2.Environment) -> str:
         blocks = [", ".join(f"{k} = {v}" for k, v in list(C_GEMM_BLOCKS.items())[i:i + 5])

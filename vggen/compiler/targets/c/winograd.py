@@ -27,12 +27,11 @@ import jinja2
 import sympy as sp
 
 from vggen.compiler.ir import Kernel
-from vggen.compiler.passes.winograd import IN_CHANNEL, OUT_CHANNEL, WinogradMatch, match
+from vggen.compiler.passes.winograd import IN_CHANNEL, OUT_CHANNEL, WinogradMatch
 from vggen.compiler.symbolic import row_major_offset
 from vggen.compiler.targets.base import GeneratedKernel, tidy
 from vggen.compiler.targets.c.printer import CPrinter
 from vggen.compiler.targets.winograd import (
-    ALGORITHMS,
     algorithm_entry,
     comment_lines,
     definitions,
@@ -90,13 +89,5 @@ def render_variant(kernel: Kernel, found: WinogradMatch, m: int, env: jinja2.Env
                            definitions=definitions(fns, env.get_template("c/winograd_transform.c.j2")))
 
 
-def variants(kernel: Kernel, env: jinja2.Environment) -> list[GeneratedKernel]:
-    """The Winograd variants of ``kernel``: one per tile size, none where it is
-    not a 3×3 stride-1 correlation."""
-    found = match(kernel)
-    if found is None:
-        return []
-    return [render_variant(kernel, found, m, env) for m in ALGORITHMS]
 
-
-__all__ = ["Access", "render_variant", "variants"]
+__all__ = ["Access", "render_variant"]

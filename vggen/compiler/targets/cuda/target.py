@@ -15,6 +15,7 @@ import jinja2
 import sympy as sp
 
 from vggen.compiler.ir import Kernel, KernelClass
+from vggen.compiler.targets import winograd
 from vggen.compiler.targets.base import (
     GeneratedKernel,
     check_kernel_functions,
@@ -30,7 +31,7 @@ from vggen.compiler.targets.cuda.constants import RESIDENT_BLOCKS, THREADS
 from vggen.compiler.targets.cuda.printer import CudaPrinter
 from vggen.compiler.targets.cuda.schedule import TiledGemm, Tuning, tiled_gemm
 from vggen.compiler.targets.cuda.winograd import WinogradLaunch
-from vggen.compiler.targets.cuda.winograd import variants as winograd_variants
+from vggen.compiler.targets.cuda.winograd import render_variant as render_winograd
 
 CONTRACTIONS = ("tiled", "simple")
 SIMPLE_SUFFIX = "_simple"
@@ -66,7 +67,7 @@ class CudaTarget:
 
     def variants(self, kernel: Kernel, env: jinja2.Environment) -> list[GeneratedKernel]:
         """Winograd F(2×2, 3×3) and F(4×4, 3×3) for a 3×3 stride-1 correlation."""
-        return winograd_variants(kernel, env)
+        return winograd.variants(kernel, env, render_winograd)
 
     def render_kernel(self, kernel: Kernel, env: jinja2.Environment) -> GeneratedKernel:
         """One kernel's code; a tiled one as the tiled GEMM under the kernel's

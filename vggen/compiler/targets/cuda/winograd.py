@@ -32,12 +32,11 @@ from dataclasses import dataclass
 import jinja2
 
 from vggen.compiler.ir import Kernel
-from vggen.compiler.passes.winograd import WinogradMatch, match
+from vggen.compiler.passes.winograd import WinogradMatch
 from vggen.compiler.targets.base import GeneratedKernel, tidy
 from vggen.compiler.targets.cuda.constants import THREADS
 from vggen.compiler.targets.cuda.printer import CudaPrinter
 from vggen.compiler.targets.winograd import (
-    ALGORITHMS,
     algorithm_entry,
     comment_lines,
     definitions,
@@ -133,13 +132,5 @@ def render_variant(kernel: Kernel, found: WinogradMatch, m: int, env: jinja2.Env
                            definitions=definitions(fns, env.get_template("cuda/winograd_transform.cu.j2")))
 
 
-def variants(kernel: Kernel, env: jinja2.Environment) -> list[GeneratedKernel]:
-    """The Winograd variants of ``kernel``: one per tile size, none where it is
-    not a 3×3 stride-1 correlation."""
-    found = match(kernel)
-    if found is None:
-        return []
-    return [render_variant(kernel, found, m, env) for m in ALGORITHMS]
 
-
-__all__ = ["BLOCKS", "Blocks", "WinogradLaunch", "render_variant", "variants"]
+__all__ = ["BLOCKS", "Blocks", "WinogradLaunch", "render_variant"]
