@@ -243,3 +243,25 @@ def test_a_channels_last_convolution_runs_each_algorithm(algorithm):
         scale = np.max(np.abs(ref))
         assert np.max(np.abs(mine - ref)) / scale < bound, what
         assert np.max(np.abs(direct - ref)) / scale < bound, what
+
+
+@pytest.mark.parametrize("text", ['{"kernels": 3}', '[1, 2]', '{"kernels": {"k": 5}}', '{"kernels": {"k": [7]}}',
+                                  '{"kernels": {"k": [{"sizes": 1, "algorithm": "direct"}]}}', "{not json"])
+def test_a_malformed_record_file_is_one_line_naming_it(tmp_path, text):
+    """algorithms.json or algorithms-cuda.json that is not a record: `vggen build`
+    says which file, in one line, without a traceback."""
+    import shutil
+    import subprocess
+    import sys
+
+    from vggen.compiler.measured import RECORD_FILES
+
+    gen = tmp_path / "generated"
+    shutil.copytree(REPO / "generated", gen)
+    for name in RECORD_FILES.values():
+        (gen / name).write_text(text)
+        res = subprocess.run([sys.executable, "-m", "vggen", "build", "--out", str(gen)],
+                             capture_output=True, text=True)
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+        assert name in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+        (gen / name).unlink()

@@ -27,10 +27,14 @@ def load_records(path: Path) -> dict:
         return {"device": "", "kernels": {}}
     try:
         data = json.loads(path.read_text())
-        kernels = data["kernels"]
+        kernels = data["kernels"] if isinstance(data, dict) else None
+        if not isinstance(kernels, dict):
+            raise TypeError("no kernel table")
         for name, recs in kernels.items():
+            if not isinstance(recs, list):
+                raise TypeError(name)
             for r in recs:
-                if not isinstance(r["sizes"], dict) or not isinstance(r["algorithm"], str):
+                if not isinstance(r, dict) or not isinstance(r["sizes"], dict) or not isinstance(r["algorithm"], str):
                     raise TypeError(name)
         return {"device": str(data.get("device", "")), "kernels": kernels}
     except (OSError, ValueError, KeyError, TypeError) as e:
